@@ -245,7 +245,7 @@ def load_splits(cfg: DataConfig, tokenizer, need: tuple[str, ...] = ("train", "v
         if cfg.validation:
             splits["validation"] = load_examples(cfg.validation, tokenizer, cfg)
         else:
-            k = max(1, int(len(train) * cfg.validation_split))
+            k = int(len(train) * cfg.validation_split)  # 0 disables validation
             splits["validation"], train = train[:k], train[k:]
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]

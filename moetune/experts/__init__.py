@@ -6,10 +6,16 @@ add one line to `REGISTRY`, add one recipe under `recipes/`.
 from __future__ import annotations
 
 from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.experts.hydralora import HydraLoRALayer
 from moetune.experts.lora import LoRALayer
+from moetune.experts.molora import MoLoRALayer
+from moetune.experts.mov import MoVLayer
 
 REGISTRY: dict[str, type[ExpertLayer]] = {
     "lora": LoRALayer,
+    "hydralora": HydraLoRALayer,
+    "molora": MoLoRALayer,
+    "mov": MoVLayer,
 }
 
 

@@ -63,8 +63,9 @@ class ExpertLayer(nn.Module, abc.ABC):
     config_cls: ClassVar[type[ExpertConfig]] = ExpertConfig
     mergeable: ClassVar[bool] = False
 
-    def __init__(self, base: nn.Module, cfg: ExpertConfig, router: Any = None) -> None:
+    def __init__(self, base: nn.Module, cfg: ExpertConfig, router: Any = None, name: str = "") -> None:
         super().__init__()
+        self.name = name  # the wrapped module's name in the model ('model.layers.0.mlp.down_proj')
         self.base = base
         self.cfg = cfg
         self.router_cfg = router

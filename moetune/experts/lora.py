@@ -22,8 +22,8 @@ class LoRALayer(ExpertLayer):
     config_cls = ExpertConfig
     mergeable = True
 
-    def __init__(self, base: nn.Module, cfg: ExpertConfig, router=None) -> None:
-        super().__init__(base, cfg, router)
+    def __init__(self, base: nn.Module, cfg: ExpertConfig, router=None, name: str = "") -> None:
+        super().__init__(base, cfg, router, name)
         r = cfg.rank
         self.scale = cfg.alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, self.d_in))   # (r, d_in)

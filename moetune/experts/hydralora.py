@@ -1,0 +1,68 @@
+"""HydraLoRA (Tian et al., NeurIPS 2024, "HydraLoRA: An Asymmetric LoRA Architecture").
+
+One shared down-projection A, N up-projection heads B_i, a per-token router:
+
+    y = W0 x + s * sum_i w_i(x) B_i A x,   w(x) = gates(W_g x),   s = alpha / r
+    A: (r, d_in) random,  B: (N, d_out, r) zeros,  W_g: (N, d_in)
+
+Cost: `h = A x` is computed once (not once per head). The heads are then mixed in one
+matmul, gates first: with g = w (x) h, the outer product (..., N, r) flattened to N*r,
+
+    sum_i w_i B_i h = einsum('...n,nor,...r->...o', w, B, h) = g @ B_cat,  B_cat = B^T stacked: (N*r, d_out)
+
+That is N*r*d_out multiply-adds per token and an (..., N*r) intermediate, against an
+(..., N, d_out) intermediate for einsum('...r,nor->...no') followed by the gate sum.
+B zeros make a fresh adapter an exact no-op. Per-token gates do not fold into one
+dense delta, so `delta_weight` is None (not mergeable); top-k routing still computes all
+heads densely, with zero gates for the unselected ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.routing import Router
+from moetune.schema import opt
+
+
+@dataclass
+class HydraLoRAConfig(ExpertConfig):
+    """HydraLoRA settings (`expert:` with type hydralora)."""
+
+    num_experts: int = opt(3, min=1)
+    """Number N of B heads sharing one A (the paper finds 2-4 typical)."""
+
+
+class HydraLoRALayer(ExpertLayer):
+    """Shared A, N routed B heads around one frozen projection."""
+
+    config_cls = HydraLoRAConfig
+    mergeable = False
+
+    def __init__(self, base: nn.Module, cfg: HydraLoRAConfig, router=None, name: str = "") -> None:
+        super().__init__(base, cfg, router, name)
+        n, r = cfg.num_experts, cfg.rank
+        self.scale = cfg.alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, self.d_in))            # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(n, self.d_out, r))        # (N, d_out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))            # as LoRA / PEFT
+        self.router = Router(self.d_in, n, router)                       # W_g: (N, d_in)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
+        w = self.router(x)                                               # (..., N)
+        h = self.drop(x.to(self.lora_A.dtype)) @ self.lora_A.t()         # (..., r), once for all heads
+        g = (w.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)              # (..., N*r)
+        n, d_out, r = self.lora_B.shape
+        b_cat = self.lora_B.transpose(1, 2).reshape(n * r, d_out)        # (N*r, d_out)
+        return (g @ b_cat) * self.scale                                  # (..., d_out)
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        return self.router.aux_losses()
+
+    def routing_stats(self) -> dict | None:
+        return self.router.stats()

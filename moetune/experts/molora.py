@@ -1,0 +1,71 @@
+"""MoLoRA (Zadouri et al., 2023, "Pushing Mixture of Experts to the Limit: Extremely
+Parameter Efficient MoE for Instruction Tuning", arXiv 2309.05444).
+
+N full LoRA experts (A_i, B_i) of rank r each, mixed per token:
+
+    y = W0 x + s * sum_i w_i(x) B_i A_i x,   w(x) = gates(W_g x),   s = alpha / r
+    A: (N, r, d_in) random,  B: (N, d_out, r) zeros,  W_g: (N, d_in)
+
+All experts run as two matmuls (no loop over experts):
+
+    h = einsum('...d,nrd->...nr', x, A) = x @ A_cat^T,   A_cat = A.reshape(N*r, d_in)  (a view)
+    y = einsum('...n,nor,...nr->...o', w, B, h) = (w * h).flatten(-2) @ B_cat,
+        B_cat = B^T stacked: (N*r, d_out)
+
+i.e. exactly a rank-N*r LoRA whose inner activations are scaled by the gates. Top-k
+routing (`router.type: top_k`) is computed densely too: unselected experts get gate 0,
+so they contribute nothing and receive no gradient, but their FLOPs are still spent
+(at adapter sizes a dense pass is cheaper than gathering tokens per expert).
+Not mergeable (per-token gates): `delta_weight` is None.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.routing import Router
+from moetune.schema import opt
+
+
+@dataclass
+class MoLoRAConfig(ExpertConfig):
+    """MoLoRA settings (`expert:` with type molora)."""
+
+    num_experts: int = opt(4, min=1)
+    """Number N of LoRA experts, each of rank `rank` (the paper uses 10; more helps until saturation)."""
+
+
+class MoLoRALayer(ExpertLayer):
+    """N routed LoRA experts around one frozen projection."""
+
+    config_cls = MoLoRAConfig
+    mergeable = False
+
+    def __init__(self, base: nn.Module, cfg: MoLoRAConfig, router=None, name: str = "") -> None:
+        super().__init__(base, cfg, router, name)
+        n, r = cfg.num_experts, cfg.rank
+        self.scale = cfg.alpha / r
+        bound = 1.0 / math.sqrt(self.d_in)  # = PEFT's kaiming_uniform_(a=sqrt(5)) on each (r, d_in) A_i
+        self.lora_A = nn.Parameter(torch.empty(n, r, self.d_in).uniform_(-bound, bound))  # (N, r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(n, self.d_out, r))        # (N, d_out, r)
+        self.router = Router(self.d_in, n, router)                       # W_g: (N, d_in)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
+        w = self.router(x)                                               # (..., N)
+        n, d_out, r = self.lora_B.shape
+        a_cat = self.lora_A.reshape(n * r, self.d_in)                    # (N*r, d_in)
+        h = self.drop(x.to(a_cat.dtype)) @ a_cat.t()                     # (..., N*r)
+        g = (h.unflatten(-1, (n, r)) * w.unsqueeze(-1)).flatten(-2)      # (..., N*r)
+        b_cat = self.lora_B.transpose(1, 2).reshape(n * r, d_out)        # (N*r, d_out)
+        return (g @ b_cat) * self.scale                                  # (..., d_out)
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        return self.router.aux_losses()
+
+    def routing_stats(self) -> dict | None:
+        return self.router.stats()

@@ -1,0 +1,83 @@
+"""MoV, mixture of (IA)^3 vectors (Zadouri et al., 2023, "Pushing Mixture of Experts to the
+Limit: Extremely Parameter Efficient MoE for Instruction Tuning", arXiv 2309.05444).
+
+Each expert is an (IA)^3 scaling vector l_i (Liu et al., 2022), all initialised to ones;
+a per-token router mixes them and the mixture scales an activation h elementwise:
+
+    h' = h ⊙ sum_i w_i(x) l_i = h ⊙ (1 + w(x) @ (L - 1)),   L: (N, d),   w(x) = gates(W_g x)
+
+(the two forms are equal because the gates sum to 1; the second is exactly 1 for a fresh
+adapter, so fresh MoV leaves the model bit-for-bit unchanged). As in (IA)^3, h is
+- the OUTPUT of the attention key and value projections (k_proj, v_proj): d = d_out;
+- the FFN intermediate activation, i.e. the INPUT of the down projection (Llama
+  down_proj, GPT-2 mlp.c_proj): d = d_in. `input_scaled_modules` names these.
+The router reads the wrapped projection's input x. Scaling is not additive, so this type
+overrides `forward` (one base pass); per-token gates do not fold into the weights, so it
+is not mergeable. `rank`, `alpha` and `dropout` are unused.
+
+GPT-2 fuses q, k and v into one `c_attn`; targeting it (target_modules: [c_attn,
+mlp.c_proj]) scales queries too, as PEFT's IA3 does on GPT-2. Llama-style models get
+exactly keys, values and the FFN intermediate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.routing import Router
+from moetune.schema import opt
+
+
+@dataclass
+class MoVConfig(ExpertConfig):
+    """MoV settings (`expert:` with type mov)."""
+
+    target_modules: list[str] = opt(factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    """Which projections to wrap (same syntax as for LoRA). (IA)^3 places: attention keys and values
+    (k_proj, v_proj) and the FFN down projection (down_proj; GPT-2: [c_attn, mlp.c_proj])."""
+    num_experts: int = opt(4, min=1)
+    """Number N of (IA)^3 vectors per wrapped projection (the paper uses 10-30)."""
+    input_scaled_modules: list[str] = opt(factory=lambda: ["down_proj", "mlp.c_proj"])
+    """Wrapped projections whose INPUT is scaled (the FFN intermediate activation); all other
+    wrapped projections have their OUTPUT scaled (keys, values). Same name syntax as target_modules."""
+
+
+class MoVLayer(ExpertLayer):
+    """N routed (IA)^3 vectors scaling one frozen projection's input or output."""
+
+    config_cls = MoVConfig
+    mergeable = False
+
+    def __init__(self, base: nn.Module, cfg: MoVConfig, router=None, name: str = "") -> None:
+        super().__init__(base, cfg, router, name)
+        from moetune.models import _matches  # lazy: models imports recipe, which imports this registry
+        self.scale_input = any(_matches(name, p) for p in cfg.input_scaled_modules)
+        d = self.d_in if self.scale_input else self.d_out
+        self.ia3_l = nn.Parameter(torch.ones(cfg.num_experts, d))       # (N, d), l_i = 1
+        self.router = Router(self.d_in, cfg.num_experts, router)        # W_g: (N, d_in)
+
+    def scaling(self, x: torch.Tensor) -> torch.Tensor:                 # (..., d_in) -> (..., d)
+        """sum_i w_i(x) l_i, as 1 + w @ (L - 1) (exactly 1 while L is ones)."""
+        w = self.router(x)                                              # (..., N) float32
+        with torch.autocast(x.device.type, enabled=False):              # keep 1 + small in float32
+            return 1.0 + w @ (self.ia3_l.float() - 1.0)                 # (..., d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                 # (..., d_in) -> (..., d_out)
+        s = self.scaling(x)
+        if self.scale_input:
+            return self.base(x * s.to(x.dtype))
+        y = self.base(x)
+        return y * s.to(y.dtype)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:                   # (..., d_in) -> (..., d_out)
+        """forward(x) - W0 x (for the interface; `forward` does not use it)."""
+        return self.forward(x) - self.base(x)
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        return self.router.aux_losses()
+
+    def routing_stats(self) -> dict | None:
+        return self.router.stats()

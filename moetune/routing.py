@@ -1,0 +1,180 @@
+"""Token-level routing for mixtures of experts: gates, auxiliary losses, statistics, a router.
+
+Notation: `logits` (..., N) are router scores W_g x of one token per leading index,
+`probs` = softmax(logits / T), `weights` the gates actually applied (= probs for soft
+routing; top-k renormalised otherwise). Every loss below is a differentiable function
+of `probs` or `logits` (never of detached statistics), so it trains the router.
+`mask` (...,) optionally marks the tokens to count (1) and padding to skip (0); the
+`Router` of an expert layer sees no attention mask, so it counts every position.
+
+Losses (see METHODS.md, "Auxiliary losses"):
+- MoLE gating balance (Wu et al., ICLR 2024):   L = -log prod_i q_i = -sum_i log q_i,
+  q_i = mean probability of expert i. Since sum_i q_i = 1, L >= N log N (AM-GM), with
+  equality exactly at uniform load q_i = 1/N.
+- Switch load balancing (Fedus et al., 2021):    L = N * sum_i f_i * P_i, f_i = fraction of
+  token assignments (top-1, or top-k divided by k) that go to i (no gradient), P_i = mean
+  probability of i (carries the gradient). L = 1 at uniform load (f = P = 1/N); it can
+  dip a little below 1 only where the hard choices f and the probabilities P disagree.
+- Router z-loss (Zoph et al., 2022, ST-MoE):      L = mean_t logsumexp(logits_t)^2.
+- CV^2 of the load (Shazeer et al., 2017):      L = var_i(P_i) / mean_i(P_i)^2 (population
+  variance), P_i = mean probability of i; L >= 0, 0 exactly at uniform load.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gates(logits: torch.Tensor, kind: str = "soft", k: int = 2,
+          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (..., N), probs (..., N)) from router logits (..., N), in float32.
+
+    probs = softmax(logits / T). 'soft': weights = probs (Zadouri et al.'s soft merging).
+    'top_k': keep the k largest probabilities, renormalise them to sum to 1, zero the rest
+    (gradient flows through the kept probabilities)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)          # (..., N)
+    if kind == "soft":
+        return probs, probs
+    if kind != "top_k":
+        raise ValueError(f"unknown gate kind {kind!r}: 'soft' or 'top_k'")
+    top, idx = probs.topk(min(k, probs.shape[-1]), dim=-1)               # (..., k), (..., k)
+    weights = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))  # (..., N)
+    return weights, probs
+
+
+def jitter(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Switch-style router jitter: x * u, u ~ U(1 - eps, 1 + eps) per element (use in training only)."""
+    if eps <= 0:
+        return x
+    return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+
+
+def _token_mean(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of t (..., N) over all leading dims -> (N,); masked tokens (mask == 0) skipped."""
+    t = t.reshape(-1, t.shape[-1])                                       # (T, N)
+    if mask is None:
+        return t.mean(0)
+    m = mask.reshape(-1, 1).to(t.dtype)                                  # (T, 1)
+    return (t * m).sum(0) / m.sum().clamp_min(1.0)
+
+
+def mole_balance(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MoLE gating balance -sum_i log q_i (q: mean gate probability); minimum N log N at uniform load."""
+    q = _token_mean(probs, mask)                                         # (N,)
+    return -q.clamp_min(1e-12).log().sum()
+
+
+def assignment_fraction(probs: torch.Tensor, k: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """f (N,): fraction of top-k assignments per expert (sums to 1; a count, so no gradient)."""
+    idx = probs.detach().topk(min(k, probs.shape[-1]), dim=-1).indices  # (..., k)
+    onehot = torch.zeros_like(probs, dtype=torch.float32).scatter(-1, idx, 1.0)  # (..., N)
+    return _token_mean(onehot, mask) / idx.shape[-1]
+
+
+def switch_balance(probs: torch.Tensor, k: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch load balancing N * sum_i f_i P_i (f from top-k choices, P mean probability); 1 at uniform load."""
+    n = probs.shape[-1]
+    return n * (assignment_fraction(probs, k, mask) * _token_mean(probs, mask)).sum()
+
+
+def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss mean_t logsumexp(logits_t)^2: keeps router logits small (ST-MoE)."""
+    lse2 = torch.logsumexp(logits.float(), dim=-1) ** 2                 # (...,)
+    return _token_mean(lse2.unsqueeze(-1), mask)[0]
+
+
+def cv2_balance(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared coefficient of variation of the load var(P) / mean(P)^2; 0 at uniform load."""
+    load = _token_mean(probs, mask)                                      # (N,)
+    return load.var(unbiased=False) / load.mean().pow(2).clamp_min(1e-12)
+
+
+def balance_loss(kind: str, probs: torch.Tensor, k: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The balance loss named by `router.balance_loss`: 'mole', 'switch' (top-k f) or 'cv2'."""
+    if kind == "mole":
+        return mole_balance(probs, mask)
+    if kind == "switch":
+        return switch_balance(probs, k, mask)
+    if kind == "cv2":
+        return cv2_balance(probs, mask)
+    raise ValueError(f"unknown balance loss {kind!r}: 'mole', 'switch' or 'cv2'")
+
+# ---------------------------------------------------------------- statistics (for reports)
+
+def load(weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-expert load (N,): mean gate weight over tokens (sums to 1)."""
+    return _token_mean(weights.float(), mask)
+
+
+def entropy(weights: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean per-token entropy (nats) of the gate distribution; between 0 and log N."""
+    w = weights.float()
+    h = -torch.special.xlogy(w, w).sum(-1, keepdim=True)                # (..., 1), 0 log 0 = 0
+    return _token_mean(h, mask)[0]
+
+
+def dead_experts(load_: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
+    """Bool (N,): experts whose load is below `threshold` times the uniform load 1/N."""
+    return load_ < threshold / load_.shape[-1]
+
+
+def stats(weights: torch.Tensor, mask: torch.Tensor | None = None, threshold: float = 0.01) -> dict:
+    """{'load': [N floats], 'entropy', 'max_entropy' (log N), 'dead': [indices]} for reports."""
+    ld = load(weights, mask)
+    return {"load": ld.tolist(), "entropy": float(entropy(weights, mask)),
+            "max_entropy": math.log(weights.shape[-1]),
+            "dead": dead_experts(ld, threshold).nonzero().flatten().tolist()}
+
+
+# ---------------------------------------------------------------- the router of one layer
+
+class Router(nn.Module):
+    """w(x) = gates(W_g x) per token, W_g: (N, d_in) ~ N(0, init_std^2); `router:` settings.
+
+    Keeps the logits and gates of its last forward, from which `aux_losses` builds the
+    recipe's weighted losses and `stats` the report. Each routed layer returns its own
+    weighted losses; the training loss adds them up, so the total is a SUM over layers."""
+
+    def __init__(self, d_in: int, num_experts: int, cfg=None) -> None:
+        super().__init__()
+        if cfg is None:
+            from moetune.recipe import RouterConfig  # lazy: recipe imports the expert registry
+            cfg = RouterConfig()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(num_experts, d_in))      # (N, d_in)
+        nn.init.normal_(self.weight, std=cfg.init_std)
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                  # (..., d_in) -> (..., N)
+        """Gates (..., N) in float32, also under autocast (Switch's "selective precision")."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.training and self.cfg.jitter > 0:
+                x = jitter(x, self.cfg.jitter)
+            logits = F.linear(x, self.weight.float())                    # (..., N)
+            weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.cfg.temperature)
+        self._last = (logits, probs, weights)  # with their graph: aux_losses() must backprop into W_g
+        return weights
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """{'balance': weight * balance loss, 'z_loss': weight * z-loss} of the last forward.
+
+        The switch loss counts top-1 choices for soft routing and top-k choices for top_k; the
+        z-loss is taken on the raw logits W_g x (before the temperature)."""
+        if self._last is None:
+            return {}
+        logits, probs, _ = self._last
+        out = {}
+        c = self.cfg
+        if c.balance_loss != "none" and c.balance_weight > 0:
+            k = c.top_k if c.type == "top_k" else 1
+            out["balance"] = c.balance_weight * balance_loss(c.balance_loss, probs, k)
+        if c.z_loss_weight > 0:
+            out["z_loss"] = c.z_loss_weight * z_loss(logits)
+        return out
+
+    def stats(self) -> dict | None:
+        return None if self._last is None else stats(self._last[2].detach())
