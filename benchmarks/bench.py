@@ -1,130 +1,265 @@
-"""`make bench`: training-step time of moetune's LoRA vs PEFT's LoRA, measured in one run.
+"""`make bench`: one training step (forward + backward + AdamW step) of moetune's expert types, measured in one run.
 
-Two levels, each a forward + backward + AdamW step, median of timed repeats after warm-up:
+Methods (benchmarks/methods.py): moetune LoRA, PEFT LoRA, HydraLoRA, MoLoRA soft, MoLoRA top-2
+and MoV at equal total rank (default 16, 4 experts), plus a loop-over-experts reference of each
+routed method (benchmarks/reference_loop.py, the way research code writes it). Levels:
 - layer: one frozen projection of a representative shape (SmolLM2-135M's MLP up-projection,
-  576 -> 1536, 2,048 tokens) wrapped by moetune's LoRA and by PEFT's LoRA;
-- model: a whole training step on a causal LM (default: the built-in SmolLM2-135M-Instruct)
-  with moetune's loss path (output head only on target tokens) vs PEFT + the HF loss.
-Ratios are to moetune's LoRA in the same run. Peak memory is reported on CUDA only.
-Results: a table on stdout and benchmarks/results/latest.json.
+  576 -> 1536, 2,048 tokens, input requires grad), at 4 experts and again at 8 experts;
+- model: a whole training step of a causal LM (default: the built-in SmolLM2-135M-Instruct,
+  batch 8 x 32, loss on the last 6 tokens) with moetune's loss path; PEFT with the HF loss.
+  With --device cuda the default also runs randomly initialised Qwen2-0.5B- and Llama-3-8B-
+  shaped models in bf16 (--tiny shrinks them for a CPU check of that path).
+Per method: median step time (methods interleaved round by round after warm-up), ratio to
+moetune LoRA and to the loop reference of the same method, peak memory of the step (see
+harness.py), tokens/s and MFU (FLOPs counted by torch on one moetune-LoRA step; MFU needs a
+known GPU or --peak-tflops). Ratios are only comparable within one run.
+Results: a markdown table on stdout and benchmarks/results/latest.json.
 
-    python benchmarks/bench.py [--model smollm2-135m-instruct] [--device cpu|cuda] [--rank 16]
+    python benchmarks/bench.py [--device cpu|cuda] [--rank 16] [--experts 4] [--quick]
+    python benchmarks/bench.py --skip-layer --models qwen2-0.5b-shape llama-8b-shape --tiny --quick  # CPU check
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import statistics
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from moetune.experts import ExpertConfig
-from moetune.inject import inject, trainable_parameters
+import harness as H
+from methods import ROUTED, SHAPES, build_model, describe, install, label, make_layer, methods, randomise, uninstall
+from reference_loop import from_layer, trainable
+
+from moetune.inject import inject
 
 OUT = Path(__file__).parent / "results" / "latest.json"
+D_IN, D_OUT, TOKENS = 576, 1536, 2048
+ONLY: set[str] = set()  # --only
 
 
-def _time(step, device, warmup=2, repeats=5) -> tuple[float, float | None]:
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), peak
+def _params(ps) -> int:
+    return sum(p.numel() for p in ps)
 
 
-def _trainer(params, loss_fn):
-    opt = torch.optim.AdamW(params, lr=1e-4)
+def run_level(entries: dict, device, warmup: int, rounds: int, tokens: int):
+    """entries: method -> (install, step, resident tensors fn, trainable params). Per method: warm-up
+    steps, one step for peak memory, then timed rounds; FLOPs from one more moetune-LoRA step."""
+    if ONLY:
+        entries = {k: e for k, e in entries.items() if k in ONLY or k == "moetune_lora"}
+    steps = {k: (e[0], e[1]) for k, e in entries.items()}
+    failed = H.warm_up(steps, device, warmup)
+    if "moetune_lora" in failed:
+        raise SystemExit("moetune LoRA itself ran out of memory: lower --shaped-batch / --shaped-seq / --llama-layers")
+    peaks = {}
+    for k in steps:
+        entries[k][0]()
+        peaks[k] = H.step_peak_bytes(entries[k][1], device, entries[k][2]())
+    times = H.interleaved_medians(steps, device, rounds)
+    entries["moetune_lora"][0]()
+    flops = H.step_flops(entries["moetune_lora"][1])
+    return times, peaks, {k: e[3] for k, e in entries.items()}, failed, flops, tokens
 
-    def step():
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+
+def summarise(times, peaks, params, failed, flops, tokens, peak_tf) -> dict:
+    """method -> {step_ms, ratio_vs_lora, ratio_vs_loop (this / its loop reference), peak_mem_mb, ...};
+    where the frozen base alone was timed, also adapter_ms (step - frozen base step) and, for routed
+    methods, adapter_speedup_vs_loop (the loop reference's adapter_ms / this one's)."""
+    ours, base = times["moetune_lora"], times.get("frozen_base")
+    out = {}
+    for k in params:
+        if k in failed:
+            out[k] = {"step_ms": None, "error": failed[k], "trainable_params": params[k]}
+            continue
+        t, loop = times[k], times.get(f"loop_{k}")
+        row = out[k] = {"step_ms": round(t * 1e3, 3), "ratio_vs_lora": round(t / ours, 3),
+                        "ratio_vs_loop": None if loop is None else round(t / loop, 3),
+                        "peak_mem_mb": round(peaks[k] / 2**20, 1), "tokens_per_s": round(tokens / t, 1),
+                        "mfu": None if peak_tf is None else round(flops / t / (peak_tf * 1e12), 4),
+                        "trainable_params": params[k]}
+        if base is not None and k != "frozen_base":
+            row["adapter_ms"] = round((t - base) * 1e3, 3)
+            if loop is not None:
+                row["adapter_speedup_vs_loop"] = round((loop - base) / max(t - base, 1e-9), 2)
+    return out
 
 
-def bench_layer(device, rank: int, d_in=576, d_out=1536, tokens=2048) -> dict:
+def table_row(title: str, key: str, r: dict) -> str:
+    if r["step_ms"] is None:
+        return f"| {title} | {label(key)} | {r['trainable_params']:,} | {r['error']} | | | | | | |"
+    loop = "" if r["ratio_vs_loop"] is None else f"{1 / r['ratio_vs_loop']:.2f}x"
+    adapter = "" if "adapter_ms" not in r else f"{r['adapter_ms']:.1f}"
+    if "adapter_speedup_vs_loop" in r:
+        adapter += f" ({r['adapter_speedup_vs_loop']:.2f}x)"
+    mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    return (f"| {title} | {label(key)} | {r['trainable_params']:,} | {r['step_ms']:.1f} | {r['ratio_vs_lora']:.2f} "
+            f"| {loop} | {adapter} | {r['peak_mem_mb']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} |")
+
+
+def layer_level(args, device, amp, n: int, with_peft: bool):
+    """One 576 -> 1536 projection, 2,048 tokens: the frozen base alone, moetune LoRA (and PEFT's),
+    the routed moetune layers and their loop references."""
     from peft import LoraConfig, get_peft_model
-    x = torch.randn(tokens, d_in, device=device, requires_grad=True)
-    res = {}
-    holder = nn.Sequential(nn.Linear(d_in, d_out, bias=False)).to(device)
-    inject(holder, ExpertConfig(rank=rank, alpha=2 * rank, target_modules=["0"]))
-    res["moetune_lora"] = _time(_trainer(trainable_parameters(holder), lambda: holder(x).square().mean()), device)
-    peft = get_peft_model(nn.Sequential(nn.Linear(d_in, d_out, bias=False)).to(device),
-                          LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]))
-    res["peft_lora"] = _time(_trainer([p for p in peft.parameters() if p.requires_grad],
-                                      lambda: peft(x).square().mean()), device)
-    return res
+    torch.manual_seed(0)
+    base = nn.Linear(D_IN, D_OUT, bias=False).to(device).requires_grad_(False)   # W0: (d_out, d_in)
+    x = torch.randn(TOKENS, D_IN, device=device, requires_grad=True)            # (T, d_in)
+    entries = {}
+
+    def add(key, module, params):
+        step = H.make_step(params, lambda: module(x).square().mean(), amp, device, (x,))
+        entries[key] = (lambda: None, step, lambda: H.resident_tensors([module], [x], step), _params(params))
+    ms = methods(args.rank, n, ["all-linear"])
+    add("frozen_base", base, [])
+    layer = make_layer(ms["moetune_lora"], base)
+    add("moetune_lora", layer, list(layer.adapter_state().values()))
+    if with_peft:
+        holder = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False)).to(device)
+        holder[0].weight.data.copy_(base.weight)
+        peft = get_peft_model(holder, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["0"]))
+        add("peft_lora", peft, [p for p in peft.parameters() if p.requires_grad])
+    for key in ROUTED:
+        layer = make_layer(ms[key], base)
+        randomise(layer)
+        ref = from_layer(layer)
+        with torch.no_grad():  # the reference computes the same function (tests/test_reference_loop.py in full)
+            torch.testing.assert_close(ref(x[:64]), layer(x[:64]), atol=1e-4, rtol=1e-4)
+        add(key, layer, list(layer.adapter_state().values()))
+        add(f"loop_{key}", ref, trainable(ref))
+    warmup, rounds = (1, 3) if args.quick else (2, args.layer_steps)
+    title = f"layer {D_IN}->{D_OUT} x {TOKENS} tokens" + ("" if n == args.experts else f", {n} experts")
+    note = f"{n} experts of rank {args.rank // n} (HydraLoRA: shared A rank {args.rank // n}, {n} B heads)"
+    return title, note, run_level(entries, device, warmup, rounds, TOKENS)
 
 
-def bench_model(model_path: str, device, rank: int, batch=8, seq=32) -> dict:
+def model_level(args, name: str, device, n: int):
+    """A whole training step; every method's layers share the frozen base and are swapped in before its step."""
     from peft import LoraConfig, get_peft_model
     from moetune.loss import CausalLMLoss
-    from moetune.models import load_model
-    from moetune.recipe import ModelConfig
-    cfg = ModelConfig(path=model_path, device=device.type)
+    shaped = name in SHAPES
+    layers = args.llama_layers if name == "llama-8b-shape" else None
+    batch, seq = (args.shaped_batch, args.shaped_seq) if shaped else (args.batch, args.seq)
+    model, dtype = build_model(name, device, args.tiny, layers)
+    amp = torch.bfloat16 if dtype != torch.float32 or (device.type == "cuda" and args.precision == "bf16") else None
     g = torch.Generator().manual_seed(0)
-    res = {}
-    model = load_model(cfg, device)
-    ids = torch.randint(10, model.config.vocab_size, (batch, seq), generator=g).to(device)
+    ids = torch.randint(10, model.config.vocab_size, (batch, seq), generator=g).to(device)   # (B, T)
     labels = ids.clone()
-    labels[:, : seq - 6] = -100  # instruction-style: loss on the last 6 tokens only
+    labels[:, : seq - max(1, 3 * seq // 16)] = -100      # loss on the last 3/16 of each row (6 of 32)
     mask = torch.ones_like(ids)
-    inject(model, ExpertConfig(rank=rank, alpha=2 * rank))
+    ms = methods(args.rank, n, ["all-linear"])
+    sets = {}
+    for key, m in ms.items():
+        sets[key] = inject(model, m.expert, m.router)
+        for layer in sets[key].values():
+            if key != "moetune_lora":
+                randomise(layer)
+        uninstall(model, sets[key])
+    for key in ROUTED:
+        sets[f"loop_{key}"] = {nm: from_layer(layer) for nm, layer in sets[key].items()}
     model.train()
     lm = CausalLMLoss(model)
-    res["moetune_lora"] = _time(_trainer(trainable_parameters(model),
-                                         lambda: lm(ids, mask, labels)[0] / (labels != -100).sum()), device)
-    del model, lm
-    peft = get_peft_model(load_model(cfg, device), LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                              target_modules="all-linear"))
+
+    def loss_fn():
+        loss_sum, count, aux = lm(ids, mask, labels)
+        return loss_sum / count + sum(aux.values())
+    entries = {}
+    for key, layer_set in sets.items():
+        params = [p for layer in layer_set.values()
+                  for p in (trainable(layer) if key.startswith("loop_") else layer.adapter_state().values())]
+        step = H.make_step(params, loss_fn, amp, device)
+        entries[key] = (lambda s=layer_set: install(model, s), step,
+                        lambda s=step: H.resident_tensors([model], [ids, labels, mask], s), _params(params))
+    peft_base, _ = build_model(name, device, args.tiny, layers)
+    peft = get_peft_model(peft_base, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
     peft.train()
-    res["peft_lora"] = _time(_trainer([p for p in peft.parameters() if p.requires_grad],
-                                      lambda: peft(input_ids=ids, attention_mask=mask, labels=labels).loss), device)
-    return res
+    pp = [p for p in peft.parameters() if p.requires_grad]
+    step = H.make_step(pp, lambda: peft(input_ids=ids, attention_mask=mask, labels=labels).loss, amp, device)
+    entries["peft_lora"] = (lambda: None, step, lambda: H.resident_tensors([peft], [ids, labels, mask], step),
+                            _params(pp))
+    order = ["moetune_lora", "peft_lora", *ROUTED, *(f"loop_{k}" for k in ROUTED)]
+    warmup, rounds = (1, 2) if args.quick else (1, args.steps)
+    res = run_level({k: entries[k] for k in order}, device, warmup, rounds, batch * seq)
+    cfg = model.config
+    note = (f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {'bf16' if dtype != torch.float32 else 'fp32'} "
+            f"weights{', autocast bf16' if amp else ''}; loss on the last {max(1, 3 * seq // 16)} tokens of each row; "
+            f"{n} experts of rank {args.rank // n} on every linear layer")
+    if name == "llama-8b-shape" and cfg.num_hidden_layers != 32:
+        note += " (fewer layers than Llama-3-8B's 32: tokens/s is not the full model's)"
+    title = f"model {name}{' (tiny)' if args.tiny and shaped else ''} batch {batch} x {seq}"
+    return title, note, res
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--models", nargs="+", default=None,
+                    help=f"model paths / built-in names, or {', '.join(SHAPES)} (default: smollm2-135m-instruct; "
+                         "on CUDA also both shaped models)")
+    ap.add_argument("--rank", type=int, default=16, help="total rank (LoRA rank; experts x rank per expert)")
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--experts-large", type=int, default=8, help="second layer-level run at this many experts (0: skip)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per method, model level (CPU 7, CUDA 20)")
+    ap.add_argument("--layer-steps", type=int, default=None, help="timed steps per method, layer level (CPU 15, CUDA 50)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--shaped-batch", type=int, default=4)
+    ap.add_argument("--shaped-seq", type=int, default=None, help="default 512 (32 with --tiny)")
+    ap.add_argument("--llama-layers", type=int, default=None, help="layers of the Llama-8B shape (default all 32)")
+    ap.add_argument("--tiny", action="store_true", help="shrink the shaped models to a few MB (CPU check of that path)")
+    ap.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                    help="CUDA autocast for the layer and fp32 models (CPU always runs fp32 there)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (known GPUs: automatic)")
+    ap.add_argument("--quick", action="store_true", help="1 warm-up step and 2-3 timed steps (development only)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                    help="time only these methods (and moetune_lora, the ratio base); development aid")
+    ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    ONLY.update(args.only or ())
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    out = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda"
-           else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-           "torch": torch.__version__, "rank": args.rank, "results": {}}
-    levels = {"layer 576->1536 x 2048 tokens": lambda: bench_layer(device, args.rank)}
+    gpu = device.type == "cuda"
+    args.shaped_seq = args.shaped_seq or (32 if args.tiny else 512)
+    args.steps = args.steps or (20 if gpu else 7)
+    args.layer_steps = args.layer_steps or (50 if gpu else 15)
+    models = args.models or (["smollm2-135m-instruct"] + (list(SHAPES) if device.type == "cuda" else []))
+    amp = torch.bfloat16 if device.type == "cuda" and args.precision == "bf16" else None
+    peak_tf = H.peak_tflops(device, args.peak_tflops)
+    out = {"date": date.today().isoformat(), "device": _device_name(device), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "rank": args.rank, "experts": args.experts,
+           "peak_tflops": peak_tf, "methods": describe(args.rank, args.experts), "levels": {}, "results": {}}
+    jobs = []  # each returns (title, note, measurements)
+    if not args.skip_layer:
+        jobs += [lambda n=n, first=i == 0: layer_level(args, device, amp, n, with_peft=first)
+                 for i, n in enumerate([args.experts] + ([args.experts_large] if args.experts_large else []))]
     if not args.skip_model:
-        levels[f"model {args.model} batch 8 x 32"] = lambda: bench_model(args.model, device, args.rank)
-    print(f"{'benchmark':44} {'method':14} {'step ms':>9} {'vs ours':>8} {'peak MiB':>9}")
-    for name, fn in levels.items():
-        res = fn()
-        ours = res["moetune_lora"][0]
-        out["results"][name] = {}
-        for method, (t, peak) in res.items():
-            out["results"][name][method] = {"step_ms": round(t * 1e3, 3), "ratio_vs_moetune_lora": round(t / ours, 3),
-                                            "peak_mib": None if peak is None else round(peak, 1)}
-            print(f"{name:44} {method:14} {t * 1e3:9.2f} {t / ours:8.2f} {'-' if peak is None else f'{peak:9.1f}'}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {OUT}")
+        jobs += [lambda name=name: model_level(args, name, device, args.experts) for name in models]
+    print("| benchmark | method | trainable params | step ms | vs moetune LoRA | speed-up vs loop ref. "
+          "| adapter ms (speed-up vs loop) | peak MiB | tokens/s | MFU |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    for job in jobs:
+        title, note, res = job()
+        *measured, flops, tokens = res
+        rows = summarise(*measured, flops, tokens, peak_tf)
+        out["results"][title] = rows
+        out["levels"][title] = {"tokens_per_step": tokens, "flops_per_step_moetune_lora": flops, "note": note}
+        for k, r in rows.items():
+            print(table_row(title, k, r), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

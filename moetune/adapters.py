@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moetune.checkpoint import atomic_dir
-from moetune.experts import ExpertConfig, config_class
+from moetune.experts import REGISTRY, ExpertConfig, config_class
 from moetune.inject import adapter_state_dict, expert_layers, inject, load_adapter_state_dict
 from moetune.recipe import RecipeError, RouterConfig
 
@@ -57,6 +57,7 @@ def save_adapter(out_dir: str | Path, model: nn.Module, expert: ExpertConfig, ro
             (tmp / "adapter_config.json").write_text(json.dumps(_peft_config(model, expert, base_name, names), indent=2))
         else:
             save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        meta["expert"] = REGISTRY[expert.type].export_config(expert, tmp)  # MoLE copies its experts in here
         (tmp / "moetune.json").write_text(json.dumps(meta, indent=2))
     return Path(out_dir)
 
@@ -112,9 +113,10 @@ def expert_from_meta(meta: dict) -> ExpertConfig:
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     """Inject the adapter saved in `adapter_dir` into `model` (frozen base) and load its tensors."""
     meta, state = read_adapter(adapter_dir)
-    expert = expert_from_meta(meta)
+    expert = REGISTRY[meta["expert"]["type"]].import_config(expert_from_meta(meta), Path(adapter_dir))
     expert.target_modules = list(meta["modules"])
-    router = RouterConfig(**meta["router"]) if meta.get("router") else None
+    # The saved router weights replace any init: no centroid file is needed (nor read) here.
+    router = RouterConfig(**{**meta["router"], "init_centroids": None}) if meta.get("router") else None
     inject(model, expert, router)
     load_adapter_state_dict(model, state)
     return meta

@@ -53,45 +53,146 @@ def explain():
     typer.echo(text())
 
 
+@app.command("cluster-heads")
+def cluster_heads(recipe: Path = typer.Argument(..., help="Recipe YAML file (a routed type: hydralora, molora, mov)."),
+                  overrides: Optional[List[str]] = OVERRIDES,
+                  k_min: int = typer.Option(2, "--min", help="Smallest K tried."),
+                  k_max: int = typer.Option(8, "--max", help="Largest K tried."),
+                  embedder: str = typer.Option("minilm", "--embedder", help="minilm | base | tfidf | PATH to a local "
+                                               "sentence-embedding model directory."),
+                  out: Optional[Path] = typer.Option(None, "--out", help="New recipe (default <stem>.k<K>.yaml beside "
+                                                     "RECIPE); the plot is written beside it."),
+                  json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+                  init_router: bool = typer.Option(False, "--init-router", help="Save the centroids (needs --embedder "
+                                                   "base) and set router.init_centroids in the new recipe."),
+                  with_response: bool = typer.Option(False, "--with-response", help="Embed instruction + response "
+                                                     "(default: the instruction only)."),
+                  max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Seeded subsample of the train rows."),
+                  seed: int = typer.Option(0, "--seed", help="Seed of K-means, silhouette sample and subsample."),
+                  force: bool = typer.Option(False, "--force", help="Replace existing output files (never RECIPE).")):
+    """Choose expert.num_experts by K-means on embedded training examples; write a new recipe."""
+    from moetune.cluster import cluster_heads as run
+    run(recipe, overrides or [], k_min=k_min, k_max=k_max, embedder=embedder, out=out, json_path=json_path,
+        init_router=init_router, with_response=with_response, max_rows=max_rows, seed=seed, force=force)
+
+
 @app.command("eval")
 def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory (the recipe's output_dir)."),
              overrides: Optional[List[str]] = OVERRIDES,
-             merged: bool = typer.Option(False, "--merged", help="Score <run>/merged instead of base + adapter.")):
+             merged: bool = typer.Option(False, "--merged", help="Score <run>/merged instead of base + adapter."),
+             mask_experts: Optional[str] = typer.Option(None, "--mask-experts", help="MoLE: comma-separated expert "
+                                                        "names whose gates are fixed at 0 (the others renormalised).")):
     """Evaluate a trained run: loss, exact match per domain, multiple choice; writes eval.json."""
     from moetune.stages import Run, stage_eval
-    stage_eval(Run(_run_dir_recipe(run_dir, overrides)), use_merged=merged)
+    stage_eval(Run(_run_dir_recipe(run_dir, _mask(run_dir, overrides, mask_experts))), use_merged=merged)
+
+
+def _mask(run_dir: Path, overrides: Optional[List[str]], mask: Optional[str]) -> List[str]:
+    """Overrides plus `expert.masked=[...]` for --mask-experts (MoLE runs only)."""
+    import json
+    extra = list(overrides or [])
+    if mask:
+        rc = _run_dir_recipe(run_dir, extra)
+        if rc.expert.type != "mole":
+            raise RecipeError(f"--mask-experts applies to MoLE runs (expert.type mole); {run_dir} is a "
+                              f"{rc.expert.type!r} run.")
+        extra.append("expert.masked=" + json.dumps([n.strip() for n in mask.split(",") if n.strip()]))
+    return extra
 
 
 @app.command("merge-lora")
-def merge_lora(source: Path = typer.Argument(..., help="Run directory, or an adapter directory (moetune or PEFT)."),
-               out: Path = typer.Option(..., "--out", help="Where to write the merged HF model directory."),
+def merge_lora(source: Optional[Path] = typer.Argument(None, help="Run directory, or an adapter directory (moetune "
+                                                       "or PEFT); with --adapters: the adapter directories."),
+               out: Path = typer.Option(..., "--out", help="Where to write the merged HF model directory (with "
+                                        "--adapters: the merged PEFT adapter, or the model with --into-base)."),
                base: Optional[str] = typer.Option(None, "--base", help="Base model for a bare adapter directory."),
+               adapters: bool = typer.Option(False, "--adapters", help="Merge several LoRA adapters (the positional "
+                                             "arguments without '=') into one PEFT LoRA adapter."),
+               method: Optional[str] = typer.Option(None, "--method", help="With --adapters: linear | cat | ties | "
+                                                    "dare_linear | dare_ties | mole (see moetune/multimerge.py)."),
+               weights: Optional[str] = typer.Option(None, "--weights", help="One weight per adapter, comma "
+                                                     "separated (default 1/N; 1 for ties, dare_ties)."),
+               density: float = typer.Option(0.5, "--density", help="ties / dare_*: fraction of entries kept."),
+               seed: int = typer.Option(0, "--seed", help="dare_*: seed of the random drop."),
+               rank: Optional[int] = typer.Option(None, "--rank", help="ties / dare_*: rank of the SVD re-factorisation "
+                                                  "(default: the largest input rank)."),
+               gates_from: Optional[Path] = typer.Option(None, "--gates-from", help="mole: a trained MoLE run; its "
+                                                         "gates averaged over --split are the weights."),
+               split: str = typer.Option("validation", "--split", help="mole: validation | test."),
+               into_base: bool = typer.Option(False, "--into-base", help="With --adapters: fold the merged LoRA "
+                                              "into the base and write a full model to --out."),
                overrides: Optional[List[str]] = OVERRIDES):
-    """Fold a LoRA adapter into its base model and save a full model (safetensors)."""
+    """Fold a LoRA adapter into its base model and save a full model (safetensors); or, with --adapters,
+    merge several LoRAs into one PEFT LoRA adapter."""
     from moetune.stages import Run, stage_merge
+    if adapters:
+        _merge_many(source, overrides, out, base, method, weights, density, seed, rank, gates_from, split, into_base)
+        return
+    if source is None:
+        raise RecipeError("merge-lora needs SOURCE (a run or adapter directory), or --adapters A B ...")
     if (source / "recipe.yaml").is_file():
         run, adapter = Run(_run_dir_recipe(source, overrides)), source / "adapter"
     else:
-        from moetune.adapters import read_adapter
-        meta, _ = read_adapter(source)
-        base = base or meta.get("base_model")
-        if not base:
-            raise RecipeError(f"{source}: the adapter names no base model; pass --base MODEL.")
-        run = Run(_recipe(None, [f"model.path={base}", "data.test=null", "eval.split=validation",
-                                 "stages=[merge]", *(overrides or [])]))
-        adapter = source
+        run, adapter = _bare_adapter_run(source, base, overrides), source
     stage_merge(run, adapter_dir=adapter, out_dir=out)
+
+
+def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[List[str]]):
+    """A Run that merges a bare adapter directory into `base` (default: the base it names)."""
+    from moetune.adapters import read_adapter
+    from moetune.stages import Run
+    meta, _ = read_adapter(adapter)
+    base = base or meta.get("base_model")
+    if not base:
+        raise RecipeError(f"{adapter}: the adapter names no base model; pass --base MODEL.")
+    return Run(_recipe(None, [f"model.path={base}", "data.test=null", "eval.split=validation",
+                              "stages=[merge]", *(overrides or [])]))
+
+
+def _merge_many(source, rest, out, base, method, weights, density, seed, rank, gates_from, split, into_base):
+    import json
+    import shutil
+    from moetune.multimerge import METHODS, merge_command
+    from moetune.stages import stage_merge
+    if method not in METHODS:
+        raise RecipeError(f"--method is {method!r}; allowed with --adapters: {', '.join(METHODS)}.")
+    items = ([str(source)] if source is not None else []) + list(rest or [])
+    paths = [Path(x) for x in items if "=" not in x]
+    overrides = [x for x in items if "=" in x]
+    target = out.parent / f".{out.name}.adapter-tmp" if into_base else out
+    info = merge_command(paths, method, target, weights, density, seed, rank, gates_from, split, overrides)
+    typer.echo(f"merged {len(info['names'])} adapters ({method}, rank {info['rank']}) -> {target}")
+    if "svd_relative_error" in info:
+        e = info["svd_relative_error"]
+        typer.echo(f"SVD re-factorisation to rank {info['rank']}: relative error mean {e['mean']:.3g}, max {e['max']:.3g}")
+    if into_base:
+        try:
+            stage_merge(_bare_adapter_run(target, base, overrides), adapter_dir=target, out_dir=out)
+            (out / "merge.json").write_text(json.dumps(info, indent=2))
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
 
 
 @app.command()
 def export(run_dir: Path = typer.Argument(..., help="Run directory."),
            kind: Optional[str] = typer.Option(None, "--kind", help="adapter | merged | both (default: the recipe's)."),
            out: Optional[Path] = typer.Option(None, "--out", help="Export directory (default <run>/export)."),
+           collapse: Optional[str] = typer.Option(None, "--collapse", help="mean | per-domain: fix a routed adapter's "
+                                                  "gates at their validation average and write stock PEFT adapter(s) "
+                                                  "+ collapse.json (default out: <run>/collapsed-MODE)."),
+           mask_experts: Optional[str] = typer.Option(None, "--mask-experts", help="MoLE: comma-separated expert "
+                                                      "names masked in the exported adapter (gates 0, rest renormalised)."),
            overrides: Optional[List[str]] = OVERRIDES):
     """Write a PEFT adapter directory and/or merged model with the recipe and a model card."""
     from moetune.stages import Run, stage_export
+    if collapse:
+        from moetune.collapse import export_collapsed
+        if kind:
+            raise RecipeError("--collapse writes stock PEFT adapters; it does not combine with --kind.")
+        export_collapsed(Run(_run_dir_recipe(run_dir, overrides)), collapse, out)
+        return
     extra = [f"export.kind={kind}"] if kind else []
-    rc = _run_dir_recipe(run_dir, [*extra, *(overrides or [])])
+    rc = _run_dir_recipe(run_dir, [*extra, *_mask(run_dir, overrides, mask_experts)])
     stage_export(Run(rc), kind=rc.export.kind, out=out)
 
 

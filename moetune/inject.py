@@ -9,17 +9,17 @@ import torch
 from torch import nn
 
 from moetune.experts import REGISTRY, ExpertConfig, ExpertLayer
-from moetune.models import find_targets
 
 
 def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -> dict[str, ExpertLayer]:
     """Freeze `model`, replace every target projection by an expert layer; return name -> layer."""
     model.requires_grad_(False)
     cls = REGISTRY[expert.type]
-    names = find_targets(model, list(expert.target_modules))
+    whole_model = getattr(cls, "inject_model", None)  # types that pick their own modules (CALM: decoder blocks)
+    names = [] if whole_model else cls.target_names(model, expert)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(expert.init_seed if expert.init_seed is not None else seed)
-    layers: dict[str, ExpertLayer] = {}
+    layers: dict[str, ExpertLayer] = whole_model(model, expert) if whole_model else {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -29,6 +29,10 @@ def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -
         setattr(parent, child, layer)
         layers[name] = layer
     torch.random.set_rng_state(gen_state)
+    cls.after_inject(layers)  # types whose layers share state (MoLE's shared gates) link them here
+    if router is not None and getattr(router, "init_centroids", None):
+        from moetune.cluster import init_routers  # routers of layers with input dim d start from the centroids
+        init_routers(layers, router.init_centroids, router.init_std)
     for layer in layers.values():
         for p in layer.adapter_state().values():
             p.requires_grad_(True)

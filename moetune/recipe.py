@@ -66,6 +66,15 @@ class RouterConfig:
     """Weight alpha of the balance loss."""
     z_loss_weight: float = opt(0.0, min=0)
     """Weight of the router z-loss mean(logsumexp(logits)^2)."""
+    init_centroids: str | None = None
+    """Safetensors file of K-means centroids (K, d) written by `moetune cluster-heads --embedder base
+    --init-router`. When set, every router whose layer input has dim d (the base model's hidden size:
+    q/k/v, gate/up, and o_proj, whose input has that size though it is the attention output) starts
+    from the centroids, centred over the K rows (which the softmax
+    ignores) and scaled so their entries have RMS init_std, the size of the random init. Routers of
+    other layers (e.g. down_proj, whose input is the intermediate size) keep the random init. An
+    approximation: the centroids are mean-pooled last hidden states, while each router reads its own
+    layer's per-token input. K must equal expert.num_experts. None: random init."""
 
 
 @dataclass
@@ -301,11 +310,21 @@ def _check_semantics(r: Recipe) -> None:
     if r.export.kind in ("merged", "both") and not REGISTRY[r.expert.type].mergeable:
         raise RecipeError(f"Recipe key 'export.kind' is {r.export.kind!r}, but expert type {r.expert.type!r} "
                           "does not fold into the base. Allowed: 'adapter'.")
+    if "merge" in r.stages and not REGISTRY[r.expert.type].mergeable:
+        from moetune.stages import not_mergeable  # lazy: stages imports this module
+        raise not_mergeable(r.expert.type)  # at load and `validate` time, not after training
     if r.router.type == "top_k" and hasattr(r.expert, "num_experts") and r.router.top_k > r.expert.num_experts:
         raise RecipeError(f"Recipe key 'router.top_k' is {r.router.top_k}, more than expert.num_experts "
                           f"({r.expert.num_experts}). Allowed: 1..{r.expert.num_experts}.")
+    check_expert = getattr(r.expert, "check_recipe", None)
+    if check_expert is not None:  # type-specific checks, e.g. calm's augmenting model and layer lists
+        check_expert(r)
     if len(set(r.stages)) != len(r.stages):
         raise RecipeError(f"Recipe key 'stages' repeats a stage: {r.stages}. Allowed: each of {', '.join(STAGES)} once.")
+    if r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
+        raise RecipeError(f"Recipe key 'router.init_centroids' names {r.router.init_centroids!r}, which does not "
+                          f"exist (working directory: {Path.cwd()}). Allowed: a centroid file written by "
+                          "`moetune cluster-heads --init-router`, or null.")
     for key in ("train", "validation", "test"):
         path = getattr(r.data, key)
         if path and "train" in r.stages and not Path(path).exists():

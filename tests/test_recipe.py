@@ -464,3 +464,9 @@ def test_local_dir_resolves_to_itself(tiny_llama):
 def test_hub_ids_with_dots_are_not_taken_for_paths():
     assert resolve_path("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     assert resolve_path("gpt2") == "gpt2"
+
+
+@pytest.mark.parametrize("etype", ["hydralora", "molora", "mov"])
+def test_merge_stage_of_a_routed_type_is_refused_at_load_time(etype):
+    with pytest.raises(RecipeError, match="--collapse mean"):
+        load_recipe(f"recipes/{etype}.yaml", ["stages=[train,merge,eval]"])

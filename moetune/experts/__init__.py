@@ -6,8 +6,10 @@ add one line to `REGISTRY`, add one recipe under `recipes/`.
 from __future__ import annotations
 
 from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.experts.calm import CALMLayer
 from moetune.experts.hydralora import HydraLoRALayer
 from moetune.experts.lora import LoRALayer
+from moetune.experts.mole import MoLELayer
 from moetune.experts.molora import MoLoRALayer
 from moetune.experts.mov import MoVLayer
 
@@ -16,6 +18,8 @@ REGISTRY: dict[str, type[ExpertLayer]] = {
     "hydralora": HydraLoRALayer,
     "molora": MoLoRALayer,
     "mov": MoVLayer,
+    "mole": MoLELayer,
+    "calm": CALMLayer,
 }
 
 

@@ -8,7 +8,9 @@ loss and never knows which expert type it trains.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -58,7 +60,11 @@ def dense_base_weight(base: nn.Module) -> torch.Tensor:
 
 
 class ExpertLayer(nn.Module, abc.ABC):
-    """Wraps one frozen base projection. Subclasses: one file each, one paper each."""
+    """Wraps one frozen base projection. Subclasses: one file each, one paper each.
+
+    A type that wraps other modules than the projections chosen by `target_modules` (CALM: whole
+    decoder blocks, plus a second model) defines a classmethod `inject_model(model, cfg) -> {name:
+    layer}`, which `inject` calls instead of wrapping every target projection."""
 
     config_cls: ClassVar[type[ExpertConfig]] = ExpertConfig
     mergeable: ClassVar[bool] = False
@@ -69,7 +75,11 @@ class ExpertLayer(nn.Module, abc.ABC):
         self.base = base
         self.cfg = cfg
         self.router_cfg = router
-        self.d_in, self.d_out = base_dims(base)
+        self.d_in, self.d_out = self.dims(base)
+
+    def dims(self, base: nn.Module) -> tuple[int, int]:
+        """(d_in, d_out) of the wrapped module: a projection here; CALM wraps whole decoder blocks."""
+        return base_dims(base)
 
     @abc.abstractmethod
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
@@ -94,3 +104,26 @@ class ExpertLayer(nn.Module, abc.ABC):
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Trainable tensors of this layer, keyed by local name (no base weights)."""
         return {k: v for k, v in self.named_parameters() if not k.startswith("base.")}
+
+    # ------------------------------------------------ hooks for types that span layers (MoLE)
+
+    @classmethod
+    def target_names(cls, model: nn.Module, cfg: ExpertConfig) -> list[str]:
+        """Names of the projections this type wraps (default: `cfg.target_modules`)."""
+        from moetune.models import find_targets  # lazy: models imports the recipe, which imports experts
+        return find_targets(model, list(cfg.target_modules))
+
+    @classmethod
+    def after_inject(cls, layers: dict[str, "ExpertLayer"]) -> None:
+        """Called once with every new layer of a model (model order), before the parameters are
+        marked trainable: a type whose layers share state links them here."""
+
+    @classmethod
+    def export_config(cls, cfg: ExpertConfig, out_dir: Path) -> dict:
+        """The `expert` entry of a saved adapter's moetune.json; a type may write files to `out_dir`."""
+        return dataclasses.asdict(cfg)
+
+    @classmethod
+    def import_config(cls, cfg: ExpertConfig, adapter_dir: Path) -> ExpertConfig:
+        """The inverse of `export_config` when loading from `adapter_dir` (e.g. resolve relative paths)."""
+        return cfg

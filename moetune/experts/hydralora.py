@@ -11,7 +11,9 @@ matmul, gates first: with g = w (x) h, the outer product (..., N, r) flattened t
     sum_i w_i B_i h = einsum('...n,nor,...r->...o', w, B, h) = g @ B_cat,  B_cat = B^T stacked: (N*r, d_out)
 
 That is N*r*d_out multiply-adds per token and an (..., N*r) intermediate, against an
-(..., N, d_out) intermediate for einsum('...r,nor->...no') followed by the gate sum.
+(..., N, d_out) intermediate for einsum('...r,nor->...no') followed by the gate sum. The
+scale s multiplies the (..., N) gates, not the (..., d_out) output: the same product, but
+it saves a full pass over the output in the forward and another in the backward.
 B zeros make a fresh adapter an exact no-op. Per-token gates do not fold into one
 dense delta, so `delta_weight` is None (not mergeable); top-k routing still computes all
 heads densely, with zero gates for the unselected ones.
@@ -54,12 +56,12 @@ class HydraLoRALayer(ExpertLayer):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
-        w = self.router(x)                                               # (..., N)
+        w = self.router(x) * self.scale                                  # (..., N), s folded into the gates
         h = self.drop(x.to(self.lora_A.dtype)) @ self.lora_A.t()         # (..., r), once for all heads
         g = (w.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)              # (..., N*r)
         n, d_out, r = self.lora_B.shape
         b_cat = self.lora_B.transpose(1, 2).reshape(n * r, d_out)        # (N*r, d_out)
-        return (g @ b_cat) * self.scale                                  # (..., d_out)
+        return g @ b_cat                                                 # (..., d_out)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         return self.router.aux_losses()

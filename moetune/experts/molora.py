@@ -12,7 +12,8 @@ All experts run as two matmuls (no loop over experts):
     y = einsum('...n,nor,...nr->...o', w, B, h) = (w * h).flatten(-2) @ B_cat,
         B_cat = B^T stacked: (N*r, d_out)
 
-i.e. exactly a rank-N*r LoRA whose inner activations are scaled by the gates. Top-k
+i.e. exactly a rank-N*r LoRA whose inner activations are scaled by the gates (s is folded
+into the (..., N) gates too, which saves two passes over the (..., d_out) output). Top-k
 routing (`router.type: top_k`) is computed densely too: unselected experts get gate 0,
 so they contribute nothing and receive no gradient, but their FLOPs are still spent
 (at adapter sizes a dense pass is cheaper than gathering tokens per expert).
@@ -56,13 +57,13 @@ class MoLoRALayer(ExpertLayer):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
-        w = self.router(x)                                               # (..., N)
+        w = self.router(x) * self.scale                                  # (..., N), s folded into the gates
         n, d_out, r = self.lora_B.shape
         a_cat = self.lora_A.reshape(n * r, self.d_in)                    # (N*r, d_in)
         h = self.drop(x.to(a_cat.dtype)) @ a_cat.t()                     # (..., N*r)
         g = (h.unflatten(-1, (n, r)) * w.unsqueeze(-1)).flatten(-2)      # (..., N*r)
         b_cat = self.lora_B.transpose(1, 2).reshape(n * r, d_out)        # (N*r, d_out)
-        return (g @ b_cat) * self.scale                                  # (..., d_out)
+        return g @ b_cat                                                 # (..., d_out)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         return self.router.aux_losses()

@@ -63,7 +63,9 @@ class MoVLayer(ExpertLayer):
         """sum_i w_i(x) l_i, as 1 + w @ (L - 1) (exactly 1 while L is ones)."""
         w = self.router(x)                                              # (..., N) float32
         with torch.autocast(x.device.type, enabled=False):              # keep 1 + small in float32
-            return 1.0 + w @ (self.ia3_l.float() - 1.0)                 # (..., d)
+            l_minus_1 = self.ia3_l.float() - 1.0                        # (N, d)
+            s = torch.addmm(l_minus_1.new_ones(()), w.reshape(-1, w.shape[-1]), l_minus_1)  # (T, d), "1 +" fused
+            return s.reshape(*w.shape[:-1], l_minus_1.shape[-1])        # (..., d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                 # (..., d_in) -> (..., d_out)
         s = self.scaling(x)

@@ -1,0 +1,174 @@
+"""CALM plumbing: the frozen augmenting model m_A, run once per anchor forward, in step with the anchor's cache.
+
+Bansal et al. (2024), "LLM Augmented LLMs: Expanding Capabilities through Composition": m_A
+runs once per input, without gradients, and only its hidden states at the composed layers are
+kept. Here a forward pre-hook on the anchor's decoder stack (`anchor.base_model`, which both
+`anchor(...)` and the sliced-head loss call) runs m_A's decoder stack (its output head is never
+run) on the same token ids, attention mask and position ids, and forward hooks on m_A's chosen
+decoder layers keep their outputs:
+
+    states[i] = H_A^i : (b, S, D_A)    for every composed augmenting layer i,
+    key_mask        : (b, S) bool    real (non-padding) positions,
+
+(paper notation: m_A is the augmenting model, of width D_A; m_B the anchor; b the batch size),
+where S is the number of positions seen so far. Without a cache S = T, the input length. When
+the anchor is called with its KV cache (generation), m_A is called with its own KV cache on just
+the new tokens, and the new states are appended, so the composition layers attend over the
+prompt and every generated token while m_A runs once per token. The two caches stay in step: a
+cached anchor call whose past length differs from what m_A has seen is an error, never a silent
+recomputation. Beam search, which reorders the anchor's cache, is not supported (greedy and
+sampling are).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, list) of the decoder blocks of a HF causal LM (`model.layers`, GPT-2 `transformer.h`, ...)."""
+    body = model.base_model
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    depth = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    lists = [m for m in body.children() if isinstance(m, nn.ModuleList)]
+    exact = [m for m in lists if len(m) == depth]
+    if len(exact) != 1 and len(lists) != 1:
+        raise TypeError(f"cannot find the decoder layers of {type(model).__name__}: {len(lists)} module lists "
+                        f"in {type(body).__name__}, {len(exact)} of length num_hidden_layers={depth}")
+    blocks = exact[0] if len(exact) == 1 else lists[0]
+    name = next(n for n, m in model.named_modules() if m is blocks)
+    return name, blocks
+
+
+def quantization_of(model: nn.Module) -> str:
+    """'none', 'nf4' or 'fp4': how `models.load_model` loaded this model."""
+    q = getattr(model.config, "quantization_config", None)
+    if q is None:
+        return "none"
+    q = q if isinstance(q, dict) else q.to_dict()
+    return str(q.get("bnb_4bit_quant_type", "nf4")) if q.get("load_in_4bit") else "none"
+
+
+def load_augmenting(path: str, anchor: nn.Module) -> nn.Module:
+    """Load m_A frozen, in eval mode, with the anchor's device, dtype and 4-bit setting.
+
+    A meta-device anchor (`moetune validate`) gets a meta-device m_A built from its config alone."""
+    from transformers import AutoModelForCausalLM
+
+    from moetune.models import DTYPES, load_config, load_model
+    from moetune.recipe import ModelConfig
+    param = next(anchor.parameters())
+    quant = quantization_of(anchor)
+    dtype = next((k for k, v in DTYPES.items() if v == param.dtype), "float32") if quant == "none" else "bfloat16"
+    cfg = ModelConfig(path=path, dtype=dtype, quantization=quant)
+    if param.device.type == "meta":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(load_config(cfg))
+        return model.requires_grad_(False).eval()
+    return load_model(cfg, param.device)
+
+
+def check_tokenizers(anchor_path: str, augmenting_path: str, mode: str, aug_vocab_rows: int) -> None:
+    """RecipeError unless m_A reads the anchor's token ids as the same tokens.
+
+    mode 'strict': same vocabulary (token -> id) and same special tokens; 'vocab': same vocabulary;
+    'off': no comparison. Every mode needs m_A's embedding table to cover the anchor's ids."""
+    from moetune.models import load_tokenizer
+    from moetune.recipe import ModelConfig, RecipeError
+    tok_a = load_tokenizer(ModelConfig(path=anchor_path))
+    how = ("CALM feeds the same token ids to both models, so by default they must share a tokenizer. "
+           "Allowed: an augmenting model with the anchor's tokenizer; or expert.tokenizer_check=vocab "
+           "(special tokens may differ) or off (you vouch that the ids mean the same tokens).")
+    if len(tok_a) > aug_vocab_rows:
+        raise RecipeError(f"Recipe key 'expert.augmenting_model' is {augmenting_path!r}, whose embedding table has "
+                          f"{aug_vocab_rows} rows, fewer than the anchor tokenizer's {len(tok_a)} tokens. {how}")
+    if mode == "off":
+        return
+    tok_b = load_tokenizer(ModelConfig(path=augmenting_path))
+    va, vb = tok_a.get_vocab(), tok_b.get_vocab()
+    diff = ""
+    if va != vb:
+        only_a, only_b = sorted(set(va) - set(vb)), sorted(set(vb) - set(va))
+        moved = sorted(t for t in set(va) & set(vb) if va[t] != vb[t])
+        diff = (f"vocabularies differ ({len(va)} vs {len(vb)} tokens; only the anchor has {only_a[:3]}, only the "
+                f"augmenting model has {only_b[:3]}, different ids for {moved[:3]})")
+    elif mode == "strict":
+        sa = {k: str(v) for k, v in tok_a.special_tokens_map.items()}
+        sb = {k: str(v) for k, v in tok_b.special_tokens_map.items()}
+        if sa != sb:
+            keys = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
+            diff = "special tokens differ: " + ", ".join(f"{k} {sa.get(k)!r} vs {sb.get(k)!r}" for k in keys)
+    if diff:
+        raise RecipeError(f"Recipe key 'expert.augmenting_model' is {augmenting_path!r}, whose tokenizer does not "
+                          f"match the anchor's ({anchor_path!r}): {diff}. {how}")
+
+
+class AugmentingRunner:
+    """Holds m_A (not a submodule of the anchor: it never trains, never changes mode, is never saved)
+    and the states of the current input; `pre_hook` runs before every call of the anchor's decoder stack."""
+
+    def __init__(self, model: nn.Module, layers: list[int]) -> None:
+        self.model = model
+        self.layers = sorted(set(layers))
+        self.states: dict[int, torch.Tensor] = {}   # augmenting layer -> (b, S, D_A)
+        self.key_mask: torch.Tensor | None = None   # (b, S) bool
+        self.cache = None                           # m_A's KV cache while the anchor generates
+        self.anchor_cache = None                    # the anchor cache object it is in step with
+        self.length = 0                             # positions m_A has seen (S)
+        self.calls = 0                              # m_A forwards run (for tests and logs)
+        self._new: dict[int, torch.Tensor] = {}
+        _, blocks = decoder_layers(model)
+        for i in self.layers:
+            blocks[i].register_forward_hook(self._keeper(i))
+
+    def _keeper(self, i: int):
+        def hook(module, args, out):
+            self._new[i] = out[0] if isinstance(out, tuple) else out  # (b, T, D_A)
+        return hook
+
+    def reset(self) -> None:
+        self.states, self.key_mask, self.cache, self.anchor_cache, self.length = {}, None, None, None, 0
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook (with kwargs) on the anchor's decoder stack; leaves its inputs unchanged."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise RuntimeError("CALM needs input_ids (not inputs_embeds): the augmenting model reads the same tokens.")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
+            raise RuntimeError("CALM needs a 2-D (batch, positions) attention mask; static/compiled caches that "
+                               "pass 4-D masks are not supported.")
+        past = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = bool(getattr(module.config, "use_cache", False))
+        past_len = past.get_seq_length() if past is not None else 0
+        B, T = ids.shape
+        if past_len == 0:  # a fresh input: forget the previous one
+            self.reset()
+            self.anchor_cache = past
+            if use_cache:
+                from transformers import DynamicCache
+                self.cache = DynamicCache(config=self.model.config)
+        elif (self.cache is None or past_len != self.length
+              or (self.anchor_cache is not None and past is not self.anchor_cache)):
+            raise RuntimeError(f"CALM: the anchor was called with a KV cache of {past_len} positions, but the "
+                               f"augmenting model's cache holds {self.length}; the two must advance together "
+                               "(greedy or sampled generation; beam search reorders caches and is not supported).")
+        S = past_len + T
+        real = (mask.bool() if mask is not None
+                else torch.ones(B, S, dtype=torch.bool, device=ids.device))   # (b, S)
+        if real.shape != (B, S):
+            raise RuntimeError(f"CALM: attention mask of shape {tuple(real.shape)} for {T} new tokens after "
+                               f"{past_len} cached ones; expected {(B, S)}.")
+        self._new = {}
+        with torch.no_grad():
+            self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=kwargs.get("position_ids"),
+                                  past_key_values=self.cache if use_cache else None, use_cache=bool(use_cache))
+        self.calls += 1
+        for i in self.layers:
+            new = self._new[i].detach()                                      # (b, T, D_A)
+            self.states[i] = torch.cat([self.states[i], new], 1) if past_len else new   # (b, S, D_A)
+        self._new = {}
+        self.key_mask, self.length = real, S
+        return None

@@ -1,0 +1,395 @@
+"""MoLE (Wu, Huang, Wei, ICLR 2024, "Mixture of LoRA Experts").
+
+N LoRAs trained beforehand (one per task or domain) stay frozen; only the gates train
+("hierarchical weight control"). At one wrapped projection, with E_i(x) = s_i B_i A_i x the
+output of LoRA i (s_i = alpha_i / r_i its own scale), and j the gated place the projection
+belongs to:
+
+    e      = [E_1(x); ...; E_N(x)]                                   (..., N*d_out)
+    G^j(x) = softmax((W_g^j LayerNorm(e) + b^j) / tau)               (..., N)
+    y      = W0 x + sum_i G^j_i(x) E_i(x)
+
+The experts are stacked once, zero-padded to the largest rank r of the module (padding adds
+nothing) with each scale folded into B: A (N, r, d_in), B (N, d_out, r) = s_i [B_i, 0]. One
+forward computes every expert at once (`expert_outputs`: two einsums batched over N, no loop
+over adapters), and the gate reads those same outputs, so nothing is computed twice.
+LayerNorm has no affine parameters: W_g and b follow it, which an affine would only duplicate.
+
+Initial state: W_g = 0 and b = 0, so every gate is 1/N and a fresh MoLE is the plain average
+of its LoRAs, y = W0 x + (1/N) sum_i E_i(x) (a linear merge with weights 1/N); with one
+expert it is exactly that LoRA. (METHODS.md does not fix the initial gate; uniform is the
+state the balance loss prefers.)
+
+Granularity (`expert.granularity`): which projections share one gated place j. The names
+follow the paper's NLP backbone (Flan-T5), where a `block` holds several `layer`s
+(self-attention, feed-forward) and each layer several weight matrices:
+  - matrix:  one gate per wrapped projection ('...layers.3.self_attn.q_proj');
+  - layer:   one per sub-layer, i.e. per parent module of the projections ('...layers.3.self_attn',
+             '...layers.3.mlp'; GPT-2: '...h.3.attn', '...h.3.mlp');
+  - block:   one per transformer block ('...layers.3', GPT-2 '...h.3');
+  - network: one gate for the whole model.
+Projections of one place have different output sizes (q vs k vs down_proj), so one W_g cannot
+read all of them; and they run one after another, so a gate built from all of them would not
+exist when the first one needs it. A shared place therefore computes G^j once per forward at
+its FIRST projection in forward order (q_proj, gate_proj, GPT-2 c_attn, ...), from that
+projection's expert outputs, and the others reuse that very tensor (same autograd graph): one
+W_g^j per place, one gate per token per place, gradients from every projection of the place.
+
+Balance (METHODS.md): q_i = mean gate of expert i over tokens AND gated places,
+L_balance = -log prod_i q_i (`routing.mole_balance`), added once per forward with weight
+alpha = `router.balance_weight` when `router.balance_loss: mole`; it is a function of the
+gate probabilities, so its gradient reaches W_g (tested). Masking (`expert.masked`,
+`--mask-experts`): a masked expert's logit is set to -inf, so its gate is 0 and the others
+are renormalised, G_i / sum_(kept) G_k.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.routing import Router, balance_loss, z_loss
+from moetune.schema import opt
+
+GRANULARITIES = ("matrix", "layer", "block", "network")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")
+
+
+def _error(msg: str) -> Exception:
+    from moetune.recipe import RecipeError  # lazy: the recipe module imports the expert registry
+    return RecipeError(msg)
+
+
+@dataclass
+class MoLEConfig(ExpertConfig):
+    """MoLE settings (`expert:` with type mole). `rank`, `alpha`, `dropout` and `target_modules`
+    are used only by `experts_from: per_domain`, for the domain LoRAs it trains; the gates read
+    the experts' own ranks and scales."""
+
+    experts: list[str] = opt(factory=list)
+    """Directories of trained LoRA experts: moetune adapter directories (a run's adapter/) or stock
+    PEFT LoRA directories; ranks may differ. Each must name the same base model as model.path (when
+    it names one) and adapt only projections the model has. MoLE wraps every projection that any
+    expert adapts. Filled in by `experts_from: per_domain`."""
+    names: list[str] = opt(factory=list)
+    """One name per expert, for --mask-experts and reports; empty: each directory's name (its
+    parent's for a run's `adapter` directory)."""
+    experts_from: str = opt("list", choices=("list", "per_domain"))
+    """'list': the `experts` directories. 'per_domain': `moetune train` first trains one LoRA per
+    value of the data's domain field (rank, alpha, dropout, target_modules above; expert_max_steps,
+    expert_lr below; the rest of train:) into <output_dir>/experts/<domain>/adapter, then the gates."""
+    granularity: str = opt("layer", choices=GRANULARITIES)
+    """Which projections share one gate: 'matrix' (each projection), 'layer' (each attention or MLP
+    sub-layer), 'block' (each transformer block), 'network' (one gate); see moetune/experts/mole.py."""
+    temperature: float = opt(1.0, min=0, min_exclusive=True)
+    """Softmax temperature tau of the gates, G = softmax(logits / tau) (router.temperature is unused)."""
+    masked: list[str] = opt(factory=list)
+    """Experts whose gate is fixed at 0, the others renormalised (set by --mask-experts at eval/export)."""
+    expert_max_steps: int = opt(0, min=0)
+    """per_domain: optimizer steps of each domain LoRA (0: train.max_steps / train.epochs)."""
+    expert_lr: float | None = opt(None, min=0, min_exclusive=True)
+    """per_domain: learning rate of the domain LoRAs (None: train.lr)."""
+
+    def check_recipe(self, r) -> None:
+        """Settings that contradict MoLE, and (when training) the expert directories themselves."""
+        rt = r.router
+        if rt.type != "soft":
+            raise _error(f"Recipe key 'router.type' is {rt.type!r}, but MoLE gates are soft. Allowed: 'soft'.")
+        if rt.temperature != 1.0:
+            raise _error(f"Recipe key 'router.temperature' is {rt.temperature}; MoLE reads its temperature from "
+                         "'expert.temperature'. Allowed: 1.0 (set expert.temperature instead).")
+        if rt.init_centroids:
+            raise _error("Recipe key 'router.init_centroids' is set, but MoLE gates start uniform. Allowed: null.")
+        if "merge" in r.stages:
+            raise _error("Recipe stages include 'merge', but MoLE's per-token gates do not fold into the base. "
+                         "Drop 'merge' and use `moetune merge-lora --adapters ... --method mole --gates-from RUN`.")
+        if self.names and len(self.names) != len(self.experts):
+            raise _error(f"Recipe key 'expert.names' has {len(self.names)} names for {len(self.experts)} experts. "
+                         "Allowed: one name per entry of expert.experts, or an empty list.")
+        if self.experts_from == "per_domain":
+            if self.experts:
+                raise _error("Recipe key 'expert.experts' is set together with expert.experts_from='per_domain', "
+                             "which trains the experts itself. Allowed: an empty list, or experts_from='list'.")
+            return
+        if "train" in r.stages:
+            if not self.experts:
+                raise _error("Recipe key 'expert.experts' is empty. Allowed: a list of trained LoRA adapter "
+                             "directories, or expert.experts_from='per_domain' to train one per domain first.")
+            for e in load_experts(self):
+                if not same_base(e.base_model, r.model.path):
+                    raise _error(f"MoLE expert {e.name!r} ({e.path}) was trained on base model {e.base_model!r}, "
+                                 f"but model.path is {r.model.path!r}. Allowed: LoRAs of the same base model.")
+
+
+def expert_names(cfg: MoLEConfig) -> list[str]:
+    """The experts' names: `cfg.names`, or each directory's name (its parent's for '.../adapter')."""
+    if cfg.names:
+        return list(cfg.names)
+    paths = [Path(p) for p in cfg.experts]
+    return [p.parent.name if p.name == "adapter" and p.parent.name else p.name for p in paths]
+
+
+def same_base(a: str | None, b: str | None) -> bool:
+    """Whether two base-model names denote the same model: either is unknown, equal strings, the same
+    local directory, or the same last path component ignoring case (a hub id and its local copy)."""
+    if not a or not b or a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return pa.name.lower() == pb.name.lower()
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One frozen LoRA: its name, directory, scale s = alpha / r, base model and tensors
+    ('<module>.lora_A' (r, d_in), '<module>.lora_B' (d_out, r))."""
+
+    name: str
+    path: str
+    scale: float
+    base_model: str | None
+    state: dict
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({k.rsplit(".", 1)[0] for k in self.state})
+
+
+@lru_cache(maxsize=2)
+def _load(key: tuple) -> tuple[Expert, ...]:
+    from moetune.adapters import read_adapter  # lazy: adapters imports the registry
+    out = []
+    for name, path, _stamp in key:
+        meta, state = read_adapter(path)
+        e = meta["expert"]
+        if e["type"] != "lora":
+            raise _error(f"MoLE expert {name!r} ({path}) is a {e['type']!r} adapter. Allowed: LoRA adapters "
+                         "(moetune runs of expert.type lora, or stock PEFT LoRA directories).")
+        out.append(Expert(name, path, e["alpha"] / e["rank"], meta.get("base_model"), state))
+    return tuple(out)
+
+
+def load_experts(cfg: MoLEConfig) -> tuple[Expert, ...]:
+    """Read the experts of `cfg` (cached while their files are unchanged)."""
+    names = expert_names(cfg)
+    if len(set(names)) != len(names):
+        raise _error(f"MoLE expert names {names} repeat a name. Allowed: distinct names (set expert.names).")
+    key = []
+    for name, path in zip(names, cfg.experts):
+        f = Path(path) / "adapter_model.safetensors"
+        if not f.is_file():
+            raise _error(f"MoLE expert {name!r}: {path} is not an adapter directory (no adapter_model.safetensors).")
+        st = f.stat()
+        key.append((name, str(Path(path).resolve()), (st.st_mtime_ns, st.st_size)))
+    return _load(tuple(key))
+
+
+def stack_experts(experts, module: str, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (N, r, d_in), B (N, d_out, r) for one module: r the largest expert rank there, each zero-padded,
+    s_i folded into B_i; an expert that does not adapt `module` contributes zeros."""
+    ranks = [e.state[f"{module}.lora_A"].shape[0] if f"{module}.lora_A" in e.state else 0 for e in experts]
+    r = max(ranks)
+    a = torch.zeros(len(experts), r, d_in)                               # (N, r, d_in)
+    b = torch.zeros(len(experts), d_out, r)                              # (N, d_out, r)
+    for i, (e, ri) in enumerate(zip(experts, ranks)):
+        if ri == 0:
+            continue
+        ai, bi = e.state[f"{module}.lora_A"], e.state[f"{module}.lora_B"]
+        if tuple(ai.shape) != (ri, d_in) or tuple(bi.shape) != (d_out, ri):
+            raise _error(f"MoLE expert {e.name!r} ({e.path}): {module} has lora_A {tuple(ai.shape)} and lora_B "
+                         f"{tuple(bi.shape)}, but this model's projection maps {d_in} -> {d_out}. Allowed: LoRAs "
+                         "trained on this base model.")
+        a[i, :ri] = ai.float()
+        b[i, :, :ri] = bi.float() * e.scale
+    return a, b
+
+
+def place_of(name: str, granularity: str) -> str:
+    """The gated place of a projection: itself, its parent, its block ('...layers.3') or the network."""
+    if granularity == "matrix":
+        return name
+    if granularity == "layer":
+        return name.rpartition(".")[0]
+    if granularity == "block":
+        m = re.match(r"^(.*?(?:^|\.)\d+)(?:\.|$)", name)
+        return m.group(1) if m else ""
+    return ""
+
+
+class MoLEGate(Router):
+    """G = softmax((W_g LayerNorm(e) + b) / tau) over the N experts; W_g: (N, N*d_out) and b start at 0.
+
+    A `Router` subclass, so the routing report and its forward hooks see MoLE like any routed type."""
+
+    def __init__(self, d_out: int, num_experts: int, temperature: float, cfg=None) -> None:
+        with torch.random.fork_rng(devices=[]):                          # Router draws a random init; ours is 0
+            super().__init__(num_experts * d_out, num_experts, cfg)      # W_g: (N, N*d_out)
+        nn.init.zeros_(self.weight)
+        self.bias = nn.Parameter(torch.zeros(num_experts))               # (N,)
+        self.temperature = temperature
+        self.register_buffer("keep", torch.ones(num_experts, dtype=torch.bool), persistent=False)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:                  # (..., N, d_out) -> (..., N)
+        with torch.autocast(e.device.type, enabled=False):
+            z = F.layer_norm(e.float().flatten(-2), (e.shape[-2] * e.shape[-1],))  # (..., N*d_out)
+            logits = F.linear(z, self.weight.float(), self.bias.float())           # (..., N)
+            probs = torch.softmax(logits.masked_fill(~self.keep, float("-inf")) / self.temperature, -1)
+        self._last = (logits, probs, probs)
+        return probs
+
+
+class MoLELayer(ExpertLayer):
+    """N frozen LoRA experts around one projection, mixed by the gate of its place."""
+
+    config_cls = MoLEConfig
+    mergeable = False
+
+    def __init__(self, base: nn.Module, cfg: MoLEConfig, router=None, name: str = "") -> None:
+        super().__init__(base, cfg, router, name)
+        experts = load_experts(cfg)
+        self.expert_names = [e.name for e in experts]
+        a, b = stack_experts(experts, name, self.d_in, self.d_out)
+        self.register_buffer("expert_A", a, persistent=False)           # (N, r, d_in), frozen
+        self.register_buffer("expert_B", b, persistent=False)           # (N, d_out, r), frozen, scaled
+        self.place = place_of(name, cfg.granularity)
+        self._leader: tuple[MoLELayer, ...] = (self,)  # a tuple: a plain reference, not a submodule
+        self._places: tuple[MoLELayer, ...] = ()       # set on the first place: every place, for the balance loss
+        self._gate: torch.Tensor | None = None
+        self.router = MoLEGate(self.d_out, len(experts), cfg.temperature, router)
+
+    @classmethod
+    def target_names(cls, model: nn.Module, cfg: MoLEConfig) -> list[str]:
+        """Every projection some expert adapts, in model order; an expert adapting a module the model
+        lacks (or one that is not a linear projection) is a RecipeError naming both."""
+        from moetune.models import is_projection
+        experts = load_experts(cfg)
+        if not experts:
+            raise _error("Recipe key 'expert.experts' is empty: MoLE needs trained LoRA adapters (with "
+                         "experts_from: per_domain, `moetune train` trains them before the gates).")
+        present = {n for n, m in model.named_modules() if is_projection(m)}
+        for e in experts:
+            missing = [m for m in e.modules if m not in present]
+            if missing:
+                raise _error(f"MoLE expert {e.name!r} ({e.path}, base {e.base_model!r}) adapts {len(missing)} "
+                             f"module(s) that this model has no linear projection for, e.g. {missing[:3]}. "
+                             "Allowed: LoRAs trained on this base model.")
+        wanted = {m for e in experts for m in e.modules}
+        return [n for n, m in model.named_modules() if n in wanted and is_projection(m)]
+
+    @classmethod
+    def after_inject(cls, layers: dict[str, ExpertLayer]) -> None:
+        """Group the layers by gated place; the first layer of a place keeps its gate, the others drop
+        theirs and read the first one's; the first place computes the balance loss over all places."""
+        groups: dict[str, list[MoLELayer]] = {}
+        for layer in layers.values():
+            groups.setdefault(layer.place, []).append(layer)
+        leaders = []
+        for members in groups.values():
+            for m in members[1:]:
+                del m.router
+                m._leader = (members[0],)
+            leaders.append(members[0])
+        if leaders:
+            leaders[0]._places = tuple(leaders)
+            cfg = leaders[0].cfg
+            if cfg.masked:
+                set_mask(leaders, list(cfg.masked))
+
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:          # (..., d_in) -> (..., N, d_out)
+        """E_i(x) = s_i B_i A_i x for every expert i at once."""
+        h = torch.einsum("...d,nrd->...nr", x.to(self.expert_A.dtype), self.expert_A)  # (..., N, r)
+        return torch.einsum("...nr,nor->...no", h, self.expert_B)                      # (..., N, d_out)
+
+    def gates(self, e: torch.Tensor) -> torch.Tensor:                   # (..., N, d_out) -> (..., N)
+        lead = self._leader[0]
+        if lead is self:
+            self._gate = self.router(e)
+            return self._gate
+        w = lead._gate
+        if w is None or w.shape[:-1] != e.shape[:-2]:
+            raise RuntimeError(f"{self.name}: the gate of its place ({lead.name}) did not run first in this forward")
+        return w
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:                   # (..., d_in) -> (..., d_out)
+        e = self.expert_outputs(x)                                       # (..., N, d_out)
+        w = self.gates(e)                                                # (..., N)
+        return torch.einsum("...n,...no->...o", w.to(e.dtype), e)       # (..., d_out)
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """On the first place only: alpha * balance over the gates of every place (tokens and places)."""
+        if not self._places or any(p.router._last is None for p in self._places):
+            return {}
+        c = self.router.cfg
+        out = {}
+        if c.balance_loss != "none" and c.balance_weight > 0:
+            probs = torch.stack([p.router._last[1] for p in self._places])   # (P, ..., N)
+            out["balance"] = c.balance_weight * balance_loss(c.balance_loss, probs)
+        if c.z_loss_weight > 0:
+            out["z_loss"] = c.z_loss_weight * z_loss(torch.stack([p.router._last[0] for p in self._places]))
+        return out
+
+    def routing_stats(self) -> dict | None:
+        return self._leader[0].router.stats()
+
+    @classmethod
+    def export_config(cls, cfg: MoLEConfig, out_dir: Path) -> dict:
+        """Copy each expert's adapter files to out_dir/experts/<i>_<name>/, so the saved MoLE is
+        self-contained, and record those relative paths."""
+        names, rel = expert_names(cfg), []
+        for i, (name, path) in enumerate(zip(names, cfg.experts)):
+            sub = f"experts/{i}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}"
+            (out_dir / sub).mkdir(parents=True)
+            for f in ADAPTER_FILES:
+                if (Path(path) / f).is_file():
+                    shutil.copy2(Path(path) / f, out_dir / sub / f)
+            rel.append(sub)
+        return {**dataclasses.asdict(cfg), "experts": rel, "names": names, "experts_from": "list"}
+
+    @classmethod
+    def import_config(cls, cfg: MoLEConfig, adapter_dir: Path) -> MoLEConfig:
+        cfg.experts = [p if Path(p).is_absolute() else str(adapter_dir / p) for p in cfg.experts]
+        return cfg
+
+
+def set_mask(layers, names: list[str]) -> None:
+    """Fix the gates of the experts named in `names` at 0 on every MoLE layer of `layers` (the others
+    renormalise); an empty list unmasks. Unknown names, or masking every expert, are RecipeErrors."""
+    layers = [m for m in layers if isinstance(m, MoLELayer)]
+    if not layers:
+        raise _error("--mask-experts applies to MoLE adapters (expert.type mole); this adapter has no MoLE layer.")
+    known = layers[0].expert_names
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise _error(f"Cannot mask expert(s) {unknown}: not experts of this MoLE. Allowed: {', '.join(known)}.")
+    keep = torch.tensor([n not in names for n in known])
+    if not keep.any():
+        raise _error(f"Cannot mask every expert ({', '.join(known)}): at least one must keep its gate.")
+    for m in layers:
+        if m._leader[0] is m:
+            m.router.keep.copy_(keep)
+
+
+def write_mask(adapter_dir: str | Path, names: list[str]) -> None:
+    """Record `names` as masked in a saved MoLE adapter's moetune.json (checked against its experts)."""
+    import json
+    path = Path(adapter_dir) / "moetune.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    expert = meta.get("expert", {})
+    if expert.get("type") != "mole":
+        raise _error(f"--mask-experts applies to MoLE adapters; {adapter_dir} holds a {expert.get('type')!r} adapter.")
+    known = expert.get("names") or []
+    unknown = [n for n in names if n not in known]
+    if unknown or set(names) >= set(known):
+        raise _error(f"Cannot mask {names}: " + (f"{unknown} are not experts of this MoLE" if unknown else
+                     "at least one expert must keep its gate") + f". Experts: {', '.join(known)}.")
+    expert["masked"] = list(names)
+    path.write_text(json.dumps(meta, indent=2))

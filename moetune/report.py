@@ -1,0 +1,268 @@
+"""Routing report of a routed adapter (HydraLoRA, MoLoRA, MoV): expert load, gate entropy, dead
+experts and per-domain gates, collected over held-out examples.
+
+Notation: L routed layers (wrapped projections), N experts per layer, D domains, w_t (N,) the
+gates a layer applied to token t (`Router` output), m_t = 1 for real tokens and 0 for padding.
+
+    load_l      = sum_t m_t w_t / sum_t m_t                 (N,), sums to 1 per layer
+    entropy_l   = sum_t m_t H(w_t) / sum_t m_t,  H(w) = -sum_i w_i log w_i  (nats, in [0, log N])
+    dead_l      = {i : load_l,i < 0.01 / N}                  (routing.dead_experts)
+    gates_d,l   = load_l restricted to the tokens of the examples of domain d
+
+`collect_gates` runs the examples through the model in batches with forward hooks on the
+routers and keeps only running sums (`GateSums`); everything else here is a pure function
+of those sums. The same mean gates are what `moetune.collapse` fixes the routers at.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moetune.data import Example, collate
+from moetune.inject import expert_layers
+from moetune.loss import _plain_head, target_logits
+from moetune.routing import Router, dead_experts
+
+DEAD_THRESHOLD = 0.01
+GROUP_ABOVE = 12  # more routed modules than this: table rows are grouped by layer index
+HEATMAP_GROUP_ABOVE = 64  # the same for heatmap rows (one module per row reads well up to about this)
+
+
+def routed_layers(model) -> dict:
+    """name -> expert layer, for the layers that route tokens through a `Router` (model order)."""
+    return {n: m for n, m in expert_layers(model).items() if isinstance(getattr(m, "router", None), Router)}
+
+
+@dataclass
+class GateSums:
+    """Running sums of masked gates, per domain and layer (float64, CPU)."""
+
+    names: list[str]          # L routed module names
+    domains: list[str]        # D domain names (sorted)
+    gate: torch.Tensor        # (D, L, N): sum_t m_t w_t over the tokens of domain d
+    entropy: torch.Tensor     # (D, L):    sum_t m_t H(w_t)
+    tokens: torch.Tensor      # (D,):      sum_t m_t (real tokens of domain d)
+
+
+def batch_sums(weights: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor, n_domains: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked per-domain sums of one batch: weights (L, B, T, N), mask (B, T), domain (B,) indices.
+
+    Returns (gate (D, L, N), entropy (D, L), tokens (D,)), float64: padding (m = 0) adds nothing."""
+    w = weights.double()                                                   # (L, B, T, N)
+    m = mask.double()                                                      # (B, T)
+    onehot = torch.nn.functional.one_hot(domain, n_domains).double()       # (B, D)
+    per_ex = torch.einsum("lbtn,bt->lbn", w, m)                            # (L, B, N)
+    h = -torch.special.xlogy(w, w).sum(-1)                                 # (L, B, T), 0 log 0 = 0
+    ent_ex = (h * m).sum(-1)                                               # (L, B)
+    gate = torch.einsum("bd,lbn->dln", onehot, per_ex)                     # (D, L, N)
+    ent = torch.einsum("bd,lb->dl", onehot, ent_ex)                        # (D, L)
+    return gate, ent, onehot.t() @ m.sum(1)                                # ..., (D,)
+
+
+class _GateHooks:
+    """Forward hooks on the routers of `layers`: the gates (..., N) of each one's last call."""
+
+    def __init__(self, layers: dict) -> None:
+        self.out: list[torch.Tensor | None] = [None] * len(layers)
+        self.handles = [m.router.register_forward_hook(self._hook(i)) for i, m in enumerate(layers.values())]
+
+    def _hook(self, i: int):
+        def fn(module, inputs, output):
+            self.out[i] = output.detach()
+        return fn
+
+    def take(self, shape: tuple[int, int]) -> torch.Tensor:
+        """Stacked gates (L, B, T, N) of the last forward, for a (B, T) batch."""
+        if any(o is None for o in self.out):
+            raise RuntimeError("a routed layer's router did not run in this forward")
+        w = torch.stack([o.float().reshape(*shape, o.shape[-1]) for o in self.out])  # (L, B, T, N)
+        self.out = [None] * len(self.out)
+        return w
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_gates(model, examples: list[Example], pad_id: int, batch_size: int, device) -> GateSums | None:
+    """Run `examples` through `model` in right-padded batches (data.collate), summing the routers'
+    gates over real tokens per domain and layer. None when the model has no routed layer."""
+    layers = routed_layers(model)
+    if not layers or not examples:
+        return None
+    ns = {m.router.weight.shape[0] for m in layers.values()}
+    if len(ns) != 1:
+        raise ValueError(f"routed layers disagree on the number of experts: {sorted(ns)}")
+    n, L = ns.pop(), len(layers)
+    domains = sorted({e.domain for e in examples})
+    index = {d: i for i, d in enumerate(domains)}
+    sums = GateSums(list(layers), domains, torch.zeros(len(domains), L, n, dtype=torch.float64),
+                    torch.zeros(len(domains), L, dtype=torch.float64), torch.zeros(len(domains), dtype=torch.float64))
+    model.eval()
+    sliced = _plain_head(model)
+    hooks = _GateHooks(layers)
+    try:
+        for s in range(0, len(examples), batch_size):
+            chunk = examples[s:s + batch_size]
+            b = collate(chunk, pad_id)
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)   # (B, T)
+            none = torch.zeros_like(ids[:, 1:], dtype=torch.bool)                   # (B, T-1): no head output
+            target_logits(model, ids, mask, none, sliced)
+            w = hooks.take(tuple(ids.shape)).cpu()                                  # (L, B, T, N)
+            dom = torch.tensor([index[e.domain] for e in chunk])                    # (B,)
+            g, h, t = batch_sums(w, b["attention_mask"], dom, len(domains))
+            sums.gate += g
+            sums.entropy += h
+            sums.tokens += t
+    finally:
+        hooks.remove()
+    return sums
+
+
+def mean_gates(sums: GateSums) -> torch.Tensor:
+    """Mean gate weight per layer and expert over all real tokens: (L, N); rows sum to 1."""
+    return sums.gate.sum(0) / sums.tokens.sum().clamp_min(1.0)
+
+
+def domain_gates(sums: GateSums) -> torch.Tensor:
+    """Mean gate weight per domain, layer and expert: (D, L, N); rows sum to 1."""
+    return sums.gate / sums.tokens.clamp_min(1.0)[:, None, None]
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block index in a module name ('model.layers.3.mlp.up_proj' -> 3), or None."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(m.group(1)) if m else None
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Module names without their shared leading components but the last one
+    ('model.layers.0.mlp.up_proj' -> 'layers.0.mlp.up_proj' when every name starts with 'model.')."""
+    parts = [n.split(".") for n in names]
+    k = 0
+    while all(len(p) > k + 2 and p[k] == parts[0][k] for p in parts):
+        k += 1
+    return [".".join(p[max(k - 1, 0):]) for p in parts]
+
+
+def row_groups(names: list[str], limit: int = GROUP_ABOVE) -> list[tuple[str, list[int]]]:
+    """(label, module indices) per display row: one row per module, or, with more than `limit`
+    modules that all carry a block index, one row per block index."""
+    idx = [layer_index(n) for n in names]
+    if len(names) <= limit or None in idx:
+        return [(n, [i]) for i, n in enumerate(short_names(names))]
+    blocks: dict[int, list[int]] = {}
+    for i, k in enumerate(idx):
+        blocks.setdefault(k, []).append(i)
+    return [(f"layer {k} ({len(v)} modules)", v) for k, v in sorted(blocks.items())]
+
+
+def routing_report(sums: GateSums, threshold: float = DEAD_THRESHOLD) -> dict:
+    """All report numbers as JSON-ready lists (layer order = `sums.names`)."""
+    load = mean_gates(sums)                                                # (L, N)
+    n = load.shape[-1]
+    tokens = sums.tokens.sum().clamp_min(1.0)
+    entropy = sums.entropy.sum(0) / tokens                                 # (L,)
+    dead = dead_experts(load, threshold)                                   # (L, N) bool
+    dom = domain_gates(sums)                                               # (D, L, N)
+    dom_ent = sums.entropy / sums.tokens.clamp_min(1.0)[:, None]           # (D, L)
+    return {
+        "num_experts": n, "max_entropy": math.log(n), "tokens": int(sums.tokens.sum()),
+        "dead_threshold": threshold, "dead_total": int(dead.sum()),
+        "layers": {name: {"load": load[i].tolist(), "entropy": float(entropy[i]),
+                          "dead": dead[i].nonzero().flatten().tolist()} for i, name in enumerate(sums.names)},
+        "per_domain": {d: {"tokens": int(sums.tokens[j]), "gates": dom[j].tolist(), "entropy": dom_ent[j].tolist()}
+                       for j, d in enumerate(sums.domains)},
+    }
+
+
+def table_rows(report: dict) -> list[list]:
+    """Per display row: [label, load min, load max, mean entropy, dead count] (see `row_groups`)."""
+    names = list(report["layers"])
+    load = torch.tensor([report["layers"][k]["load"] for k in names])     # (L, N)
+    ent = torch.tensor([report["layers"][k]["entropy"] for k in names])   # (L,)
+    dead = torch.tensor([len(report["layers"][k]["dead"]) for k in names])  # (L,)
+    rows = []
+    for label, idx in row_groups(names):
+        sel = torch.tensor(idx)
+        rows.append([label, float(load[sel].min()), float(load[sel].max()), float(ent[sel].mean()),
+                     int(dead[sel].sum())])
+    return rows
+
+
+def print_report(report: dict, console) -> None:
+    """A compact rich table: per layer load min/max, mean entropy vs log N, dead experts."""
+    from moetune.ui import table
+    console.print(table(f"routing: {report['num_experts']} experts, {report['tokens']} tokens, entropy in nats "
+                        f"(max log N = {report['max_entropy']:.4f}), {report['dead_total']} dead experts "
+                        f"(load < {report['dead_threshold']:g}/N)",
+                        ["layer", "load min", "load max", "entropy", "dead"], table_rows(report)))
+
+
+def heatmap_rows(report: dict) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """(row labels, {panel: (rows, N) mean gates}): the panels are 'all' and each domain; grouped rows
+    average their modules' gates."""
+    names = list(report["layers"])
+    groups = row_groups(names, HEATMAP_GROUP_ABOVE)
+    # (G, L) averaging matrix: row g puts 1/|group| on each of its modules
+    avg = torch.zeros(len(groups), len(names))
+    for g, (_, idx) in enumerate(groups):
+        avg[g, idx] = 1.0 / len(idx)
+    panels = {"all": torch.tensor([report["layers"][k]["load"] for k in names])}    # (L, N)
+    if len(report["per_domain"]) > 1:
+        panels.update({d: torch.tensor(v["gates"]) for d, v in report["per_domain"].items()})
+    return [g[0] for g in groups], {k: avg @ v for k, v in panels.items()}   # (G, N) each
+
+
+def save_heatmap(report: dict, path: str | Path) -> Path:
+    """PNG heatmap, layer rows x expert columns of mean gate weight, one panel per domain (Agg backend,
+    no pyplot state); written to a temp file and renamed into place."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    labels, panels = heatmap_rows(report)
+    n = report["num_experts"]
+    vmax = max(float(p.max()) for p in panels.values())
+    fig = Figure(figsize=(1.2 + 0.45 * n * len(panels) + 1.6, 1.4 + 0.22 * len(labels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (title, grid) in zip(axes, panels.items()):
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(range(n))
+        ax.set_xlabel("expert", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(range(len(labels)))
+    axes[0].set_yticklabels(labels)
+    fig.colorbar(im, ax=list(axes), label="mean gate weight", shrink=0.8)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def eval_routing(model, examples: list[Example], pad_id: int, batch_size: int, device, run_dir: str | Path,
+                 console=None) -> dict | None:
+    """The eval stage's routing report: collect, summarise, save `routing.png`, print the table.
+    None (and nothing written) for adapters without routed layers, e.g. plain LoRA."""
+    sums = collect_gates(model, examples, pad_id, batch_size, device)
+    if sums is None:
+        return None
+    report = routing_report(sums)
+    report["heatmap"] = str(save_heatmap(report, Path(run_dir) / "routing.png"))
+    if console is not None:
+        print_report(report, console)
+    return report
