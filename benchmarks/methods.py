@@ -17,6 +17,7 @@ randomly initialised Qwen2-0.5B- and Llama-3-8B-shaped models from transformers 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -129,6 +130,13 @@ def build_model(name: str, device: torch.device, tiny: bool = False, layers: int
     model.requires_grad_(False)
     model.eval()
     return model, next(model.parameters()).dtype
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A second module tree over the same weight tensors (for PEFT, which rewires modules in place):
+    no second copy of the base weights in memory."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
 
 
 def install(model: nn.Module, layers: dict[str, nn.Module]) -> None:
