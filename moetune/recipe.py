@@ -227,7 +227,8 @@ class Recipe:
     output_dir: str = "runs/default"
     """Run directory: checkpoints, metrics.jsonl, summary.json, adapter, merged model, export."""
     stages: list[str] = opt(factory=lambda: ["train", "merge", "eval", "export"], choices=STAGES)
-    """Stages `moetune train` runs, in this order."""
+    """Stages `moetune train` runs, in this order. When a recipe does not set it, an expert type that does
+    not fold into the base (every type but lora) runs the default without 'merge'."""
 
 
 def _suggest(key: str, options, prefix: str = "") -> str:
@@ -276,6 +277,8 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         key = getattr(e, "full_key", None) or "?"
         raise RecipeError(f"Recipe key '{key}' has a bad value {getattr(e, 'value', None)!r}: "
                           f"{getattr(e, 'msg', str(e)).splitlines()[0]}. {_doc_for(key)}") from None
+    if "stages" not in data and not REGISTRY[recipe.expert.type].mergeable:
+        recipe.stages = [s for s in recipe.stages if s != "merge"]  # the default, minus what cannot run
     for key, f, value in walk(recipe):
         if not check_value(f, value):
             raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}. "

@@ -254,7 +254,9 @@ def test_validate_counts_parameters_on_meta(pair):
 def test_recipe_trains_evaluates_saves_and_refuses_merge(pair, tiny_data, tmp_path):
     calm = ["expert.type=calm", f"expert.augmenting_model={pair['aug']}", "expert.num_compositions=2"]
     with pytest.raises(RecipeError, match="'calm' composes the anchor.*stages=\\[train,eval,export\\]"):
-        run_recipe(load_recipe(None, tiny_overrides(pair["anchor"], tiny_data, tmp_path / "m", *calm)))
+        load_recipe(None, tiny_overrides(pair["anchor"], tiny_data, tmp_path / "m", *calm,
+                                         "stages=[train,merge,eval]"))
+    assert "merge" not in load_recipe(None, tiny_overrides(pair["anchor"], tiny_data, tmp_path / "m", *calm)).stages
     out = tmp_path / "run"
     r = load_recipe(None, tiny_overrides(pair["anchor"], tiny_data, out, *calm, "stages=[train,eval,export]",
                                          "train.max_steps=12", "train.lr=1e-2"))

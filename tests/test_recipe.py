@@ -470,3 +470,10 @@ def test_hub_ids_with_dots_are_not_taken_for_paths():
 def test_merge_stage_of_a_routed_type_is_refused_at_load_time(etype):
     with pytest.raises(RecipeError, match="--collapse mean"):
         load_recipe(f"recipes/{etype}.yaml", ["stages=[train,merge,eval]"])
+
+
+def test_default_stages_of_a_routed_type_leave_out_merge(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("expert:\n  type: molora\n  num_experts: 2\n")
+    assert load_recipe(path).stages == ["train", "eval", "export"]
+    assert load_recipe(None).stages == ["train", "merge", "eval", "export"]
