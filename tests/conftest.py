@@ -103,3 +103,24 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, *extra: st
             f"data.test={data['test']}", f"output_dir={out}", "model.device=cpu", "expert.rank=4",
             "train.batch_size=4", "train.max_steps=6", "train.lr=5e-3", "train.log_every=1",
             "eval.batch_size=8", "eval.max_new_tokens=4", *extra]
+
+
+def cli(monkeypatch, *args) -> int:
+    """Run `moetune ARGS` in-process (argv patched); its exit code (0 or None: success)."""
+    import sys
+    from moetune.cli import main
+    monkeypatch.setattr(sys, "argv", ["moetune", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code
+
+
+def randomise_routed(model) -> None:
+    """Non-trivial experts and a decisive router in every routed layer, so mixing errors would show."""
+    from moetune.inject import expert_layers
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in expert_layers(model).values():
+            for name, p in layer.adapter_state().items():
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_({"router.weight": noise, "ia3_l": 1 + 0.3 * noise}.get(name, 0.2 * noise))

@@ -2,29 +2,21 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import cli
 import torch
 from safetensors.torch import load_file
 
-from moetune.cli import main
 from moetune.cluster import choose, cluster_heads, elbow, embed, example_texts, router_init_weight, scan
 from moetune.recipe import RecipeError, load_recipe
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = {s: ROOT / "data" / "default" / f"{s}.jsonl" for s in ("train", "validation", "test")}
-
-
-def cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["moetune", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    return e.value.code
 
 
 def write_recipe(path: Path, model: str, data: dict, etype: str = "hydralora", num_experts: int = 3) -> Path:

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_overrides
+from conftest import cli, tiny_overrides
 from moetune.adapters import load_adapter
-from moetune.cli import main
 from moetune.collapse import (collapse_layers, install, kl_by_domain, molora_ab, save_collapsed)
 from moetune.experts import config_class
 from moetune.inject import expert_layers, inject
@@ -122,13 +120,6 @@ def test_collapsed_adapter_loads_in_peft_and_merges(etype, arch, request, tiny_d
 
 
 # ------------------------------------------------------------------ the CLI on a tiny trained run
-
-
-def cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["moetune", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    return e.value.code
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import randomise_routed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moetune import routing
@@ -25,12 +26,7 @@ def routed_model(path, etype: str = "hydralora", router: RouterConfig | None = N
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     kw = {} if etype == "mov" else {"rank": 4, "alpha": 8}
     inject(model, config_class(etype)(type=etype, num_experts=3, **kw), router or RouterConfig())
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in expert_layers(model).values():
-            for name, p in layer.adapter_state().items():
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_({"router.weight": noise, "ia3_l": 1 + 0.3 * noise}.get(name, 0.2 * noise))
+    randomise_routed(model)
     return model
 
 

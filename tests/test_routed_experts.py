@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_rows, tiny_overrides
+from conftest import make_rows, randomise_routed, tiny_overrides
 from moetune.adapters import load_adapter, save_adapter
 from moetune.experts import REGISTRY, config_class
 from moetune.inject import aux_losses, expert_layers, inject, trainable_parameters
@@ -37,14 +37,6 @@ def _ids(vocab: int) -> torch.Tensor:
     return torch.randint(5, vocab, (3, 11), generator=torch.Generator().manual_seed(0))
 
 
-def _randomise(model) -> None:
-    """Non-trivial experts and a decisive router, so mixing errors would show."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in expert_layers(model).values():
-            for name, p in layer.adapter_state().items():
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_({"router.weight": noise, "ia3_l": 1 + 0.3 * noise}.get(name, 0.2 * noise))
 
 
 def _reference_gates(x, w_g, rc: RouterConfig) -> torch.Tensor:
@@ -104,7 +96,7 @@ def test_vectorised_forward_matches_loop_over_experts(etype, arch, router, reque
     rc = ROUTERS[router]
     model = _model(request.getfixturevalue(arch))
     layers = inject(model, _cfg(etype, arch), rc)
-    _randomise(model)
+    randomise_routed(model)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for layer in layers.values():
@@ -122,7 +114,7 @@ def test_save_load_round_trip(etype, arch, request, tmp_path):
     cfg, rc = _cfg(etype, arch), ROUTERS["top2"]
     model = _model(path)
     inject(model, cfg, rc)
-    _randomise(model)
+    randomise_routed(model)
     x = _ids(model.config.vocab_size)
     ours = model(x).logits
     assert (ours - _model(path)(x).logits).abs().max() > 1e-3  # the adapter does something

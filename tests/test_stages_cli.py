@@ -2,25 +2,16 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_overrides
+from conftest import cli, tiny_overrides
 from moetune.adapters import load_adapter
-from moetune.cli import main
 from moetune.recipe import load_recipe
 
 torch.set_num_threads(1)
-
-
-def cli(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["moetune", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    return e.value.code
 
 
 @pytest.fixture(scope="module")
