@@ -1,8 +1,8 @@
 """`make bench`: one training step (forward + backward + AdamW step) of moetune's expert types, measured in one run.
 
-Methods (benchmarks/methods.py): moetune LoRA, PEFT LoRA, HydraLoRA, MoLoRA soft, MoLoRA top-2
-and MoV at equal total rank (default 16, 4 experts), plus a loop-over-experts reference of each
-routed method (benchmarks/reference_loop.py, the way research code writes it). Levels:
+Methods (benchmarks/methods.py): moetune LoRA, PEFT LoRA, HydraLoRA, MoLoRA soft, MoLoRA top-2,
+MoV and MoLE (gates over frozen LoRAs) at equal total rank (default 16, 4 experts), plus a
+loop-over-experts reference of each routed method (benchmarks/reference_loop.py, the way research code writes it). Levels:
 - layer: one frozen projection of a representative shape (SmolLM2-135M's MLP up-projection,
   576 -> 1536, 2,048 tokens, input requires grad), at 4 experts and again at 8 experts;
 - model: a whole training step of a causal LM (default: the built-in SmolLM2-135M-Instruct,
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 from datetime import date
 from pathlib import Path
 
@@ -30,9 +31,9 @@ import torch
 from torch import nn
 
 import harness as H
-from methods import (ROUTED, SHAPES, build_model, describe, install, label, make_layer, methods, randomise,
-                     shared_copy, uninstall)
-from reference_loop import from_layer, trainable
+from methods import (ROUTED, SHAPES, build_model, describe, install, label, make_layer, methods, mole_method,
+                     randomise, shared_copy, uninstall, write_lora_experts)
+from reference_loop import from_layer, loop_set, trainable
 
 from moetune.inject import inject
 
@@ -142,6 +143,18 @@ def layer_level(args, device, amp, n: int, with_peft: bool):
             torch.testing.assert_close(ref(x[:64]), layer(x[:64]), atol=1e-4, rtol=1e-4)
         add(key, layer, list(layer.adapter_state().values()))
         add(f"loop_{key}", ref, trainable(ref))
+    with tempfile.TemporaryDirectory() as tmp:  # MoLE: N frozen LoRAs on disk, read once into the layer
+        holder = nn.Module()
+        holder.mlp = nn.Module()
+        holder.mlp.up_proj = base
+        layer = make_layer(mole_method(write_lora_experts(holder, args.rank, n, ["all-linear"], tmp)), base)
+    with torch.no_grad():
+        layer.router.weight.normal_(0, 0.02)  # non-uniform gates, so the reference check compares them
+    ref = from_layer(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x[:64]), layer(x[:64]), atol=1e-4, rtol=1e-4)
+    add("mole", layer, list(layer.adapter_state().values()))
+    add("loop_mole", ref, trainable(ref))
     warmup, rounds = (1, 3) if args.quick else (2, args.layer_steps)
     title = f"layer {D_IN}->{D_OUT} x {TOKENS} tokens" + ("" if n == args.experts else f", {n} experts")
     note = f"{n} experts of rank {args.rank // n} (HydraLoRA: shared A rank {args.rank // n}, {n} B heads)"
@@ -170,8 +183,12 @@ def model_level(args, name: str, device, n: int):
             if key != "moetune_lora":
                 randomise(layer)
         uninstall(model, sets[key])
-    for key in ROUTED:
-        sets[f"loop_{key}"] = {nm: from_layer(layer) for nm, layer in sets[key].items()}
+    with tempfile.TemporaryDirectory() as tmp:  # MoLE: N frozen LoRAs on disk, read once by inject
+        mole = mole_method(write_lora_experts(model, args.rank, n, ["all-linear"], tmp))
+        sets["mole"] = inject(model, mole.expert, mole.router)
+        uninstall(model, sets["mole"])
+    for key in (*ROUTED, "mole"):
+        sets[f"loop_{key}"] = loop_set(sets[key])
     model.train()
     lm = CausalLMLoss(model)
 
@@ -192,7 +209,7 @@ def model_level(args, name: str, device, n: int):
     step = H.make_step(pp, lambda: peft(input_ids=ids, attention_mask=mask, labels=labels).loss, amp, device)
     entries["peft_lora"] = (lambda: None, step, lambda: H.resident_tensors([peft], [ids, labels, mask], step),
                             _params(pp))
-    order = ["moetune_lora", "peft_lora", *ROUTED, *(f"loop_{k}" for k in ROUTED)]
+    order = ["moetune_lora", "peft_lora", *ROUTED, "mole", *(f"loop_{k}" for k in (*ROUTED, "mole"))]
     warmup, rounds = (1, 2) if args.quick else (1, args.steps)
     res = run_level({k: entries[k] for k in order}, device, warmup, rounds, batch * seq)
     cfg = model.config

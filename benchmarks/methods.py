@@ -7,6 +7,9 @@
     molora_soft    N LoRA experts of rank R/N, soft router       R*(d_in + d_out) + N*d_in
     molora_top2    the same with top-2 routing                   R*(d_in + d_out) + N*d_in
     mov            N (IA)^3 vectors (no rank), soft router       N*d + N*d_in  (d: scaled side)
+    mole           N frozen LoRAs of rank R/N (random, written     gates only: per gated place
+                   to disk like trained ones), MoLE gates per      (N*d_out + 1)*N, d_out that of
+                   sub-layer ('layer' granularity, the recipe's)    the place's first projection
     loop_<method>  the loop-over-experts reference of <method> (benchmarks/reference_loop.py)
 
 (the N*d_in terms are the routers W_g). Every alpha is 2 * rank, so s = 2 throughout. On
@@ -28,7 +31,8 @@ from moetune.recipe import RouterConfig
 
 ROUTED = ("hydralora", "molora_soft", "molora_top2", "mov")
 LABELS = {"frozen_base": "frozen base only (no adapter)", "moetune_lora": "moetune LoRA", "peft_lora": "PEFT LoRA",
-          "hydralora": "HydraLoRA", "molora_soft": "MoLoRA soft", "molora_top2": "MoLoRA top-2", "mov": "MoV"}
+          "hydralora": "HydraLoRA", "molora_soft": "MoLoRA soft", "molora_top2": "MoLoRA top-2", "mov": "MoV",
+          "mole": "MoLE (layer gates)"}
 
 
 def label(key: str) -> str:
@@ -67,7 +71,34 @@ def describe(total_rank: int, n: int) -> dict[str, str]:
             "molora_soft": f"{n} LoRA experts of rank {r} (total rank {n * r}), soft router",
             "molora_top2": f"{n} LoRA experts of rank {r} (total rank {n * r}), top-2 router (renormalised)",
             "mov": f"{n} (IA)^3 vectors, soft router",
+            "mole": f"{n} frozen LoRAs of rank {r} (total rank {n * r}), trainable MoLE gates per sub-layer, "
+                    "balance loss 'mole' (0.01)",
             "loop_*": "same function, one nn.Linear / vector per expert and a Python loop (reference_loop.py)"}
+
+
+def write_lora_experts(model: nn.Module, total_rank: int, n: int, targets: list[str], out) -> list[str]:
+    """N LoRA adapters of rank total_rank / n on `model`, random non-zero B, saved like trained ones
+    (moetune/PEFT files under out/expert<i>): MoLE's frozen experts. `model` is left unchanged."""
+    from pathlib import Path
+    from moetune.adapters import save_adapter
+    from moetune.inject import inject
+    r = total_rank // n
+    cfg = config_class("lora")(type="lora", rank=r, alpha=2.0 * r, target_modules=list(targets))
+    dirs = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        layers = inject(model, cfg, None)
+        for layer in layers.values():
+            randomise(layer, seed=100 + i)
+        dirs.append(str(save_adapter(Path(out) / f"expert{i}", model, cfg, None, "bench")))
+        uninstall(model, layers)
+    return dirs
+
+
+def mole_method(experts: list[str], granularity: str = "layer") -> Method:
+    """MoLE over the given frozen LoRA directories, gates per `granularity`, balance loss on."""
+    cfg = config_class("mole")(type="mole", experts=list(experts), granularity=granularity)
+    return Method("mole", cfg, RouterConfig(balance_loss="mole", balance_weight=0.01))
 
 
 def make_layer(m: Method, base: nn.Module, name: str = "mlp.up_proj", seed: int = 0) -> ExpertLayer:

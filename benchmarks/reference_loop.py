@@ -8,7 +8,9 @@ scaling), but with one `nn.Linear` (or vector) per expert and a Python `for` loo
 - `LoopMoLoRA` (soft): every expert runs on every token, weighted by its gate;
 - `LoopMoLoRA` (top-k): per expert, boolean-index the tokens that selected it, run the
   expert on those rows only and scatter-add them back (the MixLoRA / HF-Mixtral pattern);
-- `LoopMoV`: the (IA)^3 mixture built as a sum over the expert vectors.
+- `LoopMoV`: the (IA)^3 mixture built as a sum over the expert vectors;
+- `LoopMoLE`: one frozen `nn.Linear` pair per trained LoRA, run one after another, their
+  outputs concatenated for the gate and summed in a loop (the official MoLE code's pattern).
 
 `from_layer(layer)` builds the reference from a moetune layer, sharing its frozen base
 and copying its adapter and router weights, so the two can be checked against each other
@@ -19,7 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from moetune.experts.hydralora import HydraLoRALayer
+from moetune.experts.mole import MoLELayer
 from moetune.experts.molora import MoLoRALayer
 from moetune.experts.mov import MoVLayer
 
@@ -122,8 +127,58 @@ class LoopMoV(nn.Module):
         return y * mix.to(y.dtype)
 
 
+class LoopMoLE(nn.Module):
+    """y = W0 x + sum_i G_i(x) E_i(x), E_i = s_i B_i A_i x, one frozen nn.Linear pair per expert;
+    G = softmax((W_g LayerNorm([E_1; ...; E_N]) + b) / tau). A follower (`_leader` set to another
+    LoopMoLE of the same gated place) reuses its leader's gate of this forward, as MoLE does."""
+
+    def __init__(self, base: nn.Module, d_in: int, d_out: int, r: int, n: int, temperature: float) -> None:
+        super().__init__()
+        self.base, self.temperature = base, temperature
+        self.lora_A = nn.ModuleList(nn.Linear(d_in, r, bias=False) for _ in range(n)).requires_grad_(False)
+        self.lora_B = nn.ModuleList(nn.Linear(r, d_out, bias=False) for _ in range(n)).requires_grad_(False)
+        self.gate = nn.Linear(n * d_out, n)                              # W_g: (N, N*d_out), b: (N,)
+        self._leader: tuple[nn.Module, ...] = ()
+        self._gate: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                  # (..., d_in) -> (..., d_out)
+        y = self.base(x)
+        xf = x.float()
+        outs = [self.lora_B[i](self.lora_A[i](xf)) for i in range(len(self.lora_A))]  # N x (..., d_out)
+        lead = self._leader[0] if self._leader else self
+        if lead is self:
+            e = torch.cat(outs, dim=-1)                                  # (..., N*d_out)
+            self._gate = torch.softmax(self.gate(F.layer_norm(e, e.shape[-1:])) / self.temperature, dim=-1)
+        w = lead._gate                                                   # (..., N)
+        delta = sum(w[..., i:i + 1] * outs[i] for i in range(len(outs)))  # (..., d_out)
+        return y + delta.to(y.dtype)
+
+
+def loop_set(layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Loop references of a model's moetune layers (name -> ref); MoLE followers point at their leader's ref."""
+    refs = {name: from_layer(layer) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        if isinstance(layer, MoLELayer) and layer._leader[0] is not layer:
+            refs[name]._leader = (refs[layer._leader[0].name],)
+    return refs
+
+
 def from_layer(layer: nn.Module) -> nn.Module:
-    """The loop reference of a moetune HydraLoRA / MoLoRA / MoV layer: same base, copied weights."""
+    """The loop reference of a moetune HydraLoRA / MoLoRA / MoV / MoLE layer: same base, copied weights."""
+    if isinstance(layer, MoLELayer):
+        n, r, d_in = layer.expert_A.shape
+        lead = layer._leader[0]
+        ref = LoopMoLE(layer.base, d_in, layer.d_out, r, n, lead.router.temperature)
+        with torch.no_grad():
+            for i in range(n):
+                ref.lora_A[i].weight.copy_(layer.expert_A[i])
+                ref.lora_B[i].weight.copy_(layer.expert_B[i])
+            if lead is layer:
+                ref.gate.weight.copy_(lead.router.weight)
+                ref.gate.bias.copy_(lead.router.bias)
+        if lead is not layer:  # a follower: `loop_set` points it at its leader's reference
+            del ref.gate
+        return ref.to(layer.expert_A.device)
     gate = _gate_from(layer.router)
     with torch.no_grad():
         if isinstance(layer, HydraLoRALayer):
@@ -149,5 +204,5 @@ def from_layer(layer: nn.Module) -> nn.Module:
 
 
 def trainable(ref: nn.Module) -> list[nn.Parameter]:
-    """The reference's adapter and router parameters (never the shared frozen base)."""
-    return [p for n, p in ref.named_parameters() if not n.startswith("base.")]
+    """The reference's trainable adapter and router parameters (never the shared frozen base)."""
+    return [p for n, p in ref.named_parameters() if not n.startswith("base.") and p.requires_grad]

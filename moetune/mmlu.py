@@ -470,6 +470,82 @@ def _cloze_loglikelihoods(model: torch.nn.Module, tokenizer: Any, rows: Sequence
     return scores
 
 
+def _shared_prompt_split(seq4: Sequence[tuple[list[int], int]]) -> int:
+    """Length of the token prefix the 4 sequences of one question share and may share a KV cache
+    for: their common prefix, cut before the first scored token of any of them (>= 1)."""
+    first = [ids for ids, _ in seq4]
+    common = 0
+    while all(len(ids) > common for ids in first) and len({ids[common] for ids in first}) == 1:
+        common += 1
+    return min(common, *(len(ids) - n for ids, n in seq4))
+
+
+def _cloze_loglikelihoods_cached(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict],
+                                 batch_size: int, chat: bool,
+                                 progress: Callable[[int], None] | None) -> list[list[float]]:
+    """Cloze mode with the prompt run once per question: the same sums as ``_cloze_loglikelihoods``.
+
+    Per batch, the ``B`` prompts (the prefix the 4 sequences share, see ``_shared_prompt_split``)
+    run left-padded with ``use_cache=True``; the KV cache is repeated 4x and the ``4B``
+    continuations run right-padded after it, at positions continuing each prompt. The first
+    continuation token is predicted by the prompt's last logits, the others by the continuation
+    pass. With long questions and short answers this costs about a quarter of the plain path.
+    """
+    seqs: list[list[tuple[list[int], int]]] = []
+    for row in rows:
+        prompt = format_cloze_prompt(row, tokenizer, use_chat_template=chat)
+        plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prefix = [] if chat else _special_prefix(tokenizer, prompt, plain)
+        seqs.append([cloze_token_ids(tokenizer, prompt, c, prefix) for c in cloze_continuations(row)])
+    split = [_shared_prompt_split(s) for s in seqs]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+
+    scores: list[list[float]] = [[] for _ in rows]
+    order = sorted(range(len(rows)), key=lambda i: -max(len(ids) for ids, _ in seqs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        prompts = [seqs[i][0][0][:split[i]] for i in idx]
+        width = max(map(len, prompts))
+        p_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)      # (B, Tp)
+        p_mask = torch.zeros((len(idx), width), dtype=torch.long)            # (B, Tp)
+        for b, ids in enumerate(prompts):  # left padding
+            p_ids[b, width - len(ids):] = torch.tensor(ids)
+            p_mask[b, width - len(ids):] = 1
+        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)                         # (B, Tp)
+        out = model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
+                    position_ids=p_pos.to(device), use_cache=True, **kwargs)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(4)                                     # B -> 4B rows, question-major
+        last = out.logits[:, -1, :].repeat_interleave(4, dim=0)              # (4B, V)
+
+        conts = [(seqs[i][k][0][split[i]:], seqs[i][k][1]) for i in idx for k in range(4)]
+        tc = max(len(c) for c, _ in conts)
+        c_ids = torch.full((len(conts), tc), pad_id, dtype=torch.long)       # (4B, Tc)
+        c_mask = torch.zeros((len(conts), tc), dtype=torch.long)             # (4B, Tc)
+        scored = torch.zeros((len(conts), tc), dtype=torch.bool)             # (4B, Tc)
+        for b, (c, n) in enumerate(conts):  # right padding
+            c_ids[b, :len(c)] = torch.tensor(c)
+            c_mask[b, :len(c)] = 1
+            scored[b, len(c) - n:len(c)] = True
+        p_len = p_mask.sum(-1).repeat_interleave(4)                          # (4B,)
+        c_pos = p_len.unsqueeze(1) + torch.arange(tc).unsqueeze(0)           # (4B, Tc)
+        mask = torch.cat([p_mask.repeat_interleave(4, dim=0), c_mask], 1)    # (4B, Tp+Tc)
+        logits = model(input_ids=c_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=c_pos.to(device), past_key_values=cache, use_cache=True).logits
+        logits = torch.cat([last.unsqueeze(1), logits[:, :-1]], 1)          # (4B, Tc, V): predicts c_ids
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        targets = c_ids.to(logits.device)
+        token_lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (4B, Tc)
+        summed = torch.where(scored.to(logits.device), token_lp, torch.zeros_like(token_lp)).sum(-1)  # (4B,)
+        for b, i in enumerate(idx):
+            scores[i] = summed[4 * b:4 * b + 4].tolist()
+        if progress is not None:
+            progress(min(start + batch_size, len(order)))
+    return scores
+
+
 def _argmax(values: Sequence[float]) -> int:
     """Index of the largest value (ties -> the earliest)."""
     return max(range(len(values)), key=lambda k: (values[k], -k))
@@ -478,7 +554,7 @@ def _argmax(values: Sequence[float]) -> int:
 def score_multiple_choice(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict],
                           batch_size: int = 8, use_chat_template: bool | None = None,
                           progress: Callable[[int], None] | None = None,
-                          mode: str = "letters") -> dict[str, Any]:
+                          mode: str = "letters", share_prompt: bool | None = None) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` on multiple-choice ``rows`` (see module docstring).
 
     ``mode="letters"``: prompts from ``format_mc_prompt``; the prediction is the letter with the
@@ -494,7 +570,9 @@ def score_multiple_choice(model: torch.nn.Module, tokenizer: Any, rows: Sequence
     Either way sequences are sorted by length and run in left-padded batches with an attention
     mask and explicit position ids (``cumsum(mask) - 1``), so each sees the same positions as
     it would unpadded; ties go to the earliest letter. ``progress(n_done)`` is called after
-    each batch.
+    each batch. ``share_prompt`` (cloze only; ``None``: unless the model is a CALM composition,
+    whose augmenting cache cannot be repeated) runs each question's prompt once and its 4 answers
+    after the KV cache (``_cloze_loglikelihoods_cached``): same scores, about 4x less compute.
 
     Returns ``{"accuracy", "n", "per_subject": {s: {"accuracy", "n"}}, "per_group": {...},
     "predictions": [letter per row, in input order]}``; cloze mode adds
@@ -515,7 +593,10 @@ def score_multiple_choice(model: torch.nn.Module, tokenizer: Any, rows: Sequence
                 predictions = _letter_predictions(model, tokenizer, rows, batch_size, chat, progress)
             else:
                 chat = _resolve_chat(tokenizer, bool(use_chat_template))
-                loglik = _cloze_loglikelihoods(model, tokenizer, rows, batch_size, chat, progress)
+                if share_prompt is None:
+                    share_prompt = not hasattr(model, "calm_runner")
+                scorer = _cloze_loglikelihoods_cached if share_prompt else _cloze_loglikelihoods
+                loglik = scorer(model, tokenizer, rows, batch_size, chat, progress)
                 lengths = [[max(1, len(c.strip())) for c in r["choices"]] for r in rows]  # chars
                 predictions = [LETTERS[_argmax([s / n for s, n in zip(ll, ln)])]
                                for ll, ln in zip(loglik, lengths)]

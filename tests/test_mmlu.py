@@ -269,6 +269,13 @@ def test_cloze_token_ids_boundary_and_merges():
         mmlu.cloze_token_ids(tok, ":", " x")  # everything merges into the first token
 
 
+def test_shared_prompt_split_stops_before_any_scored_token():
+    q, c, a, b, x = 1, 2, 3, 4, 5
+    assert mmlu._shared_prompt_split([([q, c, a], 1), ([q, c, b], 1), ([q, c, a, b], 2), ([q, c, x], 1)]) == 2
+    # one choice merged the ":" into its answer token: only "Q" is shared, ":" runs per choice
+    assert mmlu._shared_prompt_split([([q, c, a], 1), ([q, x], 1), ([q, c, b], 1), ([q, c, a], 1)]) == 1
+
+
 def _reference_cloze(model, tok, rows, chat: bool) -> list[list[float]]:
     """Slow reference: every (question, choice) on its own, no padding, full logits.
     Returns per row the 4 summed log-probabilities of the answer tokens."""
@@ -312,7 +319,9 @@ def test_cloze_batched_scoring_matches_unbatched_reference(arch, chat, bos):
         assert tok(mmlu.format_cloze_prompt(rows[0]))["input_ids"][0] == tok.bos_token_id
     with torch.inference_mode():
         batched = mmlu._cloze_loglikelihoods(model, tok, rows, 4, chat, None)
+        cached = mmlu._cloze_loglikelihoods_cached(model, tok, rows, 4, chat, None)
     assert batched == [pytest.approx(r, rel=1e-9, abs=1e-9) for r in reference]
+    assert cached == [pytest.approx(r, rel=1e-9, abs=1e-9) for r in reference]  # prompt run once
     expected = _normalised_predictions(reference, rows)
     assert result["predictions"] == expected
     assert len(set(expected)) > 1  # not trivially the same letter everywhere
@@ -390,3 +399,24 @@ def test_cloze_char_normalisation_changes_the_winner():
     log_v = math.log(len(tok))
     assert first == pytest.approx([-log_v, -7 * log_v, -log_v, -log_v])
     assert second == pytest.approx([-log_v, -log_v, -log_v, -7 * log_v])
+
+
+@pytest.mark.parametrize("kind", ["hydralora", "molora", "mov"])
+def test_cloze_shared_prompt_matches_plain_path_with_routed_adapter(kind):
+    """Routed experts route per token, so running the prompt once under a KV cache changes nothing."""
+    from moetune.experts import config_class
+    from moetune.inject import inject
+    from moetune.recipe import RouterConfig
+    from tests.conftest import randomise_routed
+
+    rows = _random_rows(12, seed=9)
+    tok = _tokenizer(rows, chat=False, cloze=True, bos=True)
+    model = _tiny_model(len(tok)).float()
+    cfg = config_class(kind)(type=kind, num_experts=3)
+    inject(model, cfg, RouterConfig(type="top_k", top_k=2))
+    randomise_routed(model)
+    with torch.inference_mode():
+        plain = mmlu._cloze_loglikelihoods(model, tok, rows, 5, False, None)
+        cached = mmlu._cloze_loglikelihoods_cached(model, tok, rows, 5, False, None)
+    assert cached == [pytest.approx(p, rel=1e-4, abs=1e-4) for p in plain]
+    assert len({round(v, 3) for r in plain for v in r}) > 10  # scores differ across choices

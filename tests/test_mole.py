@@ -156,6 +156,24 @@ def test_gates_follow_the_paper_formula_at_each_granularity(tiny_llama, llama_ex
         "network": ""}[granularity]
 
 
+def test_factored_gate_equals_layernorm_of_the_expert_outputs():
+    """MoLEGate works on h_n = A_n x only; it must equal the paper's softmax(W_g LN([B_1 h_1; ...]) + b)."""
+    from moetune.experts.mole import MoLEGate
+    g = torch.Generator().manual_seed(0)
+    n, d_out, r = 4, 96, 5
+    b = torch.randn(n, d_out, r, generator=g) + 0.5                       # (N, d_out, r): non-zero mean outputs
+    b[1, :, 3:] = 0                                                       # a zero-padded lower-rank expert
+    h = 3 * torch.randn(2, 7, n, r, generator=g)                          # (B, T, N, r)
+    gate = MoLEGate(d_out, n, temperature=0.6)
+    with torch.no_grad():
+        gate.weight.normal_(0, 0.05, generator=g)
+        gate.bias.normal_(0, 1.0, generator=g)
+        e = torch.einsum("...nr,nor->...no", h, b).flatten(-2)             # (B, T, N*d_out)
+        ref = torch.softmax((F.layer_norm(e, e.shape[-1:]) @ gate.weight.t() + gate.bias) / 0.6, -1)
+        torch.testing.assert_close(gate(h, b), ref, rtol=1e-4, atol=1e-5)
+        assert float((ref - 1 / n).abs().max()) > 0.05                    # gates far from uniform: a real check
+
+
 def test_only_gates_train_and_balance_loss_sends_gradient_to_them(tiny_llama, llama_experts):
     rc = RouterConfig(balance_loss="mole", balance_weight=0.5)
     model, _, layers = _mole(tiny_llama, llama_experts, "layer", rc)
@@ -193,12 +211,13 @@ def test_masked_experts_get_zero_gate_and_the_rest_renormalise(tiny_llama, llama
     first = "model.layers.0.self_attn.q_proj"  # block 0's gate: the same input with and without the mask
     kept = full[first] * torch.tensor([1.0, 0.0, 1.0])
     torch.testing.assert_close(layers[first].router._last[1], kept / kept.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
-    e = torch.randn(2, 3, 3, 32, generator=torch.Generator().manual_seed(5))  # (B, T, N, d_out)
+    b = layers[first].expert_B                                            # (N, d_out, r)
+    h = torch.randn(2, 3, 3, b.shape[-1], generator=torch.Generator().manual_seed(5))  # (B, T, N, r)
     gate = layers[first].router
     with torch.no_grad():
-        masked = gate(e)
+        masked = gate(h, b)
         gate.keep.fill_(True)
-        kept = gate(e) * torch.tensor([1.0, 0.0, 1.0])
+        kept = gate(h, b) * torch.tensor([1.0, 0.0, 1.0])
     torch.testing.assert_close(masked, kept / kept.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
     assert float(masked[..., 1].abs().max()) == 0.0
     set_mask(layers.values(), ["qv"])

@@ -78,3 +78,36 @@ def test_peak_tensor_memory_counts_a_known_step():
     assert mem.peak >= 4 * (2 * 100 * 32 + 64 * 32)
     assert mem.peak <= 4 * (4 * 100 * 32 + 2 * 64 * 32) + 64
     assert mem.current <= mem.peak
+
+
+@pytest.mark.parametrize("granularity", ["matrix", "layer", "network"])
+def test_loop_mole_reference_matches_moetune_mole_on_a_model(tiny_llama, tmp_path, granularity):
+    """MoLE: moetune's factored gate + rank-N*r mix vs one nn.Linear pair per expert in a loop, the
+    gate reading LayerNorm of the concatenated outputs; followers reuse their place's gate."""
+    from methods import install, mole_method, write_lora_experts
+    from reference_loop import loop_set
+    from transformers import AutoModelForCausalLM
+    from moetune.inject import inject
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval().requires_grad_(False)
+    m = mole_method(write_lora_experts(model, 8, 4, ["all-linear"], tmp_path), granularity)
+    layers = inject(model, m.expert, m.router)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in (p for layer in layers.values() for p in layer.adapter_state().values()):
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(5, model.config.vocab_size, (2, 9), generator=g)
+    ours = model(ids).logits
+    refs = loop_set(layers)
+    assert sum(p.numel() for r in refs.values() for p in trainable(r)) == sum(
+        p.numel() for layer in layers.values() for p in layer.adapter_state().values())
+    install(model, refs)
+    theirs = model(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    lead = next(n for n, layer in layers.items() if hasattr(layer, "router"))
+    install(model, layers)
+    g_ours = torch.autograd.grad(model(ids).logits.square().mean(), layers[lead].router.weight)[0]
+    install(model, refs)
+    g_ref = torch.autograd.grad(model(ids).logits.square().mean(), refs[lead].gate.weight)[0]
+    torch.testing.assert_close(g_ref, g_ours, atol=1e-5, rtol=1e-3)
+    assert float(g_ours.abs().max()) > 0

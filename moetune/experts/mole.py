@@ -11,8 +11,10 @@ belongs to:
 
 The experts are stacked once, zero-padded to the largest rank r of the module (padding adds
 nothing) with each scale folded into B: A (N, r, d_in), B (N, d_out, r) = s_i [B_i, 0]. One
-forward computes every expert at once (`expert_outputs`: two einsums batched over N, no loop
-over adapters), and the gate reads those same outputs, so nothing is computed twice.
+forward computes every expert at once (einsums batched over N, no loop
+over adapters). Neither the gate nor the mix forms the N expert outputs: both work on the
+low-rank activations h_n = A_n x (`MoLEGate` expands LayerNorm algebraically), so a MoLE
+projection costs about one LoRA of rank sum_n r_n plus a gate of O(N^2 r) per token.
 LayerNorm has no affine parameters: W_g and b follow it, which an affine would only duplicate.
 
 Initial state: W_g = 0 and b = 0, so every gate is 1/N and a fresh MoLE is the plain average
@@ -228,7 +230,16 @@ def place_of(name: str, granularity: str) -> str:
 class MoLEGate(Router):
     """G = softmax((W_g LayerNorm(e) + b) / tau) over the N experts; W_g: (N, N*d_out) and b start at 0.
 
-    A `Router` subclass, so the routing report and its forward hooks see MoLE like any routed type."""
+    A `Router` subclass, so the routing report and its forward hooks see MoLE like any routed type.
+
+    Computed from the experts' low-rank activations h_n = A_n x (N, r) without forming e (N*d_out
+    values per token): with e_n = B_n h_n (B_n scaled, (d_out, r)) and D = N*d_out,
+        W_g e          = sum_n (W_g^(n) B_n) h_n        W_g^(n): the columns of W_g reading e_n
+        mean(e)        = sum_n u_n . h_n,               u_n = (1/D) 1^T B_n            (r,)
+        mean(e^2)      = sum_n h_n^T (B_n^T B_n) h_n / D                               (r x r Gram)
+        W_g LN(e)      = (W_g e - mean(e) W_g 1) / sqrt(var(e) + eps)
+    which is LayerNorm's formula expanded (eps = 1e-5 as F.layer_norm): O(N^2 r + N r^2) per token
+    instead of O(N^2 d_out), and the mixed output needs no e either (see MoLELayer.delta)."""
 
     def __init__(self, d_out: int, num_experts: int, temperature: float, cfg=None) -> None:
         with torch.random.fork_rng(devices=[]):                          # Router draws a random init; ours is 0
@@ -236,12 +247,22 @@ class MoLEGate(Router):
         nn.init.zeros_(self.weight)
         self.bias = nn.Parameter(torch.zeros(num_experts))               # (N,)
         self.temperature = temperature
+        self.eps = 1e-5
         self.register_buffer("keep", torch.ones(num_experts, dtype=torch.bool), persistent=False)
 
-    def forward(self, e: torch.Tensor) -> torch.Tensor:                  # (..., N, d_out) -> (..., N)
-        with torch.autocast(e.device.type, enabled=False):
-            z = F.layer_norm(e.float().flatten(-2), (e.shape[-2] * e.shape[-1],))  # (..., N*d_out)
-            logits = F.linear(z, self.weight.float(), self.bias.float())           # (..., N)
+    def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (..., N, r), (N, d_out, r) -> (..., N)
+        with torch.autocast(h.device.type, enabled=False):
+            h, b = h.float(), b.float()
+            n, d_out, _ = b.shape
+            w = self.weight.float().view(n, n, d_out)                    # (N_gate, N, d_out): W_g by expert block
+            m = torch.einsum("kno,nor->knr", w, b)                       # (N_gate, N, r): W_g^(n) B_n
+            we = torch.einsum("...nr,knr->...k", h, m)                   # (..., N_gate): W_g e
+            u = b.sum(1) / (n * d_out)                                   # (N, r)
+            mean = torch.einsum("...nr,nr->...", h, u)                   # (...,): mean(e)
+            gram = torch.einsum("nor,nos->nrs", b, b)                    # (N, r, r): B_n^T B_n
+            sq = torch.einsum("...nr,nrs,...ns->...", h, gram, h) / (n * d_out)  # (...,): mean(e^2)
+            inv = torch.rsqrt((sq - mean.square()).clamp_min(0) + self.eps)      # (...,)
+            logits = (we - mean.unsqueeze(-1) * w.sum((1, 2))) * inv.unsqueeze(-1) + self.bias.float()  # (..., N)
             probs = torch.softmax(logits.masked_fill(~self.keep, float("-inf")) / self.temperature, -1)
         self._last = (logits, probs, probs)
         return probs
@@ -304,25 +325,29 @@ class MoLELayer(ExpertLayer):
             if cfg.masked:
                 set_mask(leaders, list(cfg.masked))
 
-    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:          # (..., d_in) -> (..., N, d_out)
-        """E_i(x) = s_i B_i A_i x for every expert i at once."""
-        h = torch.einsum("...d,nrd->...nr", x.to(self.expert_A.dtype), self.expert_A)  # (..., N, r)
-        return torch.einsum("...nr,nor->...no", h, self.expert_B)                      # (..., N, d_out)
+    def expert_hidden(self, x: torch.Tensor) -> torch.Tensor:           # (..., d_in) -> (..., N, r)
+        """h_n = A_n x for every expert n at once (one einsum over the stacked A)."""
+        return torch.einsum("...d,nrd->...nr", x.to(self.expert_A.dtype), self.expert_A)
 
-    def gates(self, e: torch.Tensor) -> torch.Tensor:                   # (..., N, d_out) -> (..., N)
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:          # (..., d_in) -> (..., N, d_out)
+        """E_n(x) = s_n B_n A_n x for every expert n (reports and tests; the forward never forms it)."""
+        return torch.einsum("...nr,nor->...no", self.expert_hidden(x), self.expert_B)
+
+    def gates(self, h: torch.Tensor) -> torch.Tensor:                   # (..., N, r) -> (..., N)
         lead = self._leader[0]
         if lead is self:
-            self._gate = self.router(e)
+            self._gate = self.router(h, self.expert_B)
             return self._gate
         w = lead._gate
-        if w is None or w.shape[:-1] != e.shape[:-2]:
+        if w is None or w.shape[:-1] != h.shape[:-2]:
             raise RuntimeError(f"{self.name}: the gate of its place ({lead.name}) did not run first in this forward")
         return w
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:                   # (..., d_in) -> (..., d_out)
-        e = self.expert_outputs(x)                                       # (..., N, d_out)
-        w = self.gates(e)                                                # (..., N)
-        return torch.einsum("...n,...no->...o", w.to(e.dtype), e)       # (..., d_out)
+        """sum_n G_n B_n h_n as ONE matmul of rank N*r: the gates scale the h_n, B is stacked."""
+        h = self.expert_hidden(x)                                        # (..., N, r)
+        w = self.gates(h)                                                # (..., N)
+        return torch.einsum("...nr,nor->...o", h * w.unsqueeze(-1).to(h.dtype), self.expert_B)  # (..., d_out)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """On the first place only: alpha * balance over the gates of every place (tokens and places)."""
