@@ -14,7 +14,10 @@ beyond the paper:
   teacher forcing cannot read the future through m_A, and padding keys are masked;
 - W_O starts at zero, so a fresh composed model computes exactly the anchor's logits;
 - `norm`: H_B and f_proj(H_A) are RMS-normalised before the query and key/value maps, since
-  the residual streams of pretrained models have large, layer-dependent scales.
+  the residual streams of pretrained models have large, layer-dependent scales;
+- `tokenizer_check: align` lets the two models have different tokenizers: m_A reads the anchor's
+  decoded text with its own tokenizer, and anchor position t attends to exactly m_A's states on the
+  text of anchor tokens <= t (`calm_align`), which keeps the attention causal in characters.
 
 moetune wires it like any other expert type: each composed anchor decoder layer is replaced by
 a `CALMLayer` (an `ExpertLayer` whose `base` is the whole decoder block), so the training loop,
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetune.experts.base import ExpertConfig, ExpertLayer, base_dims
+from moetune.experts.calm_align import load_aligner
 from moetune.experts.calm_bridge import AugmentingRunner, check_tokenizers, decoder_layers, load_augmenting
 from moetune.schema import opt
 
@@ -45,7 +49,8 @@ class CALMConfig(ExpertConfig):
     """Unused by calm: the composition points are set by num_compositions or anchor_layers."""
     augmenting_model: str = ""
     """The augmenting model m_A (frozen): local model directory, hub id or built-in name. It is loaded
-    with the anchor's device, dtype and 4-bit setting (model.quantization) and must share its tokenizer."""
+    with the anchor's device, dtype and 4-bit setting (model.quantization) and must share its tokenizer,
+    unless tokenizer_check is align."""
     num_compositions: int = opt(4, min=1)
     """n: compose after every N_B/n-th anchor layer with every N_A/n-th augmenting layer
     (0-based (k+1)*N/n - 1, k = 0..n-1). Ignored when anchor_layers is set."""
@@ -62,9 +67,17 @@ class CALMConfig(ExpertConfig):
     norm: bool = True
     """RMS-normalise the anchor states before W_Q and the projected augmenting states before W_K, W_V
     (learnable gains, start at 1; not in the paper)."""
-    tokenizer_check: str = opt("strict", choices=("strict", "vocab", "off"))
-    """How the two tokenizers must agree: 'strict' same vocabulary and special tokens; 'vocab' same
-    token -> id map; 'off' no check (you vouch that the ids mean the same tokens)."""
+    tokenizer_check: str = opt("strict", choices=("strict", "vocab", "off", "align"))
+    """How the two tokenizers relate. Shared tokenizer (m_A reads the anchor's token ids): 'strict' same
+    vocabulary and special tokens; 'vocab' same token -> id map; 'off' no check (you vouch that the ids
+    mean the same tokens). 'align': the tokenizers may differ (both must be fast tokenizers); m_A reads
+    the anchor's text with its own tokenizer (from augmenting_model's directory). For each anchor
+    position t, text_t = the anchor's decoding of its real tokens <= t, leaving out the anchor's
+    special tokens (chat markers, BOS/EOS) and a trailing unfinished UTF-8 character; the cross-attention
+    at t reads exactly m_A's states on m_A's tokenization of text_t (with the special tokens m_A's
+    tokenizer adds, e.g. its BOS), so it is causal in characters and later text cannot change it. One
+    m_A forward per batch covers all positions (a tree-masked input); generation re-runs m_A on the
+    whole text at every step (no m_A cache), so align mode is slower than a shared tokenizer."""
 
     def check_recipe(self, recipe) -> None:
         """Recipe-level checks that need no model (called by recipe._check_semantics)."""
@@ -150,9 +163,12 @@ class CALMLayer(ExpertLayer):
         return d, d
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:                   # (b, T, D_B) -> (b, T, D_B)
-        """W_O CrossAttn(H_B W_Q, f_proj(H_A) W_K, f_proj(H_A) W_V), causal and padding-masked."""
-        a = self.runner.states[self.aug_layer]                           # (b, S, D_A), S >= T
-        real = self.runner.key_mask                                      # (b, S) bool
+        """W_O CrossAttn(H_B W_Q, f_proj(H_A) W_K, f_proj(H_A) W_V), query t reading the keys runner.allowed[:, t].
+
+        allowed (from the runner) is causal and padding-masked over positions with a shared tokenizer,
+        the text alignment in align mode. A query with no allowed key adds exactly zero."""
+        a = self.runner.states[self.aug_layer]                           # (b, S, D_A)
+        allowed = self.runner.allowed                                    # (b, T, S) bool
         b, T, _ = h.shape
         S = a.shape[1]
         x = h.to(self.w_q.weight.dtype)
@@ -160,11 +176,7 @@ class CALMLayer(ExpertLayer):
         q = self.w_q(self.q_norm(x)).view(b, T, self.heads, self.head_dim).transpose(1, 2)   # (b, H, T, d_h)
         k = self.w_k(kv).view(b, S, self.heads, self.head_dim).transpose(1, 2)               # (b, H, S, d_h)
         v = self.w_v(kv).view(b, S, self.heads, self.head_dim).transpose(1, 2)               # (b, H, S, d_h)
-        # The T queries are the last T of the S positions: query t (position S-T+t) sees keys s <= S-T+t.
-        pos_q = torch.arange(S - T, S, device=h.device)                  # (T,)
-        causal = torch.arange(S, device=h.device)[None, :] <= pos_q[:, None]   # (T, S)
-        allowed = causal[None] & real[:, None, :]                        # (b, T, S)
-        empty = ~allowed.any(-1, keepdim=True)                           # (b, T, 1): padding queries, no real key
+        empty = ~allowed.any(-1, keepdim=True)                           # (b, T, 1): queries with no key
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=(allowed | empty)[:, None])    # (b, H, T, d_h)
         o = o.transpose(1, 2).reshape(b, T, -1).masked_fill(empty, 0.0)  # (b, T, H·d_h)
         return self.drop(self.w_o(o))                                    # (b, T, D_B)
@@ -178,19 +190,23 @@ class CALMLayer(ExpertLayer):
 
     @classmethod
     def inject_model(cls, model: nn.Module, cfg: CALMConfig) -> dict[str, "CALMLayer"]:
-        """Load m_A, check the tokenizers, wrap the composed anchor blocks, hook m_A onto the anchor."""
+        """Load m_A, check (or, in align mode, load) the tokenizers, wrap the composed anchor blocks, hook m_A on."""
         from moetune.recipe import RecipeError
         if getattr(model, "calm_runner", None) is not None:
             raise RecipeError("This model already carries a CALM composition; load a fresh anchor.")
         aug = load_augmenting(cfg.augmenting_model, model)
         device = next(model.parameters()).device
-        if device.type != "meta":
-            check_tokenizers(model.name_or_path, cfg.augmenting_model, cfg.tokenizer_check,
-                             aug.get_input_embeddings().num_embeddings)
+        aligner = None
+        if device.type != "meta":                                        # meta (validate): nothing runs
+            rows = aug.get_input_embeddings().num_embeddings
+            if cfg.tokenizer_check == "align":
+                aligner = load_aligner(model.name_or_path, cfg.augmenting_model, rows)
+            else:
+                check_tokenizers(model.name_or_path, cfg.augmenting_model, cfg.tokenizer_check, rows)
         prefix, blocks = decoder_layers(model)
         _, aug_blocks = decoder_layers(aug)
         pairs = composition_pairs(cfg, len(blocks), len(aug_blocks))
-        runner = AugmentingRunner(aug, [i for _, i in pairs])
+        runner = AugmentingRunner(aug, [i for _, i in pairs], aligner)
         d_aug = block_width(aug_blocks[0])                               # D_A
         layers: dict[str, CALMLayer] = {}
         for j, i in pairs:

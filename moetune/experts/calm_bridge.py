@@ -7,22 +7,29 @@ kept. Here a forward pre-hook on the anchor's decoder stack (`anchor.base_model`
 run) on the same token ids, attention mask and position ids, and forward hooks on m_A's chosen
 decoder layers keep their outputs:
 
-    states[i] = H_A^i : (b, S, D_A)    for every composed augmenting layer i,
-    key_mask        : (b, S) bool    real (non-padding) positions,
+    states[i] = H_A^i : (b, S, D_A)       for every composed augmenting layer i,
+    allowed         : (b, T, S) bool    which of the S states each of the T new anchor queries may read,
 
 (paper notation: m_A is the augmenting model, of width D_A; m_B the anchor; b the batch size),
-where S is the number of positions seen so far. Without a cache S = T, the input length. When
+where S is the number of positions seen so far and allowed[., t, s] = (s <= S-T+t) and s is not
+padding: the cross-attention is causal. Without a cache S = T, the input length. When
 the anchor is called with its KV cache (generation), m_A is called with its own KV cache on just
 the new tokens, and the new states are appended, so the composition layers attend over the
 prompt and every generated token while m_A runs once per token. The two caches stay in step: a
 cached anchor call whose past length differs from what m_A has seen is an error, never a silent
 recomputation. Beam search, which reorders the anchor's cache, is not supported (greedy and
 sampling are).
+
+With `expert.tokenizer_check: align` the models need not share a tokenizer: a `calm_align.TextAligner`
+turns the anchor's ids into text and m_A's own ids, m_A runs without a cache on the whole text so
+far at every call, and `allowed` comes from the text alignment instead (see calm_align).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from moetune.experts.calm_align import TextAligner
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -78,7 +85,9 @@ def check_tokenizers(anchor_path: str, augmenting_path: str, mode: str, aug_voca
     tok_a = load_tokenizer(ModelConfig(path=anchor_path))
     how = ("CALM feeds the same token ids to both models, so by default they must share a tokenizer. "
            "Allowed: an augmenting model with the anchor's tokenizer; or expert.tokenizer_check=vocab "
-           "(special tokens may differ) or off (you vouch that the ids mean the same tokens).")
+           "(special tokens may differ) or off (you vouch that the ids mean the same tokens); or "
+           "expert.tokenizer_check=align (different tokenizers: m_A reads the anchor's decoded text with its own "
+           "tokenizer, aligned by characters; slower).")
     if len(tok_a) > aug_vocab_rows:
         raise RecipeError(f"Recipe key 'expert.augmenting_model' is {augmenting_path!r}, whose embedding table has "
                           f"{aug_vocab_rows} rows, fewer than the anchor tokenizer's {len(tok_a)} tokens. {how}")
@@ -105,16 +114,19 @@ def check_tokenizers(anchor_path: str, augmenting_path: str, mode: str, aug_voca
 
 class AugmentingRunner:
     """Holds m_A (not a submodule of the anchor: it never trains, never changes mode, is never saved)
-    and the states of the current input; `pre_hook` runs before every call of the anchor's decoder stack."""
+    and the states of the current input; `pre_hook` runs before every call of the anchor's decoder stack.
+    With an `aligner` (tokenizer_check align) m_A reads its own tokenization of the anchor's text."""
 
-    def __init__(self, model: nn.Module, layers: list[int]) -> None:
+    def __init__(self, model: nn.Module, layers: list[int], aligner: TextAligner | None = None) -> None:
         self.model = model
         self.layers = sorted(set(layers))
+        self.aligner = aligner
         self.states: dict[int, torch.Tensor] = {}   # augmenting layer -> (b, S, D_A)
-        self.key_mask: torch.Tensor | None = None   # (b, S) bool
-        self.cache = None                           # m_A's KV cache while the anchor generates
+        self.allowed: torch.Tensor | None = None    # (b, T, S) bool: what each new anchor query may read
+        self.ids: torch.Tensor | None = None        # (b, S_B) every anchor id so far (align mode only)
+        self.cache = None                           # m_A's KV cache while the anchor generates (shared mode)
         self.anchor_cache = None                    # the anchor cache object it is in step with
-        self.length = 0                             # positions m_A has seen (S)
+        self.length = 0                             # anchor positions seen (S_B; = S in shared mode)
         self.calls = 0                              # m_A forwards run (for tests and logs)
         self._new: dict[int, torch.Tensor] = {}
         _, blocks = decoder_layers(model)
@@ -127,7 +139,7 @@ class AugmentingRunner:
         return hook
 
     def reset(self) -> None:
-        self.states, self.key_mask, self.cache, self.anchor_cache, self.length = {}, None, None, None, 0
+        self.states, self.allowed, self.ids, self.cache, self.anchor_cache, self.length = {}, None, None, None, None, 0
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook (with kwargs) on the anchor's decoder stack; leaves its inputs unchanged."""
@@ -147,13 +159,13 @@ class AugmentingRunner:
         if past_len == 0:  # a fresh input: forget the previous one
             self.reset()
             self.anchor_cache = past
-            if use_cache:
+            if use_cache and self.aligner is None:
                 from transformers import DynamicCache
                 self.cache = DynamicCache(config=self.model.config)
-        elif (self.cache is None or past_len != self.length
+        elif ((self.ids if self.aligner is not None else self.cache) is None or past_len != self.length
               or (self.anchor_cache is not None and past is not self.anchor_cache)):
             raise RuntimeError(f"CALM: the anchor was called with a KV cache of {past_len} positions, but the "
-                               f"augmenting model's cache holds {self.length}; the two must advance together "
+                               f"augmenting model has followed {self.length}; the two must advance together "
                                "(greedy or sampled generation; beam search reorders caches and is not supported).")
         S = past_len + T
         real = (mask.bool() if mask is not None
@@ -162,13 +174,33 @@ class AugmentingRunner:
             raise RuntimeError(f"CALM: attention mask of shape {tuple(real.shape)} for {T} new tokens after "
                                f"{past_len} cached ones; expected {(B, S)}.")
         self._new = {}
-        with torch.no_grad():
-            self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=kwargs.get("position_ids"),
-                                  past_key_values=self.cache if use_cache else None, use_cache=bool(use_cache))
+        if self.aligner is not None:
+            self._run_aligned(torch.cat([self.ids, ids], 1) if past_len else ids, real, T)
+        else:
+            with torch.no_grad():
+                self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=kwargs.get("position_ids"),
+                                      past_key_values=self.cache if use_cache else None, use_cache=bool(use_cache))
+            for i in self.layers:
+                new = self._new[i].detach()                                  # (b, T, D_A)
+                self.states[i] = torch.cat([self.states[i], new], 1) if past_len else new   # (b, S, D_A)
+            # The T queries are the last T of the S positions: query t (position S-T+t) sees keys s <= S-T+t.
+            pos_q = torch.arange(S - T, S, device=ids.device)                # (T,)
+            causal = torch.arange(S, device=ids.device)[None, :] <= pos_q[:, None]   # (T, S)
+            self.allowed = causal[None] & real[:, None, :]                   # (b, T, S)
         self.calls += 1
-        for i in self.layers:
-            new = self._new[i].detach()                                      # (b, T, D_A)
-            self.states[i] = torch.cat([self.states[i], new], 1) if past_len else new   # (b, S, D_A)
         self._new = {}
-        self.key_mask, self.length = real, S
+        self.length = S
         return None
+
+    def _run_aligned(self, ids: torch.Tensor, real: torch.Tensor, T: int) -> None:
+        """Align mode: m_A (no cache) on its tokenization of every new anchor prefix, in one tree-masked forward.
+
+        ids, real: (b, S_B) all anchor ids so far and their padding mask. Sets states[i]: (b, S, D_A)
+        over m_A's tree layout and allowed: (b, T, S) (calm_align.TextAligner.inputs)."""
+        aug_ids, pos, see, allowed = self.aligner.inputs(ids, real, T)     # (b, S), (b, S), (b, S, S), (b, T, S)
+        dtype = self.model.dtype
+        mask = torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill(~see, torch.finfo(dtype).min)
+        with torch.no_grad():
+            self.model.base_model(input_ids=aug_ids, attention_mask=mask[:, None], position_ids=pos, use_cache=False)
+        self.states = {i: self._new[i].detach() for i in self.layers}       # (b, S, D_A)
+        self.allowed, self.ids = allowed, ids
