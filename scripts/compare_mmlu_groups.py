@@ -15,7 +15,7 @@ text log-likelihood per character, options not shown, no chat template), on a se
 and the four answers after its KV cache. The interval of the base row is a 95% Wilson interval;
 method rows give mean ± sd over seeds.
 
-    python scripts/compare_mmlu_groups.py --seeds 0 1 --per-subject 15
+    python scripts/compare_mmlu_groups.py --seeds 0 1 --per-subject 6
     python scripts/compare_mmlu_groups.py --table
 """
 from __future__ import annotations
