@@ -416,6 +416,20 @@ def _letter_predictions(model: torch.nn.Module, tokenizer: Any, rows: Sequence[d
     return predictions
 
 
+def _cloze_sequences(tokenizer: Any, rows: Sequence[dict], chat: bool) -> list[list[tuple[list[int], int]]]:
+    """Per row, its 4 scored sequences: (token ids, n continuation tokens) from ``cloze_token_ids``.
+
+    Plain prompts get the tokenizer's leading specials (e.g. BOS); a rendered chat template
+    already contains its own."""
+    seqs = []
+    for row in rows:
+        prompt = format_cloze_prompt(row, tokenizer, use_chat_template=chat)
+        plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prefix = [] if chat else _special_prefix(tokenizer, prompt, plain)
+        seqs.append([cloze_token_ids(tokenizer, prompt, c, prefix) for c in cloze_continuations(row)])
+    return seqs
+
+
 def _cloze_loglikelihoods(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict],
                           batch_size: int, chat: bool,
                           progress: Callable[[int], None] | None) -> list[list[float]]:
@@ -426,14 +440,7 @@ def _cloze_loglikelihoods(model: torch.nn.Module, tokenizer: Any, rows: Sequence
     logits are needed (``K`` = longest continuation in the batch + 1; ``logits_to_keep=K`` when
     the model supports it).
     """
-    seqs: list[list[tuple[list[int], int]]] = []  # per row: 4 x (token ids, n continuation tokens)
-    for row in rows:
-        prompt = format_cloze_prompt(row, tokenizer, use_chat_template=chat)
-        # Plain prompts get the tokenizer's leading specials (e.g. BOS); a rendered chat
-        # template already contains its own.
-        plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        prefix = [] if chat else _special_prefix(tokenizer, prompt, plain)
-        seqs.append([cloze_token_ids(tokenizer, prompt, c, prefix) for c in cloze_continuations(row)])
+    seqs = _cloze_sequences(tokenizer, rows, chat)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     keep_logits = _accepts_logits_to_keep(model)
@@ -491,12 +498,7 @@ def _cloze_loglikelihoods_cached(model: torch.nn.Module, tokenizer: Any, rows: S
     continuation token is predicted by the prompt's last logits, the others by the continuation
     pass. With long questions and short answers this costs about a quarter of the plain path.
     """
-    seqs: list[list[tuple[list[int], int]]] = []
-    for row in rows:
-        prompt = format_cloze_prompt(row, tokenizer, use_chat_template=chat)
-        plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        prefix = [] if chat else _special_prefix(tokenizer, prompt, plain)
-        seqs.append([cloze_token_ids(tokenizer, prompt, c, prefix) for c in cloze_continuations(row)])
+    seqs = _cloze_sequences(tokenizer, rows, chat)
     split = [_shared_prompt_split(s) for s in seqs]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
