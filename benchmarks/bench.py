@@ -10,7 +10,8 @@ loop-over-experts reference of each routed method (benchmarks/reference_loop.py,
   With --device cuda the default also runs randomly initialised Qwen2-0.5B- and Llama-3-8B-
   shaped models in bf16 (--tiny shrinks them for a CPU check of that path).
 Per method: median step time (methods interleaved round by round after warm-up), ratio to
-moetune LoRA and to the loop reference of the same method, peak memory of the step (see
+moetune LoRA and to the loop reference of the same method (median and quartiles of the
+per-round ratios), peak memory of the step (see
 harness.py), tokens/s and MFU (FLOPs counted by torch on one moetune-LoRA step; MFU needs a
 known GPU or --peak-tflops). Ratios are only comparable within one run.
 Results: a markdown table on stdout and benchmarks/results/latest.json.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -42,10 +44,15 @@ D_IN, D_OUT, TOKENS = 576, 1536, 2048
 ONLY: set[str] = set()  # --only
 DEFINITIONS = {
     "step_ms": "median of the timed steps (forward + backward + AdamW step), methods interleaved round by round",
-    "ratio_vs_lora": "step_ms / moetune LoRA's step_ms, same run",
-    "ratio_vs_loop": "step_ms / step_ms of the loop-over-experts reference of the same method, same run (<1: faster)",
-    "adapter_ms": "layer level: step_ms - step_ms of the frozen base alone (what the adapter adds)",
-    "adapter_speedup_vs_loop": "layer level: the loop reference's adapter_ms / this method's adapter_ms "
+    "ratio_vs_lora": "median over rounds of (this step / moetune LoRA's step in the same round)",
+    "ratio_vs_lora_iqr": "first and third quartile of those per-round ratios (the spread on this machine)",
+    "ratio_vs_loop": "median over rounds of (this step / the step of the loop-over-experts reference of the same "
+                     "method in the same round) (<1: faster)",
+    "ratio_vs_loop_iqr": "first and third quartile of those per-round ratios",
+    "adapter_ms": "median over rounds of (this step - the frozen base's step), what the adapter adds (the model's "
+                  "frozen base step runs the backward from the input embeddings; not given for PEFT on the model, "
+                  "whose step also differs by the HF loss)",
+    "adapter_speedup_vs_loop": "the loop reference's adapter_ms / this method's adapter_ms "
                                "(null where adapter_ms is under 5% of the frozen base's step: within noise)",
     "peak_mem_mb": "MiB: tensors resident before the step (base, inputs, this method's adapter and AdamW state) + "
                    "peak of new tensor allocations during one step (CUDA: max_memory_allocated - memory_allocated; "
@@ -71,16 +78,16 @@ def run_level(entries: dict, device, warmup: int, rounds: int, tokens: int):
     for k in steps:
         entries[k][0]()
         peaks[k] = H.step_peak_bytes(entries[k][1], device, entries[k][2]())
-    times = H.interleaved_medians(steps, device, rounds)
+    times = H.interleaved_times(steps, device, rounds)
     entries["moetune_lora"][0]()
     flops = H.step_flops(entries["moetune_lora"][1])
     return times, peaks, {k: e[3] for k, e in entries.items()}, failed, flops, tokens
 
 
-def summarise(times, peaks, params, failed, flops, tokens, peak_tf) -> dict:
+def summarise(times, peaks, params, failed, flops, tokens, peak_tf, no_adapter_ms=()) -> dict:
     """method -> {step_ms, ratio_vs_lora, ratio_vs_loop (this / its loop reference), peak_mem_mb, ...};
     where the frozen base alone was timed, also adapter_ms (step - frozen base step) and, for routed
-    methods, adapter_speedup_vs_loop (the loop reference's adapter_ms / this one's)."""
+    methods, adapter_speedup_vs_loop (the loop reference's adapter_ms / this one's); not for `no_adapter_ms`."""
     ours, base = times["moetune_lora"], times.get("frozen_base")
     out = {}
     for k in params:
@@ -88,29 +95,40 @@ def summarise(times, peaks, params, failed, flops, tokens, peak_tf) -> dict:
             out[k] = {"step_ms": None, "error": failed[k], "trainable_params": params[k]}
             continue
         t, loop = times[k], times.get(f"loop_{k}")
-        row = out[k] = {"step_ms": round(t * 1e3, 3), "ratio_vs_lora": round(t / ours, 3),
-                        "ratio_vs_loop": None if loop is None else round(t / loop, 3),
-                        "peak_mem_mb": round(peaks[k] / 2**20, 1), "tokens_per_s": round(tokens / t, 1),
-                        "mfu": None if peak_tf is None else round(flops / t / (peak_tf * 1e12), 4),
+        step = statistics.median(t)
+        q1, lora, q3 = H.paired_ratio(t, ours)
+        row = out[k] = {"step_ms": round(step * 1e3, 3), "ratio_vs_lora": round(lora, 3),
+                        "ratio_vs_lora_iqr": [round(q1, 3), round(q3, 3)], "ratio_vs_loop": None,
+                        "peak_mem_mb": round(peaks[k] / 2**20, 1), "tokens_per_s": round(tokens / step, 1),
+                        "mfu": None if peak_tf is None else round(flops / step / (peak_tf * 1e12), 4),
                         "trainable_params": params[k]}
-        if base is not None and k != "frozen_base":
-            row["adapter_ms"] = round((t - base) * 1e3, 3)
+        if loop is not None:
+            q1, mid, q3 = H.paired_ratio(t, loop)
+            row["ratio_vs_loop"], row["ratio_vs_loop_iqr"] = round(mid, 3), [round(q1, 3), round(q3, 3)]
+        if base is not None and k not in ("frozen_base", *no_adapter_ms):
+            added = statistics.median(a - b for a, b in zip(t, base))
+            row["adapter_ms"] = round(added * 1e3, 3)
             if loop is not None:  # only where the adapter's share stands out of the timing noise (> 5% of base)
-                clear = t - base > 0.05 * base
-                row["adapter_speedup_vs_loop"] = round((loop - base) / (t - base), 2) if clear else None
+                loop_added = statistics.median(a - b for a, b in zip(loop, base))
+                clear = added > 0.05 * statistics.median(base)
+                row["adapter_speedup_vs_loop"] = round(loop_added / added, 2) if clear else None
     return out
 
 
 def table_row(title: str, key: str, r: dict) -> str:
     if r["step_ms"] is None:
         return f"| {title} | {label(key)} | {r['trainable_params']:,} | {r['error']} | | | | | | |"
+    lo, hi = r["ratio_vs_lora_iqr"]
     loop = "" if r["ratio_vs_loop"] is None else f"{1 / r['ratio_vs_loop']:.2f}x"
+    if r["ratio_vs_loop"] is not None:
+        a, b = r["ratio_vs_loop_iqr"]
+        loop += f" [{1 / b:.2f}, {1 / a:.2f}]"
     adapter = "" if "adapter_ms" not in r else f"{r['adapter_ms']:.1f}"
     if "adapter_speedup_vs_loop" in r:
         speedup = r["adapter_speedup_vs_loop"]
         adapter += " (below noise)" if speedup is None else f" ({speedup:.2f}x)"
     mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    return (f"| {title} | {label(key)} | {r['trainable_params']:,} | {r['step_ms']:.1f} | {r['ratio_vs_lora']:.2f} "
+    return (f"| {title} | {label(key)} | {r['trainable_params']:,} | {r['step_ms']:.1f} | {r['ratio_vs_lora']:.2f} [{lo:.2f}, {hi:.2f}] "
             f"| {loop} | {adapter} | {r['peak_mem_mb']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} |")
 
 
@@ -196,6 +214,17 @@ def model_level(args, name: str, device, n: int):
         loss_sum, count, aux = lm(ids, mask, labels)
         return loss_sum / count + sum(aux.values())
     entries = {}
+    emb = model.get_input_embeddings()
+    base_step = H.make_step([], loss_fn, amp, device)
+
+    def frozen_step():  # no adapter: the backward still runs through every layer, from the input embeddings
+        hook = emb.register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
+        try:
+            base_step()
+        finally:
+            hook.remove()
+    entries["frozen_base"] = (lambda: uninstall(model, sets["moetune_lora"]), frozen_step,
+                              lambda: H.resident_tensors([model], [ids, labels, mask], base_step), 0)
     for key, layer_set in sets.items():
         params = [p for layer in layer_set.values()
                   for p in (trainable(layer) if key.startswith("loop_") else layer.adapter_state().values())]
@@ -209,7 +238,7 @@ def model_level(args, name: str, device, n: int):
     step = H.make_step(pp, lambda: peft(input_ids=ids, attention_mask=mask, labels=labels).loss, amp, device)
     entries["peft_lora"] = (lambda: None, step, lambda: H.resident_tensors([peft], [ids, labels, mask], step),
                             _params(pp))
-    order = ["moetune_lora", "peft_lora", *ROUTED, "mole", *(f"loop_{k}" for k in (*ROUTED, "mole"))]
+    order = ["frozen_base", "moetune_lora", "peft_lora", *ROUTED, "mole", *(f"loop_{k}" for k in (*ROUTED, "mole"))]
     warmup, rounds = (1, 2) if args.quick else (1, args.steps)
     res = run_level({k: entries[k] for k in order}, device, warmup, rounds, batch * seq)
     cfg = model.config
@@ -242,8 +271,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16, help="total rank (LoRA rank; experts x rank per expert)")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--experts-large", type=int, default=8, help="second layer run, this many experts (0: skip)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps, model level (CPU 5, CUDA 20)")
-    ap.add_argument("--layer-steps", type=int, default=None, help="timed steps, layer level (CPU 15, CUDA 50)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps, model level (CPU 8, CUDA 20)")
+    ap.add_argument("--layer-steps", type=int, default=None, help="timed steps, layer level (CPU 20, CUDA 50)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--shaped-batch", type=int, default=4)
@@ -264,8 +293,8 @@ def main() -> None:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.shaped_seq = args.shaped_seq or (32 if args.tiny else 512)
-    args.steps = args.steps or (20 if gpu else 5)
-    args.layer_steps = args.layer_steps or (50 if gpu else 15)
+    args.steps = args.steps or (20 if gpu else 8)
+    args.layer_steps = args.layer_steps or (50 if gpu else 20)
     models = args.models or (["smollm2-135m-instruct"] + (list(SHAPES) if device.type == "cuda" else []))
     amp = torch.bfloat16 if device.type == "cuda" and args.precision == "bf16" else None
     peak_tf = H.peak_tflops(device, args.peak_tflops)
@@ -279,13 +308,13 @@ def main() -> None:
                  for i, n in enumerate([args.experts] + ([args.experts_large] if args.experts_large else []))]
     if not args.skip_model:
         jobs += [lambda name=name: model_level(args, name, device, args.experts) for name in models]
-    print("| benchmark | method | trainable params | step ms | vs moetune LoRA | speed-up vs loop ref. "
+    print("| benchmark | method | trainable params | step ms | vs moetune LoRA [IQR] | speed-up vs loop ref. [IQR] "
           "| adapter ms (speed-up vs loop) | peak MiB | tokens/s | MFU |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for job in jobs:
         title, note, res = job()
         *measured, flops, tokens = res
-        rows = summarise(*measured, flops, tokens, peak_tf)
+        rows = summarise(*measured, flops, tokens, peak_tf, () if title.startswith("layer") else ("peft_lora",))
         out["results"][title] = rows
         out["levels"][title] = {"tokens_per_step": tokens, "flops_per_step_moetune_lora": flops, "note": note}
         for k, r in rows.items():

@@ -1,9 +1,11 @@
 """Timing, peak memory and FLOP counting for one training step (forward + backward + AdamW step).
 
-- `warm_up`, then `interleaved_medians`: every method is warmed up, then timed one step at a
+- `warm_up`, then `interleaved_times`: every method is warmed up, then timed one step at a
   time in rounds (method order rotated each round), so a slow spell on a shared machine hits
-  all methods alike; the result is the median per method. Ratios are only meaningful within
-  one run. A method that runs out of GPU memory is reported as such; the others go on.
+  all methods alike. `paired_ratio` compares two methods round by round (median and quartiles
+  of the per-round ratios), which cancels the machine's slow drift better than a ratio of two
+  medians. Ratios are only meaningful within one run. A method that runs out of GPU memory is
+  reported as such; the others go on.
 - `step_peak_bytes`: the memory one step of one method needs, counted the same way on every
   device: the tensors that exist before the step (base model, inputs, this method's adapter
   and optimizer state; shared storage counted once) plus the step's peak of newly allocated
@@ -108,9 +110,9 @@ def warm_up(steps: dict[str, tuple[Callable[[], None], Callable[[], None]]], dev
     return failed
 
 
-def interleaved_medians(steps: dict[str, tuple[Callable[[], None], Callable[[], None]]], device: torch.device,
-                        rounds: int) -> dict[str, float]:
-    """name -> median step seconds over `rounds` rounds; each round times one step of every method
+def interleaved_times(steps: dict[str, tuple[Callable[[], None], Callable[[], None]]], device: torch.device,
+                      rounds: int) -> dict[str, list[float]]:
+    """name -> step seconds of each of `rounds` rounds; each round times one step of every method
     (order rotated per round). steps: name -> (install, step); install runs untimed before each step."""
     names = list(steps)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -123,7 +125,20 @@ def interleaved_medians(steps: dict[str, tuple[Callable[[], None], Callable[[], 
             step()
             _sync(device)
             times[name].append(time.perf_counter() - t)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile); all three equal the value for a single value."""
+    if len(values) < 2:
+        return (values[0],) * 3
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Quartiles (q1, median, q3) of the per-round ratios a[i] / b[i] of two methods timed in the same rounds."""
+    return quartiles([x / y for x, y in zip(a, b, strict=True)])
 
 
 def unique_bytes(tensors) -> int:

@@ -35,7 +35,8 @@ def gates(logits: torch.Tensor, kind: str = "soft", k: int = 2,
     probs = softmax(logits / T). 'soft': weights = probs (Zadouri et al.'s soft merging).
     'top_k': keep the k largest probabilities, renormalise them to sum to 1, zero the rest
     (gradient flows through the kept probabilities)."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)          # (..., N)
+    logits = logits.float()
+    probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)  # (..., N)
     if kind == "soft":
         return probs, probs
     if kind != "top_k":
@@ -148,14 +149,16 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=cfg.init_std)
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                  # (..., d_in) -> (..., N)
-        """Gates (..., N) in float32, also under autocast (Switch's "selective precision")."""
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.float()
-            if self.training and self.cfg.jitter > 0:
-                x = jitter(x, self.cfg.jitter)
-            logits = F.linear(x, self.weight.float())                    # (..., N)
-            weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.cfg.temperature)
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Gates (..., N) in float32 from x (..., d_in), also under autocast (Switch's "selective
+        precision"). `logits` (..., N): W_g x already computed by the caller (`low_rank_and_gates`)."""
+        if logits is None:
+            with torch.autocast(x.device.type, enabled=False):
+                x = x.float()
+                if self.training and self.cfg.jitter > 0:
+                    x = jitter(x, self.cfg.jitter)
+                logits = F.linear(x, self.weight.float())                # (..., N)
+        weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.cfg.temperature)
         self._last = (logits, probs, weights)  # with their graph: aux_losses() must backprop into W_g
         return weights
 
@@ -178,3 +181,27 @@ class Router(nn.Module):
 
     def stats(self) -> dict | None:
         return None if self._last is None else stats(self._last[2].detach())
+
+
+FUSE_ROUTER_MATMUL = True  # False: always the separate path (tests compare the two)
+
+
+def low_rank_and_gates(x: torch.Tensor, a: torch.Tensor, router: Router, dropout: nn.Module,
+                       adapter_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h = dropout(x) @ a^T (..., k), gates (..., N)) for a routed low-rank layer (HydraLoRA, MoLoRA).
+
+    a: (k, d_in), the layer's (stacked) A. When the adapter and the router read the same x in
+    float32 (no adapter dropout or router jitter in this mode, no autocast), both come out of ONE
+    matmul x @ [a; W_g]^T (..., k + N), split into h and the logits: one matmul and one weight
+    gradient instead of two each per layer, which matters at small layer sizes where routed layers
+    otherwise pay a third of LoRA's matmul calls again. Same values as the separate path."""
+    training = router.training
+    fused = (FUSE_ROUTER_MATMUL and not (training and (adapter_dropout > 0 or router.cfg.jitter > 0))
+             and not torch.is_autocast_enabled(x.device.type)
+             and x.dtype == a.dtype == router.weight.dtype == torch.float32)
+    if not fused:
+        return dropout(x.to(a.dtype)) @ a.t(), router(x)
+    k = a.shape[0]
+    z = x @ torch.cat([a, router.weight]).t()                            # (..., k + N)
+    h, logits = z.split([k, z.shape[-1] - k], dim=-1)                    # (..., k), (..., N)
+    return h, router(x, logits)

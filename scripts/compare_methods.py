@@ -155,8 +155,11 @@ def main() -> None:
             res["steps"], res["overrides"] = a.steps, list(a.overrides)
             doc = json.loads(a.out.read_text()) if a.out.is_file() else {"results": {}}
             doc["results"].setdefault(method, {})[str(seed)] = res
+            old = doc.get("protocol", {})
+            commands = old.get("commands") or [c for c in [old.get("command")] if c]
+            this = "python " + " ".join(sys.argv)
             doc["protocol"] = {"recipe": str(a.recipe), "steps": a.steps, "methods": METHODS,
-                               "command": "python " + " ".join(sys.argv)}
+                               "commands": commands + ([this] if this not in commands else [])}
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(doc, indent=1))
             print(f"{method} seed {seed}: EM {res['exact_match']:.3f} loss {res['loss']:.4f} "

@@ -133,6 +133,8 @@ def main() -> None:
     doc = json.loads(a.out.read_text()) if a.out.is_file() else {"results": {}}
     if doc.get("protocol", {}).get("questions") not in (None, len(rows)):
         doc = {"results": {}}  # a different question sample: start over
+    commands = doc.get("protocol", {}).get("commands") or [c for c in [doc.get("protocol", {}).get("command")] if c]
+    protocol["commands"] = [*commands, protocol.pop("command")]  # every run that added results to this file
     doc["protocol"] = protocol
     for method in a.methods:
         for seed in ([0] if method == "base" else a.seeds):

@@ -192,3 +192,42 @@ def test_balance_loss_raises_routing_entropy(anisotropic_llama, tiny_data, tmp_p
     free = _mean_entropy(anisotropic_llama, tmp_path / "free" / "adapter")
     balanced = _mean_entropy(anisotropic_llama, tmp_path / "balanced" / "adapter")
     assert balanced > free + 0.1, (free, balanced)  # measured: 0.75 without, 0.99 with (max log 3 = 1.10)
+
+
+@pytest.mark.parametrize("etype", ["hydralora", "molora"])
+def test_fused_router_matmul_equals_separate_path(etype, monkeypatch):
+    """A x and the router logits from one matmul (routing.low_rank_and_gates): same output, same
+    gradients to x, A, B and W_g (balance loss included) as the separate router call."""
+    from moetune import routing
+    torch.manual_seed(0)
+    rc = RouterConfig(type="top_k", top_k=2, balance_loss="switch", balance_weight=0.5, z_loss_weight=0.1)
+    base = torch.nn.Linear(12, 7, bias=False).requires_grad_(False)
+    layer = REGISTRY[etype](base, config_class(etype)(type=etype, num_experts=3, rank=2, alpha=4), rc).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.router.weight.normal_()
+    x0 = torch.randn(2, 5, 12)
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def counting_linear(x, w, *a):
+        calls.extend([1] if w is layer.router.weight else [])
+        return linear(x, w, *a)
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+
+    def run(fuse: bool):
+        monkeypatch.setattr(routing, "FUSE_ROUTER_MATMUL", fuse)
+        x = x0.clone().requires_grad_(True)
+        out = layer(x)
+        (out.square().sum() + sum(layer.aux_losses().values())).backward()
+        grads = [x.grad] + [p.grad for p in (layer.lora_A, layer.lora_B, layer.router.weight)]
+        layer.zero_grad(set_to_none=True)
+        return out.detach(), grads
+    fused, g_fused = run(True)
+    assert calls == []  # the router's own matmul (F.linear) was not used
+    sep, g_sep = run(False)
+    assert calls == [1]
+    torch.testing.assert_close(fused, sep, rtol=1e-5, atol=1e-6)
+    assert all(g is not None and g.abs().sum() > 0 for g in g_fused)
+    for a, b in zip(g_fused, g_sep):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

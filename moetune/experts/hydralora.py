@@ -5,7 +5,8 @@ One shared down-projection A, N up-projection heads B_i, a per-token router:
     y = W0 x + s * sum_i w_i(x) B_i A x,   w(x) = gates(W_g x),   s = alpha / r
     A: (r, d_in) random,  B: (N, d_out, r) zeros,  W_g: (N, d_in)
 
-Cost: `h = A x` is computed once (not once per head). The heads are then mixed in one
+Cost: `h = A x` is computed once (not once per head), in the same matmul as the
+router logits W_g x (`routing.low_rank_and_gates`). The heads are then mixed in one
 matmul, gates first: with g = w (x) h, the outer product (..., N, r) flattened to N*r,
 
     sum_i w_i B_i h = einsum('...n,nor,...r->...o', w, B, h) = g @ B_cat,  B_cat = B^T stacked: (N*r, d_out)
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from moetune.experts.base import ExpertConfig, ExpertLayer
-from moetune.routing import Router
+from moetune.routing import Router, low_rank_and_gates
 from moetune.schema import opt
 
 
@@ -56,8 +57,8 @@ class HydraLoRALayer(ExpertLayer):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
-        w = self.router(x) * self.scale                                  # (..., N), s folded into the gates
-        h = self.drop(x.to(self.lora_A.dtype)) @ self.lora_A.t()         # (..., r), once for all heads
+        h, w = low_rank_and_gates(x, self.lora_A, self.router, self.drop, self.cfg.dropout)  # (..., r), (..., N)
+        w = w * self.scale                                               # (..., N), s folded into the gates
         g = (w.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)              # (..., N*r)
         n, d_out, r = self.lora_B.shape
         b_cat = self.lora_B.transpose(1, 2).reshape(n * r, d_out)        # (N*r, d_out)

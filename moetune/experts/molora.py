@@ -6,7 +6,8 @@ N full LoRA experts (A_i, B_i) of rank r each, mixed per token:
     y = W0 x + s * sum_i w_i(x) B_i A_i x,   w(x) = gates(W_g x),   s = alpha / r
     A: (N, r, d_in) random,  B: (N, d_out, r) zeros,  W_g: (N, d_in)
 
-All experts run as two matmuls (no loop over experts):
+All experts run as two matmuls (no loop over experts; the first also yields the router
+logits W_g x, see `routing.low_rank_and_gates`):
 
     h = einsum('...d,nrd->...nr', x, A) = x @ A_cat^T,   A_cat = A.reshape(N*r, d_in)  (a view)
     y = einsum('...n,nor,...nr->...o', w, B, h) = (w * h).flatten(-2) @ B_cat,
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from moetune.experts.base import ExpertConfig, ExpertLayer
-from moetune.routing import Router
+from moetune.routing import Router, low_rank_and_gates
 from moetune.schema import opt
 
 
@@ -57,10 +58,10 @@ class MoLoRALayer(ExpertLayer):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
-        w = self.router(x) * self.scale                                  # (..., N), s folded into the gates
         n, d_out, r = self.lora_B.shape
         a_cat = self.lora_A.reshape(n * r, self.d_in)                    # (N*r, d_in)
-        h = self.drop(x.to(a_cat.dtype)) @ a_cat.t()                     # (..., N*r)
+        h, w = low_rank_and_gates(x, a_cat, self.router, self.drop, self.cfg.dropout)  # (..., N*r), (..., N)
+        w = w * self.scale                                               # (..., N), s folded into the gates
         g = (h.unflatten(-1, (n, r)) * w.unsqueeze(-1)).flatten(-2)      # (..., N*r)
         b_cat = self.lora_B.transpose(1, 2).reshape(n * r, d_out)        # (N*r, d_out)
         return g @ b_cat                                                 # (..., d_out)
