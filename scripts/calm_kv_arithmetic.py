@@ -15,8 +15,10 @@ on the embedded SmolLM2-135M-Instruct, end to end and seeded:
 
 The setting. A table maps random 5-letter keys to integers 0..99. The augmenting model m_A (a
 small Llama of a different width, sharing the anchor's tokenizer) is trained only to recall the
-table: its corpus is lines of `key` `value` pairs ("qzvtx42,abcde7,..."), with the loss on the
-value digits, so m_A's states at a key's last token carry that key's value. The anchor m_B can
+table: its corpus is lines of `key` `value` `,` triples, a key sometimes preceded by + - or a
+newline ("qzvtx42,+abcde7,fghij93,\nklmno5,..."), with the loss on the value digits and the
+closing comma, so m_A's states at a key's last token carry that key's value whatever precedes
+the key, and m_A ends each number. The anchor m_B can
 do `a+b-c` on numbers (a LoRA trained on numbers, merged) and has never seen a key. Composition
 data are `K1+K2-K3` prompts answered with the number; the composition is trained on expressions
 over 3/4 of the keys and tested on expressions over the other 1/4 ("held-out keys"), whose
@@ -44,10 +46,14 @@ sys.path.insert(0, str(ROOT))
 from moetune.recipe import ModelConfig, load_recipe  # noqa: E402
 
 KEY_LEN = 5
+# m_A trains for at most `steps` steps; every `check_every` steps it checkpoints (resumable) and
+# stops early once it recalls at least `stop_recall` of all keys.
 SIZES = {"full": dict(keys=400, train=3000, validation=100, test=200, anchor_train=3000, anchor_eval=200,
-                      hidden=256, layers=4, heads=4, steps=4000, batch=32, pairs=16, lr=2e-3),
+                      hidden=256, layers=4, heads=4, steps=4000, batch=32, pairs=16, lr=2e-3,
+                      check_every=200, stop_recall=0.95),
          "smoke": dict(keys=24, train=64, validation=8, test=8, anchor_train=64, anchor_eval=8,
-                       hidden=64, layers=2, heads=2, steps=30, batch=8, pairs=6, lr=3e-3)}
+                       hidden=64, layers=2, heads=2, steps=30, batch=8, pairs=6, lr=3e-3,
+                       check_every=10, stop_recall=1.01)}
 
 
 def paths(smoke: bool) -> dict[str, Path]:
@@ -109,21 +115,25 @@ def make_data(out: Path, size: dict, seed: int = 0) -> dict:
 # ------------------------------------------------------------------ the augmenting model m_A
 
 
-def _pair_tokens(tok, key: str, value: int) -> tuple[list[int], list[int]]:
-    """(ids, labels) of 'key' 'value' ',': loss on the value digits only."""
+BEFORE_KEY = ("", "+", "-", "\n")  # what may precede a key in m_A's corpus besides ',': as in the prompts
+
+
+def _pair_tokens(tok, key: str, value: int, before: str = "") -> tuple[list[int], list[int]]:
+    """(ids, labels) of 'before' 'key' 'value' ',': loss on the value digits and the ',' that ends them."""
+    b = tok(before, add_special_tokens=False).input_ids if before else []
     k = tok(key, add_special_tokens=False).input_ids
-    v = tok(str(value), add_special_tokens=False).input_ids
-    sep = tok(",", add_special_tokens=False).input_ids
-    return k + v + sep, [-100] * len(k) + v + [-100] * len(sep)
+    v = tok(f"{value},", add_special_tokens=False).input_ids
+    return b + k + v, [-100] * (len(b) + len(k)) + v
 
 
 def _corpus_batch(tok, table: dict, keys: list[str], size: dict, rng: random.Random):
-    """A right-padded batch of lines of size['pairs'] random key-value pairs each."""
+    """A right-padded batch of lines of size['pairs'] random key-value pairs each; a key follows the previous
+    pair's ',' directly or through a '+', '-' or newline (as keys follow those in the prompts)."""
     rows = []
     for _ in range(size["batch"]):
         ids, labels = [tok.bos_token_id], [-100]
         for key in rng.sample(keys, min(size["pairs"], len(keys))):
-            i, lab = _pair_tokens(tok, key, table[key])
+            i, lab = _pair_tokens(tok, key, table[key], rng.choice(BEFORE_KEY))
             ids, labels = ids + i, labels + lab
         rows.append((ids, labels))
     T = max(len(i) for i, _ in rows)
@@ -136,22 +146,48 @@ def _corpus_batch(tok, table: dict, keys: list[str], size: dict, rng: random.Ran
 
 
 @torch.no_grad()
-def recall_accuracy(model, tok, table: dict, keys: list[str], device) -> float:
-    """Fraction of keys whose value m_A completes greedily after '<bos>key' (up to the ',')."""
+def recall_accuracy(model, tok, table: dict, keys: list[str], device, chunk: int = 64) -> float:
+    """Fraction of keys whose value m_A completes greedily after '<bos>key', up to the ','.
+
+    Computed teacher-forced in batches: greedy decoding emits exactly `value` `,` iff the argmax
+    after every prefix of '<bos>key value,' is the next token of it, so the two are the same test."""
     hits = 0
-    for key in keys:
-        ids = torch.tensor([[tok.bos_token_id] + tok(key, add_special_tokens=False).input_ids], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-        text = tok.decode(out[0, ids.shape[1]:]).split(",")[0]
-        hits += text == str(table[key])
+    for i in range(0, len(keys), chunk):
+        rows = []
+        for key in keys[i:i + chunk]:
+            k = tok(key, add_special_tokens=False).input_ids
+            v = tok(str(table[key]) + ",", add_special_tokens=False).input_ids
+            rows.append(([tok.bos_token_id] + k + v, 1 + len(k)))      # (ids, index of the first value token)
+        T = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), T), tok.pad_token_id)
+        target = torch.zeros((len(rows), T), dtype=torch.bool)
+        for r, (seq, first) in enumerate(rows):
+            ids[r, :len(seq)] = torch.tensor(seq)
+            target[r, first:len(seq)] = True
+        ids, target = ids.to(device), target.to(device)
+        hidden = model.model(input_ids=ids, attention_mask=(ids != tok.pad_token_id) | target).last_hidden_state
+        keep = target[:, 1:]                                                   # (b, T-1): predicts a target token
+        pred = model.lm_head(hidden[:, :-1][keep]).argmax(-1)                  # (n,)
+        ok = torch.ones_like(keep)
+        ok[keep] = pred == ids[:, 1:][keep]
+        hits += int(ok.all(-1).sum())
     return hits / max(len(keys), 1)
 
 
+class _NoScheduler:  # save_checkpoint wants a scheduler; m_A's lr is computed from the step
+    def state_dict(self) -> dict:
+        return {}
+
+
 def train_augmenting(data: Path, out: Path, size: dict, seed: int = 0, device: str = "auto") -> dict:
-    """Train m_A from scratch to recall the key table; save model + tokenizer to `out`."""
+    """Train m_A from scratch to recall the key table; save model + tokenizer to `out`.
+
+    Checkpoints (model, optimizer, RNG, batch sampler, log) go to `<out>-state/checkpoints` every
+    size['check_every'] steps, atomically; a rerun resumes from the newest one. Stops early once
+    m_A recalls size['stop_recall'] of all keys."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from moetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
     from moetune.models import load_config, load_tokenizer
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -167,8 +203,25 @@ def train_augmenting(data: Path, out: Path, size: dict, seed: int = 0, device: s
     model = AutoModelForCausalLM.from_config(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=size["lr"], weight_decay=0.0)
     rng = random.Random(seed)
-    steps, log, t0 = size["steps"], [], time.time()
-    for step in range(steps):
+    steps, log, start, t0 = size["steps"], [], 0, time.time()
+    state_dir = out.parent / f"{out.name}-state"
+    ck = latest_checkpoint(state_dir)
+    if ck is not None:
+        st = load_checkpoint(ck)
+        missing, unexpected = model.load_state_dict({k: v.to(dev) for k, v in st["adapter"].items()}, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:                    # lm_head is tied to the embeddings
+            raise SystemExit(f"{ck} does not match this m_A: missing {missing}, unexpected {unexpected}")
+        opt.load_state_dict(st["optimizer"])
+        set_rng_state(*st["rng"])
+        v, state, g = st["position"]["sampler"]
+        rng.setstate((v, tuple(state), g))
+        start, log = st["step"], st["position"]["log"]
+        t0 -= log[-1]["seconds"] if log else 0.0
+        print(f"m_A: resuming from {ck} (step {start})", flush=True)
+        if log and log[-1]["recall_all_keys"] >= size["stop_recall"]:
+            start = steps                                                       # it had already stopped early
+    for step in range(start, steps):
+        model.train()
         lr = size["lr"] * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -181,9 +234,18 @@ def train_augmenting(data: Path, out: Path, size: dict, seed: int = 0, device: s
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
-            log.append({"step": step + 1, "loss": round(float(loss), 4), "seconds": round(time.time() - t0, 1)})
-            print(f"m_A step {step + 1}/{steps} loss {float(loss):.4f}", flush=True)
+        if (step + 1) % size["check_every"] == 0 or step + 1 == steps:
+            model.eval()
+            recall = recall_accuracy(model, tok, table, keys, dev)
+            log.append({"step": step + 1, "loss": round(loss.item(), 4), "recall_all_keys": round(recall, 4),
+                        "seconds": round(time.time() - t0, 1)})
+            print(f"m_A step {step + 1}/{steps} loss {loss.item():.4f} recall {recall:.3f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            v, state, g = rng.getstate()
+            save_checkpoint(state_dir, step + 1, dict(model.named_parameters()), opt, _NoScheduler(),
+                            {"sampler": [v, list(state), g], "log": log})
+            if recall >= size["stop_recall"]:
+                break
     model.eval()
     acc = {"compose_keys": recall_accuracy(model, tok, table, kv["compose_keys"], dev),
            "heldout_keys": recall_accuracy(model, tok, table, kv["heldout_keys"], dev)}
@@ -191,8 +253,9 @@ def train_augmenting(data: Path, out: Path, size: dict, seed: int = 0, device: s
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    info = {"recall_accuracy": acc, "log": log, "config": {k: size[k] for k in ("hidden", "layers", "heads", "steps",
-                                                                                "batch", "pairs", "lr")},
+    info = {"recall_accuracy": acc, "log": log, "steps_run": log[-1]["step"] if log else 0,
+            "config": {k: size[k] for k in ("hidden", "layers", "heads", "steps", "batch", "pairs", "lr",
+                                            "check_every", "stop_recall")},
             "parameters": sum(p.numel() for p in model.parameters()), "seed": seed}
     (out / "calm_kv_augmenting.json").write_text(json.dumps(info, indent=1))
     return info

@@ -289,12 +289,9 @@ def test_4bit_anchor_and_augmenting(pair):
 
 def test_kv_arithmetic_data_is_reproducible(tmp_path):
     """data/calm-kv/ equals a fresh run of the committed script (seed 0), and its splits are as described."""
-    import importlib.util
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("calm_kv", root / "scripts" / "calm_kv_arithmetic.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _kv_script()
     kv = mod.make_data(tmp_path, mod.SIZES["full"], seed=0)
     for name in ("kv.json", "train.jsonl", "validation.jsonl", "test.jsonl", "anchor_train.jsonl",
                  "anchor_validation.jsonl"):
@@ -308,3 +305,69 @@ def test_kv_arithmetic_data_is_reproducible(tmp_path):
     assert not any(set(r["instruction"].replace("-", "+").split("+")) & held for r in train)
     k1, k2, k3 = test[0]["instruction"].replace("-", "+").split("+")
     assert int(test[0]["response"]) == kv["values"][k1] + kv["values"][k2] - kv["values"][k3]
+
+
+def _kv_script():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("calm_kv", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "calm_kv_arithmetic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kv_recall_accuracy_counts_exact_greedy_completions():
+    """Teacher-forced batched recall: a key counts only when every value token and the closing ','
+    are the argmax; padding and the batch chunking change nothing."""
+    from types import SimpleNamespace
+    mod = _kv_script()
+
+    class Tok:  # characters as token ids: one token per character
+        bos_token_id, pad_token_id = 1, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return SimpleNamespace(input_ids=[ord(c) - 30 for c in text])
+    table = {"ab": 7, "abcde": 42, "xyz": 5, "q": 99, "mnop": 3}
+    good = {"ab", "abcde", "q"}       # predicts value and ',' right; "xyz" gets the ',' wrong, "mnop" a digit
+
+    class Model:  # hidden state at t = one-hot of the token the row's ideal model predicts at t
+        def model(self, input_ids, attention_mask):
+            rows = []
+            for r in input_ids.tolist():
+                seq = [t for t in r if t != 0]
+                key = "".join(chr(t + 30) for t in seq[1:] if chr(t + 30).isalpha())
+                nxt = seq[1:] + [0] * (len(r) - len(seq) + 1)
+                if key == "xyz":
+                    nxt[len(seq) - 2] = 2        # the token after the value digits: not ','
+                if key == "mnop":
+                    nxt[len(key)] = 2            # the first value digit
+                rows.append(torch.nn.functional.one_hot(torch.tensor(nxt), 128).float())
+            return SimpleNamespace(last_hidden_state=torch.stack(rows))
+
+        def lm_head(self, h):
+            return h
+    for chunk in (1, 2, 64):
+        acc = mod.recall_accuracy(Model(), Tok(), table, list(table), "cpu", chunk=chunk)
+        assert acc == pytest.approx(len(good) / len(table))
+
+
+def test_kv_augmenting_training_resumes_exactly(tmp_path):
+    """m_A training (smoke size) killed after a checkpoint and rerun ends with the same weights as one
+    uninterrupted run: model, optimizer, RNG and batch sampler are all restored."""
+    import shutil
+    mod = _kv_script()
+    size = dict(mod.SIZES["smoke"], steps=12, check_every=4)
+    mod.make_data(tmp_path / "data", size, seed=0)
+    mod.train_augmenting(tmp_path / "data", tmp_path / "a", size)
+    mod.train_augmenting(tmp_path / "data", tmp_path / "b", size)
+    ckpts = sorted((tmp_path / "b-state" / "checkpoints").glob("step-*"))
+    assert [p.name for p in ckpts] == ["step-0000008", "step-0000012"]
+    shutil.rmtree(ckpts[-1])                              # as if killed between step 8 and 12
+    shutil.rmtree(tmp_path / "b")
+    info = mod.train_augmenting(tmp_path / "data", tmp_path / "b", size)
+    assert [e["step"] for e in info["log"]] == [4, 8, 12]
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
