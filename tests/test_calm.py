@@ -371,3 +371,6 @@ def test_kv_augmenting_training_resumes_exactly(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    # a run that had stopped early (its last check reached stop_recall) is not trained further on rerun
+    again = mod.train_augmenting(tmp_path / "data", tmp_path / "b", dict(size, steps=16, stop_recall=0.0))
+    assert [e["step"] for e in again["log"]] == [4, 8, 12]
