@@ -119,10 +119,10 @@ def table_row(title: str, key: str, r: dict) -> str:
     if r["step_ms"] is None:
         return f"| {title} | {label(key)} | {r['trainable_params']:,} | {r['error']} | | | | | | |"
     lo, hi = r["ratio_vs_lora_iqr"]
-    loop = "" if r["ratio_vs_loop"] is None else f"{1 / r['ratio_vs_loop']:.2f}x"
+    loop = ""
     if r["ratio_vs_loop"] is not None:
         a, b = r["ratio_vs_loop_iqr"]
-        loop += f" [{1 / b:.2f}, {1 / a:.2f}]"
+        loop = f"{1 / r['ratio_vs_loop']:.2f}x [{1 / b:.2f}, {1 / a:.2f}]"
     adapter = "" if "adapter_ms" not in r else f"{r['adapter_ms']:.1f}"
     if "adapter_speedup_vs_loop" in r:
         speedup = r["adapter_speedup_vs_loop"]

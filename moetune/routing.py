@@ -152,13 +152,13 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Gates (..., N) in float32 from x (..., d_in), also under autocast (Switch's "selective
         precision"). `logits` (..., N): W_g x already computed by the caller (`low_rank_and_gates`)."""
-        if logits is None:
-            with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
+            if logits is None:
                 x = x.float()
                 if self.training and self.cfg.jitter > 0:
                     x = jitter(x, self.cfg.jitter)
                 logits = F.linear(x, self.weight.float())                # (..., N)
-        weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.cfg.temperature)
+            weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.cfg.temperature)
         self._last = (logits, probs, weights)  # with their graph: aux_losses() must backprop into W_g
         return weights
 
@@ -186,8 +186,8 @@ class Router(nn.Module):
 FUSE_ROUTER_MATMUL = True  # False: always the separate path (tests compare the two)
 
 
-def low_rank_and_gates(x: torch.Tensor, a: torch.Tensor, router: Router, dropout: nn.Module,
-                       adapter_dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank_and_gates(x: torch.Tensor, a: torch.Tensor, router: Router,
+                       dropout: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(h = dropout(x) @ a^T (..., k), gates (..., N)) for a routed low-rank layer (HydraLoRA, MoLoRA).
 
     a: (k, d_in), the layer's (stacked) A. When the adapter and the router read the same x in
@@ -195,8 +195,8 @@ def low_rank_and_gates(x: torch.Tensor, a: torch.Tensor, router: Router, dropout
     matmul x @ [a; W_g]^T (..., k + N), split into h and the logits: one matmul and one weight
     gradient instead of two each per layer, which matters at small layer sizes where routed layers
     otherwise pay a third of LoRA's matmul calls again. Same values as the separate path."""
-    training = router.training
-    fused = (FUSE_ROUTER_MATMUL and not (training and (adapter_dropout > 0 or router.cfg.jitter > 0))
+    drops = dropout.training and getattr(dropout, "p", 0.0) > 0                # nn.Identity: never
+    fused = (FUSE_ROUTER_MATMUL and not drops and not (router.training and router.cfg.jitter > 0)
              and not torch.is_autocast_enabled(x.device.type)
              and x.dtype == a.dtype == router.weight.dtype == torch.float32)
     if not fused:

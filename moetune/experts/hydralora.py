@@ -57,7 +57,7 @@ class HydraLoRALayer(ExpertLayer):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
-        h, w = low_rank_and_gates(x, self.lora_A, self.router, self.drop, self.cfg.dropout)  # (..., r), (..., N)
+        h, w = low_rank_and_gates(x, self.lora_A, self.router, self.drop)  # (..., r), (..., N)
         w = w * self.scale                                               # (..., N), s folded into the gates
         g = (w.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)              # (..., N*r)
         n, d_out, r = self.lora_B.shape

@@ -60,7 +60,7 @@ class MoLoRALayer(ExpertLayer):
     def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
         n, d_out, r = self.lora_B.shape
         a_cat = self.lora_A.reshape(n * r, self.d_in)                    # (N*r, d_in)
-        h, w = low_rank_and_gates(x, a_cat, self.router, self.drop, self.cfg.dropout)  # (..., N*r), (..., N)
+        h, w = low_rank_and_gates(x, a_cat, self.router, self.drop)  # (..., N*r), (..., N)
         w = w * self.scale                                               # (..., N), s folded into the gates
         g = (h.unflatten(-1, (n, r)) * w.unsqueeze(-1)).flatten(-2)      # (..., N*r)
         b_cat = self.lora_B.transpose(1, 2).reshape(n * r, d_out)        # (N*r, d_out)
