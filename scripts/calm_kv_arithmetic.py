@@ -13,14 +13,17 @@ on the embedded SmolLM2-135M-Instruct, end to end and seeded:
     python scripts/calm_kv_arithmetic.py all         # the four in order (a GPU makes it minutes)
     python scripts/calm_kv_arithmetic.py all --smoke # tiny sizes, a few steps, under runs/calm-kv-smoke (CPU, minutes)
 
-The setting. A table maps random 5-letter keys to integers 0..99. The augmenting model m_A (a
+The setting. A table maps random 5-letter keys to integers 0..9 (`max_value`; single digits, so
+m_A's state at a key's last token predicts the whole value). The augmenting model m_A (a
 small Llama of a different width, sharing the anchor's tokenizer) is trained only to recall the
 table: its corpus is lines of `key` `value` `,` triples, a key sometimes preceded by + - or a
-newline ("qzvtx42,+abcde7,fghij93,\nklmno5,..."), with the loss on the value digits and the
+newline ("qzvtx4,+abcde7,fghij3,\nklmno5,..."), with the loss on the value digits and the
 closing comma, so m_A's states at a key's last token carry that key's value whatever precedes
 the key, and m_A ends each number. The anchor m_B can
-do `a+b-c` on numbers (a LoRA trained on numbers, merged) and has never seen a key. Composition
-data are `K1+K2-K3` prompts answered with the number; the composition is trained on expressions
+do `a+b-c` on numbers (a LoRA trained on numbers, merged) and has never seen a key. Every answer
+writes the numbers out, then the result: `3+5-2` -> `3+5-2=6`, `K1+K2-K3` -> `v1+v2-v3=r` (the
+paper's KV-substitution then arithmetic, in one answer; exact match needs both right). Composition
+data are `K1+K2-K3` prompts with those answers; the composition is trained on expressions
 over 3/4 of the keys and tested on expressions over the other 1/4 ("held-out keys"), whose
 values only m_A knows. LoRA on m_B gets the same composition data. With the SmolLM2 tokenizer,
 letters, digits and operators are separate pre-tokens, so a key tokenizes the same in m_A's
@@ -48,10 +51,10 @@ from moetune.recipe import ModelConfig, load_recipe  # noqa: E402
 KEY_LEN = 5
 # m_A trains for at most `steps` steps; every `check_every` steps it checkpoints (resumable) and
 # stops early once it recalls at least `stop_recall` of all keys.
-SIZES = {"full": dict(keys=400, train=3000, validation=100, test=200, anchor_train=3000, anchor_eval=200,
+SIZES = {"full": dict(keys=600, max_value=9, train=3000, validation=100, test=200, anchor_train=700, anchor_eval=200,
                       hidden=256, layers=4, heads=4, steps=4000, batch=32, pairs=16, lr=2e-3,
                       check_every=200, stop_recall=0.95),
-         "smoke": dict(keys=24, train=64, validation=8, test=8, anchor_train=64, anchor_eval=8,
+         "smoke": dict(keys=24, max_value=9, train=64, validation=8, test=8, anchor_train=64, anchor_eval=8,
                        hidden=64, layers=2, heads=2, steps=30, batch=8, pairs=6, lr=3e-3,
                        check_every=10, stop_recall=1.01)}
 
@@ -81,21 +84,21 @@ def make_data(out: Path, size: dict, seed: int = 0) -> dict:
         keys.add("".join(rng.choice(string.ascii_lowercase) for _ in range(KEY_LEN)))
     order = sorted(keys)
     rng.shuffle(order)
-    table = {k: rng.randint(0, 99) for k in order}
+    table = {k: rng.randint(0, size["max_value"]) for k in order}
     held, compose = order[: len(order) // 4], order[len(order) // 4:]
 
     def expressions(pool: list[str] | None, n: int, seen: set[str], domain: str) -> list[dict]:
         rows = []
         while len(rows) < n:
             if pool is None:                                  # numbers: what the anchor learns
-                a, b, c = (rng.randint(0, 99) for _ in range(3))
-                text, value = f"{a}+{b}-{c}", a + b - c
+                a, b, c = (rng.randint(0, size["max_value"]) for _ in range(3))
+                text = f"{a}+{b}-{c}"
             else:
                 k1, k2, k3 = rng.sample(pool, 3)
-                text, value = f"{k1}+{k2}-{k3}", table[k1] + table[k2] - table[k3]
-            if text not in seen:
+                text, (a, b, c) = f"{k1}+{k2}-{k3}", (table[k1], table[k2], table[k3])
+            if text not in seen:                              # the answer: the numbers, then the result
                 seen.add(text)
-                rows.append({"instruction": text, "response": str(value), "domain": domain})
+                rows.append({"instruction": text, "response": f"{a}+{b}-{c}={a + b - c}", "domain": domain})
         return rows
 
     out.mkdir(parents=True, exist_ok=True)

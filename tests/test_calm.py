@@ -297,14 +297,18 @@ def test_kv_arithmetic_data_is_reproducible(tmp_path):
                  "anchor_validation.jsonl"):
         assert (tmp_path / name).read_text() == (root / "data" / "calm-kv" / name).read_text(), name
     held = set(kv["heldout_keys"])
-    assert len(kv["values"]) == 400 and len(held) == 100
+    assert len(kv["values"]) == 600 and len(held) == 150
+    assert set(kv["values"].values()) == set(range(10))              # single-digit values, all ten used
     test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
     train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert len(test) == 200 and len(train) == 3000
     assert all(set(r["instruction"].replace("-", "+").split("+")) <= held for r in test)
     assert not any(set(r["instruction"].replace("-", "+").split("+")) & held for r in train)
     k1, k2, k3 = test[0]["instruction"].replace("-", "+").split("+")
-    assert int(test[0]["response"]) == kv["values"][k1] + kv["values"][k2] - kv["values"][k3]
+    a, b, c = (kv["values"][k] for k in (k1, k2, k3))
+    assert test[0]["response"] == f"{a}+{b}-{c}={a + b - c}"                 # the numbers, then the result
+    numbers = json.loads((tmp_path / "anchor_train.jsonl").read_text().splitlines()[0])
+    assert numbers["response"].startswith(numbers["instruction"] + "=")
 
 
 def _kv_script():
