@@ -10,8 +10,8 @@ on the embedded SmolLM2-135M-Instruct, end to end and seeded:
     python scripts/calm_kv_arithmetic.py table       # m_B alone, m_A alone, LoRA on m_B (recipes/calm-kv-lora.yaml) and
                                                      #   CALM (recipes/calm-kv-arithmetic.yaml) on the held-out keys
                                                      #   -> benchmarks/results/calm_kv_arithmetic.{json,md}
-    python scripts/calm_kv_arithmetic.py all         # the four in order (a GPU makes it minutes)
-    python scripts/calm_kv_arithmetic.py all --smoke # tiny sizes, a few steps, under runs/calm-kv-smoke (CPU, minutes)
+    python scripts/calm_kv_arithmetic.py all         # the four in order (about an hour on a 2-core CPU)
+    python scripts/calm_kv_arithmetic.py all --smoke # tiny sizes, a few steps, under runs/calm-kv-smoke (CPU, under a minute)
 
 The setting. A table maps random 5-letter keys to integers 0..9 (`max_value`; single digits, so
 m_A's state at a key's last token predicts the whole value). The augmenting model m_A (a
