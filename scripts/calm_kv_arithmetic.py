@@ -156,17 +156,13 @@ def recall_accuracy(model, tok, table: dict, keys: list[str], device, chunk: int
     after every prefix of '<bos>key value,' is the next token of it, so the two are the same test."""
     hits = 0
     for i in range(0, len(keys), chunk):
-        rows = []
-        for key in keys[i:i + chunk]:
-            k = tok(key, add_special_tokens=False).input_ids
-            v = tok(str(table[key]) + ",", add_special_tokens=False).input_ids
-            rows.append(([tok.bos_token_id] + k + v, 1 + len(k)))      # (ids, index of the first value token)
-        T = max(len(ids) for ids, _ in rows)
+        rows = [_pair_tokens(tok, key, table[key]) for key in keys[i:i + chunk]]   # 'key' 'value' ',', labels
+        T = 1 + max(len(seq) for seq, _ in rows)
         ids = torch.full((len(rows), T), tok.pad_token_id)
         target = torch.zeros((len(rows), T), dtype=torch.bool)
-        for r, (seq, first) in enumerate(rows):
-            ids[r, :len(seq)] = torch.tensor(seq)
-            target[r, first:len(seq)] = True
+        for r, (seq, labels) in enumerate(rows):
+            ids[r, :1 + len(seq)] = torch.tensor([tok.bos_token_id] + seq)
+            target[r, 1:1 + len(seq)] = torch.tensor(labels) != -100      # the value tokens and the comma
         ids, target = ids.to(device), target.to(device)
         hidden = model.model(input_ids=ids, attention_mask=(ids != tok.pad_token_id) | target).last_hidden_state
         keep = target[:, 1:]                                                   # (b, T-1): predicts a target token

@@ -129,6 +129,14 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def protocol_commands(old_protocol: dict) -> list[str]:
+    """The commands that wrote a results file: those its protocol lists (or its older single
+    'command'), then this invocation's, each once."""
+    commands = old_protocol.get("commands") or [c for c in [old_protocol.get("command")] if c]
+    this = "python " + " ".join(sys.argv)
+    return commands + ([this] if this not in commands else [])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -155,11 +163,8 @@ def main() -> None:
             res["steps"], res["overrides"] = a.steps, list(a.overrides)
             doc = json.loads(a.out.read_text()) if a.out.is_file() else {"results": {}}
             doc["results"].setdefault(method, {})[str(seed)] = res
-            old = doc.get("protocol", {})
-            commands = old.get("commands") or [c for c in [old.get("command")] if c]
-            this = "python " + " ".join(sys.argv)
             doc["protocol"] = {"recipe": str(a.recipe), "steps": a.steps, "methods": METHODS,
-                               "commands": commands + ([this] if this not in commands else [])}
+                               "commands": protocol_commands(doc.get("protocol", {}))}
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps(doc, indent=1))
             print(f"{method} seed {seed}: EM {res['exact_match']:.3f} loss {res['loss']:.4f} "

@@ -129,12 +129,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = mmlu_rows(a.groups, a.per_subject, seed=0)
     protocol = {"groups": a.groups, "per_subject": a.per_subject, "questions": len(rows), "format": "cloze",
-                "chat_template": False, "command": "python " + " ".join(sys.argv)}
+                "chat_template": False}
     doc = json.loads(a.out.read_text()) if a.out.is_file() else {"results": {}}
     if doc.get("protocol", {}).get("questions") not in (None, len(rows)):
         doc = {"results": {}}  # a different question sample: start over
-    commands = doc.get("protocol", {}).get("commands") or [c for c in [doc.get("protocol", {}).get("command")] if c]
-    protocol["commands"] = [*commands, protocol.pop("command")]  # every run that added results to this file
+    from compare_methods import protocol_commands
+    protocol["commands"] = protocol_commands(doc.get("protocol", {}))  # every run that added results to this file
     doc["protocol"] = protocol
     for method in a.methods:
         for seed in ([0] if method == "base" else a.seeds):
