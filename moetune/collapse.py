@@ -28,16 +28,20 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from moetune.adapters import PEFT_PREFIX, save_adapter
+from moetune.adapter_files import PEFT_PREFIX
+from moetune.adapters import save_adapter
 from moetune.checkpoint import atomic_dir
 from moetune.data import IGNORE, collate
+from moetune.errors import RecipeError
 from moetune.evaluate import exact_match, loss_by_domain
-from moetune.experts.base import ExpertConfig
+from moetune.expert_configs import ExpertConfig, MoVConfig
 from moetune.experts.lora import LoRALayer
-from moetune.experts.mov import MoVConfig, MoVLayer
-from moetune.loss import _plain_head, target_logits
-from moetune.recipe import RecipeError, RouterConfig
+from moetune.experts.mov import MoVLayer
+from moetune.loss import plain_head, target_logits
+from moetune.recipe import RouterConfig
 from moetune.report import collect_gates, domain_gates, mean_gates, routed_layers
+from moetune.stages import model_with_adapter
+from moetune.ui import console, table
 
 MODES = ("mean", "per-domain")
 
@@ -120,7 +124,7 @@ def kl_by_domain(model, routed: dict, collapsed: dict, examples, pad_id: int, ba
     overall and per domain. Leaves the routed layers installed."""
     sums, counts = {}, {}
     model.eval()
-    sliced = _plain_head(model)
+    sliced = plain_head(model)
     for s in range(0, len(examples), batch_size):
         chunk = examples[s:s + batch_size]
         b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
@@ -210,8 +214,6 @@ def _dir_names(keys: list[str]) -> dict[str, str]:
 def export_collapsed(run, mode: str, out: Path | None = None) -> dict:
     """`moetune export RUN --collapse mean|per-domain`: collapse the run's routed adapter at its mean
     validation gates, measure fidelity, write the adapter(s) and collapse.json atomically to `out`."""
-    from moetune.stages import model_with_adapter
-    from moetune.ui import console, table
     if mode not in MODES:
         raise RecipeError(f"--collapse is {mode!r}; allowed: {', '.join(MODES)}.")
     rc = run.recipe

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import torch
 
-from moetune.recipe import DataConfig, RecipeError
+from moetune.errors import DataError, RecipeError
+from moetune.recipe import DataConfig
 
+# datasets and pyarrow (heavy imports, needed only for those input formats) are imported inside the readers.
 PLAIN_USER = "### Instruction:\n{text}\n\n### Response:\n"
 IGNORE = -100
-
-
-class DataError(RecipeError):
-    """Bad data: the message names the file and the line (or row)."""
 
 
 @dataclass

@@ -9,7 +9,8 @@ command goes from data to MoLE. For every value d of the training rows' domain f
     expert.expert_max_steps (when > 0), lr = expert.expert_lr (when set), no stop_after and no
     before-training evaluation; stages [train]; output_dir <output_dir>/experts/<d>;
   - the same `stages.stage_train` (the one training loop) on the train and validation rows of
-    domain d, filtered in memory (any data format works);
+    domain d, filtered in memory (any data format works); stages passes it in, since this
+    module sits below stages (stages calls it);
   - the adapter lands in <output_dir>/experts/<d>/adapter.
 
 The MoLE recipe's expert.experts / expert.names then name those adapters and the domains, and
@@ -22,9 +23,12 @@ import dataclasses
 import re
 from pathlib import Path
 
+from typing import Callable
+
 from moetune.checkpoint import write_json
-from moetune.experts import ExpertConfig
-from moetune.recipe import Recipe, RecipeError, RouterConfig
+from moetune.errors import RecipeError
+from moetune.expert_configs import ExpertConfig
+from moetune.recipe import Recipe, RouterConfig
 
 
 def domain_dir(domain: str) -> str:
@@ -43,9 +47,9 @@ def domain_recipe(rc: Recipe, domain: str) -> Recipe:
                                output_dir=str(Path(rc.output_dir) / "experts" / domain_dir(domain)))
 
 
-def train_domain_experts(run, resume: bool = False) -> dict:
-    """Train the per-domain LoRAs of `run` (a MoLE run) and point its recipe's experts at them."""
-    from moetune.stages import Run, stage_train  # lazy: stages calls this module
+def train_domain_experts(run, resume: bool, stage_train: Callable) -> dict:
+    """Train the per-domain LoRAs of `run` (a `stages.Run` of a MoLE recipe) with `stage_train(sub_run)`
+    (`stages.stage_train`), and point its recipe's experts at them."""
     rc = run.recipe
     splits = run.splits("train", "validation")
     domains = sorted({ex.domain for ex in splits["train"]})
@@ -54,7 +58,7 @@ def train_domain_experts(run, resume: bool = False) -> dict:
         raise RecipeError(f"Domains {domains} map to clashing directory names {dirs}; rename the domains.")
     info: dict = {}
     for d in domains:
-        sub = Run(domain_recipe(rc, d), run.accelerator)
+        sub = type(run)(domain_recipe(rc, d), run.accelerator)
         sub._tok = run.tokenizer
         sub._splits = {k: [ex for ex in v if ex.domain == d] for k, v in splits.items() if v is not None}
         adapter = sub.dir / "adapter"

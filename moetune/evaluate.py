@@ -8,6 +8,7 @@ import torch
 
 from moetune.data import Example, collate
 from moetune.loss import per_example_loss
+from moetune.mmlu import load_mc_rows, score_multiple_choice
 from moetune.ui import simple_progress
 
 
@@ -96,7 +97,6 @@ def evaluate(model, tokenizer, examples: list[Example], recipe, device, generati
 
 def multiple_choice(model, tokenizer, paths: list[str], recipe, show: bool = True) -> dict:
     """Accuracy on multiple-choice JSONL files (MMLU format), per file, subject and group."""
-    from moetune.mmlu import load_mc_rows, score_multiple_choice
     out = {}
     for path in paths:
         rows = load_mc_rows(path)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetune.experts import REGISTRY, ExpertConfig, ExpertLayer
+from moetune.expert_configs import ExpertConfig
+from moetune.experts import REGISTRY, ExpertLayer
+from moetune.routing import init_routers
 
 
 def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -> dict[str, ExpertLayer]:
@@ -31,8 +33,7 @@ def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -
     torch.random.set_rng_state(gen_state)
     cls.after_inject(layers)  # types whose layers share state (MoLE's shared gates) link them here
     if router is not None and getattr(router, "init_centroids", None):
-        from moetune.cluster import init_routers  # routers of layers with input dim d start from the centroids
-        init_routers(layers, router.init_centroids, router.init_std)
+        init_routers(layers, router.init_centroids, router.init_std)  # routers of layers with input dim d start from the centroids
     for layer in layers.values():
         for p in layer.adapter_state().values():
             p.requires_grad_(True)

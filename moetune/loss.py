@@ -14,7 +14,9 @@ from moetune.data import IGNORE
 from moetune.inject import aux_losses
 
 
-def _plain_head(model: nn.Module) -> bool:
+def plain_head(model: nn.Module) -> bool:
+    """Whether the model's logits are a plain linear head on the last hidden states (no soft-capping or
+    scaling), so that `target_logits` may apply the head to the target positions only."""
     cfg = getattr(model, "config", None)
     special = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"))
     return (not special and hasattr(model, "base_model") and model.base_model is not model
@@ -41,7 +43,7 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.sliced = _plain_head(model)
+        self.sliced = plain_head(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         target = labels[:, 1:]                                               # (B, T-1)
@@ -56,7 +58,7 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     """(loss sum per example (B,), target tokens per example (B,)) for evaluation."""
     target = batch["labels"][:, 1:]                                          # (B, T-1)
     keep = target != IGNORE                                                  # (B, T-1)
-    logits = target_logits(model, batch["input_ids"], batch["attention_mask"], keep, _plain_head(model))
+    logits = target_logits(model, batch["input_ids"], batch["attention_mask"], keep, plain_head(model))
     tok = F.cross_entropy(logits.float(), target[keep], reduction="none")    # (N,)
     rows = keep.nonzero()[:, 0]                                              # (N,) example of each token
     per_ex = torch.zeros(keep.shape[0], device=tok.device).index_add_(0, rows, tok)  # (B,)

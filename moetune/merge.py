@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moetune.checkpoint import atomic_dir
 from moetune.experts.base import dense_base_weight
 from moetune.inject import expert_layers
 
@@ -48,7 +49,6 @@ def max_logit_diff(a: nn.Module, b_logits: torch.Tensor, batch: dict[str, torch.
 
 def save_merged(model: nn.Module, tokenizer, out_dir, dtype: torch.dtype, note: str = "") -> None:
     """Save a merged model as a plain HF directory (safetensors), atomically."""
-    from moetune.checkpoint import atomic_dir
     cfg = model.config
     if getattr(cfg, "quantization_config", None) is not None:  # merged weights are dense now
         delattr(cfg, "quantization_config")

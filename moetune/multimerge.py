@@ -36,9 +36,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moetune.adapters import PEFT_PREFIX, read_adapter
+from moetune.adapter_files import PEFT_PREFIX, read_adapter
 from moetune.checkpoint import atomic_dir
-from moetune.recipe import RecipeError
+from moetune.errors import RecipeError
+from moetune.expert_configs import expert_names, same_base
+from moetune.experts.mole import MoLELayer
+from moetune.inject import expert_layers
+from moetune.recipe import load_recipe
+from moetune.report import collect_gates, mean_gates
+from moetune.stages import Run, model_with_adapter
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "mole")
 DENSE = ("ties", "dare_linear", "dare_ties")
@@ -212,7 +218,6 @@ def summary(method: str, loras: list[LoRA], weights, density: float, seed: int, 
 
 
 def check_bases(loras: list[LoRA]) -> None:
-    from moetune.experts.mole import same_base
     named = [lo for lo in loras if lo.base_model]
     for lo in named[1:]:
         if not same_base(lo.base_model, named[0].base_model):
@@ -239,11 +244,6 @@ def mole_gates(run_dir: str | Path, split: str = "validation", overrides: list[s
                ) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
     """(expert dirs, expert names, {module: mean gate (N,)}) of a trained MoLE run: each wrapped module
     gets the mean gate of its gated place over the real tokens of `split` (moetune.report)."""
-    from moetune.experts.mole import MoLELayer, expert_names
-    from moetune.inject import expert_layers
-    from moetune.recipe import load_recipe
-    from moetune.report import collect_gates, mean_gates
-    from moetune.stages import Run, model_with_adapter
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise RecipeError(f"--gates-from {run_dir}: not a moetune run directory (no recipe.yaml).")

@@ -17,14 +17,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moetune.experts import REGISTRY, ExpertConfig, config_class
+from moetune.errors import RecipeError
+from moetune.expert_configs import EXPERT_CONFIGS, MERGEABLE, ExpertConfig
 from moetune.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
 
 STAGES = ("train", "merge", "eval", "export")
-
-
-class RecipeError(ValueError):
-    """A recipe problem a user must fix; the CLI prints it without a traceback (exit 2)."""
 
 
 @dataclass
@@ -255,10 +252,10 @@ def _check_keys(data: Any, cls: type, prefix: str) -> None:
 
 def _expert_class(data: dict) -> type[ExpertConfig]:
     etype = (data.get("expert") or {}).get("type", "lora")
-    if etype not in REGISTRY:
+    if etype not in EXPERT_CONFIGS:
         raise RecipeError(f"Recipe key 'expert.type' has value {etype!r}, which is not an expert type."
-                          f"{_suggest(str(etype), REGISTRY)} Allowed: {', '.join(REGISTRY)}.")
-    return config_class(etype)
+                          f"{_suggest(str(etype), EXPERT_CONFIGS)} Allowed: {', '.join(EXPERT_CONFIGS)}.")
+    return EXPERT_CONFIGS[etype]
 
 
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
@@ -277,7 +274,7 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         key = getattr(e, "full_key", None) or "?"
         raise RecipeError(f"Recipe key '{key}' has a bad value {getattr(e, 'value', None)!r}: "
                           f"{getattr(e, 'msg', str(e)).splitlines()[0]}. {_doc_for(key)}") from None
-    if "stages" not in data and not REGISTRY[recipe.expert.type].mergeable:
+    if "stages" not in data and recipe.expert.type not in MERGEABLE:
         recipe.stages = [s for s in recipe.stages if s != "merge"]  # the default, minus what cannot run
     for key, f, value in walk(recipe):
         if not check_value(f, value):
@@ -300,7 +297,7 @@ def _doc_for(key: str) -> str:
 def _check_semantics(r: Recipe) -> None:
     """Contradictory settings that no single field can catch."""
     if r.model.quantization != "none":
-        import torch
+        import torch  # heavy: imported only for a 4-bit recipe, so loading a recipe (and --help) stays torch-free
         if r.model.device == "cpu" or not torch.cuda.is_available():
             raise RecipeError(f"Recipe key 'model.quantization' is {r.model.quantization!r}, which needs a CUDA "
                               "GPU with bitsandbytes, and none is available here. Allowed on this machine: "
@@ -310,11 +307,10 @@ def _check_semantics(r: Recipe) -> None:
                               f"{r.model.quantization!r}) but 'merge.dequantize' is false. A LoRA cannot be folded "
                               "into 4-bit weights: set merge.dequantize=true (the base is dequantised first and "
                               "the max logit difference reported) or drop 'merge' from stages.")
-    if r.export.kind in ("merged", "both") and not REGISTRY[r.expert.type].mergeable:
+    if r.export.kind in ("merged", "both") and r.expert.type not in MERGEABLE:
         raise RecipeError(f"Recipe key 'export.kind' is {r.export.kind!r}, but expert type {r.expert.type!r} "
                           "does not fold into the base. Allowed: 'adapter'.")
-    if "merge" in r.stages and not REGISTRY[r.expert.type].mergeable:
-        from moetune.stages import not_mergeable  # lazy: stages imports this module
+    if "merge" in r.stages and r.expert.type not in MERGEABLE:
         raise not_mergeable(r.expert.type)  # at load and `validate` time, not after training
     if r.router.type == "top_k" and hasattr(r.expert, "num_experts") and r.router.top_k > r.expert.num_experts:
         raise RecipeError(f"Recipe key 'router.top_k' is {r.router.top_k}, more than expert.num_experts "
@@ -336,6 +332,29 @@ def _check_semantics(r: Recipe) -> None:
             raise RecipeError(f"Recipe key 'data.{key}' names {path!r}, which does not exist "
                               f"(working directory: {Path.cwd()}). Allowed: an existing .jsonl/.json/.csv/"
                               ".parquet file or a datasets directory" + ("" if key == "train" else ", or null") + ".")
+
+
+def not_mergeable(expert_type: str) -> RecipeError:
+    """The error for merging a routed adapter (per-token gates do not fold into the base weights) or a
+    CALM composition (cross-attention over a second model is computation, not a weight delta)."""
+    if expert_type == "calm":
+        return RecipeError("Expert type 'calm' composes the anchor with a second model through cross-attention "
+                           "layers, which add computation rather than a weight delta, so 'merge' cannot run on it "
+                           "(and export.kind must be 'adapter'). Allowed: stages without 'merge', e.g. "
+                           "stages=[train,eval,export]; eval scores the composed model and export writes the "
+                           "composition adapter (safetensors + moetune.json naming both models).")
+    if expert_type == "mole":
+        return RecipeError("Expert type 'mole' mixes frozen LoRAs with per-token gates, which do not fold into the "
+                           "base weights, so 'merge' cannot run on it. Fix the gates at their mean over a split and "
+                           "merge: `moetune merge-lora --adapters --method mole --gates-from RUN_DIR --out DIR` "
+                           "(add --into-base for a full model).")
+    then = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
+            "(moetune's merge folds LoRA only)." if expert_type == "mov" else
+            "It writes a stock PEFT LoRA; then run `moetune merge-lora DIR --out MERGED`.")
+    return RecipeError(f"Expert type {expert_type!r} routes every token to its own mix of experts, which does not "
+                       "fold into the base weights, so 'merge' cannot run on it. First fix the gates at their "
+                       f"validation average with `moetune export RUN_DIR --collapse mean --out DIR`. {then} "
+                       "DIR/collapse.json reports how close the collapsed adapter is to the routed one.")
 
 
 def parse_overrides(overrides: list[str]) -> dict:

@@ -26,8 +26,11 @@ import torch
 
 from moetune.data import Example, collate
 from moetune.inject import expert_layers
-from moetune.loss import _plain_head, target_logits
+from moetune.loss import plain_head, target_logits
 from moetune.routing import Router, dead_experts
+from moetune.ui import table
+
+# matplotlib (a heavy, plotting-only import) is imported inside the function that draws the heatmap.
 
 DEAD_THRESHOLD = 0.01
 GROUP_ABOVE = 12  # more routed modules than this: table rows are grouped by layer index
@@ -107,7 +110,7 @@ def collect_gates(model, examples: list[Example], pad_id: int, batch_size: int, 
     sums = GateSums(list(layers), domains, torch.zeros(len(domains), L, n, dtype=torch.float64),
                     torch.zeros(len(domains), L, dtype=torch.float64), torch.zeros(len(domains), dtype=torch.float64))
     model.eval()
-    sliced = _plain_head(model)
+    sliced = plain_head(model)
     hooks = _GateHooks(layers)
     try:
         for s in range(0, len(examples), batch_size):
@@ -200,7 +203,6 @@ def table_rows(report: dict) -> list[list]:
 
 def print_report(report: dict, console) -> None:
     """A compact rich table: per layer load min/max, mean entropy vs log N, dead experts."""
-    from moetune.ui import table
     console.print(table(f"routing: {report['num_experts']} experts, {report['tokens']} tokens, entropy in nats "
                         f"(max log N = {report['max_entropy']:.4f}), {report['dead_total']} dead experts "
                         f"(load < {report['dead_threshold']:g}/N)",

@@ -22,10 +22,15 @@ Losses (see METHODS.md, "Auxiliary losses"):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+
+from moetune.errors import RecipeError
+from moetune.recipe import RouterConfig
 
 
 def gates(logits: torch.Tensor, kind: str = "soft", k: int = 2,
@@ -142,7 +147,6 @@ class Router(nn.Module):
     def __init__(self, d_in: int, num_experts: int, cfg=None) -> None:
         super().__init__()
         if cfg is None:
-            from moetune.recipe import RouterConfig  # lazy: recipe imports the expert registry
             cfg = RouterConfig()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(num_experts, d_in))      # (N, d_in)
@@ -205,3 +209,51 @@ def low_rank_and_gates(x: torch.Tensor, a: torch.Tensor, router: Router,
     z = x @ torch.cat([a, router.weight]).t()                            # (..., k + N)
     h, logits = z.split([k, z.shape[-1] - k], dim=-1)                    # (..., k), (..., N)
     return h, router(x, logits)
+
+
+# ------------------------------------------------------------------ router init from K-means centroids
+# (`router.init_centroids`, written by `moetune cluster-heads --init-router`; inject calls init_routers)
+
+def router_init_weight(centroids: torch.Tensor, init_std: float) -> torch.Tensor:
+    """Router weight (K, d) from K-means centroids (K, d): centred over the K rows, then scaled
+    so that the RMS of its entries is `init_std` (the same size as the random N(0, init_std^2)
+    init). Subtracting one vector from every row shifts all logits of a token equally, which the
+    softmax ignores: the gates are those of the raw centroids at a smaller scale."""
+    c = centroids.float() - centroids.float().mean(0, keepdim=True)    # (K, d)
+    rms = c.pow(2).mean().sqrt()
+    return c * (init_std / rms) if rms > 0 else c
+
+
+def load_centroids(path: str) -> torch.Tensor:
+    """The (K, d) 'centroids' tensor of a file written by `cluster-heads --init-router`."""
+    if not Path(path).is_file():
+        raise RecipeError(f"Recipe key 'router.init_centroids' names {path!r}, which does not exist.")
+    t = load_file(path).get("centroids")
+    if t is None or t.dim() != 2:
+        raise RecipeError(f"{path}: no (K, d) 'centroids' tensor; write it with `moetune cluster-heads --init-router`.")
+    return t
+
+
+def init_routers(layers: dict, path: str, init_std: float) -> tuple[list[str], list[str]]:
+    """Set Router.weight of each routed layer whose input dim equals the centroids' dim;
+    return (initialised names, skipped names). Others keep their random init, as do gates that
+    do not read the layer input (MoLE gates over expert outputs)."""
+    c = load_centroids(path)
+    w = router_init_weight(c, init_std)                                # (K, d)
+    done, skipped = [], []
+    for name, layer in layers.items():
+        router = getattr(layer, "router", None)
+        w_in = getattr(router, "weight", None)
+        reads_input = w_in is not None and w_in.shape[1] == getattr(layer, "d_in", None)
+        if not reads_input:
+            continue
+        if router.weight.shape[0] != c.shape[0]:
+            raise RecipeError(f"router.init_centroids {path!r} holds {c.shape[0]} centroids but expert.num_experts is "
+                              f"{router.weight.shape[0]}. Allowed: a centroid file with one row per expert.")
+        if layer.d_in != c.shape[1]:
+            skipped.append(name)
+            continue
+        with torch.no_grad():
+            router.weight.copy_(w.to(router.weight.device, router.weight.dtype))
+        done.append(name)
+    return done, skipped

@@ -24,11 +24,19 @@ from moetune import recipe as R
 from moetune.adapters import load_adapter, save_adapter
 from moetune.checkpoint import atomic_dir, write_json
 from moetune.data import collate, load_splits
+from moetune.domain_experts import train_domain_experts
 from moetune.evaluate import evaluate, multiple_choice
-from moetune.inject import count_parameters, inject
+from moetune.experts import REGISTRY
+from moetune.experts.mole import set_mask, write_mask
+from moetune.inject import count_parameters, expert_layers, inject
+from moetune.merge import max_logit_diff, merge_into_base, save_merged
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
+from moetune.recipe import not_mergeable
 from moetune.report import eval_routing, print_report
+from moetune.train import train
 from moetune.ui import console, table
+
+# accelerate and transformers (heavy imports) are imported inside the functions that use them.
 
 
 class Run:
@@ -81,12 +89,10 @@ class Run:
 
 
 def stage_train(run: Run, resume: bool = False) -> dict:
-    from moetune.train import train
     rc = run.recipe
     acc = run.accelerator
     if getattr(rc.expert, "experts_from", None) == "per_domain":  # MoLE: train one LoRA per domain first
-        from moetune.domain_experts import train_domain_experts
-        train_domain_experts(run, resume)
+        train_domain_experts(run, resume, stage_train)
     model = load_model(rc.model, run.device, log=run.log)
     inject(model, rc.expert, rc.router, seed=rc.train.seed)
     trainable, total = count_parameters(model)
@@ -118,33 +124,8 @@ def model_with_adapter(run: Run, adapter_dir: Path | None = None):
     model = load_model(run.recipe.model, run.device, log=run.log)
     load_adapter(model, adapter_dir or run.dir / "adapter")
     if getattr(run.recipe.expert, "masked", None):  # MoLE --mask-experts: gates at 0, the rest renormalised
-        from moetune.experts.mole import set_mask
-        from moetune.inject import expert_layers
         set_mask(expert_layers(model).values(), list(run.recipe.expert.masked))
     return model
-
-
-def not_mergeable(expert_type: str) -> R.RecipeError:
-    """The error for merging a routed adapter (per-token gates do not fold into the base weights) or a
-    CALM composition (cross-attention over a second model is computation, not a weight delta)."""
-    if expert_type == "calm":
-        return R.RecipeError("Expert type 'calm' composes the anchor with a second model through cross-attention "
-                             "layers, which add computation rather than a weight delta, so 'merge' cannot run on it "
-                             "(and export.kind must be 'adapter'). Allowed: stages without 'merge', e.g. "
-                             "stages=[train,eval,export]; eval scores the composed model and export writes the "
-                             "composition adapter (safetensors + moetune.json naming both models).")
-    if expert_type == "mole":
-        return R.RecipeError("Expert type 'mole' mixes frozen LoRAs with per-token gates, which do not fold into the "
-                             "base weights, so 'merge' cannot run on it. Fix the gates at their mean over a split and "
-                             "merge: `moetune merge-lora --adapters --method mole --gates-from RUN_DIR --out DIR` "
-                             "(add --into-base for a full model).")
-    then = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
-            "(moetune's merge folds LoRA only)." if expert_type == "mov" else
-            "It writes a stock PEFT LoRA; then run `moetune merge-lora DIR --out MERGED`.")
-    return R.RecipeError(f"Expert type {expert_type!r} routes every token to its own mix of experts, which does not "
-                         "fold into the base weights, so 'merge' cannot run on it. First fix the gates at their "
-                         f"validation average with `moetune export RUN_DIR --collapse mean --out DIR`. {then} "
-                         "DIR/collapse.json reports how close the collapsed adapter is to the routed one.")
 
 
 def _check_mergeable(adapter_dir: Path) -> None:
@@ -155,7 +136,6 @@ def _check_mergeable(adapter_dir: Path) -> None:
 
 
 def stage_merge(run: Run, adapter_dir: Path | None = None, out_dir: Path | None = None) -> dict:
-    from moetune.merge import max_logit_diff, merge_into_base, save_merged
     rc = run.recipe
     _check_mergeable(adapter_dir or run.dir / "adapter")
     model = model_with_adapter(run, adapter_dir)
@@ -217,7 +197,6 @@ def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> 
         if kind in ("adapter", "both"):
             shutil.copytree(run.dir / "adapter", tmp / "adapter" if kind == "both" else tmp, dirs_exist_ok=True)
             if getattr(rc.expert, "masked", None):  # MoLE --mask-experts: the exported adapter keeps the mask
-                from moetune.experts.mole import write_mask
                 write_mask(tmp / "adapter" if kind == "both" else tmp, list(rc.expert.masked))
         if kind in ("merged", "both"):
             if not (run.dir / "merged").is_dir():
@@ -291,7 +270,6 @@ def print_summary(run: Run) -> None:
 def run_recipe(recipe: R.Recipe, resume: bool = False) -> dict:
     """Run the recipe's stages in order; returns summary.json's content."""
     from accelerate import Accelerator
-    from moetune.experts import REGISTRY
     if "merge" in recipe.stages and not REGISTRY[recipe.expert.type].mergeable:
         raise not_mergeable(recipe.expert.type)  # before training, not after
     cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()

@@ -23,7 +23,8 @@ from moetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from moetune.data import Example, collate
 from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
 from moetune.loss import CausalLMLoss
-from moetune.recipe import Recipe, RecipeError, TrainConfig
+from moetune.errors import RecipeError
+from moetune.recipe import Recipe, TrainConfig
 from moetune.ui import Metrics, TrainProgress
 
 

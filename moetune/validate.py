@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moetune.data import detect_format, read_rows, to_messages
+from moetune.domain_experts import domain_recipe
 from moetune.inject import count_parameters, inject
 from moetune.models import load_config
 from moetune.recipe import Recipe
@@ -26,8 +27,7 @@ def estimate(recipe: Recipe) -> dict:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         expert = recipe.expert
         if getattr(expert, "experts_from", None) == "per_domain":  # MoLE's experts are not trained yet:
-            from moetune.domain_experts import domain_recipe     # count one domain LoRA instead
-            expert = domain_recipe(recipe, "domain").expert
+            expert = domain_recipe(recipe, "domain").expert       # count one domain LoRA instead
         inject(model, expert, recipe.router, seed=recipe.train.seed)
     trainable, total = count_parameters(model)
     frozen = total - trainable

@@ -1,11 +1,14 @@
 """Registry of expert types, keyed by the recipe's `expert.type`.
 
-Adding a type: write its module (an `ExpertLayer` subclass with a `config_cls`),
-add one line to `REGISTRY`, add one recipe under `recipes/`.
+Adding a type: write its settings class in `moetune/expert_configs.py` (the torch-free recipe
+schema, with one line in its `EXPERT_CONFIGS`), its module here (an `ExpertLayer` subclass whose
+`config_cls` is that class), add one line to `REGISTRY`, add one recipe under `recipes/`.
+The registry depends on the schema, never the reverse (see `moetune.expert_configs`).
 """
 from __future__ import annotations
 
-from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.expert_configs import ExpertConfig
+from moetune.experts.base import ExpertLayer
 from moetune.experts.calm import CALMLayer
 from moetune.experts.hydralora import HydraLoRALayer
 from moetune.experts.lora import LoRALayer

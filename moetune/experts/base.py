@@ -9,34 +9,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from moetune.schema import opt
-
-
-@dataclass
-class ExpertConfig:
-    """Settings shared by every expert type (``expert:`` in a recipe)."""
-
-    type: str = "lora"
-    """Expert type, a key of the expert registry (lora, ...)."""
-    rank: int = opt(8, min=1)
-    """Rank r of each low-rank adapter (LoRA: A is r x d_in, B is d_out x r)."""
-    alpha: float = opt(16.0, min=0)
-    """Scaling numerator: the adapter output is multiplied by s = alpha / rank."""
-    dropout: float = opt(0.0, min=0, max=1)
-    """Dropout on the adapter's input during training (0 disables it)."""
-    target_modules: list[str] = opt(factory=lambda: ["all-linear"])
-    """Which projections to wrap: 'all-linear' (every linear layer but the output head),
-    exact module names ('q_proj' matches '...self_attn.q_proj'), shell globs
-    ('layers.1*.mlp.*') or regular expressions prefixed with 're:'."""
-    init_seed: int | None = None
-    """Seed for adapter initialisation (None: use train.seed)."""
+from moetune.expert_configs import ExpertConfig
+from moetune.models import find_targets
 
 
 def base_dims(base: nn.Module) -> tuple[int, int]:
@@ -54,7 +34,7 @@ def dense_base_weight(base: nn.Module) -> torch.Tensor:
     if type(base).__name__ == "Conv1D":
         return w.data.t()
     if w.__class__.__name__ == "Params4bit":
-        import bitsandbytes.functional as bnbf
+        import bitsandbytes.functional as bnbf  # heavy optional dependency (CUDA only): imported when used
         return bnbf.dequantize_4bit(w.data, w.quant_state)
     return w.data
 
@@ -110,7 +90,6 @@ class ExpertLayer(nn.Module, abc.ABC):
     @classmethod
     def target_names(cls, model: nn.Module, cfg: ExpertConfig) -> list[str]:
         """Names of the projections this type wraps (default: `cfg.target_modules`)."""
-        from moetune.models import find_targets  # lazy: models imports the recipe, which imports experts
         return find_targets(model, list(cfg.target_modules))
 
     @classmethod

@@ -29,70 +29,16 @@ composition is computation, not a weight delta). `rank`, `alpha` and `target_mod
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetune.experts.base import ExpertConfig, ExpertLayer, base_dims
+from moetune.errors import RecipeError
+from moetune.expert_configs import CALMConfig
+from moetune.experts.base import ExpertLayer, base_dims
 from moetune.experts.calm_align import load_aligner
 from moetune.experts.calm_bridge import AugmentingRunner, check_tokenizers, decoder_layers, load_augmenting
-from moetune.schema import opt
-
-
-@dataclass
-class CALMConfig(ExpertConfig):
-    """CALM settings (`expert:` with type calm; `model:` is the anchor)."""
-
-    target_modules: list[str] = opt(factory=list)
-    """Unused by calm: the composition points are set by num_compositions or anchor_layers."""
-    augmenting_model: str = ""
-    """The augmenting model m_A (frozen): local model directory, hub id or built-in name. It is loaded
-    with the anchor's device, dtype and 4-bit setting (model.quantization) and must share its tokenizer,
-    unless tokenizer_check is align."""
-    num_compositions: int = opt(4, min=1)
-    """n: compose after every N_B/n-th anchor layer with every N_A/n-th augmenting layer
-    (0-based (k+1)*N/n - 1, k = 0..n-1). Ignored when anchor_layers is set."""
-    anchor_layers: list[int] = opt(factory=list)
-    """Explicit 0-based anchor decoder layers after which a composition is added (empty: from num_compositions)."""
-    augmenting_layers: list[int] = opt(factory=list)
-    """Explicit 0-based augmenting layers, one per entry of anchor_layers, whose outputs are attended to."""
-    num_heads: int = opt(4, min=1)
-    """Attention heads of each cross-attention."""
-    head_dim: int | None = opt(None, min=1)
-    """Width of each head (None: anchor hidden size / num_heads, which must divide)."""
-    projection: str = opt("linear", choices=("linear", "mlp"))
-    """f_proj: D_A -> D_B. 'linear': one affine map (the paper); 'mlp': affine, GELU, affine (hidden D_B)."""
-    norm: bool = True
-    """RMS-normalise the anchor states before W_Q and the projected augmenting states before W_K, W_V
-    (learnable gains, start at 1; not in the paper)."""
-    tokenizer_check: str = opt("strict", choices=("strict", "vocab", "off", "align"))
-    """How the two tokenizers relate. Shared tokenizer (m_A reads the anchor's token ids): 'strict' same
-    vocabulary and special tokens; 'vocab' same token -> id map; 'off' no check (you vouch that the ids
-    mean the same tokens). 'align': the tokenizers may differ (both must be fast tokenizers); m_A reads
-    the anchor's text with its own tokenizer (from augmenting_model's directory). For each anchor
-    position t, text_t = the anchor's decoding of its real tokens <= t, leaving out the anchor's
-    special tokens (chat markers, BOS/EOS) and a trailing unfinished UTF-8 character; the cross-attention
-    at t reads exactly m_A's states on m_A's tokenization of text_t (with the special tokens m_A's
-    tokenizer adds, e.g. its BOS), so it is causal in characters and later text cannot change it. One
-    m_A forward per batch covers all positions (a tree-masked input); generation re-runs m_A on the
-    whole text at every step (no m_A cache), so align mode is slower than a shared tokenizer."""
-
-    def check_recipe(self, recipe) -> None:
-        """Recipe-level checks that need no model (called by recipe._check_semantics)."""
-        from moetune.recipe import RecipeError
-        if not self.augmenting_model:
-            raise RecipeError("Recipe key 'expert.augmenting_model' is empty; expert type 'calm' composes the anchor "
-                              "(model.path) with a second model. Allowed: a local model directory, hub id or built-in name.")
-        if bool(self.anchor_layers) != bool(self.augmenting_layers) or len(self.anchor_layers) != len(self.augmenting_layers):
-            raise RecipeError(f"Recipe keys 'expert.anchor_layers' {list(self.anchor_layers)} and "
-                              f"'expert.augmenting_layers' {list(self.augmenting_layers)} must be given together, "
-                              "with one augmenting layer per anchor layer. Allowed: two lists of equal length, or "
-                              "both empty (layers from expert.num_compositions).")
-        if len(set(self.anchor_layers)) != len(self.anchor_layers):
-            raise RecipeError(f"Recipe key 'expert.anchor_layers' repeats a layer: {list(self.anchor_layers)}. "
-                              "Allowed: distinct layer indices.")
+from moetune.models import is_projection
 
 
 def evenly_spaced(depth: int, n: int) -> list[int]:
@@ -102,7 +48,6 @@ def evenly_spaced(depth: int, n: int) -> list[int]:
 
 def composition_pairs(cfg: CALMConfig, n_anchor: int, n_aug: int) -> list[tuple[int, int]]:
     """[(anchor layer j_k, augmenting layer i_k)] for the recipe, checked against the two depths."""
-    from moetune.recipe import RecipeError
     if cfg.anchor_layers:
         pairs = list(zip(cfg.anchor_layers, cfg.augmenting_layers))
         for key, idx, depth in (("anchor_layers", cfg.anchor_layers, n_anchor),
@@ -120,7 +65,6 @@ def composition_pairs(cfg: CALMConfig, n_anchor: int, n_aug: int) -> list[tuple[
 
 def block_width(block: nn.Module) -> int:
     """Residual width of a decoder block: the input size of its first projection (q_proj, GPT-2 c_attn)."""
-    from moetune.models import is_projection  # lazy: models imports recipe, which imports this registry
     first = next((m for m in block.modules() if is_projection(m)), None)
     if first is None:
         raise TypeError(f"cannot find the width of decoder block {type(block).__name__}: no linear projection in it")
@@ -136,7 +80,6 @@ class CALMLayer(ExpertLayer):
     def __init__(self, base: nn.Module, cfg: CALMConfig, runner: AugmentingRunner, aug_layer: int, d_aug: int,
                  name: str = "") -> None:
         super().__init__(base, cfg, None, name)
-        from moetune.recipe import RecipeError
         d = self.d_out                                                   # D_B
         self.runner = runner                                             # plain object: m_A is no submodule
         self.aug_layer = aug_layer
@@ -191,7 +134,6 @@ class CALMLayer(ExpertLayer):
     @classmethod
     def inject_model(cls, model: nn.Module, cfg: CALMConfig) -> dict[str, "CALMLayer"]:
         """Load m_A, check (or, in align mode, load) the tokenizers, wrap the composed anchor blocks, hook m_A on."""
-        from moetune.recipe import RecipeError
         if getattr(model, "calm_runner", None) is not None:
             raise RecipeError("This model already carries a CALM composition; load a fresh anchor.")
         aug = load_augmenting(cfg.augmenting_model, model)

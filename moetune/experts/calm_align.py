@@ -39,6 +39,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moetune.errors import RecipeError
+from moetune.models import load_tokenizer
+from moetune.recipe import ModelConfig
+
 Triple = tuple[int, int, int]   # (a, lo, hi): sees trunk tokens [0, a) and flat tokens [lo, hi)
 
 
@@ -103,8 +107,6 @@ def prefix_texts(tok, ids: list[int], ends: list[int]) -> list[str]:
 
 def load_aligner(anchor_path: str, augmenting_path: str, aug_vocab_rows: int) -> "TextAligner":
     """Both tokenizers, checked: fast (Rust) tokenizers, and m_A's ids fit its embedding table."""
-    from moetune.models import load_tokenizer
-    from moetune.recipe import ModelConfig, RecipeError
     tok_b = load_tokenizer(ModelConfig(path=anchor_path))
     tok_a = load_tokenizer(ModelConfig(path=augmenting_path))
     for key, path, tok in (("model.path", anchor_path, tok_b), ("expert.augmenting_model", augmenting_path, tok_a)):

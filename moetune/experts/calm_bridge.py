@@ -29,7 +29,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moetune.errors import RecipeError
 from moetune.experts.calm_align import TextAligner
+from moetune.models import DTYPES, load_config, load_model, load_tokenizer
+from moetune.recipe import ModelConfig
+
+# transformers (a heavy import) is imported inside the functions that use it, like moetune.models does.
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -61,9 +66,6 @@ def load_augmenting(path: str, anchor: nn.Module) -> nn.Module:
 
     A meta-device anchor (`moetune validate`) gets a meta-device m_A built from its config alone."""
     from transformers import AutoModelForCausalLM
-
-    from moetune.models import DTYPES, load_config, load_model
-    from moetune.recipe import ModelConfig
     param = next(anchor.parameters())
     quant = quantization_of(anchor)
     dtype = next((k for k, v in DTYPES.items() if v == param.dtype), "float32") if quant == "none" else "bfloat16"
@@ -80,8 +82,6 @@ def check_tokenizers(anchor_path: str, augmenting_path: str, mode: str, aug_voca
 
     mode 'strict': same vocabulary (token -> id) and same special tokens; 'vocab': same vocabulary;
     'off': no comparison. Every mode needs m_A's embedding table to cover the anchor's ids."""
-    from moetune.models import load_tokenizer
-    from moetune.recipe import ModelConfig, RecipeError
     tok_a = load_tokenizer(ModelConfig(path=anchor_path))
     how = ("CALM feeds the same token ids to both models, so by default they must share a tokenizer. "
            "Allowed: an augmenting model with the anchor's tokenizer; or expert.tokenizer_check=vocab "

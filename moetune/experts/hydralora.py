@@ -22,22 +22,13 @@ heads densely, with zero gates for the unselected ones.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.expert_configs import HydraLoRAConfig
+from moetune.experts.base import ExpertLayer
 from moetune.routing import Router, low_rank_and_gates
-from moetune.schema import opt
-
-
-@dataclass
-class HydraLoRAConfig(ExpertConfig):
-    """HydraLoRA settings (`expert:` with type hydralora)."""
-
-    num_experts: int = opt(3, min=1)
-    """Number N of B heads sharing one A (the paper finds 2-4 typical)."""
 
 
 class HydraLoRALayer(ExpertLayer):

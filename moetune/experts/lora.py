@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.expert_configs import ExpertConfig
+from moetune.experts.base import ExpertLayer
 
 
 class LoRALayer(ExpertLayer):

@@ -47,6 +47,7 @@ are renormalised, G_i / sum_(kept) G_k.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -57,97 +58,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.adapter_files import WEIGHTS, read_adapter
+from moetune.errors import RecipeError
+from moetune.expert_configs import MoLEConfig, check_experts, expert_names
+from moetune.experts.base import ExpertLayer
+from moetune.models import is_projection
 from moetune.routing import Router, balance_loss, z_loss
-from moetune.schema import opt
 
-GRANULARITIES = ("matrix", "layer", "block", "network")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")
 
 
 def _error(msg: str) -> Exception:
-    from moetune.recipe import RecipeError  # lazy: the recipe module imports the expert registry
     return RecipeError(msg)
-
-
-@dataclass
-class MoLEConfig(ExpertConfig):
-    """MoLE settings (`expert:` with type mole). `rank`, `alpha`, `dropout` and `target_modules`
-    are used only by `experts_from: per_domain`, for the domain LoRAs it trains; the gates read
-    the experts' own ranks and scales."""
-
-    experts: list[str] = opt(factory=list)
-    """Directories of trained LoRA experts: moetune adapter directories (a run's adapter/) or stock
-    PEFT LoRA directories; ranks may differ. Each must name the same base model as model.path (when
-    it names one) and adapt only projections the model has. MoLE wraps every projection that any
-    expert adapts. Filled in by `experts_from: per_domain`."""
-    names: list[str] = opt(factory=list)
-    """One name per expert, for --mask-experts and reports; empty: each directory's name (its
-    parent's for a run's `adapter` directory)."""
-    experts_from: str = opt("list", choices=("list", "per_domain"))
-    """'list': the `experts` directories. 'per_domain': `moetune train` first trains one LoRA per
-    value of the data's domain field (rank, alpha, dropout, target_modules above; expert_max_steps,
-    expert_lr below; the rest of train:) into <output_dir>/experts/<domain>/adapter, then the gates."""
-    granularity: str = opt("layer", choices=GRANULARITIES)
-    """Which projections share one gate: 'matrix' (each projection), 'layer' (each attention or MLP
-    sub-layer), 'block' (each transformer block), 'network' (one gate); see moetune/experts/mole.py."""
-    temperature: float = opt(1.0, min=0, min_exclusive=True)
-    """Softmax temperature tau of the gates, G = softmax(logits / tau) (router.temperature is unused)."""
-    masked: list[str] = opt(factory=list)
-    """Experts whose gate is fixed at 0, the others renormalised (set by --mask-experts at eval/export)."""
-    expert_max_steps: int = opt(0, min=0)
-    """per_domain: optimizer steps of each domain LoRA (0: train.max_steps / train.epochs)."""
-    expert_lr: float | None = opt(None, min=0, min_exclusive=True)
-    """per_domain: learning rate of the domain LoRAs (None: train.lr)."""
-
-    def check_recipe(self, r) -> None:
-        """Settings that contradict MoLE, and (when training) the expert directories themselves."""
-        rt = r.router
-        if rt.type != "soft":
-            raise _error(f"Recipe key 'router.type' is {rt.type!r}, but MoLE gates are soft. Allowed: 'soft'.")
-        if rt.temperature != 1.0:
-            raise _error(f"Recipe key 'router.temperature' is {rt.temperature}; MoLE reads its temperature from "
-                         "'expert.temperature'. Allowed: 1.0 (set expert.temperature instead).")
-        if rt.init_centroids:
-            raise _error("Recipe key 'router.init_centroids' is set, but MoLE gates start uniform. Allowed: null.")
-        if "merge" in r.stages:
-            raise _error("Recipe stages include 'merge', but MoLE's per-token gates do not fold into the base. "
-                         "Drop 'merge' and use `moetune merge-lora --adapters ... --method mole --gates-from RUN`.")
-        if self.names and len(self.names) != len(self.experts):
-            raise _error(f"Recipe key 'expert.names' has {len(self.names)} names for {len(self.experts)} experts. "
-                         "Allowed: one name per entry of expert.experts, or an empty list.")
-        if self.experts_from == "per_domain":
-            if self.experts:
-                raise _error("Recipe key 'expert.experts' is set together with expert.experts_from='per_domain', "
-                             "which trains the experts itself. Allowed: an empty list, or experts_from='list'.")
-            return
-        if "train" in r.stages:
-            if not self.experts:
-                raise _error("Recipe key 'expert.experts' is empty. Allowed: a list of trained LoRA adapter "
-                             "directories, or expert.experts_from='per_domain' to train one per domain first.")
-            for e in load_experts(self):
-                if not same_base(e.base_model, r.model.path):
-                    raise _error(f"MoLE expert {e.name!r} ({e.path}) was trained on base model {e.base_model!r}, "
-                                 f"but model.path is {r.model.path!r}. Allowed: LoRAs of the same base model.")
-
-
-def expert_names(cfg: MoLEConfig) -> list[str]:
-    """The experts' names: `cfg.names`, or each directory's name (its parent's for '.../adapter')."""
-    if cfg.names:
-        return list(cfg.names)
-    paths = [Path(p) for p in cfg.experts]
-    return [p.parent.name if p.name == "adapter" and p.parent.name else p.name for p in paths]
-
-
-def same_base(a: str | None, b: str | None) -> bool:
-    """Whether two base-model names denote the same model: either is unknown, equal strings, the same
-    local directory, or the same last path component ignoring case (a hub id and its local copy)."""
-    if not a or not b or a == b:
-        return True
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return pa.resolve() == pb.resolve()
-    return pa.name.lower() == pb.name.lower()
 
 
 @dataclass(frozen=True)
@@ -168,30 +90,20 @@ class Expert:
 
 @lru_cache(maxsize=2)
 def _load(key: tuple) -> tuple[Expert, ...]:
-    from moetune.adapters import read_adapter  # lazy: adapters imports the registry
     out = []
     for name, path, _stamp in key:
         meta, state = read_adapter(path)
         e = meta["expert"]
-        if e["type"] != "lora":
-            raise _error(f"MoLE expert {name!r} ({path}) is a {e['type']!r} adapter. Allowed: LoRA adapters "
-                         "(moetune runs of expert.type lora, or stock PEFT LoRA directories).")
         out.append(Expert(name, path, e["alpha"] / e["rank"], meta.get("base_model"), state))
     return tuple(out)
 
 
 def load_experts(cfg: MoLEConfig) -> tuple[Expert, ...]:
-    """Read the experts of `cfg` (cached while their files are unchanged)."""
-    names = expert_names(cfg)
-    if len(set(names)) != len(names):
-        raise _error(f"MoLE expert names {names} repeat a name. Allowed: distinct names (set expert.names).")
+    """Read the experts of `cfg` (checked by `check_experts`; cached while their files are unchanged)."""
     key = []
-    for name, path in zip(names, cfg.experts):
-        f = Path(path) / "adapter_model.safetensors"
-        if not f.is_file():
-            raise _error(f"MoLE expert {name!r}: {path} is not an adapter directory (no adapter_model.safetensors).")
-        st = f.stat()
-        key.append((name, str(Path(path).resolve()), (st.st_mtime_ns, st.st_size)))
+    for name, path, _meta in check_experts(cfg):
+        st = (Path(path) / WEIGHTS).stat()
+        key.append((name, path, (st.st_mtime_ns, st.st_size)))  # path: resolved
     return _load(tuple(key))
 
 
@@ -291,7 +203,6 @@ class MoLELayer(ExpertLayer):
     def target_names(cls, model: nn.Module, cfg: MoLEConfig) -> list[str]:
         """Every projection some expert adapts, in model order; an expert adapting a module the model
         lacks (or one that is not a linear projection) is a RecipeError naming both."""
-        from moetune.models import is_projection
         experts = load_experts(cfg)
         if not experts:
             raise _error("Recipe key 'expert.experts' is empty: MoLE needs trained LoRA adapters (with "
@@ -405,7 +316,6 @@ def set_mask(layers, names: list[str]) -> None:
 
 def write_mask(adapter_dir: str | Path, names: list[str]) -> None:
     """Record `names` as masked in a saved MoLE adapter's moetune.json (checked against its experts)."""
-    import json
     path = Path(adapter_dir) / "moetune.json"
     meta = json.loads(path.read_text()) if path.is_file() else {}
     expert = meta.get("expert", {})

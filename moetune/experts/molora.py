@@ -23,22 +23,13 @@ Not mergeable (per-token gates): `delta_weight` is None.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.expert_configs import MoLoRAConfig
+from moetune.experts.base import ExpertLayer
 from moetune.routing import Router, low_rank_and_gates
-from moetune.schema import opt
-
-
-@dataclass
-class MoLoRAConfig(ExpertConfig):
-    """MoLoRA settings (`expert:` with type molora)."""
-
-    num_experts: int = opt(4, min=1)
-    """Number N of LoRA experts, each of rank `rank` (the paper uses 10; more helps until saturation)."""
 
 
 class MoLoRALayer(ExpertLayer):

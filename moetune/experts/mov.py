@@ -21,28 +21,13 @@ exactly keys, values and the FFN intermediate.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from moetune.experts.base import ExpertConfig, ExpertLayer
+from moetune.expert_configs import MoVConfig
+from moetune.experts.base import ExpertLayer
+from moetune.models import matches_pattern
 from moetune.routing import Router
-from moetune.schema import opt
-
-
-@dataclass
-class MoVConfig(ExpertConfig):
-    """MoV settings (`expert:` with type mov)."""
-
-    target_modules: list[str] = opt(factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    """Which projections to wrap (same syntax as for LoRA). (IA)^3 places: attention keys and values
-    (k_proj, v_proj) and the FFN down projection (down_proj; GPT-2: [c_attn, mlp.c_proj])."""
-    num_experts: int = opt(4, min=1)
-    """Number N of (IA)^3 vectors per wrapped projection (the paper uses 10-30)."""
-    input_scaled_modules: list[str] = opt(factory=lambda: ["down_proj", "mlp.c_proj"])
-    """Wrapped projections whose INPUT is scaled (the FFN intermediate activation); all other
-    wrapped projections have their OUTPUT scaled (keys, values). Same name syntax as target_modules."""
 
 
 class MoVLayer(ExpertLayer):
@@ -53,8 +38,7 @@ class MoVLayer(ExpertLayer):
 
     def __init__(self, base: nn.Module, cfg: MoVConfig, router=None, name: str = "") -> None:
         super().__init__(base, cfg, router, name)
-        from moetune.models import _matches  # lazy: models imports recipe, which imports this registry
-        self.scale_input = any(_matches(name, p) for p in cfg.input_scaled_modules)
+        self.scale_input = any(matches_pattern(name, p) for p in cfg.input_scaled_modules)
         d = self.d_in if self.scale_input else self.d_out
         self.ia3_l = nn.Parameter(torch.ones(cfg.num_experts, d))       # (N, d), l_i = 1
         self.router = Router(self.d_in, cfg.num_experts, router)        # W_g: (N, d_in)
