@@ -11,8 +11,9 @@ from conftest import cli
 import torch
 from safetensors.torch import load_file
 
-from moetune.cluster import choose, cluster_heads, elbow, embed, example_texts, router_init_weight, scan
+from moetune.cluster import choose, cluster_heads, elbow, embed, example_texts, scan
 from moetune.recipe import RecipeError, load_recipe
+from moetune.routing import router_init_weight
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
