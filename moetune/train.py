@@ -21,11 +21,13 @@ import torch
 
 from moetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from moetune.data import Example, collate
+from moetune.errors import RecipeError
 from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
 from moetune.loss import CausalLMLoss
-from moetune.errors import RecipeError
 from moetune.recipe import Recipe, TrainConfig
 from moetune.ui import Metrics, TrainProgress
+
+# transformers (a heavy import) is imported inside the function that uses it.
 
 
 @dataclass

@@ -17,6 +17,8 @@ from moetune.models import load_config
 from moetune.recipe import Recipe
 from moetune.ui import console, table
 
+# transformers (a heavy import) is imported inside the function that uses it.
+
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
