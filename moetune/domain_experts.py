@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-
 from typing import Callable
 
 from moetune.checkpoint import write_json
