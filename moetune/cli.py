@@ -33,10 +33,14 @@ def _run_dir_recipe(run_dir: Path, overrides: Optional[List[str]]):
 
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overrides: Optional[List[str]] = OVERRIDES,
-          resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir.")):
-    """Run the recipe's stages (train, merge, eval, export) in order."""
+          resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds a run: "
+                                         "the old run is moved aside to <output_dir>.old-<UTC time>, not deleted.")):
+    """Run the recipe's stages (train, merge, eval, export) in order.
+
+    An output_dir that already holds a run is refused unless --resume or --overwrite is given."""
     from moetune.stages import run_recipe
-    run_recipe(_recipe(recipe, overrides), resume=resume)
+    run_recipe(_recipe(recipe, overrides), resume=resume, overwrite=overwrite)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from moetune.evaluate import evaluate, multiple_choice
 from moetune.inject import count_parameters, inject
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
 from moetune.report import eval_routing, print_report
+from moetune.rundir import open_run, refuse_or_clear
 from moetune.ui import console, table
 
 
@@ -288,8 +289,11 @@ def print_summary(run: Run) -> None:
         console.print(f"multiple choice {path}: accuracy {mc['accuracy']:.4f} (n={mc['n']})")
 
 
-def run_recipe(recipe: R.Recipe, resume: bool = False) -> dict:
-    """Run the recipe's stages in order; returns summary.json's content."""
+def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the recipe's stages in order; returns summary.json's content.
+
+    The main process first guards output_dir (rundir.open_run: write probe, lock, an existing run is
+    refused without `resume`, moved aside with `overwrite`) and holds its lock until the stages end."""
     from accelerate import Accelerator
     from moetune.experts import REGISTRY
     if "merge" in recipe.stages and not REGISTRY[recipe.expert.type].mergeable:
@@ -298,6 +302,19 @@ def run_recipe(recipe: R.Recipe, resume: bool = False) -> dict:
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision] if not cpu else "no"
     acc = Accelerator(cpu=cpu, mixed_precision=mp)
     run = Run(recipe, acc)
+    if not run.main:  # the main process guards output_dir; the others refuse a run without --resume too
+        if "train" in recipe.stages and not overwrite:
+            refuse_or_clear(run.dir, resume, False)
+        return _run_stages(run, resume)
+    if "train" not in recipe.stages and not overwrite:
+        resume = True  # stages without train (eval, export) work on the run that is there
+    extra = (("export.dir", Path(recipe.export.dir).parent),) if recipe.export.dir and "export" in recipe.stages else ()
+    with open_run(run.dir, resume=resume, overwrite=overwrite, extra_dirs=extra, log=run.log):
+        return _run_stages(run, resume)
+
+
+def _run_stages(run: Run, resume: bool) -> dict:
+    recipe = run.recipe
     if run.main:
         run.dir.mkdir(parents=True, exist_ok=True)
         (run.dir / "recipe.yaml").write_text(R.to_yaml(recipe))
