@@ -1,6 +1,7 @@
 """moetune's command line: parse, load the recipe, call one stage function. Nothing else."""
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -14,6 +15,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "driven by YAML recipes. Start with: moetune train recipes/default.yaml")
 data_app = typer.Typer(no_args_is_help=True, help="Build the default data and MMLU files.")
 app.add_typer(data_app, name="data")
+
+# Write failures (disk full, quota, read-only, permission) mid-run: one paragraph, exit 2, no traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 OVERRIDES = typer.Argument(None, help="key=value overrides, OmegaConf style (e.g. train.lr=1e-4 expert.rank=16).")
 
@@ -247,6 +251,15 @@ def main() -> None:
         app()
     except RecipeError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        console.print(f"[bold red]error:[/] could not write{where}: {e.strerror or e}. Checkpoints and exports "
+                      "finished before this are intact; a directory being written when it failed was removed, "
+                      "never left half-written. Free space or fix permissions, then rerun (add --resume to "
+                      "continue a training run).", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: checkpoints and exports written so far are intact.")
