@@ -20,6 +20,7 @@ from torch import nn
 from moetune.checkpoint import atomic_dir
 from moetune.experts import REGISTRY, ExpertConfig, config_class
 from moetune.inject import adapter_state_dict, expert_layers, inject, load_adapter_state_dict
+from moetune.models import stock_base_name
 from moetune.recipe import RecipeError, RouterConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -29,7 +30,7 @@ LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 def _peft_config(model: nn.Module, expert: ExpertConfig, base_name: str, names: list[str]) -> dict:
     conv1d = any(type(layer.base).__name__ == "Conv1D" for layer in expert_layers(model).values())
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": stock_base_name(base_name),
         "r": expert.rank, "lora_alpha": expert.alpha, "lora_dropout": expert.dropout,
         "target_modules": sorted(names), "bias": "none", "fan_in_fan_out": conv1d,
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,

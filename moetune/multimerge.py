@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from moetune.adapters import PEFT_PREFIX, read_adapter
 from moetune.checkpoint import atomic_dir
+from moetune.models import stock_base_name
 from moetune.recipe import RecipeError
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "mole")
@@ -184,7 +185,8 @@ def save_merged_adapter(out: str | Path, merged: dict, rank: int, loras: list[Lo
     for m, (a, b) in merged.items():
         tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = a.contiguous()
         tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b.contiguous()
-    peft = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+    peft = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+            "base_model_name_or_path": stock_base_name(base) if base else None,
             "lora_alpha": rank, "lora_dropout": 0.0, "target_modules": modules, "bias": "none",
             "fan_in_fan_out": any(lo.fan_in_fan_out for lo in loras), "modules_to_save": None,
             "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,

@@ -29,6 +29,7 @@ from moetune.inject import count_parameters, inject
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
 from moetune.report import eval_routing, print_report
 from moetune.rundir import open_run, refuse_or_clear
+from moetune.stock import stock_snippet
 from moetune.ui import console, table
 
 
@@ -225,7 +226,7 @@ def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> 
                 stage_merge(run)
             shutil.copytree(run.dir / "merged", tmp / "merged" if kind == "both" else tmp, dirs_exist_ok=True)
         (tmp / "recipe.yaml").write_text(R.to_yaml(rc))
-        (tmp / "README.md").write_text(model_card(run, kind))
+        (tmp / "README.md").write_text(model_card(run, kind, out))
     res = {"dir": str(out), "kind": kind}
     run.update_summary(export=res)
     run.log(f"Exported {kind} to {out}")
@@ -246,7 +247,8 @@ def _how_to_load(expert_type: str, kind: str) -> str:
             "`moetune export --collapse mean` turns it into a stock PEFT LoRA")
 
 
-def model_card(run: Run, kind: str) -> str:
+def model_card(run: Run, kind: str, out_dir: Path | None = None) -> str:
+    """The export's README.md: base, expert, data, scores and (out_dir given) how to load it without moetune."""
     rc, s = run.recipe, run.summary()
     lines = [f"# moetune {rc.expert.type} adapter", "",
              f"- Base model: `{rc.model.path}`" + (" (SmolLM2-135M-Instruct, weights dequantised from the Q4_1 GGUF "
@@ -267,6 +269,8 @@ def model_card(run: Run, kind: str) -> str:
             lines.append(f"| {d} | {b.get('loss', float('nan')):.4f} | {a['loss']:.4f} | "
                          f"{b.get('exact_match', float('nan')):.3f} | {a.get('exact_match', float('nan')):.3f} |")
     lines += ["", "Full recipe: `recipe.yaml`.", ""]
+    if out_dir is not None:
+        lines += stock_snippet(rc, run.tokenizer, kind, out_dir)
     return "\n".join(lines)
 
 
