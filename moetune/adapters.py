@@ -22,12 +22,13 @@ from moetune.checkpoint import atomic_dir
 from moetune.experts import REGISTRY, ExpertConfig, config_class
 from moetune.inject import adapter_state_dict, expert_layers, inject, load_adapter_state_dict
 from moetune.recipe import RouterConfig
+from moetune.models import stock_base_name
 
 
 def _peft_config(model: nn.Module, expert: ExpertConfig, base_name: str, names: list[str]) -> dict:
     conv1d = any(type(layer.base).__name__ == "Conv1D" for layer in expert_layers(model).values())
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": stock_base_name(base_name),
         "r": expert.rank, "lora_alpha": expert.alpha, "lora_dropout": expert.dropout,
         "target_modules": sorted(names), "bias": "none", "fan_in_fan_out": conv1d,
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,

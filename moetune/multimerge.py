@@ -42,6 +42,7 @@ from moetune.errors import RecipeError
 from moetune.expert_configs import expert_names, same_base
 from moetune.experts.mole import MoLELayer
 from moetune.inject import expert_layers
+from moetune.models import stock_base_name
 from moetune.recipe import load_recipe
 from moetune.report import collect_gates, mean_gates
 from moetune.stages import Run, model_with_adapter
@@ -190,7 +191,8 @@ def save_merged_adapter(out: str | Path, merged: dict, rank: int, loras: list[Lo
     for m, (a, b) in merged.items():
         tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = a.contiguous()
         tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = b.contiguous()
-    peft = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+    peft = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+            "base_model_name_or_path": stock_base_name(base) if base else None,
             "lora_alpha": rank, "lora_dropout": 0.0, "target_modules": modules, "bias": "none",
             "fan_in_fan_out": any(lo.fan_in_fan_out for lo in loras), "modules_to_save": None,
             "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,

@@ -379,6 +379,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             base = OmegaConf.load(p)
         except Exception as e:  # YAML syntax errors
             raise RecipeError(f"Recipe file {str(p)!r} is not valid YAML: {e}") from None
+        body = [x for x in p.read_text().splitlines() if x.strip() and not x.lstrip().startswith("#")]
+        if not body:
+            raise RecipeError(f"Recipe file {str(p)!r} is empty (or holds only comments), so it sets nothing. "
+                              "Allowed: a YAML mapping of sections (model:, expert:, data:, train:, ...), e.g. a copy "
+                              "of recipes/default.yaml; to run every default on purpose, write `{}` in it.")
         if not OmegaConf.is_dict(base):  # e.g. a YAML list: merging it below would raise TypeError
             raise RecipeError(f"Recipe file {str(p)!r}: a recipe must be a YAML mapping of sections "
                               "(model:, expert:, data:, train:, ...), got a list.")

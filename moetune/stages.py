@@ -33,6 +33,8 @@ from moetune.merge import max_logit_diff, merge_into_base, save_merged
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
 from moetune.recipe import not_mergeable
 from moetune.report import eval_routing, print_report
+from moetune.rundir import open_run, refuse_or_clear
+from moetune.stock import stock_snippet
 from moetune.train import train
 from moetune.ui import console, table
 
@@ -203,7 +205,7 @@ def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> 
                 stage_merge(run)
             shutil.copytree(run.dir / "merged", tmp / "merged" if kind == "both" else tmp, dirs_exist_ok=True)
         (tmp / "recipe.yaml").write_text(R.to_yaml(rc))
-        (tmp / "README.md").write_text(model_card(run, kind))
+        (tmp / "README.md").write_text(model_card(run, kind, out))
     res = {"dir": str(out), "kind": kind}
     run.update_summary(export=res)
     run.log(f"Exported {kind} to {out}")
@@ -224,7 +226,8 @@ def _how_to_load(expert_type: str, kind: str) -> str:
             "`moetune export --collapse mean` turns it into a stock PEFT LoRA")
 
 
-def model_card(run: Run, kind: str) -> str:
+def model_card(run: Run, kind: str, out_dir: Path | None = None) -> str:
+    """The export's README.md: base, expert, data, scores and (out_dir given) how to load it without moetune."""
     rc, s = run.recipe, run.summary()
     lines = [f"# moetune {rc.expert.type} adapter", "",
              f"- Base model: `{rc.model.path}`" + (" (SmolLM2-135M-Instruct, weights dequantised from the Q4_1 GGUF "
@@ -245,6 +248,8 @@ def model_card(run: Run, kind: str) -> str:
             lines.append(f"| {d} | {b.get('loss', float('nan')):.4f} | {a['loss']:.4f} | "
                          f"{b.get('exact_match', float('nan')):.3f} | {a.get('exact_match', float('nan')):.3f} |")
     lines += ["", "Full recipe: `recipe.yaml`.", ""]
+    if out_dir is not None:
+        lines += stock_snippet(rc, run.tokenizer, kind, out_dir)
     return "\n".join(lines)
 
 
@@ -267,8 +272,11 @@ def print_summary(run: Run) -> None:
         console.print(f"multiple choice {path}: accuracy {mc['accuracy']:.4f} (n={mc['n']})")
 
 
-def run_recipe(recipe: R.Recipe, resume: bool = False) -> dict:
-    """Run the recipe's stages in order; returns summary.json's content."""
+def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the recipe's stages in order; returns summary.json's content.
+
+    The main process first guards output_dir (rundir.open_run: write probe, lock, an existing run is
+    refused without `resume`, moved aside with `overwrite`) and holds its lock until the stages end."""
     from accelerate import Accelerator
     if "merge" in recipe.stages and not REGISTRY[recipe.expert.type].mergeable:
         raise not_mergeable(recipe.expert.type)  # before training, not after
@@ -276,6 +284,19 @@ def run_recipe(recipe: R.Recipe, resume: bool = False) -> dict:
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision] if not cpu else "no"
     acc = Accelerator(cpu=cpu, mixed_precision=mp)
     run = Run(recipe, acc)
+    if not run.main:  # the main process guards output_dir; the others refuse a run without --resume too
+        if "train" in recipe.stages and not overwrite:
+            refuse_or_clear(run.dir, resume, False)
+        return _run_stages(run, resume)
+    if "train" not in recipe.stages and not overwrite:
+        resume = True  # stages without train (eval, export) work on the run that is there
+    extra = (("export.dir", Path(recipe.export.dir).parent),) if recipe.export.dir and "export" in recipe.stages else ()
+    with open_run(run.dir, resume=resume, overwrite=overwrite, extra_dirs=extra, log=run.log):
+        return _run_stages(run, resume)
+
+
+def _run_stages(run: Run, resume: bool) -> dict:
+    recipe = run.recipe
     if run.main:
         run.dir.mkdir(parents=True, exist_ok=True)
         (run.dir / "recipe.yaml").write_text(R.to_yaml(recipe))

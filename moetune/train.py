@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from moetune.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
 from moetune.data import Example, collate
 from moetune.errors import RecipeError
 from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
@@ -123,19 +123,20 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
 
     start = 0
     if resume:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt, state, damaged = newest_verified_checkpoint(run_dir, warn=console.print if console else print)
         if ckpt is None:
-            raise RecipeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}.")
-        state = load_checkpoint(ckpt)
+            raise RecipeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'} verifies"
+                              f"{' (' + '; '.join(damaged) + ')' if damaged else ''}. Allowed: start over with "
+                              "--overwrite (the old run is moved aside, not deleted).")
+        if state["position"].get("global_batch") != plan.global_batch:  # checked before anything is applied
+            raise RecipeError("--resume: the global batch differs from the checkpoint's "
+                              f"({state['position'].get('global_batch')} vs {plan.global_batch}).")
         load_adapter_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(*state["rng"])
         start = state["step"]
-        if state["position"].get("global_batch") != plan.global_batch:
-            raise RecipeError("--resume: the global batch differs from the checkpoint's "
-                              f"({state['position'].get('global_batch')} vs {plan.global_batch}).")
-        metrics.log({"event": "resume", "step": start, "checkpoint": str(ckpt)})
+        metrics.log({"event": "resume", "step": start, "checkpoint": str(ckpt), "skipped_damaged": damaged})
 
     def checkpoint(step: int) -> None:
         if accelerator.is_main_process:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from calm_prefill import check_prefill_splits, cuts
 from conftest import build_tokenizer, tiny_overrides
 from moetune.adapters import load_adapter, save_adapter
 from moetune.experts.calm import CALMConfig, CALMLayer, composition_pairs, evenly_spaced
@@ -225,6 +226,21 @@ def test_cached_greedy_generation_matches_no_cache(pair):
         with pytest.raises(RuntimeError, match="must advance together"):
             model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=past,
                   use_cache=True)
+
+
+def test_any_prefill_split_gives_the_no_cache_logits(pair):
+    """The prompt in 1, 2 or 3 prefill calls with a DynamicCache, then single tokens: the no-cache logits, m_A
+    run once per call and its cache in step; a cropped cache crops m_A's states (transformers-version independent)."""
+    model, _ = _composed(pair)
+    _randomise(model)
+    model.double()
+    model.calm_runner.model.double()
+    ids, mask = _batch(model.config.vocab_size)
+    runner = model.calm_runner
+    calls = runner.calls
+    check_prefill_splits(model, ids, mask, new=3)
+    assert runner.calls - calls == sum(len(cuts(10, p, 3)) - 1 for p in (1, 2, 3)) + 2   # + reference, + after crop
+    assert runner.cache.get_seq_length() == 13 and runner.states[2].shape == (3, 13, D_AUG)
 
 
 def test_save_reload_reproduces_logits(pair, tmp_path):

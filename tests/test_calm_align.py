@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+from calm_prefill import check_prefill_splits
 from conftest import WORDS, build_tokenizer, make_rows, tiny_overrides
 from moetune.experts.calm import CALMConfig
 from moetune.experts.calm_align import build_layout, prefix_texts, visible
@@ -254,6 +255,16 @@ def test_cached_greedy_generation_matches_no_cache(pair):
         with pytest.raises(RuntimeError, match="must advance together"):
             model(input_ids=nxt, attention_mask=torch.cat([m2, torch.ones_like(nxt)], 1), past_key_values=past,
                   use_cache=True)
+
+
+def test_any_prefill_split_gives_the_no_cache_logits(pair):
+    """Align mode: the prompt in 1, 2 or 3 prefill calls with a DynamicCache, then single tokens (and a
+    cropped cache): the no-cache logits at every real position."""
+    model = _double(_composed(pair))
+    _randomise(model)
+    ids, mask = _batch(pair["tok"])
+    check_prefill_splits(model, ids, mask, new=3)
+    assert model.calm_runner.ids.shape == (3, ids.shape[1] + 3)
 
 
 # ------------------------------------------------------------------ errors and training

@@ -56,3 +56,9 @@ def test_default_export_loads_in_peft_and_reproduces_merged_logits(default_run):
         a, b = peft_model(**x).logits, merged(**x).logits
     mask = x["attention_mask"].bool()
     assert float((a - b).abs()[mask].max()) < 1e-2
+    # adapter_config.json names a base stock tools resolve: PEFT finds it from the adapter alone
+    from peft import AutoPeftModelForCausalLM
+    assert json.loads((export / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
+    with torch.no_grad():
+        c = AutoPeftModelForCausalLM.from_pretrained(export).eval()(**x).logits
+    torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)

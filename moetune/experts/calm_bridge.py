@@ -15,10 +15,12 @@ where S is the number of positions seen so far and allowed[., t, s] = (s <= S-T+
 padding: the cross-attention is causal. Without a cache S = T, the input length. When
 the anchor is called with its KV cache (generation), m_A is called with its own KV cache on just
 the new tokens, and the new states are appended, so the composition layers attend over the
-prompt and every generated token while m_A runs once per token. The two caches stay in step: a
-cached anchor call whose past length differs from what m_A has seen is an error, never a silent
-recomputation. Beam search, which reorders the anchor's cache, is not supported (greedy and
-sampling are).
+prompt and every generated token while m_A runs once per token. The anchor's cache is found by
+type (a transformers `Cache`, whatever the keyword), so the prompt may arrive in any number of
+prefill calls. The two caches stay in step: a cached anchor call whose past length exceeds what m_A
+has seen, or with another cache, is an error, never a silent recomputation; a cache cropped back
+(assisted decoding) crops m_A's states too. Beam search, which reorders the anchor's cache, is not
+supported (greedy and sampling are).
 
 With `expert.tokenizer_check: align` the models need not share a tokenizer: a `calm_align.TextAligner`
 turns the anchor's ids into text and m_A's own ids, m_A runs without a cache on the whole text so
@@ -26,8 +28,11 @@ far at every call, and `allowed` comes from the text alignment instead (see calm
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
+from transformers import Cache, DynamicCache
 
 from moetune.errors import RecipeError
 from moetune.experts.calm_align import TextAligner
@@ -129,6 +134,8 @@ class AugmentingRunner:
         self.length = 0                             # anchor positions seen (S_B; = S in shared mode)
         self.calls = 0                              # m_A forwards run (for tests and logs)
         self._new: dict[int, torch.Tensor] = {}
+        params = inspect.signature(model.base_model.forward).parameters
+        self._cache_key = "cache" if "cache" in params else "past_key_values"   # renamed in transformers 5.x
         _, blocks = decoder_layers(model)
         for i in self.layers:
             blocks[i].register_forward_hook(self._keeper(i))
@@ -142,7 +149,12 @@ class AugmentingRunner:
         self.states, self.allowed, self.ids, self.cache, self.anchor_cache, self.length = {}, None, None, None, None, 0
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        """Forward pre-hook (with kwargs) on the anchor's decoder stack; leaves its inputs unchanged."""
+        """Forward pre-hook (with kwargs) on the anchor's decoder stack; leaves its inputs unchanged.
+
+        Independent of how `generate` feeds the anchor: the cache is whichever argument is a transformers
+        `Cache` (whatever its keyword: `past_key_values` in early 5.x, `cache` later), its past length
+        comes from `get_seq_length()`, so a prompt fed in any number of prefill calls, then one token
+        at a time, keeps m_A in step; a cache cropped back (assisted decoding) crops m_A's side too."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise RuntimeError("CALM needs input_ids (not inputs_embeds): the augmenting model reads the same tokens.")
@@ -150,36 +162,33 @@ class AugmentingRunner:
         if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
             raise RuntimeError("CALM needs a 2-D (batch, positions) attention mask; static/compiled caches that "
                                "pass 4-D masks are not supported.")
-        past = kwargs.get("past_key_values")
+        past = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
-            use_cache = bool(getattr(module.config, "use_cache", False))
+            use_cache = past is not None or bool(getattr(module.config, "use_cache", False))
         past_len = past.get_seq_length() if past is not None else 0
         B, T = ids.shape
         if past_len == 0:  # a fresh input: forget the previous one
             self.reset()
             self.anchor_cache = past
             if use_cache and self.aligner is None:
-                from transformers import DynamicCache
                 self.cache = DynamicCache(config=self.model.config)
-        elif ((self.ids if self.aligner is not None else self.cache) is None or past_len != self.length
-              or (self.anchor_cache is not None and past is not self.anchor_cache)):
-            raise RuntimeError(f"CALM: the anchor was called with a KV cache of {past_len} positions, but the "
-                               f"augmenting model has followed {self.length}; the two must advance together "
-                               "(greedy or sampled generation; beam search reorders caches and is not supported).")
+        else:
+            self._follow(past, past_len)
         S = past_len + T
         real = (mask.bool() if mask is not None
                 else torch.ones(B, S, dtype=torch.bool, device=ids.device))   # (b, S)
         if real.shape != (B, S):
             raise RuntimeError(f"CALM: attention mask of shape {tuple(real.shape)} for {T} new tokens after "
-                               f"{past_len} cached ones; expected {(B, S)}.")
+                               f"{past_len} cached ones; expected {(B, S)} (is the KV cache passed as a "
+                               "transformers Cache?).")
         self._new = {}
         if self.aligner is not None:
             self._run_aligned(torch.cat([self.ids, ids], 1) if past_len else ids, real, T)
         else:
             with torch.no_grad():
                 self.model.base_model(input_ids=ids, attention_mask=mask, position_ids=kwargs.get("position_ids"),
-                                      past_key_values=self.cache if use_cache else None, use_cache=bool(use_cache))
+                                      use_cache=bool(use_cache), **{self._cache_key: self.cache if use_cache else None})
             for i in self.layers:
                 new = self._new[i].detach()                                  # (b, T, D_A)
                 self.states[i] = torch.cat([self.states[i], new], 1) if past_len else new   # (b, S, D_A)
@@ -191,6 +200,25 @@ class AugmentingRunner:
         self._new = {}
         self.length = S
         return None
+
+    def _follow(self, past, past_len: int) -> None:
+        """Check that m_A has followed the anchor's cache `past` (past_len > 0 positions); crop back to it if
+        the anchor's cache was cropped. Anything else (another input in between, a reordered or foreign
+        cache) is an error, never a silent recomputation."""
+        held = self.ids if self.aligner is not None else self.cache
+        same = self.anchor_cache is None or past is self.anchor_cache
+        if held is None or not same or past_len > self.length:
+            raise RuntimeError(f"CALM: the anchor was called with a KV cache of {past_len} positions, but the "
+                               f"augmenting model has followed {self.length}; the two must advance together "
+                               "(greedy or sampled generation; beam search reorders caches and is not supported).")
+        self.anchor_cache = past
+        if past_len < self.length:                                       # the anchor's cache was cropped
+            if self.aligner is not None:
+                self.ids = self.ids[:, :past_len]                            # (b, past_len)
+            else:
+                self.cache.crop(past_len - self.length)               # negative: drop that many (any 5.x)
+                self.states = {i: s[:, :past_len] for i, s in self.states.items()}   # (b, past_len, D_A)
+            self.length = past_len
 
     def _run_aligned(self, ids: torch.Tensor, real: torch.Tensor, T: int) -> None:
         """Align mode: m_A (no cache) on its tokenization of every new anchor prefix, in one tree-masked forward.
