@@ -250,6 +250,40 @@ def generate(source: Optional[Path] = SOURCE, overrides: Optional[List[str]] = O
     generate_file(load_source(source, base, _masks(mask_experts), overrides), prompts, out, sampling, batch_size)
 
 
+@app.command()
+def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories, or folders searched for them "
+                                                     "(default: runs/)."),
+         sort: Optional[str] = typer.Option(None, "--sort", help="Sort by a column: run, type, trainable, steps, "
+                                            "seconds, tokens_per_s, train_loss, val_loss, em_before, em_after."),
+         domains: bool = typer.Option(False, "--domains", help="Add the per-domain exact match (before -> after)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
+         as_markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table (for READMEs).")):
+    """Compare runs: one row per run directory (type, parameters, steps, time, losses, exact match)."""
+    import json
+    from rich.console import Console
+    from moetune.runs import COLUMNS, HEADERS, find_runs, markdown, run_row, sort_rows, table_cells
+    from moetune.ui import table
+    if sort is not None and sort not in COLUMNS:
+        raise RecipeError(f"--sort is {sort!r}; allowed: {', '.join(COLUMNS)}.")
+    paths = list(dirs or [Path("runs")])
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        raise RecipeError(f"Not a directory: {', '.join(missing)}. Pass run directories or folders holding them.")
+    rows = sort_rows([run_row(d) for d in find_runs(paths)], sort)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no run directories (recipe.yaml + summary.json) in {', '.join(map(str, paths))}")
+        return
+    names = sorted({d for r in rows for d in r["per_domain"]}) if domains else []
+    if as_markdown:
+        typer.echo(markdown(rows, names))
+        return
+    Console(width=None if sys.stdout.isatty() else 240).print(table(f"{len(rows)} runs", HEADERS + [f"EM {d}" for d in names],
+                                          [table_cells(r, names) for r in rows]))
+
+
 @data_app.command("make")
 def data_make(out: Path = typer.Option(Path("data/default"), help="Output directory."),
               seed: int = typer.Option(0, help="Generator seed."),

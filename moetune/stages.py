@@ -28,6 +28,7 @@ from moetune.evaluate import evaluate, multiple_choice
 from moetune.inject import count_parameters, inject
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
 from moetune.report import eval_routing, print_report
+from moetune.runs import collapse_card
 from moetune.ui import console, table
 
 
@@ -265,6 +266,8 @@ def model_card(run: Run, kind: str) -> str:
             b = s.get("before", {}).get("per_domain", {}).get(d, {})
             lines.append(f"| {d} | {b.get('loss', float('nan')):.4f} | {a['loss']:.4f} | "
                          f"{b.get('exact_match', float('nan')):.3f} | {a.get('exact_match', float('nan')):.3f} |")
+    if rc.expert.type in ("hydralora", "molora", "mov"):  # routed: is there a collapsed (stock PEFT) export?
+        lines += ["", "## Collapsed export", "", *collapse_card(run.dir, s)]
     lines += ["", "Full recipe: `recipe.yaml`.", ""]
     return "\n".join(lines)
 
