@@ -129,12 +129,12 @@ def routing_lines(gates: torch.Tensor, names: list[str], tokens: list[str]) -> l
         avg[g, idx] = 1.0 / len(idx)
     per_block = torch.einsum("gl,sln->sgn", avg, gates)                         # (S, G, N)
     top = per_block.argmax(-1)                                                   # (S, G)
-    width = min(max((len(repr(t)) for t in tokens), default=4), 16)
+    labels = [repr(tokens[s]) if s < len(tokens) else "<eos>" for s in range(top.shape[0])]
+    width = min(max(len(x) for x in labels), 16)
     lines = [f"routing: top expert (0-{EXPERT_CHARS[n - 1]}) per block, blocks {groups[0][0]}..{groups[-1][0]} "
              "left to right, for each generated token"]
-    for s in range(top.shape[0]):
-        tok = repr(tokens[s]) if s < len(tokens) else "<eos>"
-        lines.append(f"  {tok[:width]:<{width}} " + "".join(EXPERT_CHARS[int(e)] for e in top[s]))
+    for s, label in enumerate(labels):
+        lines.append(f"  {label[:width]:<{width}} " + "".join(EXPERT_CHARS[int(e)] for e in top[s]))
     share = gates.mean((0, 1))                                                   # (N,)
     lines.append("  mean gate per expert: " + "  ".join(f"{EXPERT_CHARS[i]}={float(share[i]):.2f}" for i in range(n)))
     return lines
