@@ -162,7 +162,7 @@ class TrainConfig:
     """Experiment trackers that also receive every metrics.jsonl row (loss, lr, grad norm, tokens/s,
     validation loss, aux losses; for routed types the per-block routing entropy and expert load of
     the step's last micro-batch), as in transformers' TrainingArguments.report_to. 'tensorboard'
-    needs the tensorboard package (pip install 'moetune[tensorboard]'); 'wandb' and 'mlflow' need
+    needs the tensorboard package (the 'tensorboard' extra of moetune); 'wandb' and 'mlflow' need
     their packages and their own login/tracking settings. Empty: metrics.jsonl (and curves.png) only."""
     logging_dir: str | None = None
     """TensorBoard event directory (None: <output_dir>/tensorboard)."""

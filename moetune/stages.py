@@ -26,6 +26,7 @@ from moetune.checkpoint import atomic_dir, write_json
 from moetune.data import collate, load_splits
 from moetune.evaluate import evaluate, multiple_choice
 from moetune.inject import count_parameters, inject
+from moetune.loggers import check_trackers
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
 from moetune.report import eval_routing, print_report
 from moetune.runs import collapse_card
@@ -297,6 +298,7 @@ def run_recipe(recipe: R.Recipe, resume: bool = False) -> dict:
     from moetune.experts import REGISTRY
     if "merge" in recipe.stages and not REGISTRY[recipe.expert.type].mergeable:
         raise not_mergeable(recipe.expert.type)  # before training, not after
+    check_trackers(list(recipe.train.report_to))  # a missing tensorboard/wandb/mlflow: fail before any work
     cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision] if not cpu else "no"
     acc = Accelerator(cpu=cpu, mixed_precision=mp)

@@ -100,7 +100,7 @@ def test_missing_tracker_is_a_clear_error_before_training(tiny_llama, tiny_data,
     from moetune.stages import run_recipe
     with pytest.raises(RecipeError, match=r"train.report_to.*'wandb'.*pip install wandb"):
         run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, tmp_path, "stages=[train]",
-                                                    "train.eval_before=false", "train.report_to=[wandb]")))
-    assert not (tmp_path / "metrics.jsonl").exists()
+                                                    "train.report_to=[wandb]")))
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "summary.json").exists()
     with pytest.raises(RecipeError, match="report_to"):
         load_recipe(None, ["train.report_to=[neptune]"])
