@@ -190,7 +190,8 @@ def answer(m: Loaded, text: str, sampling: Sampling, out: TextIO, show_routing: 
 def chat_loop(m: Loaded, sampling: Sampling, inp: TextIO | None = None, out: TextIO | None = None,
               show_routing: bool = False) -> int:
     """Read user lines from `inp` until /exit or end of input; returns the number of answered turns.
-    Without a terminal (piped input) each line read is echoed after the prompt, so the output is a transcript."""
+    Without a terminal (piped input) each line read is echoed after the prompt, so the output is a transcript;
+    on a terminal `input()` reads the line (editing keys work)."""
     inp, out = inp or sys.stdin, out or sys.stdout
     tty = inp.isatty()
     out.write(f"moetune chat: {m.label} ({m.expert_type}); {HELP}\n")
@@ -198,15 +199,21 @@ def chat_loop(m: Loaded, sampling: Sampling, inp: TextIO | None = None, out: Tex
         out.write(f"(--show-routing: a {m.expert_type} model has no router; nothing to show)\n")
     turns = 0
     while True:
-        out.write("you> ")
-        out.flush()
-        line = inp.readline()
-        if not line:
-            out.write("\n")
-            break
-        text = line.rstrip("\n")
-        if not tty:
-            out.write(text + "\n")
+        if tty and inp is sys.stdin and out is sys.stdout:
+            try:
+                text = input("you> ")                   # a terminal: line editing (and history with readline)
+            except EOFError:
+                out.write("\n")
+                break
+        else:
+            out.write("you> ")
+            out.flush()
+            line = inp.readline()
+            if not line:
+                out.write("\n")
+                break
+            text = line.rstrip("\n")
+            out.write(text + "\n")                      # piped input: echoed, so the output reads as a transcript
         cmd = text.strip()
         if not cmd:
             continue
@@ -221,7 +228,12 @@ def chat_loop(m: Loaded, sampling: Sampling, inp: TextIO | None = None, out: Tex
             continue
         out.write("bot> ")
         out.flush()
-        answer(m, text, sampling, out, show_routing)
+        try:
+            answer(m, text, sampling, out, show_routing)
+        except KeyboardInterrupt:                       # Ctrl-C stops this answer, not the chat
+            del m.history[len(m.history) - (m.history[-1]["role"] == "assistant") - 1:]
+            out.write("\n(answer interrupted; it is not kept in the conversation)\n")
+            continue
         turns += 1
     out.flush()
     return turns

@@ -211,3 +211,21 @@ def test_every_expert_type_generates_like_the_evaluation(etype, tiny_llama, tiny
     assert sum(bool(o["output"]) for o in out) >= len(out) // 2                 # real text, not empty answers
     m = load_source(run_dir, mask_experts=mask)
     assert m.expert_type == etype and m.routed == (etype in ("hydralora", "molora", "mov", "mole"))
+
+
+def test_ctrl_c_stops_one_answer_not_the_chat(lora_run, monkeypatch):
+    import moetune.chat as chat
+    m = load_source(lora_run)
+    real, calls = chat.generate_batch, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(chat, "generate_batch", flaky)
+    out = io.StringIO()
+    assert chat_loop(m, Sampling(max_new_tokens=3), io.StringIO("Shout red\nAdd 1 and 2\n"), out) == 1
+    assert "(answer interrupted" in out.getvalue()
+    assert [h["content"] for h in m.history if h["role"] == "user"] == ["Add 1 and 2"]
