@@ -99,6 +99,7 @@ def save_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)
+        os.chmod(tmp, 0o644)                    # mkstemp creates 0600; a plot is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
