@@ -19,8 +19,9 @@ __version__ = "0.1.0"
 LAYERS: dict[int, tuple[str, ...]] = {
     7: ("cli", "__main__"),                                   # parse arguments, call one stage
     6: ("stages", "validate", "cluster", "domain_experts",    # what a command does
-        "merge", "multimerge", "collapse", "rundir"),
-    5: ("train", "evaluate", "report", "loss", "mmlu"),       # the training loop; scoring; routing statistics
+        "merge", "multimerge", "collapse", "rundir", "chat", "runs"),
+    5: ("train", "evaluate", "report", "loss", "mmlu",
+        "generation", "loggers", "curves"),     # the training loop; scoring; routing statistics
     4: ("inject", "adapters", "stock"),                       # wrap a model's projections; save/load adapters
     3: ("experts", "routing"),                                # one file per paper (experts/*); gates and losses
     2: ("models", "data", "datagen"),                         # bases and tokenizers; data

@@ -213,6 +213,94 @@ def export(run_dir: Path = typer.Argument(..., help="Run directory."),
     stage_export(Run(rc), kind=rc.export.kind, out=out)
 
 
+SOURCE = typer.Argument(None, help="Run directory, export / adapter / merged model directory (omit with --base "
+                        "for the default base model).")
+
+
+def _sampling(temperature: float, top_p: float, max_new_tokens: int, seed: Optional[int]):
+    from moetune.generation import Sampling
+    if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+        raise RecipeError(f"--temperature must be >= 0 (0: greedy), --top-p in (0, 1], --max-new-tokens >= 1; got "
+                          f"{temperature}, {top_p}, {max_new_tokens}.")
+    return Sampling(temperature, top_p, max_new_tokens, seed)
+
+
+def _masks(mask: Optional[str]) -> List[str]:
+    return [n.strip() for n in (mask or "").split(",") if n.strip()]
+
+
+TEMPERATURE = typer.Option(0.0, "--temperature", help="Sampling temperature; 0 = greedy (the evaluation's decoding).")
+TOP_P = typer.Option(0.9, "--top-p", help="Nucleus sampling mass (when temperature > 0).")
+SEED = typer.Option(None, "--seed", help="Seed for sampling.")
+BASE = typer.Option(False, "--base", help="The base model without the adapter, to compare.")
+MASK = typer.Option(None, "--mask-experts", help="MoLE: comma-separated expert names whose gates are fixed at 0.")
+
+
+@app.command()
+def chat(source: Optional[Path] = SOURCE, overrides: Optional[List[str]] = OVERRIDES,
+         temperature: float = TEMPERATURE, top_p: float = TOP_P,
+         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply in tokens."),
+         seed: Optional[int] = SEED, base: bool = BASE, mask_experts: Optional[str] = MASK,
+         show_routing: bool = typer.Option(False, "--show-routing", help="Routed adapters: after each answer, the "
+                                           "top expert per transformer block for every generated token.")):
+    """Chat with a trained model in the terminal (streamed replies, multi-turn; /reset, /exit). Reads piped
+    stdin too: one user turn per line."""
+    from moetune.chat import chat_loop, load_source
+    sampling = _sampling(temperature, top_p, max_new_tokens, seed)
+    chat_loop(load_source(source, base, _masks(mask_experts), overrides), sampling, show_routing=show_routing)
+
+
+@app.command()
+def generate(source: Optional[Path] = SOURCE, overrides: Optional[List[str]] = OVERRIDES,
+             prompts: Path = typer.Option(..., "--prompts", help="JSONL: rows with a 'prompt' string or a 'messages' "
+                                          "list; other fields are copied to the output."),
+             out: Path = typer.Option(..., "--out", help="Output JSONL: each input row plus the 'output' field."),
+             temperature: float = TEMPERATURE, top_p: float = TOP_P,
+             max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer in tokens."),
+             batch_size: int = typer.Option(16, "--batch-size", help="Prompts generated together."),
+             seed: Optional[int] = SEED, base: bool = BASE, mask_experts: Optional[str] = MASK):
+    """Answer every prompt of a JSONL file (batched, non-interactive); one output row per input row."""
+    from moetune.chat import generate_file, load_source
+    sampling = _sampling(temperature, top_p, max_new_tokens, seed)
+    if batch_size < 1:
+        raise RecipeError(f"--batch-size must be >= 1; got {batch_size}.")
+    generate_file(load_source(source, base, _masks(mask_experts), overrides), prompts, out, sampling, batch_size)
+
+
+@app.command()
+def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories, or folders searched for them "
+                                                     "(default: runs/)."),
+         sort: Optional[str] = typer.Option(None, "--sort", help="Sort by a column: run, type, trainable, steps, "
+                                            "seconds, tokens_per_s, train_loss, val_loss, em_before, em_after."),
+         domains: bool = typer.Option(False, "--domains", help="Add the per-domain exact match (before -> after)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
+         as_markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table (for READMEs).")):
+    """Compare runs: one row per run directory (type, parameters, steps, time, losses, exact match)."""
+    import json
+    from rich.console import Console
+    from moetune.runs import COLUMNS, HEADERS, find_runs, markdown, run_row, sort_rows, table_cells
+    from moetune.ui import table
+    if sort is not None and sort not in COLUMNS:
+        raise RecipeError(f"--sort is {sort!r}; allowed: {', '.join(COLUMNS)}.")
+    paths = list(dirs or [Path("runs")])
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        raise RecipeError(f"Not a directory: {', '.join(missing)}. Pass run directories or folders holding them.")
+    rows = sort_rows([run_row(d) for d in find_runs(paths)], sort)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no run directories (recipe.yaml + summary.json) in {', '.join(map(str, paths))}")
+        return
+    names = sorted({d for r in rows for d in r["per_domain"]}) if domains else []
+    if as_markdown:
+        typer.echo(markdown(rows, names))
+        return
+    Console(width=None if sys.stdout.isatty() else 240).print(table(f"{len(rows)} runs", HEADERS + [f"EM {d}" for d in names],
+                                          [table_cells(r, names) for r in rows]))
+
+
 @data_app.command("make")
 def data_make(out: Path = typer.Option(Path("data/default"), help="Output directory."),
               seed: int = typer.Option(0, help="Generator seed."),

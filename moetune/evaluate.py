@@ -35,7 +35,7 @@ def loss_by_domain(model, examples: list[Example], pad_id: int, batch_size: int,
             "per_domain": {d: {"loss": sums[d] / max(counts[d], 1), "tokens": counts[d]} for d in sorted(sums)}}
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), T), dtype=torch.long)
@@ -58,7 +58,7 @@ def exact_match(model, tokenizer, examples: list[Example], batch_size: int, max_
     with simple_progress("exact match", len(examples), enabled=show) as bar:
         for s in range(0, len(order), batch_size):
             chunk = [examples[i] for i in order[s:s + batch_size]]
-            ids, mask = _left_pad([e.prompt_ids for e in chunk], tokenizer.pad_token_id)
+            ids, mask = left_pad([e.prompt_ids for e in chunk], tokenizer.pad_token_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
             new = out[:, ids.shape[1]:]                         # (B, <= max_new_tokens)

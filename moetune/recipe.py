@@ -155,6 +155,14 @@ class TrainConfig:
     stop_after: int = opt(0, min=0)
     """Stop (as if interrupted) after N optimizer steps, keeping the schedule of the full run;
     resume later with --resume. 0 disables."""
+    report_to: list[str] = opt(factory=list, choices=("tensorboard", "wandb", "mlflow"))
+    """Experiment trackers that also receive every metrics.jsonl row (loss, lr, grad norm, tokens/s,
+    validation loss, aux losses; for routed types the per-block routing entropy and expert load of
+    the step's last micro-batch), as in transformers' TrainingArguments.report_to. 'tensorboard'
+    needs the tensorboard package (the 'tensorboard' extra of moetune); 'wandb' and 'mlflow' need
+    their packages and their own login/tracking settings. Empty: metrics.jsonl (and curves.png) only."""
+    logging_dir: str | None = None
+    """TensorBoard event directory (None: <output_dir>/tensorboard)."""
 
 
 @dataclass

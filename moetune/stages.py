@@ -30,12 +30,14 @@ from moetune.experts import REGISTRY
 from moetune.experts.mole import set_mask, write_mask
 from moetune.inject import count_parameters, expert_layers, inject
 from moetune.merge import max_logit_diff, merge_into_base, save_merged
+from moetune.loggers import check_trackers
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
 from moetune.recipe import not_mergeable
 from moetune.report import eval_routing, print_report
 from moetune.rundir import open_run, refuse_or_clear
 from moetune.stock import stock_snippet
 from moetune.train import train
+from moetune.runs import collapse_card
 from moetune.ui import console, table
 
 # accelerate and transformers (heavy imports) are imported inside the functions that use them.
@@ -247,6 +249,8 @@ def model_card(run: Run, kind: str, out_dir: Path | None = None) -> str:
             b = s.get("before", {}).get("per_domain", {}).get(d, {})
             lines.append(f"| {d} | {b.get('loss', float('nan')):.4f} | {a['loss']:.4f} | "
                          f"{b.get('exact_match', float('nan')):.3f} | {a.get('exact_match', float('nan')):.3f} |")
+    if rc.expert.type in ("hydralora", "molora", "mov"):  # routed: is there a collapsed (stock PEFT) export?
+        lines += ["", "## Collapsed export", "", *collapse_card(run.dir, s)]
     lines += ["", "Full recipe: `recipe.yaml`.", ""]
     if out_dir is not None:
         lines += stock_snippet(rc, run.tokenizer, kind, out_dir)
@@ -280,6 +284,7 @@ def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False) 
     from accelerate import Accelerator
     if "merge" in recipe.stages and not REGISTRY[recipe.expert.type].mergeable:
         raise not_mergeable(recipe.expert.type)  # before training, not after
+    check_trackers(list(recipe.train.report_to))  # a missing tensorboard/wandb/mlflow: fail before any work
     cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision] if not cpu else "no"
     acc = Accelerator(cpu=cpu, mixed_precision=mp)

@@ -23,9 +23,10 @@ from moetune.checkpoint import newest_verified_checkpoint, save_checkpoint, set_
 from moetune.data import Example, collate
 from moetune.errors import RecipeError
 from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
+from moetune.loggers import TrainLoggers
 from moetune.loss import CausalLMLoss
 from moetune.recipe import Recipe, TrainConfig
-from moetune.ui import Metrics, TrainProgress
+from moetune.ui import TrainProgress
 
 # transformers (a heavy import) is imported inside the function that uses it.
 
@@ -119,7 +120,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
     lm = CausalLMLoss(model)
     lm, optimizer = accelerator.prepare(lm, optimizer)
-    metrics = Metrics(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    metrics = TrainLoggers(recipe, run_dir, model, enabled=accelerator.is_main_process)  # metrics.jsonl + report_to
 
     start = 0
     if resume:
@@ -184,7 +185,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
                 metrics.log({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": last_loss,
                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1),
                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                             **({"aux": aux_sum} if aux_sum else {})})
+                             **({"aux": aux_sum} if aux_sum else {})}, mask=batch["attention_mask"])
                 window_tokens, window_t0 = 0, time.perf_counter()
             if val_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < end:
                 val = _val(model, val_ex, recipe, pad_id, accelerator)
@@ -195,6 +196,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     if val_ex:
         val = _val(model, val_ex, recipe, pad_id, accelerator)
         metrics.log({"step": end, "split": "validation", "val_loss": val})
+    metrics.close()  # trackers closed, curves.png drawn from metrics.jsonl
     model.eval()
     return {"steps": end, "total_steps": plan.total_steps, "final_train_loss": last_loss, "val_loss": val,
             "stopped": end < plan.total_steps, "global_batch": plan.global_batch, "processes": world}

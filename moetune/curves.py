@@ -1,0 +1,107 @@
+"""`curves.png`: training and validation loss vs step from metrics.jsonl, plus the auxiliary losses
+and the routing entropy (mean over routed modules, band = range over transformer blocks, dashed
+line = log N, uniform routing) when the run logged them. Agg backend, no pyplot state."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl file (unreadable lines skipped: a run may have been killed mid-write)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def curve_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{'train', 'validation', 'aux/<name>', 'routing', 'routing_min', 'routing_max'}: (step, value) lists
+    sorted by step; a step logged twice (a resumed run) keeps its last value."""
+    series: dict[str, dict[int, float]] = {}
+
+    def put(name: str, step: int, v) -> None:
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            series.setdefault(name, {})[step] = float(v)
+
+    for r in rows:
+        step = r.get("step")
+        if not isinstance(step, int) or "event" in r:
+            continue
+        if r.get("split") == "validation":
+            put("validation", step, r.get("val_loss"))
+            continue
+        put("train", step, r.get("loss"))
+        for k, v in (r.get("aux") or {}).items():
+            put(f"aux/{k}", step, v)
+        rt = r.get("routing")
+        if rt:
+            put("routing", step, rt.get("entropy"))
+            blocks = list((rt.get("entropy_by_block") or {}).values())
+            if blocks:
+                put("routing_min", step, min(blocks))
+                put("routing_max", step, max(blocks))
+            loads = list((rt.get("load_by_block") or {}).values())
+            if loads:
+                put("num_experts", step, len(loads[0]))
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def save_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
+    """Draw the curves of `metrics_path` into `out` (PNG, written atomically); None when no train loss."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    s = curve_series(read_metrics(metrics_path))
+    if not s.get("train"):
+        return None
+    aux = sorted(k for k in s if k.startswith("aux/"))
+    panels = 1 + bool(aux) + bool(s.get("routing"))
+    fig = Figure(figsize=(4.2 * panels, 3.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    ax = axes[0]
+    ax.plot(*zip(*s["train"]), label="train", color="tab:blue", lw=1.4)
+    if s.get("validation"):
+        ax.plot(*zip(*s["validation"]), "o-", label="validation", color="tab:orange", lw=1.4, ms=4)
+    ax.set(title="loss (response tokens)", xlabel="step", ylabel="loss")
+    ax.legend(fontsize=8)
+    i = 1
+    if aux:
+        for k in aux:
+            axes[i].plot(*zip(*s[k]), label=k[4:], lw=1.2)
+        axes[i].set(title="auxiliary losses (weighted)", xlabel="step")
+        axes[i].legend(fontsize=8)
+        i += 1
+    if s.get("routing"):
+        a = axes[i]
+        steps, mean = zip(*s["routing"])
+        a.plot(steps, mean, color="tab:green", lw=1.4, label="mean over modules")
+        if s.get("routing_min") and s.get("routing_max"):
+            a.fill_between([x for x, _ in s["routing_min"]], [v for _, v in s["routing_min"]],
+                           [v for _, v in s["routing_max"]], color="tab:green", alpha=0.2, label="range over blocks")
+        if s.get("num_experts"):
+            a.axhline(math.log(s["num_experts"][-1][1]), ls="--", color="gray", lw=1, label="log N (uniform)")
+        a.set(title="routing entropy (nats)", xlabel="step")
+        a.legend(fontsize=8)
+    for a in axes:
+        a.grid(alpha=0.3)
+        a.tick_params(labelsize=8)
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.chmod(tmp, 0o644)                    # mkstemp creates 0600; a plot is an ordinary file
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
