@@ -143,6 +143,10 @@ class TrainConfig:
     """Clip the gradient norm to this (0 disables)."""
     precision: str = opt("fp32", choices=("fp32", "bf16", "fp16"))
     """Autocast precision on GPU; CPU always runs fp32."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing (non-reentrant) of every decoder block: activations are recomputed in
+    the backward instead of kept, trading about one extra forward for much less activation memory.
+    Same loss, auxiliary losses, routing statistics and gradients as without (every expert type)."""
     seed: int = 0
     """Seed of adapter init, data order and dropout."""
     eval_every: int = opt(0, min=0)

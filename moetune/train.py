@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moetune.checkpointing import enable_checkpointing
 from moetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from moetune.data import Example, collate
 from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
@@ -112,6 +113,8 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     params = trainable_parameters(model)
     if not params:
         raise RecipeError("No trainable parameters: the expert wrapped nothing.")
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
     lm = CausalLMLoss(model)

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetune.recompute import recomputing
 from moetune.experts.base import ExpertConfig, ExpertLayer
 from moetune.routing import Router, balance_loss, z_loss
 from moetune.schema import opt
@@ -264,7 +265,8 @@ class MoLEGate(Router):
             inv = torch.rsqrt((sq - mean.square()).clamp_min(0) + self.eps)      # (...,)
             logits = (we - mean.unsqueeze(-1) * w.sum((1, 2))) * inv.unsqueeze(-1) + self.bias.float()  # (..., N)
             probs = torch.softmax(logits.masked_fill(~self.keep, float("-inf")) / self.temperature, -1)
-        self._last = (logits, probs, probs)
+        if not recomputing():  # see recompute.py: keep the original forward's gates
+            self._last = (logits, probs, probs)
         return probs
 
 
