@@ -44,6 +44,11 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when `path` is a hub id."""
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
     """Where to run: 'auto' picks CUDA when present."""
+    attn_implementation: str = opt("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    """Attention kernel, passed to transformers: 'sdpa' (torch scaled_dot_product_attention), 'eager'
+    (plain matmuls), 'flash_attention_2' (the flash-attn package; CUDA with a bfloat16/float16 base).
+    'auto': flash_attention_2 when it can run here, else transformers' default (sdpa where the model
+    supports it). A kernel that cannot run here is a recipe error."""
 
 
 @dataclass
