@@ -17,6 +17,8 @@ from moetune.inject import aux_losses
 def _plain_head(model: nn.Module) -> bool:
     cfg = getattr(model, "config", None)
     special = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"))
+    if getattr(model, "moetune_full_forward", False):  # FSDP-sharded: only the root forward all-gathers (fsdp.py)
+        return False
     return (not special and hasattr(model, "base_model") and model.base_model is not model
             and isinstance(model.get_output_embeddings(), nn.Linear))
 

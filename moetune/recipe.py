@@ -148,6 +148,11 @@ class TrainConfig:
     """Clip the gradient norm to this (0 disables)."""
     precision: str = opt("fp32", choices=("fp32", "bf16", "fp16"))
     """Autocast precision on GPU; CPU always runs fp32."""
+    distributed: str = opt("ddp", choices=("ddp", "fsdp"))
+    """How several processes (`accelerate launch` / `torchrun`) share the work. 'ddp': each holds the
+    whole model, gradients are all-reduced. 'fsdp': FSDP2 (torch fully_shard) shards the frozen base
+    and the adapters over the processes per decoder block, for models that do not fit one device;
+    checkpoints and the saved adapter hold full tensors, and --resume works. One process: no effect."""
     gradient_checkpointing: bool = False
     """Activation checkpointing (non-reentrant) of every decoder block: activations are recomputed in
     the backward instead of kept, trading about one extra forward for much less activation memory.
