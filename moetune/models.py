@@ -170,8 +170,12 @@ def attn_implementation(cfg: ModelConfig, device: torch.device) -> str | None:
     return choice
 
 
-def load_model(cfg: ModelConfig, device: torch.device | None = None, log=print) -> nn.Module:
-    """Load the frozen base model (float or 4-bit) on `device`, in eval mode, no grads."""
+def load_model(cfg: ModelConfig, device: torch.device | None = None, log=print, for_fsdp: bool = False) -> nn.Module:
+    """Load the frozen base model (float or 4-bit) on `device`, in eval mode, no grads.
+
+    for_fsdp: a 4-bit base packs its weights in bfloat16 storage (`bnb_4bit_quant_storage`, the
+    compute dtype) instead of uint8, so FSDP can shard them together with the float parameters
+    (the Answer.AI FSDP + QLoRA recipe)."""
     from transformers import AutoModelForCausalLM
     path = resolve_path(cfg.path, log)
     device = device or pick_device(cfg)
@@ -189,7 +193,7 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, log=print) 
             raise ModelError("model.quantization needs bitsandbytes: pip install 'moetune[gpu]'.") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization, bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16, **({"bnb_4bit_quant_storage": torch.bfloat16} if for_fsdp else {}))
         kwargs["device_map"] = {"": device.index or 0}
         kwargs["dtype"] = torch.bfloat16
     try:

@@ -2,6 +2,7 @@
 global batch (LoRA and HydraLoRA), an interrupted FSDP run resumes exactly, checkpoints hold full tensors."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -62,3 +63,20 @@ def test_fsdp_hydralora_matches_one_process(tiny_llama, tiny_data, tmp_path):
     one = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, *hydra)
     two = _train([*TWO, "--master_port", "29543"], tiny_llama, tiny_data, tmp_path / "two", 2, *hydra)
     _assert_same(one, two)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA + FSDP needs a CUDA GPU; none is present")
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_qlora_for_fsdp_packs_4bit_weights_in_bf16_storage(tiny_llama):
+    """The FSDP + QLoRA load (train.distributed fsdp with model.quantization nf4): the packed NF4 weights live
+    in bfloat16 storage so FSDP can shard them with the float parameters; same logits as uint8 storage."""
+    from moetune.models import load_model
+    from moetune.recipe import ModelConfig
+    cfg = ModelConfig(path=str(tiny_llama), quantization="nf4", device="cuda")
+    plain, sharded = load_model(cfg), load_model(cfg, for_fsdp=True)
+    packed = [p for n, p in sharded.named_parameters() if type(p).__name__ == "Params4bit"]
+    assert packed and all(p.dtype == torch.bfloat16 for p in packed)
+    ids = torch.randint(5, 300, (2, 9), device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(input_ids=ids).logits, plain(input_ids=ids).logits)
