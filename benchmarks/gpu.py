@@ -35,7 +35,8 @@ import torch
 
 import harness as H
 from bench import _device_name
-from methods import SHAPES, build_model, methods, mole_method, randomise, uninstall, install, write_lora_experts
+from methods import (SHAPES, build_model, install, methods, mole_method, randomise, shared_copy, uninstall,
+                     write_lora_experts)
 from moetune.checkpointing import disable_checkpointing, enable_checkpointing
 from moetune.inject import expert_layers, inject
 from moetune.loss import CausalLMLoss
@@ -129,7 +130,6 @@ def trainer_peft(model, ids, mask, labels, device, args, ckpt: bool) -> dict:
     """transformers Trainer + PEFT LoRA rank R on the same batch: median seconds of its optimizer steps."""
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
-    from methods import shared_copy
     peft = get_peft_model(shared_copy(model), LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear"))
     rows = [{"input_ids": i, "attention_mask": m, "labels": l} for i, m, l in zip(ids.cpu(), mask.cpu(), labels.cpu())]
     times: list[float] = []

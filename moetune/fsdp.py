@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moetune.experts.calm_bridge import decoder_layers
@@ -38,10 +38,6 @@ def shard_model(model: nn.Module) -> int:
     fully_shard(model)
     model.moetune_full_forward = True
     return len(blocks)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -56,12 +56,13 @@ def test_fsdp_lora_matches_one_process_and_resumes(tiny_llama, tiny_data, tmp_pa
 
 @pytest.mark.slow
 def test_fsdp_hydralora_matches_one_process(tiny_llama, tiny_data, tmp_path):
-    """No router losses here: they are means over each process's micro-batch (padding positions included)
+    """FSDP with activation checkpointing against one plain process. No router losses here: they are means over each process's micro-batch (padding positions included)
     and the balance loss is nonlinear in them (f_i * P_i), so a process's loss on its half of the batch is
     not half the loss on the whole batch (under DDP too; with a switch loss: 1.6e-5 apart)."""
     hydra = ("expert.type=hydralora", "expert.num_experts=3")
     one = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, *hydra)
-    two = _train([*TWO, "--master_port", "29543"], tiny_llama, tiny_data, tmp_path / "two", 2, *hydra)
+    two = _train([*TWO, "--master_port", "29543"], tiny_llama, tiny_data, tmp_path / "two", 2, *hydra,
+                 "train.gradient_checkpointing=true")                       # FSDP hooks + checkpointed blocks
     _assert_same(one, two)
 
 
