@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -73,6 +73,9 @@ test-latest:
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+bench-gpu: setup
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock runs *.egg-info

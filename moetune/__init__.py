@@ -21,11 +21,11 @@ LAYERS: dict[int, tuple[str, ...]] = {
     6: ("stages", "validate", "cluster", "domain_experts",    # what a command does
         "merge", "multimerge", "collapse", "rundir", "chat", "runs"),
     5: ("train", "evaluate", "report", "loss", "mmlu",
-        "generation", "loggers", "curves"),     # the training loop; scoring; routing statistics
+        "generation", "loggers", "curves", "checkpointing", "fsdp"),     # the training loop; scoring; routing statistics
     4: ("inject", "adapters", "stock"),                       # wrap a model's projections; save/load adapters
     3: ("experts", "routing"),                                # one file per paper (experts/*); gates and losses
     2: ("models", "data", "datagen"),                         # bases and tokenizers; data
     1: ("recipe", "expert_configs"),                          # the typed recipe schema (torch-free)
-    0: ("errors", "schema", "adapter_files", "checkpoint", "ui"),  # errors and small helpers
+    0: ("errors", "schema", "adapter_files", "checkpoint", "ui", "recompute"),  # errors and small helpers
 }
 """Layer of each module of `moetune` (a subpackage counts as one module: `experts` covers experts/*)."""

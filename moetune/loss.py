@@ -19,6 +19,8 @@ def plain_head(model: nn.Module) -> bool:
     scaling), so that `target_logits` may apply the head to the target positions only."""
     cfg = getattr(model, "config", None)
     special = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"))
+    if getattr(model, "moetune_full_forward", False):  # FSDP-sharded: only the root forward all-gathers (fsdp.py)
+        return False
     return (not special and hasattr(model, "base_model") and model.base_model is not model
             and isinstance(model.get_output_embeddings(), nn.Linear))
 

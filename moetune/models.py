@@ -170,12 +170,43 @@ def pick_device(cfg: ModelConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(cfg: ModelConfig, device: torch.device | None = None, log=print) -> nn.Module:
-    """Load the frozen base model (float or 4-bit) on `device`, in eval mode, no grads."""
+def _flash_attention_problem(cfg: ModelConfig, device: torch.device) -> str | None:
+    """Why flash_attention_2 cannot run for this model config and device (None: it can)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed (pip install flash-attn, on a CUDA machine)"
+    if device.type != "cuda":
+        return f"it needs CUDA and this run is on {device}"
+    if cfg.dtype == "float32" and cfg.quantization == "none":
+        return "it needs a bfloat16 or float16 base (model.dtype is float32)"
+    return None
+
+
+def attn_implementation(cfg: ModelConfig, device: torch.device) -> str | None:
+    """The `attn_implementation` to pass to transformers (None: its default) for `model.attn_implementation`."""
+    choice = cfg.attn_implementation
+    if choice == "auto":
+        return "flash_attention_2" if _flash_attention_problem(cfg, device) is None else None
+    if choice == "flash_attention_2":
+        problem = _flash_attention_problem(cfg, device)
+        if problem:
+            raise RecipeError(f"Recipe key 'model.attn_implementation' is 'flash_attention_2', which cannot run "
+                              f"here: {problem}. Allowed: auto (the best kernel available), sdpa or eager.")
+    return choice
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None, log=print, for_fsdp: bool = False) -> nn.Module:
+    """Load the frozen base model (float or 4-bit) on `device`, in eval mode, no grads.
+
+    for_fsdp: a 4-bit base packs its weights in bfloat16 storage (`bnb_4bit_quant_storage`, the
+    compute dtype) instead of uint8, so FSDP can shard them together with the float parameters
+    (the Answer.AI FSDP + QLoRA recipe)."""
     from transformers import AutoModelForCausalLM
     path = resolve_path(cfg.path, log)
     device = device or pick_device(cfg)
     kwargs: dict = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=DTYPES[cfg.dtype])
+    attn = attn_implementation(cfg, device)
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
     if cfg.quantization != "none":
         if device.type != "cuda":
             raise ModelError(f"model.quantization={cfg.quantization!r} needs CUDA; this run is on {device}.")
@@ -186,13 +217,18 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, log=print) 
             raise ModelError("model.quantization needs bitsandbytes: pip install 'moetune[gpu]'.") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization, bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=torch.bfloat16, **({"bnb_4bit_quant_storage": torch.bfloat16} if for_fsdp else {}))
         kwargs["device_map"] = {"": device.index or 0}
         kwargs["dtype"] = torch.bfloat16
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise _hub_error(path, e) from None
+    except ValueError as e:
+        if attn is None or "attn" not in str(e).lower() and "attention" not in str(e).lower():
+            raise
+        raise RecipeError(f"Recipe key 'model.attn_implementation' is {attn!r}, which {path} does not support: "
+                          f"{e} Allowed: auto, or a kernel the model's architecture implements.") from None
     if cfg.quantization == "none":
         model.to(device)
     model.requires_grad_(False)

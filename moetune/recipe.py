@@ -41,6 +41,11 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when `path` is a hub id."""
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
     """Where to run: 'auto' picks CUDA when present."""
+    attn_implementation: str = opt("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    """Attention kernel, passed to transformers: 'sdpa' (torch scaled_dot_product_attention), 'eager'
+    (plain matmuls), 'flash_attention_2' (the flash-attn package; CUDA with a bfloat16/float16 base).
+    'auto': flash_attention_2 when it can run here, else transformers' default (sdpa where the model
+    supports it). A kernel that cannot run here is a recipe error."""
 
 
 @dataclass
@@ -140,6 +145,15 @@ class TrainConfig:
     """Clip the gradient norm to this (0 disables)."""
     precision: str = opt("fp32", choices=("fp32", "bf16", "fp16"))
     """Autocast precision on GPU; CPU always runs fp32."""
+    distributed: str = opt("ddp", choices=("ddp", "fsdp"))
+    """How several processes (`accelerate launch` / `torchrun`) share the work. 'ddp': each holds the
+    whole model, gradients are all-reduced. 'fsdp': FSDP2 (torch fully_shard) shards the frozen base
+    and the adapters over the processes per decoder block, for models that do not fit one device;
+    checkpoints and the saved adapter hold full tensors, and --resume works. One process: no effect."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing (non-reentrant) of every decoder block: activations are recomputed in
+    the backward instead of kept, trading about one extra forward for much less activation memory.
+    Same loss, auxiliary losses, routing statistics and gradients as without (every expert type)."""
     seed: int = 0
     """Seed of adapter init, data order and dropout."""
     eval_every: int = opt(0, min=0)

@@ -31,6 +31,7 @@ from torch import nn
 
 from moetune.errors import RecipeError
 from moetune.recipe import RouterConfig
+from moetune.recompute import recomputing
 
 
 def gates(logits: torch.Tensor, kind: str = "soft", k: int = 2,
@@ -140,8 +141,8 @@ def stats(weights: torch.Tensor, mask: torch.Tensor | None = None, threshold: fl
 class Router(nn.Module):
     """w(x) = gates(W_g x) per token, W_g: (N, d_in) ~ N(0, init_std^2); `router:` settings.
 
-    Keeps the logits and gates of its last forward, from which `aux_losses` builds the
-    recipe's weighted losses and `stats` the report. Each routed layer returns its own
+    Keeps the logits and gates of its last forward (not of an activation-checkpointing
+    recompute), from which `aux_losses` builds the recipe's weighted losses and `stats` the report. Each routed layer returns its own
     weighted losses; the training loss adds them up, so the total is a SUM over layers."""
 
     def __init__(self, d_in: int, num_experts: int, cfg=None) -> None:
@@ -163,7 +164,8 @@ class Router(nn.Module):
                     x = jitter(x, self.cfg.jitter)
                 logits = F.linear(x, self.weight.float())                # (..., N)
             weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.cfg.temperature)
-        self._last = (logits, probs, weights)  # with their graph: aux_losses() must backprop into W_g
+        if not recomputing():  # a checkpoint recompute keeps the original forward's state (recompute.py)
+            self._last = (logits, probs, weights)  # with their graph: aux_losses() must backprop into W_g
         return weights
 
     def aux_losses(self) -> dict[str, torch.Tensor]:

@@ -97,7 +97,8 @@ def stage_train(run: Run, resume: bool = False) -> dict:
     acc = run.accelerator
     if getattr(rc.expert, "experts_from", None) == "per_domain":  # MoLE: train one LoRA per domain first
         train_domain_experts(run, resume, stage_train)
-    model = load_model(rc.model, run.device, log=run.log)
+    model = load_model(rc.model, run.device, log=run.log,  # FSDP + QLoRA: 4-bit weights in bf16 storage
+                       for_fsdp=rc.train.distributed == "fsdp" and acc is not None and acc.num_processes > 1)
     inject(model, rc.expert, rc.router, seed=rc.train.seed)
     trainable, total = count_parameters(model)
     run.log(f"[bold]{rc.expert.type}[/] on {rc.model.path}: {trainable:,} trainable of {total:,} parameters")

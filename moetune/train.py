@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moetune import fsdp
 from moetune.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
+from moetune.checkpointing import enable_checkpointing
 from moetune.data import Example, collate
 from moetune.errors import RecipeError
 from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
@@ -113,13 +115,21 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     pad_id = tokenizer.pad_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
     plan = Plan(len(train_ex), cfg.batch_size, cfg.grad_accum, world, cfg.epochs, cfg.max_steps)
-    params = trainable_parameters(model)
-    if not params:
+    if not trainable_parameters(model):
         raise RecipeError("No trainable parameters: the expert wrapped nothing.")
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    sharded = cfg.distributed == "fsdp" and world > 1
+    if sharded:
+        fsdp.shard_model(model)  # replaces the parameters by sharded DTensors: collect them after this
+    params = trainable_parameters(model)
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
     lm = CausalLMLoss(model)
-    lm, optimizer = accelerator.prepare(lm, optimizer)
+    if sharded:  # FSDP2 does its own gradient reduction: no DDP wrapper
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        lm, optimizer = accelerator.prepare(lm, optimizer)
     metrics = TrainLoggers(recipe, run_dir, model, enabled=accelerator.is_main_process)  # metrics.jsonl + report_to
 
     start = 0
@@ -132,16 +142,22 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
         if state["position"].get("global_batch") != plan.global_batch:  # checked before anything is applied
             raise RecipeError("--resume: the global batch differs from the checkpoint's "
                               f"({state['position'].get('global_batch')} vs {plan.global_batch}).")
-        load_adapter_state_dict(model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            fsdp.load_full_adapter_state(model, state["adapter"])
+            optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer, state["optimizer"]))
+        else:
+            load_adapter_state_dict(model, state["adapter"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(*state["rng"])
         start = state["step"]
         metrics.log({"event": "resume", "step": start, "checkpoint": str(ckpt), "skipped_damaged": damaged})
 
     def checkpoint(step: int) -> None:
+        adapter = fsdp.full_adapter_state(model) if sharded else None        # collectives: every process
+        opt_state = fsdp.FullOptimizerState(optimizer) if sharded else optimizer
         if accelerator.is_main_process:
-            save_checkpoint(run_dir, step, adapter_state_dict(model), optimizer, scheduler,
+            save_checkpoint(run_dir, step, adapter or adapter_state_dict(model), opt_state, scheduler,
                             {"step": step, "global_batch": plan.global_batch, "epoch": step / plan.steps_per_epoch,
                              "examples_seen": step * plan.global_batch}, keep=cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -164,6 +180,8 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
                 window_tokens += int(batch["attention_mask"].sum()) * world
                 sync = j == len(mbs) - 1
                 ctx = accelerator.no_sync(lm) if not sync else nullcontext()
+                if sharded:
+                    fsdp.set_gradient_sync(model, sync)
                 with ctx, accelerator.autocast():
                     s, _, aux = lm(**batch)
                     # DDP averages gradients over processes: scale so the sum over the global batch is exact.
@@ -184,7 +202,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
             if done % cfg.log_every == 0 or done == end:
                 metrics.log({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": last_loss,
                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1),
-                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                             "grad_norm": float(fsdp.full(grad_norm)) if grad_norm is not None else None,
                              **({"aux": aux_sum} if aux_sum else {})}, mask=batch["attention_mask"])
                 window_tokens, window_t0 = 0, time.perf_counter()
             if val_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < end:
@@ -196,6 +214,8 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     if val_ex:
         val = _val(model, val_ex, recipe, pad_id, accelerator)
         metrics.log({"step": end, "split": "validation", "val_loss": val})
+    if sharded:
+        fsdp.gather_adapters(model)  # full adapter tensors on every process: the caller saves them
     metrics.close()  # trackers closed, curves.png drawn from metrics.jsonl
     model.eval()
     return {"steps": end, "total_steps": plan.total_steps, "final_train_loss": last_loss, "val_loss": val,

@@ -4,7 +4,8 @@ The model is built on PyTorch's meta device from its config alone, the experts a
 injected there, and parameters are counted exactly. The memory estimate is rough:
 frozen weights + adapter weights, gradients and AdamW moments + activations
 (about 34 bytes x tokens x hidden size per layer in 16 bit, after Korthikanti et al.
-2022, doubled for float32).
+2022, doubled for float32; with train.gradient_checkpointing, 2 bytes per block input plus one
+block's 34).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from moetune.data import detect_format, read_rows, to_messages
 from moetune.domain_experts import domain_recipe
 from moetune.inject import count_parameters, inject
-from moetune.models import load_config
+from moetune.models import attn_implementation, load_config, pick_device
 from moetune.recipe import Recipe
 from moetune.ui import console, table
 
@@ -25,6 +26,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def estimate(recipe: Recipe) -> dict:
     from transformers import AutoModelForCausalLM
     config = load_config(recipe.model, log=console.print)
+    attn_implementation(recipe.model, pick_device(recipe.model))  # an attention kernel that cannot run: RecipeError
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         expert = recipe.expert
@@ -38,6 +40,8 @@ def estimate(recipe: Recipe) -> dict:
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length
     act_bytes = 34 * tokens * hidden * layers * (2 if recipe.train.precision == "fp32" else 1)
+    if getattr(recipe.train, "gradient_checkpointing", False):  # each block keeps its input; one block's full set
+        act_bytes = act_bytes // 34 * 2 // max(layers, 1) * layers + act_bytes // max(layers, 1)
     mem = {"frozen_weights": frozen * wbytes, "adapter_train_state": trainable * 16, "activations": act_bytes}
     return {"trainable": trainable, "total": total, "memory": mem, "model_type": config.model_type,
             "layers": layers, "hidden": hidden}

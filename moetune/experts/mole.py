@@ -63,6 +63,7 @@ from moetune.errors import RecipeError
 from moetune.expert_configs import MoLEConfig, check_experts, expert_names
 from moetune.experts.base import ExpertLayer
 from moetune.models import is_projection
+from moetune.recompute import recomputing
 from moetune.routing import Router, balance_loss, z_loss
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")
@@ -176,7 +177,8 @@ class MoLEGate(Router):
             inv = torch.rsqrt((sq - mean.square()).clamp_min(0) + self.eps)      # (...,)
             logits = (we - mean.unsqueeze(-1) * w.sum((1, 2))) * inv.unsqueeze(-1) + self.bias.float()  # (..., N)
             probs = torch.softmax(logits.masked_fill(~self.keep, float("-inf")) / self.temperature, -1)
-        self._last = (logits, probs, probs)
+        if not recomputing():  # see recompute.py: keep the original forward's gates
+            self._last = (logits, probs, probs)
         return probs
 
 

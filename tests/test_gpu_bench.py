@@ -1,0 +1,33 @@
+"""benchmarks/gpu.py --smoke (tiny shapes on CPU) runs end to end, so the GPU benchmark never rots."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["moetune_lora", "hydralora", "molora_soft", "molora_top2", "mov", "mole", "trainer_peft_lora"]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--shapes", "qwen2-0.5b-shape",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    (shape,) = report["shapes"]
+    assert shape["shape"] == "qwen2-0.5b-shape" and shape["dtype"] == "bfloat16" and shape["flops_per_step"] > 0
+    assert "CUDA" in shape["qlora_skipped"]
+    rows = shape["rows"]
+    assert set(rows) == {m + c for m in METHODS for c in ("", "+ckpt")}
+    for k, r in rows.items():
+        assert r["tokens_per_s"] > 0 and r["trainer_peft_speedup"] > 0 and r["vs_moetune_lora"] > 0, k
+    assert rows["moetune_lora"]["vs_moetune_lora"] == 1.0 and rows["trainer_peft_lora"]["trainer_peft_speedup"] == 1.0
+    for m in METHODS[:-1]:  # activation checkpointing lowers the counted peak memory of a step
+        assert rows[m + "+ckpt"]["peak_mib"] < rows[m]["peak_mib"], m
+    assert "| moetune_lora |" in (tmp_path / "gpu_smoke.md").read_text()
