@@ -74,7 +74,10 @@ class RouterConfig:
     ignores) and scaled so their entries have RMS init_std, the size of the random init. Routers of
     other layers (e.g. down_proj, whose input is the intermediate size) keep the random init. An
     approximation: the centroids are mean-pooled last hidden states, while each router reads its own
-    layer's per-token input. K must equal expert.num_experts. None: random init."""
+    layer's per-token input. K must equal expert.num_experts. None: random init.
+    With any other embedder (the default minilm) `--init-router` writes instead one fitted router
+    weight per projection ('weight.<module name>', moetune/router_fit.py: ridge least squares so that
+    the base's prompt-mean input of each clustered row maps to its cluster); they are copied as is."""
     level: str = opt("token", choices=("token", "sequence"))
     """'token': gates per token (the papers' default). 'sequence': one gate vector per sequence, from the
     mean router logits (= W_g of the mean input) over its prompt tokens (the real tokens before its
