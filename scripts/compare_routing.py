@@ -7,7 +7,8 @@ recipe settings (recipes/default.yaml: batch 8, lr 2e-3, cosine, warmup 10) and 
 `expert:`/`router:` keys changed, then is scored on the test split: exact match overall and per
 domain, loss, the routing specialisation (mean over layers of I(domain; expert) / H(domain), from
 the eval stage's routing report; at most log 4 / log 8 = 0.67 for 8 domains on 4 experts), and the
-training step time (the train stage's seconds / steps, which includes one final validation pass).
+training speed (median over steps of the logged tokens per second; `step_ms` in the JSON is the train
+stage's seconds / steps, which includes one final validation pass).
 Trainable parameters are measured. All routed types use 4 experts and about LoRA rank 16's
 parameter budget: molora 4 x rank 4 (= rank 16, plus the routers), hydralora rank 6 with 4 heads
 (6 * (d_in + 4 d_out) ~ 16 * (d_in + d_out) on square layers).
@@ -17,6 +18,7 @@ Levers (recipe keys in `router:`, see `moetune explain`):
     +anneal  temperature 2 -> 0.5 over training, lr_multiplier 5 for the routers
     +sup     domain_loss_weight 0.1: weak supervision from the domain column (imposed, not learned)
     +levers  +seq, +anneal and the switch balance loss together (no supervision)
+    +sup10   domain_loss_weight 1.0 and lr_multiplier 10: supervision strong enough to move the routers
 
 The full protocol (3 seeds, 120 steps, both data sets, every method):
     python scripts/compare_routing.py --seeds 0 1 2 --steps 120
@@ -53,6 +55,7 @@ METHODS: dict[str, list[str]] = {
     "hydralora+anneal": [*HYDRA, *BALANCE, *ANNEAL],
     "hydralora+sup": [*HYDRA, *BALANCE, *SUP],
     "hydralora+levers": [*HYDRA, *BALANCE, *SEQ, *ANNEAL],
+    "hydralora+sup10": [*HYDRA, *BALANCE, "router.domain_loss_weight=1.0", "router.lr_multiplier=10"],
     "molora": [*MOLORA, *BALANCE],
     "molora_top2": [*MOLORA, *BALANCE, "router.type=top_k", "router.top_k=2"],
     "molora+levers": [*MOLORA, *BALANCE, *SEQ, *ANNEAL],
@@ -101,11 +104,13 @@ def _ms(xs, digits: int = 3) -> str:
 
 
 def table(results: dict) -> str:
-    """One markdown table per data set: method, params, seeds, EM, loss, specialisation, step time, EM per domain."""
+    """One markdown table per data set: method, params, seeds, EM, loss, specialisation, training throughput
+    (median over steps of the logged tokens/s; the same seed feeds every method the same batches, so it
+    compares step times), EM per domain."""
     out = []
     for data, by_method in results.items():
         domains = sorted({d for m in by_method.values() for r in m.values() for d in r["per_domain"]})
-        head = ["method", "params", "seeds", "test EM", "test loss", "specialisation", "ms/step",
+        head = ["method", "params", "seeds", "test EM", "test loss", "specialisation", "train tok/s",
                 *[f"EM {d}" for d in domains]]
         lines = [f"**{data}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method in METHODS:
@@ -114,8 +119,8 @@ def table(results: dict) -> str:
                 continue
             rs = list(runs.values())
             cells = [method, f"{rs[0]['params']:,}", ",".join(sorted(runs)), _ms([r["exact_match"] for r in rs]),
-                     _ms([r["loss"] for r in rs]), _ms([r["specialisation"] for r in rs]),
-                     _ms([r["step_ms"] for r in rs], 0),
+                     _ms([r["loss"] for r in rs]), _ms([r["specialisation"] for r in rs], 4),
+                     _ms([r.get("median_tokens_per_s") for r in rs], 1),
                      *[_ms([r["per_domain"].get(d, {}).get("exact_match") for r in rs]) for d in domains]]
             lines.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(lines))

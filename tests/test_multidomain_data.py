@@ -42,10 +42,10 @@ class _Fixed:
 
 def test_compare_routing_table_rows():
     cr = _script("compare_routing")
-    res = {"exact_match": 0.5, "loss": 1.0, "params": 10, "specialisation": 0.25, "step_ms": 100.0,
+    res = {"exact_match": 0.5, "loss": 1.0, "params": 10, "specialisation": 0.25, "median_tokens_per_s": 100.0,
            "per_domain": {"a": {"exact_match": 1.0}, "b": {"exact_match": 0.0}}}
     text = cr.table({"multidomain": {"lora": {"0": {**res, "specialisation": None}}, "hydralora+sup": {"0": res}}})
     lines = text.splitlines()
     assert lines[0] == "**multidomain**"
-    assert lines[4] == "| lora | 10 | 0 | 0.500 | 1.000 | – | 100 | 1.000 | 0.000 |"
-    assert lines[5].startswith("| hydralora+sup | 10 | 0 | 0.500 | 1.000 | 0.250 |")
+    assert lines[4] == "| lora | 10 | 0 | 0.500 | 1.000 | – | 100.0 | 1.000 | 0.000 |"
+    assert lines[5].startswith("| hydralora+sup | 10 | 0 | 0.500 | 1.000 | 0.2500 |")
