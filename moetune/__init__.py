@@ -21,7 +21,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     6: ("stages", "validate", "cluster", "domain_experts",    # what a command does
         "merge", "multimerge", "collapse", "rundir", "chat", "runs"),
     5: ("train", "evaluate", "report", "loss", "mmlu",
-        "generation", "loggers", "curves", "checkpointing", "fsdp"),     # the training loop; scoring; routing statistics
+        "generation", "loggers", "curves", "checkpointing", "fsdp", "router_fit"),     # the training loop; scoring; routing statistics
     4: ("inject", "adapters", "stock"),                       # wrap a model's projections; save/load adapters
     3: ("experts", "routing"),                                # one file per paper (experts/*); gates and losses
     2: ("models", "data", "datagen"),                         # bases and tokenizers; data

@@ -36,6 +36,7 @@ from moetune.errors import RecipeError
 from moetune.experts.base import base_dims
 from moetune.models import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
+from moetune.router_fit import fit_router_file, sample_indices
 from moetune.ui import console, table
 
 # sklearn, matplotlib and transformers (heavy imports) are imported inside the functions that use them.
@@ -209,9 +210,6 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
                           f"(e.g. `moetune cluster-heads {recipe_path} expert.type=hydralora`).")
     if k_min < 2 or k_max < k_min:
         raise RecipeError(f"--min {k_min} --max {k_max}: allowed is 2 <= min <= max.")
-    if init_router and embedder != "base":
-        raise RecipeError(f"--init-router needs --embedder base (got {embedder!r}): the router reads the base "
-                          "model's hidden states, so only centroids in that space can initialise it.")
     if out is not None:
         _check_free(Path(out), recipe_path, force)
     texts, domains = example_texts(rc.data, with_response, max_rows, seed)
@@ -235,7 +233,10 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
     data["expert"] = {**(data.get("expert") or {}), "num_experts": k}
     recipe_from_dict(data, source=str(out))                            # the new recipe loads, before any write
     centroids = None
-    if init_router:
+    if init_router and embedder != "base":
+        centroids = _fit_routers(rc, best["labels"], max_rows, seed, out, recipe_path, force, embedder)
+        data["router"] = {**(data.get("router") or {}), "init_centroids": str(centroids)}
+    elif init_router:
         centroids = out.with_name(out.stem + ".centroids.safetensors")
         for f in (centroids, centroids.with_suffix(".json")):
             _check_free(f, recipe_path, force)
@@ -262,8 +263,35 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
     ari = f"; adjusted Rand index vs domain {best['ari']:.3f}" if best["ari"] is not None else ""
     console.print(f"Chosen K={k} (highest silhouette {best['silhouette']:.3f}; the inertia elbow is at K={knee}){ari}."
                   f"\nWrote {out} (expert.num_experts: {k}) and the plot {png}.")
-    if centroids:
+    if centroids and embedder != "base":
+        console.print(f"Router weights in {centroids}: fitted per projection so that the base's prompt inputs map "
+                      "to the clusters (training accuracy in the .json beside it).")
+    elif centroids:
         hit, total = matching_layers(rc, int(x.shape[1]))
         console.print(f"Centroids in {centroids}: {hit} of {total} target projections read inputs of dim "
                       f"{x.shape[1]} and start their router from them; the other {total - hit} keep the random init.")
     return report
+
+
+def _fit_routers(rc: Recipe, labels, max_rows: int | None, seed: int, out: Path, recipe_path: Path, force: bool,
+                 embedder: str) -> Path:
+    """`--init-router` with a sentence embedder: fit every target projection's router to the clusters
+    (moetune/router_fit.py); write <out>.router.safetensors and its .json; return the file."""
+    from moetune.checkpoint import write_json
+    from moetune.data import load_examples
+    from moetune.models import find_targets, load_model, load_tokenizer
+    path = out.with_name(out.stem + ".router.safetensors")
+    for f in (path, path.with_suffix(".json")):
+        _check_free(f, recipe_path, force)
+    tok = load_tokenizer(rc.model)
+    model = load_model(rc.model)
+    examples = load_examples(rc.data.train, tok, rc.data)
+    examples = [examples[i] for i in sample_indices(len(examples), max_rows, seed)]
+    names = find_targets(model, list(rc.expert.target_modules))
+    acc = fit_router_file(model, examples, labels, names, tok.pad_token_id, path)
+    write_json(path.with_suffix(".json"), {
+        "k": int(max(labels)) + 1, "embedder": embedder, "model": rc.model.path, "rows": len(examples),
+        "fit": "ridge least squares of centred one-hot cluster ids on each projection's prompt-mean input",
+        "train_accuracy": acc, "source_recipe": str(recipe_path),
+        "use": "router.init_centroids: each router's weight is copied by module name"})
+    return path

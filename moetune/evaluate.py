@@ -9,6 +9,7 @@ import torch
 from moetune.data import Example, collate
 from moetune.loss import per_example_loss
 from moetune.mmlu import load_mc_rows, score_multiple_choice
+from moetune.routing import routing_context
 from moetune.ui import simple_progress
 
 
@@ -59,8 +60,11 @@ def exact_match(model, tokenizer, examples: list[Example], batch_size: int, max_
         for s in range(0, len(order), batch_size):
             chunk = [examples[i] for i in order[s:s + batch_size]]
             ids, mask = left_pad([e.prompt_ids for e in chunk], tokenizer.pad_token_id)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+            # sequence-level routers pool the prompt once and keep its gates for the new tokens
+            with routing_context(pool_mask=mask.bool().to(device), cache={}):
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                     max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                     pad_token_id=tokenizer.pad_token_id)
             new = out[:, ids.shape[1]:]                         # (B, <= max_new_tokens)
             for e, row in zip(chunk, new.tolist()):
                 text = tokenizer.decode(row, skip_special_tokens=True)

@@ -12,6 +12,7 @@ from torch import nn
 
 from moetune.data import IGNORE
 from moetune.inject import aux_losses
+from moetune.routing import prompt_mask, routing_context
 
 
 def plain_head(model: nn.Module) -> bool:
@@ -47,10 +48,14 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.sliced = plain_head(model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                segment_ids: torch.Tensor | None = None):
+        """segment_ids (B, T): packed rows, for sequence-level routing (`router.level`) per segment."""
         target = labels[:, 1:]                                               # (B, T-1)
         keep = target != IGNORE                                              # (B, T-1)
-        logits = target_logits(self.model, input_ids, attention_mask, keep, self.sliced)
+        pool = prompt_mask(labels != IGNORE, attention_mask, segment_ids)    # (B, T) for sequence routing
+        with routing_context(pool_mask=pool, segment_ids=segment_ids):
+            logits = target_logits(self.model, input_ids, attention_mask, keep, self.sliced)
         loss_sum = F.cross_entropy(logits.float(), target[keep], reduction="sum")
         return loss_sum, keep.sum(), aux_losses(self.model)
 
@@ -60,7 +65,9 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     """(loss sum per example (B,), target tokens per example (B,)) for evaluation."""
     target = batch["labels"][:, 1:]                                          # (B, T-1)
     keep = target != IGNORE                                                  # (B, T-1)
-    logits = target_logits(model, batch["input_ids"], batch["attention_mask"], keep, plain_head(model))
+    pool = prompt_mask(batch["labels"] != IGNORE, batch["attention_mask"], batch.get("segment_ids"))  # (B, T)
+    with routing_context(pool_mask=pool, segment_ids=batch.get("segment_ids")):
+        logits = target_logits(model, batch["input_ids"], batch["attention_mask"], keep, plain_head(model))
     tok = F.cross_entropy(logits.float(), target[keep], reduction="none")    # (N,)
     rows = keep.nonzero()[:, 0]                                              # (N,) example of each token
     per_ex = torch.zeros(keep.shape[0], device=tok.device).index_add_(0, rows, tok)  # (B,)

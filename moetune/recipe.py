@@ -76,7 +76,30 @@ class RouterConfig:
     ignores) and scaled so their entries have RMS init_std, the size of the random init. Routers of
     other layers (e.g. down_proj, whose input is the intermediate size) keep the random init. An
     approximation: the centroids are mean-pooled last hidden states, while each router reads its own
-    layer's per-token input. K must equal expert.num_experts. None: random init."""
+    layer's per-token input. K must equal expert.num_experts. None: random init.
+    With any other embedder (the default minilm) `--init-router` writes instead one fitted router
+    weight per projection ('weight.<module name>', moetune/router_fit.py: ridge least squares so that
+    the base's prompt-mean input of each clustered row maps to its cluster); they are copied as is."""
+    level: str = opt("token", choices=("token", "sequence"))
+    """'token': gates per token (the papers' default). 'sequence': one gate vector per sequence, from the
+    mean router logits (= W_g of the mean input) over its prompt tokens (the real tokens before its
+    first target token), shared by all its tokens, as MoLE-style task routing; in generation the
+    prompt's gates are kept for the new tokens. Packed rows route each segment on its own when the
+    batch carries segment ids. Without a prompt mask (e.g. multiple-choice scoring) every position
+    of the forward is pooled."""
+    temperature_end: float | None = opt(None, min=0, min_exclusive=True)
+    """Anneal the gate temperature from `temperature` (first step) to this value (last step),
+    geometrically: e.g. 2.0 -> 0.5 goes from soft towards sharp gates. Evaluation and export use this
+    end value. None: a constant `temperature`."""
+    lr_multiplier: float = opt(1.0, min=0, min_exclusive=True)
+    """Router parameters train at train.lr times this, in their own optimizer param group."""
+    weight_decay: float | None = opt(None, min=0)
+    """Weight decay of the router parameters (None: train.weight_decay)."""
+    domain_loss_weight: float = opt(0.0, min=0)
+    """Weak supervision from the data's domain column (0: off). Adds, per routed layer, weight *
+    -mean_d log q_d,a(d): q_d the mean gate over the batch's tokens of domain d, a(d) = (index of d
+    among the sorted training domains) mod N, a fixed assignment. Computed from the detached layer
+    input, so it trains the routers only. It imposes specialisation by label; it is not learned."""
 
 
 @dataclass

@@ -8,6 +8,11 @@ gates a layer applied to token t (`Router` output), m_t = 1 for real tokens and 
     entropy_l   = sum_t m_t H(w_t) / sum_t m_t,  H(w) = -sum_i w_i log w_i  (nats, in [0, log N])
     dead_l      = {i : load_l,i < 0.01 / N}                  (routing.dead_experts)
     gates_d,l   = load_l restricted to the tokens of the examples of domain d
+    assign_d,l  = the same mean of a_t instead of w_t, a_t = one-hot of the top-k experts of w_t / k
+                  (k = router.top_k for top_k routing, 1 for soft: the argmax)
+    MI_l        = I(D;E) / H(D) with p(d) = domain d's share of the tokens and p(e|d) = gates_d,l
+                  (soft routing) or assign_d,l (top_k routing); see routing.domain_expert_mi.
+                  The run's "routing specialisation" is the mean of MI_l over layers.
 
 `collect_gates` runs the examples through the model in batches with forward hooks on the
 routers and keeps only running sums (`GateSums`); everything else here is a pure function
@@ -24,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from moetune.data import Example, collate
+from moetune.data import IGNORE, Example, collate
 from moetune.inject import expert_layers
 from moetune.loss import plain_head, target_logits
-from moetune.routing import Router, dead_experts
+from moetune.routing import Router, dead_experts, domain_expert_mi, prompt_mask, routing_context
 from moetune.ui import table
 
 # matplotlib (a heavy, plotting-only import) is imported inside the function that draws the heatmap.
@@ -51,6 +56,19 @@ class GateSums:
     gate: torch.Tensor        # (D, L, N): sum_t m_t w_t over the tokens of domain d
     entropy: torch.Tensor     # (D, L):    sum_t m_t H(w_t)
     tokens: torch.Tensor      # (D,):      sum_t m_t (real tokens of domain d)
+    assign: torch.Tensor | None = None  # (D, L, N): sum_t m_t a_t (top-k choices / k)
+    top_k: int = 1            # k of the assignments (1 for soft routing); > 1 only for top_k routing
+    kind: str = "soft"        # router.type of the routed layers: which p(e|d) the MI reads
+
+
+def assignment_sums(weights: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor, n_domains: int,
+                    k: int = 1) -> torch.Tensor:
+    """Masked per-domain sums (D, L, N) of a_t = one-hot of the top-k experts of w_t, divided by k,
+    for weights (L, B, T, N), mask (B, T), domain (B,) indices."""
+    idx = weights.topk(min(k, weights.shape[-1]), dim=-1).indices        # (L, B, T, k)
+    a = torch.zeros_like(weights, dtype=torch.float64).scatter(-1, idx, 1.0 / idx.shape[-1])  # (L, B, T, N)
+    onehot = torch.nn.functional.one_hot(domain, n_domains).double()       # (B, D)
+    return torch.einsum("bd,lbtn,bt->dln", onehot, a, mask.double())       # (D, L, N)
 
 
 def batch_sums(weights: torch.Tensor, mask: torch.Tensor, domain: torch.Tensor, n_domains: int
@@ -107,8 +125,11 @@ def collect_gates(model, examples: list[Example], pad_id: int, batch_size: int, 
     n, L = ns.pop(), len(layers)
     domains = sorted({e.domain for e in examples})
     index = {d: i for i, d in enumerate(domains)}
+    rc = next(iter(layers.values())).router.cfg
+    kind = "top_k" if rc.type == "top_k" else "soft"
     sums = GateSums(list(layers), domains, torch.zeros(len(domains), L, n, dtype=torch.float64),
-                    torch.zeros(len(domains), L, dtype=torch.float64), torch.zeros(len(domains), dtype=torch.float64))
+                    torch.zeros(len(domains), L, dtype=torch.float64), torch.zeros(len(domains), dtype=torch.float64),
+                    torch.zeros(len(domains), L, n, dtype=torch.float64), rc.top_k if kind == "top_k" else 1, kind)
     model.eval()
     sliced = plain_head(model)
     hooks = _GateHooks(layers)
@@ -118,10 +139,13 @@ def collect_gates(model, examples: list[Example], pad_id: int, batch_size: int, 
             b = collate(chunk, pad_id)
             ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)   # (B, T)
             none = torch.zeros_like(ids[:, 1:], dtype=torch.bool)                   # (B, T-1): no head output
-            target_logits(model, ids, mask, none, sliced)
+            pool = prompt_mask(b["labels"] != IGNORE, b["attention_mask"]).to(device)  # (B, T)
+            with routing_context(pool_mask=pool):                                   # router.level: sequence
+                target_logits(model, ids, mask, none, sliced)
             w = hooks.take(tuple(ids.shape)).cpu()                                  # (L, B, T, N)
             dom = torch.tensor([index[e.domain] for e in chunk])                    # (B,)
             g, h, t = batch_sums(w, b["attention_mask"], dom, len(domains))
+            sums.assign += assignment_sums(w, b["attention_mask"], dom, len(domains), sums.top_k)
             sums.gate += g
             sums.entropy += h
             sums.tokens += t
@@ -138,6 +162,24 @@ def mean_gates(sums: GateSums) -> torch.Tensor:
 def domain_gates(sums: GateSums) -> torch.Tensor:
     """Mean gate weight per domain, layer and expert: (D, L, N); rows sum to 1."""
     return sums.gate / sums.tokens.clamp_min(1.0)[:, None, None]
+
+
+def specialisation(sums: GateSums) -> dict:
+    """Domain -> expert mutual information per layer (see the module docstring).
+
+    {'measure': 'gates' | 'assignments', 'mi' (L,) nats, 'mi_norm' (L,) = I/H(D), 'mi_norm_gates',
+    'mi_norm_assignments' (L,) both ways, 'mean' (the run's single specialisation figure: mean of
+    mi_norm over layers), 'domain_expert' (D, N): p(e|d) of the measure averaged over layers}."""
+    tok = sums.tokens.clamp_min(1.0)[:, None, None]
+    gates = sums.gate / tok                                                # (D, L, N) p(e|d), soft
+    assign = (sums.assign if sums.assign is not None else sums.gate) / tok  # (D, L, N) p(e|d), choices
+    mi_g, norm_g = domain_expert_mi(gates, sums.tokens)                    # (L,), (L,)
+    mi_a, norm_a = domain_expert_mi(assign, sums.tokens)                   # (L,), (L,)
+    use_gates = sums.kind != "top_k"
+    mi, norm, cond = (mi_g, norm_g, gates) if use_gates else (mi_a, norm_a, assign)
+    return {"measure": "gates" if use_gates else "assignments", "mi": mi.tolist(), "mi_norm": norm.tolist(),
+            "mi_norm_gates": norm_g.tolist(), "mi_norm_assignments": norm_a.tolist(),
+            "mean": float(norm.mean()), "domain_expert": cond.mean(1).tolist()}
 
 
 def layer_index(name: str) -> int | None:
@@ -177,27 +219,35 @@ def routing_report(sums: GateSums, threshold: float = DEAD_THRESHOLD) -> dict:
     dead = dead_experts(load, threshold)                                   # (L, N) bool
     dom = domain_gates(sums)                                               # (D, L, N)
     dom_ent = sums.entropy / sums.tokens.clamp_min(1.0)[:, None]           # (D, L)
+    spec = specialisation(sums)
     return {
+        "specialisation": spec["mean"], "specialisation_measure": spec["measure"],
+        "domain_expert": {d: spec["domain_expert"][j] for j, d in enumerate(sums.domains)},
         "num_experts": n, "max_entropy": math.log(n), "tokens": int(sums.tokens.sum()),
         "dead_threshold": threshold, "dead_total": int(dead.sum()),
         "layers": {name: {"load": load[i].tolist(), "entropy": float(entropy[i]),
-                          "dead": dead[i].nonzero().flatten().tolist()} for i, name in enumerate(sums.names)},
+                          "dead": dead[i].nonzero().flatten().tolist(), "mi": spec["mi"][i],
+                          "mi_norm": spec["mi_norm"][i], "mi_norm_gates": spec["mi_norm_gates"][i],
+                          "mi_norm_assignments": spec["mi_norm_assignments"][i]}
+                   for i, name in enumerate(sums.names)},
         "per_domain": {d: {"tokens": int(sums.tokens[j]), "gates": dom[j].tolist(), "entropy": dom_ent[j].tolist()}
                        for j, d in enumerate(sums.domains)},
     }
 
 
 def table_rows(report: dict) -> list[list]:
-    """Per display row: [label, load min, load max, mean entropy, dead count] (see `row_groups`)."""
+    """Per display row: [label, load min, load max, mean entropy, mean I(D;E)/H(D), dead count]
+    (see `row_groups`)."""
     names = list(report["layers"])
     load = torch.tensor([report["layers"][k]["load"] for k in names])     # (L, N)
     ent = torch.tensor([report["layers"][k]["entropy"] for k in names])   # (L,)
     dead = torch.tensor([len(report["layers"][k]["dead"]) for k in names])  # (L,)
+    mi = torch.tensor([report["layers"][k].get("mi_norm", 0.0) for k in names])  # (L,)
     rows = []
     for label, idx in row_groups(names):
         sel = torch.tensor(idx)
         rows.append([label, float(load[sel].min()), float(load[sel].max()), float(ent[sel].mean()),
-                     int(dead[sel].sum())])
+                     float(mi[sel].mean()), int(dead[sel].sum())])
     return rows
 
 
@@ -206,7 +256,13 @@ def print_report(report: dict, console) -> None:
     console.print(table(f"routing: {report['num_experts']} experts, {report['tokens']} tokens, entropy in nats "
                         f"(max log N = {report['max_entropy']:.4f}), {report['dead_total']} dead experts "
                         f"(load < {report['dead_threshold']:g}/N)",
-                        ["layer", "load min", "load max", "entropy", "dead"], table_rows(report)))
+                        ["layer", "load min", "load max", "entropy", "MI/H(D)", "dead"], table_rows(report)))
+    if len(report.get("domain_expert", {})) > 1:
+        n = report["num_experts"]
+        console.print(table(f"routing specialisation {report['specialisation']:.3f} (mean over layers of I(domain; "
+                            f"expert) / H(domain), from {report['specialisation_measure']}); p(expert | domain), "
+                            "mean over layers", ["domain", *[f"e{i}" for i in range(n)]],
+                            [[d, *row] for d, row in report["domain_expert"].items()]))
 
 
 def heatmap_rows(report: dict) -> tuple[list[str], dict[str, torch.Tensor]]:

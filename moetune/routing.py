@@ -22,6 +22,7 @@ Losses (see METHODS.md, "Auxiliary losses"):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -153,6 +154,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, d_in))      # (N, d_in)
         nn.init.normal_(self.weight, std=cfg.init_std)
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._sup: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the softmax temperature in use: the schedule's end value outside training (`set_temperature`)
+        self.temperature = cfg.temperature if cfg.temperature_end is None else cfg.temperature_end
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """Gates (..., N) in float32 from x (..., d_in), also under autocast (Switch's "selective
@@ -163,10 +167,25 @@ class Router(nn.Module):
                 if self.training and self.cfg.jitter > 0:
                     x = jitter(x, self.cfg.jitter)
                 logits = F.linear(x, self.weight.float())                # (..., N)
-            weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.cfg.temperature)
+            if self.cfg.level == "sequence" and logits.dim() >= 3:
+                logits = sequence_logits(logits, self)                   # (B, T, N), one row per sequence
+            weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.temperature)
+            sup = self._supervision_probs(x) if self.training and self.cfg.domain_loss_weight > 0 else None
         if not recomputing():  # a checkpoint recompute keeps the original forward's state (recompute.py)
             self._last = (logits, probs, weights)  # with their graph: aux_losses() must backprop into W_g
+            self._sup = sup
         return weights
+
+    def _supervision_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(probs (B, T, N), token domains (B, T)) for the domain loss: the gates recomputed from the
+        DETACHED input, so that loss trains W_g only and never the adapters of earlier layers."""
+        dom = _CTX.get("token_domain")
+        if dom is None:
+            return None
+        logits = F.linear(x.detach().float(), self.weight.float())       # (B, T, N)
+        if self.cfg.level == "sequence" and logits.dim() >= 3:
+            logits = sequence_logits(logits, None)
+        return torch.softmax(logits / self.temperature, -1), dom
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """{'balance': weight * balance loss, 'z_loss': weight * z-loss} of the last forward.
@@ -183,10 +202,147 @@ class Router(nn.Module):
             out["balance"] = c.balance_weight * balance_loss(c.balance_loss, probs, k)
         if c.z_loss_weight > 0:
             out["z_loss"] = c.z_loss_weight * z_loss(logits)
+        if c.domain_loss_weight > 0 and self._sup is not None:
+            out["domain"] = c.domain_loss_weight * domain_loss(*self._sup)
         return out
 
     def stats(self) -> dict | None:
         return None if self._last is None else stats(self._last[2].detach())
+
+
+# ---------------------------------------------------------------- routing context, sequence gates
+
+_CTX: dict = {}
+
+
+@contextmanager
+def routing_context(**fields):
+    """Set routing context fields for the forwards inside the block (nested blocks merge, inner wins):
+
+    pool_mask (B, T) bool    tokens whose mean router logits give a sequence's gates (`router.level:
+                             sequence`); the loss sets it to each sequence's prompt (`prompt_mask`)
+    segment_ids (B, T) long  packed batches: which sequence of the row each token belongs to
+    token_domain (B, T) long domain index of each token (-1: none), for `router.domain_loss_weight`
+    cache dict               generation: the first forward (the prompt) stores each router's
+                             sequence logits here, the later one-token forwards reuse them"""
+    old = dict(_CTX)
+    _CTX.update({k: v for k, v in fields.items() if v is not None})
+    try:
+        yield _CTX
+    finally:
+        _CTX.clear()
+        _CTX.update(old)
+
+
+def prompt_mask(targets: torch.Tensor, attention_mask: torch.Tensor,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) bool: real tokens before the first target token of their sequence (segment).
+
+    targets (B, T) bool marks tokens in the loss (labels != -100). Pooling only these tokens keeps
+    sequence routing causal: no gate depends on the answer it helps to predict."""
+    t = targets.long()                                                   # (B, T)
+    before = t.cumsum(1) - t                                             # (B, T): targets strictly before
+    if segment_ids is not None:  # count only the targets of the token's own segment
+        seg = segment_ids.long()
+        first = torch.full((t.shape[0], int(seg.max()) + 1), t.shape[1] ** 2, dtype=torch.long, device=t.device)
+        first = first.scatter_reduce(1, seg, before, "amin")             # (B, S): count at segment start
+        before = before - first.gather(1, seg)
+    return (before == 0) & ~targets & attention_mask.bool()
+
+
+def sequence_logits(logits: torch.Tensor, router: nn.Module | None) -> torch.Tensor:
+    """Per-token logits (B, T, N) -> each sequence's mean logits over its pool tokens, repeated at
+    all its tokens (B, T, N). W_g is linear, so this equals W_g applied to the mean input.
+
+    Uses the context's pool_mask and segment_ids; without a pool_mask every position of this
+    forward counts. In generation (context `cache`), the first call per router pools the prompt
+    and the later calls (one new token each) reuse that row. A segment with no pool token gets
+    logits 0 (uniform gates)."""
+    cache = _CTX.get("cache")
+    if cache is not None and router is not None and id(router) in cache:
+        row = cache[id(router)]                                          # (B, N)
+        return row.unsqueeze(1).expand(-1, logits.shape[1], -1)
+    b, t, n = logits.shape
+    pool = _CTX.get("pool_mask")
+    if pool is None or tuple(pool.shape) != (b, t):
+        pool = torch.ones(b, t, dtype=torch.bool, device=logits.device)
+    seg = _CTX.get("segment_ids")
+    seg = torch.zeros(b, t, dtype=torch.long, device=logits.device) if seg is None else seg.long()
+    oh = F.one_hot(seg, int(seg.max()) + 1).float() * pool.unsqueeze(-1).float()  # (B, T, S)
+    num = torch.einsum("bts,btn->bsn", oh, logits)                        # (B, S, N)
+    pooled = num / oh.sum(1).clamp_min(1.0).unsqueeze(-1)                # (B, S, N)
+    if cache is not None and router is not None:
+        cache[id(router)] = pooled[:, 0]
+    return pooled.gather(1, seg.unsqueeze(-1).expand(-1, -1, n))         # (B, T, N)
+
+
+def domain_loss(probs: torch.Tensor, token_domain: torch.Tensor) -> torch.Tensor:
+    """Weak supervision -mean_d log q_d,a(d): q_d (N,) the mean gate over the tokens of domain d
+    (present in the batch), a(d) = d mod N a FIXED domain -> expert assignment. Minimum 0 when every
+    token of domain d puts all its gate on expert a(d). probs (..., N), token_domain (...) (-1: skip)."""
+    n = probs.shape[-1]
+    p = probs.reshape(-1, n)                                             # (T, N)
+    d = token_domain.reshape(-1).to(p.device)                            # (T,)
+    keep = d >= 0
+    if not bool(keep.any()):
+        return probs.sum() * 0.0
+    p, d = p[keep], d[keep]
+    oh = F.one_hot(d, int(d.max()) + 1).float()                          # (T, D)
+    count = oh.sum(0)                                                    # (D,)
+    q = (oh.t() @ p) / count.clamp_min(1.0).unsqueeze(-1)                # (D, N)
+    present = count > 0
+    target = torch.arange(q.shape[0], device=p.device) % n               # (D,): a(d)
+    picked = q.gather(1, target.unsqueeze(-1)).squeeze(-1)               # (D,)
+    return -(picked.clamp_min(1e-12).log() * present).sum() / present.sum()
+
+
+def scheduled_temperature(cfg, step: int, total: int) -> float:
+    """Router temperature at optimizer step `step` of `total`: geometric from router.temperature
+    (step 0) to router.temperature_end (last step); constant when temperature_end is None."""
+    if cfg.temperature_end is None:
+        return cfg.temperature
+    frac = min(max(step / max(total - 1, 1), 0.0), 1.0)
+    return cfg.temperature * (cfg.temperature_end / cfg.temperature) ** frac
+
+
+def set_temperature(model: nn.Module, value: float) -> None:
+    """Set the temperature of every `Router` of `model` whose recipe has a schedule (temperature_end)."""
+    for m in model.modules():
+        if isinstance(m, Router) and m.cfg.temperature_end is not None:
+            m.temperature = value
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters of every `Router` in `model` (W_g, MoLE's bias), each once."""
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, Router):
+            for p in m.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------- specialisation (domain vs expert)
+
+def domain_expert_mi(cond: torch.Tensor, p_domain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(I(D;E) nats (...,), I(D;E) / H(D) (...,)) from p(e|d) cond (D, ..., N) and p(d) (D,).
+
+    The joint is p(d, e) = p(d) p(e|d): draw a token of domain d, then an expert from its gates
+    (soft routing: p(e|d) is the mean gate over d's tokens) or its top-k choices (1/k each).
+    I = sum_d,e p(d,e) log(p(e|d) / p(e)), p(e) = sum_d p(d) p(e|d). Normalised by the domain
+    entropy H(D): 1 when the expert determines the domain (no expert serves two domains), 0 when
+    every domain routes alike, and 0 when H(D) = 0 (a single domain). With more domains than
+    experts it is at most log N / H(D) (2/3 for 8 equal domains on 4 experts)."""
+    pd = (p_domain / p_domain.sum()).double()                            # (D,)
+    c = cond.double()                                                    # (D, ..., N)
+    shape = (-1,) + (1,) * (c.dim() - 1)
+    pe = (pd.view(shape) * c).sum(0)                                     # (..., N)
+    ratio = torch.where(c > 0, c / pe.unsqueeze(0).clamp_min(1e-300), torch.ones_like(c))
+    mi = (pd.view(shape) * torch.special.xlogy(c, ratio)).sum((0, -1)).clamp_min(0.0)  # (...,)
+    h = float(-torch.special.xlogy(pd, pd).sum())
+    return mi, (mi / h if h > 0 else torch.zeros_like(mi))
 
 
 FUSE_ROUTER_MATMUL = True  # False: always the separate path (tests compare the two)
@@ -236,10 +392,35 @@ def load_centroids(path: str) -> torch.Tensor:
     return t
 
 
+def init_fitted(layers: dict, path: str, weights: dict) -> tuple[list[str], list[str]]:
+    """Copy the fitted per-projection router weights ('weight.<name>', see moetune/router_fit.py)
+    into the routers of the layers of those names; return (initialised, skipped) names."""
+    done, skipped = [], []
+    for name, layer in layers.items():
+        w = weights.get(f"weight.{name}")
+        router = getattr(layer, "router", None)
+        if w is None or getattr(router, "weight", None) is None:
+            skipped.append(name)
+            continue
+        if tuple(w.shape) != tuple(router.weight.shape):
+            raise RecipeError(f"router.init_centroids {path!r} holds a ({w.shape[0]}, {w.shape[1]}) router weight for "
+                              f"{name}, whose router is {tuple(router.weight.shape)} (expert.num_experts, input dim). "
+                              "Allowed: a file written by `cluster-heads --init-router` for this recipe's K and model.")
+        with torch.no_grad():
+            router.weight.copy_(w.to(router.weight.device, router.weight.dtype))
+        done.append(name)
+    return done, skipped
+
+
 def init_routers(layers: dict, path: str, init_std: float) -> tuple[list[str], list[str]]:
     """Set Router.weight of each routed layer whose input dim equals the centroids' dim;
     return (initialised names, skipped names). Others keep their random init, as do gates that
-    do not read the layer input (MoLE gates over expert outputs)."""
+    do not read the layer input (MoLE gates over expert outputs). A file of fitted weights
+    (`cluster-heads --init-router` with another embedder than base) sets each router by name."""
+    if Path(path).is_file():
+        fitted = {k: v for k, v in load_file(path).items() if k.startswith("weight.")}
+        if fitted:
+            return init_fitted(layers, path, fitted)
     c = load_centroids(path)
     w = router_init_weight(c, init_std)                                # (K, d)
     done, skipped = [], []

@@ -28,6 +28,7 @@ from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainabl
 from moetune.loggers import TrainLoggers
 from moetune.loss import CausalLMLoss
 from moetune.recipe import Recipe, TrainConfig
+from moetune.routing import router_parameters, routing_context, scheduled_temperature, set_temperature
 from moetune.ui import TrainProgress
 
 # transformers (a heavy import) is imported inside the function that uses it.
@@ -78,6 +79,41 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def param_groups(model, params: list, recipe: Recipe) -> list:
+    """`params` as optimizer param groups: one group, or, when router.lr_multiplier != 1 or
+    router.weight_decay is set, the router parameters in a second group with lr = train.lr *
+    lr_multiplier and their own weight decay (the schedule scales both groups alike)."""
+    rc, cfg = recipe.router, recipe.train
+    routers = {id(p) for p in router_parameters(model)}
+    mine = [p for p in params if id(p) in routers]
+    if not mine or (rc.lr_multiplier == 1.0 and rc.weight_decay is None):
+        return params
+    wd = cfg.weight_decay if rc.weight_decay is None else rc.weight_decay
+    rest = [p for p in params if id(p) not in routers]
+    return ([{"params": rest}] if rest else []) + [{"params": mine, "lr": cfg.lr * rc.lr_multiplier, "weight_decay": wd}]
+
+
+def domain_indices(recipe: Recipe, examples: list[Example]) -> dict[str, int] | None:
+    """Domain name -> index (sorted names) for router.domain_loss_weight > 0, else None."""
+    if recipe.router.domain_loss_weight <= 0:
+        return None
+    names = sorted({e.domain for e in examples})
+    if len(names) < 2:
+        raise RecipeError(f"Recipe key 'router.domain_loss_weight' is {recipe.router.domain_loss_weight}, but the "
+                          f"training data has {len(names)} domain ({', '.join(names)}): the loss needs a "
+                          f"'{recipe.data.domain_field}' column with at least two values. Allowed: 0, or data "
+                          "with domains.")
+    return {d: i for i, d in enumerate(names)}
+
+
+def token_domains(examples: list[Example], index: dict[str, int] | None, attention_mask: torch.Tensor):
+    """(B, T) domain index of every real token (-1 on padding), or None without an index."""
+    if index is None:
+        return None
+    dom = torch.tensor([index.get(e.domain, -1) for e in examples], device=attention_mask.device)  # (B,)
+    return dom.unsqueeze(1).expand_as(attention_mask).masked_fill(attention_mask == 0, -1)         # (B, T)
+
+
 def build_scheduler(opt, cfg: TrainConfig, total: int):
     from transformers import get_scheduler
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
@@ -123,7 +159,8 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     if sharded:
         fsdp.shard_model(model)  # replaces the parameters by sharded DTensors: collect them after this
     params = trainable_parameters(model)
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(param_groups(model, params, recipe), cfg)
+    dom_index = domain_indices(recipe, train_ex)
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
     lm = CausalLMLoss(model)
     if sharded:  # FSDP2 does its own gradient reduction: no DDP wrapper
@@ -170,6 +207,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     with progress:
         for step in range(start, end):
             _seed_step(cfg.seed, step, rank, world)
+            set_temperature(model, scheduled_temperature(recipe.router, step, plan.total_steps))
             indices = plan.step_indices(step, cfg.seed)
             n_global = sum(sum(1 for lab in train_ex[i].labels[1:] if lab >= 0) for i in indices)
             loss_sum = torch.zeros((), device=accelerator.device)
@@ -177,12 +215,13 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
             mbs = plan.micro_batches(indices, rank)
             for j, mb in enumerate(mbs):
                 batch = {k: v.to(accelerator.device) for k, v in collate([train_ex[i] for i in mb], pad_id).items()}
+                doms = token_domains([train_ex[i] for i in mb], dom_index, batch["attention_mask"])  # (B, T)
                 window_tokens += int(batch["attention_mask"].sum()) * world
                 sync = j == len(mbs) - 1
                 ctx = accelerator.no_sync(lm) if not sync else nullcontext()
                 if sharded:
                     fsdp.set_gradient_sync(model, sync)
-                with ctx, accelerator.autocast():
+                with ctx, accelerator.autocast(), routing_context(token_domain=doms):
                     s, _, aux = lm(**batch)
                     # DDP averages gradients over processes: scale so the sum over the global batch is exact.
                     loss = s * world / max(n_global, 1) + sum(aux.values(), torch.zeros((), device=accelerator.device)) / len(mbs)
@@ -211,6 +250,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
             if cfg.save_every and done % cfg.save_every == 0 and done < end:
                 checkpoint(done)
     checkpoint(end)
+    set_temperature(model, scheduled_temperature(recipe.router, plan.total_steps, plan.total_steps))  # the end value
     if val_ex:
         val = _val(model, val_ex, recipe, pad_id, accelerator)
         metrics.log({"step": end, "split": "validation", "val_loss": val})

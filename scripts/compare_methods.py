@@ -84,7 +84,8 @@ def run_method(method: str, seed: int, base: Path, steps: int, runs: Path, extra
         s = r["summary"]
         return {"exact_match": s["after"]["exact_match"], "loss": s["after"]["loss"],
                 "val_loss": s["train"]["val_loss"], "params": s["train"]["trainable_parameters"],
-                "per_domain": s["after"]["per_domain"], "seconds": round(r["seconds"], 1)}
+                "per_domain": s["after"]["per_domain"], "seconds": round(r["seconds"], 1),
+                "specialisation": ((s.get("eval") or {}).get("routing") or {}).get("specialisation")}
     from moetune.recipe import load_recipe
     rc = load_recipe(base, extra)
     files = _domain_files(Path(rc.data.train), Path(rc.data.validation), Path(rc.data.test), runs / "split-data")
@@ -115,7 +116,8 @@ def table(results: dict) -> str:
             return "–"
         return f"{statistics.mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
     domains = sorted({d for m in results.values() for r in m.values() for d in r["per_domain"]})
-    head = ["method", "trainable params", "seeds", "test EM", "test loss", "val loss", *[f"EM {d}" for d in domains]]
+    head = ["method", "trainable params", "seeds", "test EM", "test loss", "val loss", "specialisation",
+            *[f"EM {d}" for d in domains]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in METHODS:
         runs = results.get(method)
@@ -124,6 +126,7 @@ def table(results: dict) -> str:
         rs = list(runs.values())
         cells = [method, f"{rs[0]['params']:,}", ",".join(sorted(runs)), ms([r["exact_match"] for r in rs]),
                  ms([r["loss"] for r in rs]), ms([r["val_loss"] for r in rs]),
+                 ms([r.get("specialisation") for r in rs]),  # mean I(domain; expert) / H(domain) over layers
                  *[ms([r["per_domain"].get(d, {}).get("exact_match") for r in rs]) for d in domains]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

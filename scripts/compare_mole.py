@@ -38,13 +38,16 @@ def score(rc, adapter: Path) -> dict:
     from moetune.adapters import load_adapter
     from moetune.evaluate import evaluate
     from moetune.models import load_model
+    from moetune.report import collect_gates, routing_report
     from moetune.stages import Run
     run = Run(rc)
     model = load_model(rc.model, run.device, log=lambda *_: None)
     load_adapter(model, adapter)
     with torch.no_grad():
         s = evaluate(model, run.tokenizer, run.held_out(), rc, run.device, show=False)
+        sums = collect_gates(model, run.held_out(), run.tokenizer.pad_token_id, rc.eval.batch_size, run.device)
     return {"loss": s["loss"], "exact_match": s.get("exact_match"),
+            "specialisation": routing_report(sums)["specialisation"] if sums is not None else None,
             "per_domain": {d: {k: v.get(k) for k in ("loss", "exact_match")} for d, v in s["per_domain"].items()}}
 
 
@@ -95,14 +98,15 @@ def table(results: dict) -> str:
             return "-"
         sd = f" ±{statistics.stdev(vals):.3f}" if len(vals) > 1 else ""
         return f"{statistics.mean(vals):.3f}{sd}"
-    head = ["method", "seeds", "EM all", *[f"EM {d}" for d in domains], "loss all"]
+    head = ["method", "seeds", "EM all", *[f"EM {d}" for d in domains], "loss all", "specialisation"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, by_seed in results.items():
         s = list(by_seed.values())
         rows.append("| " + " | ".join([name, str(len(s)), cell([x["exact_match"] for x in s]),
                                         *[cell([x["per_domain"].get(d, {}).get("exact_match") for x in s])
                                           for d in domains],
-                                        cell([x["loss"] for x in s])]) + " |")
+                                        cell([x["loss"] for x in s]),
+                                        cell([x.get("specialisation") for x in s])]) + " |")
     return "\n".join(rows)
 
 

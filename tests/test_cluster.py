@@ -125,8 +125,6 @@ def test_lora_type_and_bad_options_are_recipe_errors(tmp_path, monkeypatch):
                         out=tmp_path / "mov.yaml")
     assert load_recipe(tmp_path / "mov.yaml").expert.num_experts == rep["chosen_k"]
     hyd = write_recipe(tmp_path / "hyd.yaml", "smollm2-135m-instruct", DEFAULT)
-    with pytest.raises(RecipeError, match="--init-router needs --embedder base"):
-        cluster_heads(hyd, [], embedder="tfidf", init_router=True)
     with pytest.raises(RecipeError, match="neither minilm, base, tfidf"):
         cluster_heads(hyd, [], embedder=str(tmp_path / "no-such-model"), max_rows=50)
     with pytest.raises(RecipeError, match="2 <= min <= max"):

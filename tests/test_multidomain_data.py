@@ -1,0 +1,51 @@
+"""data/multidomain and its generator (scripts/gen_multidomain.py); the compare_routing table."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_committed_data_is_the_generators_output_and_held_out_is_unseen():
+    gen = _script("gen_multidomain")
+    splits = gen.generate(200, 15, 25, 0)
+    for split, rows in splits.items():
+        committed = [json.loads(x) for x in (ROOT / "data/multidomain" / f"{split}.jsonl").read_text().splitlines()]
+        assert committed == rows
+    train = {r["instruction"] for r in splits["train"]}
+    held = splits["validation"] + splits["test"]
+    assert not [r for r in held if r["instruction"] in train]
+    assert {r["domain"] for r in splits["test"]} == set(gen.DOMAINS) and len(gen.DOMAINS) == 8
+    assert gen.row("zib", _Fixed()) == {"instruction": "Translate to Zib: cat cat cat", "response": "vel vel vel"}
+    assert gen.row("quon", _Fixed())["response"] == "dask dask dask"      # same input, another answer
+    assert gen.row("initials", _Fixed())["response"] == "CCC"
+
+
+class _Fixed:
+    """A stand-in random.Random: every choice is the first, every integer 3."""
+
+    def choice(self, xs):
+        return xs[0]
+
+    def randint(self, a, b):
+        return 3
+
+
+def test_compare_routing_table_rows():
+    cr = _script("compare_routing")
+    res = {"exact_match": 0.5, "loss": 1.0, "params": 10, "specialisation": 0.25, "median_tokens_per_s": 100.0,
+           "per_domain": {"a": {"exact_match": 1.0}, "b": {"exact_match": 0.0}}}
+    text = cr.table({"multidomain": {"lora": {"0": {**res, "specialisation": None}}, "hydralora+sup": {"0": res}}})
+    lines = text.splitlines()
+    assert lines[0] == "**multidomain**"
+    assert lines[4] == "| lora | 10 | 0 | 0.500 | 1.000 | – | 100.0 | 1.000 | 0.000 |"
+    assert lines[5].startswith("| hydralora+sup | 10 | 0 | 0.500 | 1.000 | 0.2500 |")
