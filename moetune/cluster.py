@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from moetune.checkpoint import write_json
-from moetune.data import detect_format, read_rows, to_messages
+from moetune.data import detect_format, load_examples, read_rows, to_messages
 from moetune.errors import RecipeError
 from moetune.experts.base import base_dims
 from moetune.models import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
@@ -277,9 +277,6 @@ def _fit_routers(rc: Recipe, labels, max_rows: int | None, seed: int, out: Path,
                  embedder: str) -> Path:
     """`--init-router` with a sentence embedder: fit every target projection's router to the clusters
     (moetune/router_fit.py); write <out>.router.safetensors and its .json; return the file."""
-    from moetune.checkpoint import write_json
-    from moetune.data import load_examples
-    from moetune.models import find_targets, load_model, load_tokenizer
     path = out.with_name(out.stem + ".router.safetensors")
     for f in (path, path.with_suffix(".json")):
         _check_free(f, recipe_path, force)
