@@ -59,13 +59,13 @@ lock:
 	rm -rf .venv-lock
 	git diff --stat -- $(LOCK) || true
 
-# The suite against the newest releases within pyproject's ranges (TORCH_LATEST=torch for the newest torch
-# too), in $(LATEST); prints how they differ from the lock first.
+# The suite against the newest releases within pyproject's ranges, in $(LATEST); prints how they differ from
+# the lock first. torch stays at TORCH_LATEST (default: TORCH, the CPU build; TORCH_LATEST=torch for the newest,
+# which on PyPI is the CUDA build with its nvidia-* wheels), named in the same install so eager upgrades keep it.
 test-latest:
 	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
-	$(LATEST)/bin/python -m pip install -q --upgrade $(TORCH_LATEST)
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager '$(TORCH_LATEST)' -e '.[dev]'
 	$(LATEST)/bin/python -m pip install -q --no-deps $(ASSETS)
 	$(call PIP_CHECK,$(LATEST))
 	$(LATEST)/bin/python -m pip freeze --exclude-editable $(NOT_LOCKED) | LC_ALL=C sort -f | diff $(LOCK) - | grep '^[<>] [^#]' || echo "newest releases = the lock"
