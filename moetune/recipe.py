@@ -82,14 +82,19 @@ class DataConfig:
     """Training and held-out data (`data:`)."""
 
     train: str = "data/default/train.jsonl"
-    """Training data: .jsonl, .json, .csv, .parquet file or a `datasets` save_to_disk directory."""
+    """Training data: a .jsonl, .json, .csv, .parquet or .arrow file, a glob of them
+    ('shards/*.parquet'), a directory of such shards, a `datasets` save_to_disk directory, or a
+    hub dataset id 'owner/name' read from the local HF cache (see `hub_subset`, `hub_split`,
+    `hub_revision`). Tokenised once and cached (see `cache_dir`)."""
     validation: str | None = "data/default/validation.jsonl"
     """Validation data (periodic loss during training); None: carve `validation_split` off train."""
     test: str | None = "data/default/test.jsonl"
     """Held-out test data, scored before and after training when eval.split is 'test'."""
-    format: str = opt("auto", choices=("auto", "instruction", "chat"))
-    """'instruction': rows with instruction/response fields; 'chat': rows with a messages list
-    of {role, content}; 'auto' decides from the first row."""
+    format: str = opt("auto", choices=("auto", "instruction", "chat", "sharegpt", "text"))
+    """'instruction': rows with instruction/response fields (Alpaca's instruction/input/output
+    too); 'chat': rows with an OpenAI messages list of {role, content}; 'sharegpt': a
+    conversations list of {from: system|human|gpt, value}; 'text': plain completion, loss on
+    every token; 'auto' decides from the columns (messages, conversations, instruction, text)."""
     instruction_field: str = "instruction"
     """Column holding the prompt in instruction format."""
     input_field: str = "input"
@@ -98,6 +103,10 @@ class DataConfig:
     """Column holding the target answer in instruction format."""
     messages_field: str = "messages"
     """Column holding the conversation in chat format."""
+    conversations_field: str = "conversations"
+    """Column holding the conversation in sharegpt format."""
+    text_field: str = "text"
+    """Column holding the text in text (completion) format."""
     domain_field: str = "domain"
     """Column naming each row's domain, for per-domain scores (rows without it: 'all')."""
     template: str = opt("auto", choices=("auto", "chat", "plain"))
@@ -113,6 +122,23 @@ class DataConfig:
     """Use only the first N training rows (after shuffling with `seed`)."""
     seed: int = 0
     """Seed for shuffling and splitting."""
+    mask_history: bool = False
+    """Multi-turn chat: False trains on every assistant turn; True only on the last one."""
+    skip_bad_rows: bool = False
+    """False: a malformed row stops the run naming file and row; True: such rows are skipped
+    and counted (the first few named in the log and in `moetune data inspect`)."""
+    hub_subset: str | None = None
+    """Subset (config name) when a split is a hub dataset id."""
+    hub_split: str = "train"
+    """Split to read when `train` is a hub dataset id (validation/test ids use their own name)."""
+    hub_revision: str | None = None
+    """Revision of hub dataset ids (must be in the local HF cache when offline)."""
+    cache_dir: str | None = None
+    """Where tokenised datasets are cached, keyed by a fingerprint of the source files, these data
+    settings and the tokenizer (None: $MOETUNE_DATA_CACHE, else ~/.cache/moetune/datasets or
+    $MOETUNE_HOME/datasets). A rerun or --resume reuses the cache; a change makes a new one."""
+    num_proc: int | None = opt(None, min=1)
+    """Processes for the tokenising `Dataset.map` (None: the CPU count for >= 20k rows, else 1)."""
 
 
 @dataclass

@@ -23,7 +23,8 @@ import torch
 from moetune import recipe as R
 from moetune.adapters import load_adapter, save_adapter
 from moetune.checkpoint import atomic_dir, write_json
-from moetune.data import collate, load_splits
+from moetune.data import collate
+from moetune.pipeline import load_splits
 from moetune.evaluate import evaluate, multiple_choice
 from moetune.inject import count_parameters, inject
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device

@@ -23,6 +23,7 @@ from moetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from moetune.data import Example, collate
 from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
 from moetune.loss import CausalLMLoss
+from moetune.pipeline import shuffled, take
 from moetune.recipe import Recipe, RecipeError, TrainConfig
 from moetune.ui import Metrics, TrainProgress
 
@@ -50,15 +51,21 @@ class Plan:
     def total_steps(self) -> int:
         return self.max_steps if self.max_steps > 0 else max(1, math.ceil(self.epochs * self.steps_per_epoch))
 
+    def epoch_order(self, epoch: int, seed: int) -> np.ndarray:
+        """The seeded permutation of `epoch`, computed once per epoch (the last one is kept)."""
+        cached = getattr(self, "_order", None)
+        if cached is None or cached[0] != (epoch, seed):
+            self._order = ((epoch, seed), shuffled(self.n_examples, seed * 100_003 + epoch))
+        return self._order[1]
+
     def step_indices(self, step: int, seed: int) -> list[int]:
-        """Indices of the whole global batch of `step` (wrapping into the next epoch)."""
+        """Indices of the whole global batch of `step` (wrapping into the next epoch): O(batch) per step."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        perm = list(range(self.n_examples))
-        random.Random(seed * 100_003 + epoch).shuffle(perm)
+        perm = self.epoch_order(epoch, seed)
         g = self.global_batch
         if g > self.n_examples:  # tiny data: cycle
-            perm = (perm * math.ceil(g / self.n_examples))
-        return perm[k * g:(k + 1) * g] if g <= self.n_examples else perm[:g]
+            return np.tile(perm, math.ceil(g / self.n_examples))[:g].tolist()
+        return perm[k * g:(k + 1) * g].tolist()
 
     def micro_batches(self, indices: list[int], rank: int) -> list[list[int]]:
         """This process's micro-batches of a global batch: micro-batch j of rank r is chunk j*world+r."""
@@ -150,12 +157,13 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
         for step in range(start, end):
             _seed_step(cfg.seed, step, rank, world)
             indices = plan.step_indices(step, cfg.seed)
-            n_global = sum(sum(1 for lab in train_ex[i].labels[1:] if lab >= 0) for i in indices)
+            rows = dict(zip(range(len(indices)), take(train_ex, indices)))  # global batch position -> Example
+            n_global = sum(sum(1 for lab in e.labels[1:] if lab >= 0) for e in rows.values())
             loss_sum = torch.zeros((), device=accelerator.device)
             aux_sum: dict[str, float] = {}
-            mbs = plan.micro_batches(indices, rank)
+            mbs = plan.micro_batches(list(range(len(indices))), rank)
             for j, mb in enumerate(mbs):
-                batch = {k: v.to(accelerator.device) for k, v in collate([train_ex[i] for i in mb], pad_id).items()}
+                batch = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in mb], pad_id).items()}
                 window_tokens += int(batch["attention_mask"].sum()) * world
                 sync = j == len(mbs) - 1
                 ctx = accelerator.no_sync(lm) if not sync else nullcontext()
