@@ -23,7 +23,8 @@ from moetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from moetune.data import Example, collate
 from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
 from moetune.loss import CausalLMLoss
-from moetune.pipeline import shuffled, take
+from moetune.packing import length_grouped, pack
+from moetune.pipeline import ExampleSet, shuffled, take
 from moetune.recipe import Recipe, RecipeError, TrainConfig
 from moetune.ui import Metrics, TrainProgress
 
@@ -38,6 +39,7 @@ class Plan:
     world: int
     epochs: float
     max_steps: int
+    lengths: np.ndarray | None = None   # per-example token counts, for group_by_length
 
     @property
     def global_batch(self) -> int:
@@ -55,7 +57,10 @@ class Plan:
         """The seeded permutation of `epoch`, computed once per epoch (the last one is kept)."""
         cached = getattr(self, "_order", None)
         if cached is None or cached[0] != (epoch, seed):
-            self._order = ((epoch, seed), shuffled(self.n_examples, seed * 100_003 + epoch))
+            order = shuffled(self.n_examples, seed * 100_003 + epoch)
+            if self.lengths is not None:
+                order = length_grouped(order, self.lengths, self.global_batch, seed * 100_003 + epoch)
+            self._order = ((epoch, seed), order)
         return self._order[1]
 
     def step_indices(self, step: int, seed: int) -> list[int]:
@@ -115,7 +120,14 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     train_ex, val_ex = splits["train"], splits.get("validation") or []
     pad_id = tokenizer.pad_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
-    plan = Plan(len(train_ex), cfg.batch_size, cfg.grad_accum, world, cfg.epochs, cfg.max_steps)
+    data = recipe.data
+    lengths = None
+    if data.group_by_length:
+        lengths = (train_ex.column("length") if isinstance(train_ex, ExampleSet)
+                   else np.asarray([len(e.input_ids) for e in train_ex]))
+    plan = Plan(len(train_ex), cfg.batch_size, cfg.grad_accum, world, cfg.epochs, cfg.max_steps, lengths)
+    make_batch = ((lambda exs: pack(exs, data.max_length, pad_id)) if data.packing
+                  else (lambda exs: collate(exs, pad_id)))
     params = trainable_parameters(model)
     if not params:
         raise RecipeError("No trainable parameters: the expert wrapped nothing.")
@@ -163,7 +175,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
             aux_sum: dict[str, float] = {}
             mbs = plan.micro_batches(list(range(len(indices))), rank)
             for j, mb in enumerate(mbs):
-                batch = {k: v.to(accelerator.device) for k, v in collate([rows[i] for i in mb], pad_id).items()}
+                batch = {k: v.to(accelerator.device) for k, v in make_batch([rows[i] for i in mb]).items()}
                 window_tokens += int(batch["attention_mask"].sum()) * world
                 sync = j == len(mbs) - 1
                 ctx = accelerator.no_sync(lm) if not sync else nullcontext()
