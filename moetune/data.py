@@ -245,8 +245,10 @@ class Encoder:
     def encode(self, msgs: list[dict], domain: str = "all") -> Example:
         return self.encode_batch([msgs], [domain])[0]
 
-    def encode_batch(self, convs: list[list[dict]], domains: list[str]) -> list[Example]:
-        """Examples of many conversations, tokenised with two batched tokenizer calls."""
+    def encode_batch(self, convs: list[list[dict]], domains: list[str],
+                     full_lengths: list[int] | None = None) -> list[Example]:
+        """Examples of many conversations, tokenised with two batched tokenizer calls
+        (`full_lengths`, when given, receives each token count before max_length cuts it)."""
         pieces = [self.segments(m) for m in convs]
         # The plain template has no special tokens of its own: let the tokenizer add BOS once.
         firsts = iter(self._ids_many([p[0][0] for p in pieces], add=not self.chat))
@@ -266,6 +268,8 @@ class Encoder:
             if not self.chat and eos is not None and (not ids or ids[-1] != eos):
                 ids.append(eos)
                 labels.append(eos)
+            if full_lengths is not None:
+                full_lengths.append(len(ids))
             out.append(Example(ids[:n], labels[:n], prompt_ids[:n], msgs[-1]["content"], domain))
         return out
 

@@ -2,7 +2,7 @@
 
 `tokenized(spec, tokenizer, cfg)` returns the tokenised rows of a source as an Arrow
 dataset with the columns input_ids / labels / prompt_ids (int32 lists), reference, domain,
-length and n_targets (labelled tokens after the first, the count the loss is normalised
+length, truncated (cut by max_length) and n_targets (labelled tokens after the first, the count the loss is normalised
 by). It is saved under `<cache>/<fingerprint>/`, where the fingerprint hashes everything
 that changes the tokens: the source's identity (paths, sizes, mtimes or dataset
 fingerprint), the data settings that shape rows and templates, the tokenizer (its full
@@ -32,7 +32,7 @@ from moetune.data import IGNORE, DataError, Encoder, Example, format_of_keys, to
 from moetune.recipe import DataConfig
 from moetune.sources import Source, load_source
 
-VERSION = 1
+VERSION = 2
 ROW = "\x00ROW\x00"  # placeholder for the row location in error texts written inside `map`
 TOKEN_KEYS = ("format", "instruction_field", "input_field", "response_field", "messages_field",
               "conversations_field", "text_field", "domain_field", "template", "system_prompt", "max_length",
@@ -41,7 +41,7 @@ FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
     "prompt_ids": datasets.Sequence(datasets.Value("int32")), "reference": datasets.Value("string"),
     "domain": datasets.Value("string"), "length": datasets.Value("int32"), "n_targets": datasets.Value("int32"),
-    "error": datasets.Value("string")})
+    "truncated": datasets.Value("bool"), "error": datasets.Value("string")})
 datasets.utils.logging.set_verbosity_error()
 
 
@@ -95,11 +95,13 @@ def _encode_fn(tok, cfg: DataConfig, fmt: str):
             errors.append(err)
             domains.append(str(row.get(cfg.domain_field) or "all"))
         out = {k: [] for k in FEATURES}
-        for e, err in zip(enc.encode_batch(msgs, domains), errors):
+        full: list[int] = []
+        for e, err, n in zip(enc.encode_batch(msgs, domains, full), errors, full):
             for k, v in asdict(e).items():
                 out[k].append(v)
             out["length"].append(len(e.input_ids))
             out["n_targets"].append(sum(1 for lab in e.labels[1:] if lab != IGNORE))
+            out["truncated"].append(n > cfg.max_length)
             out["error"].append(err)
         return out
     return fn
@@ -110,13 +112,8 @@ def _tokenize(src: Source, tok, cfg: DataConfig) -> tuple[datasets.Dataset, dict
     fmt = cfg.format if cfg.format != "auto" else format_of_keys(ds.column_names, cfg, src.locate(0))
     n = len(ds)
     num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if n >= 20_000 else 1)
-    if n < 50_000:
-        datasets.disable_progress_bars()
-    try:
-        out = ds.map(_encode_fn(tok, cfg, fmt), batched=True, batch_size=1000, remove_columns=ds.column_names,
-                     features=FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising")
-    finally:
-        datasets.enable_progress_bars()
+    out = ds.map(_encode_fn(tok, cfg, fmt), batched=True, batch_size=1000, remove_columns=ds.column_names,
+                 features=FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising")
     errors = out.data.column("error").to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(errors != "")
     info = {"rows": n, "bad_rows": int(len(bad)), "bad_examples": [], "format": fmt}
@@ -133,19 +130,25 @@ def _tokenize(src: Source, tok, cfg: DataConfig) -> tuple[datasets.Dataset, dict
 def tokenized(spec: str, tok, cfg: DataConfig, split: str = "train") -> tuple[datasets.Dataset, dict]:
     """Tokenised rows of `spec` (from the cache when the fingerprint matches) and the build info."""
     hub_split = cfg.hub_split if split == "train" else split
-    src = load_source(spec, cfg.hub_subset, hub_split, cfg.hub_revision)
-    if len(src.ds) == 0:
-        raise DataError(f"Data file {spec!r} has no rows.")
-    path = cache_root(cfg) / _fingerprint(src, tok, cfg)
-    if (path / "moetune.json").exists():
-        try:
-            return datasets.load_from_disk(str(path / "data")), json.loads((path / "moetune.json").read_text())
-        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
-            shutil.rmtree(path, ignore_errors=True)
-    ds, info = _tokenize(src, tok, cfg)
-    info["source"] = spec
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    ds.save_to_disk(str(tmp / "data"))
+    datasets.disable_progress_bars()  # shown only for big sources, below
+    try:
+        src = load_source(spec, cfg.hub_subset, hub_split, cfg.hub_revision)
+        if len(src.ds) == 0:
+            raise DataError(f"Data file {spec!r} has no rows.")
+        path = cache_root(cfg) / _fingerprint(src, tok, cfg)
+        if (path / "moetune.json").exists():
+            try:
+                return datasets.load_from_disk(str(path / "data")), json.loads((path / "moetune.json").read_text())
+            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+                shutil.rmtree(path, ignore_errors=True)
+        if len(src.ds) >= 50_000:
+            datasets.enable_progress_bars()
+        ds, info = _tokenize(src, tok, cfg)
+        info["source"] = spec
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        ds.save_to_disk(str(tmp / "data"))
+    finally:
+        datasets.enable_progress_bars()
     (tmp / "moetune.json").write_text(json.dumps(info, indent=1))
     try:
         tmp.rename(path)
@@ -231,6 +234,7 @@ def load_splits(cfg: DataConfig, tokenizer, need: tuple[str, ...] = ("train", "v
         dropped = int((~keep).sum())
         if dropped:
             train = train.view(np.flatnonzero(keep))
+            train.info = {**train.info, "dropped_no_target": dropped}
         if not len(train):
             raise DataError(f"No training example keeps a response token within data.max_length={cfg.max_length} "
                             f"({dropped} dropped). Raise data.max_length.")

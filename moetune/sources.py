@@ -45,6 +45,33 @@ class Source:
         return f"{path} {'item' if suffix == '.json' else 'row'} {k}"
 
 
+    def locations(self):
+        """The location of every row, in order, in one pass over each file."""
+        if not self.files:
+            yield from (f"{self.name} row {i}" for i in range(len(self.ds)))
+            return
+        for path, start in self.files:
+            if path.suffix.lower() in (".jsonl", ".csv"):
+                yield from (loc for _, loc in _iter_locs(path))
+            else:
+                end = next((s for _, s in self.files if s > start), len(self.ds))
+                kind = "item" if path.suffix.lower() == ".json" else "row"
+                yield from (f"{path} {kind} {k}" for k in range(end - start))
+
+    def rows(self):
+        """(row dict, location) pairs, read in Arrow batches."""
+        locs = self.locations()
+        for batch in self.ds.iter(batch_size=1000):
+            for vals in zip(*batch.values()):
+                yield dict(zip(batch, vals)), next(locs)
+
+
+def source_rows(spec: str, cfg, split: str = "train") -> list[tuple[dict, str]]:
+    """All (row, location) pairs of a data key's source (`cfg` a DataConfig: hub settings)."""
+    src = load_source(spec, cfg.hub_subset, cfg.hub_split if split == "train" else split, cfg.hub_revision)
+    return list(src.rows())
+
+
 def _iter_locs(path: Path):
     """Row locations of a jsonl/csv file as `read_rows` names them (blank lines skipped)."""
     if path.suffix.lower() == ".jsonl":

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from moetune.data import detect_format, read_rows, to_messages
+from moetune.data import DataError, detect_format, to_messages
 from moetune.inject import count_parameters, inject
 from moetune.models import load_config
 from moetune.recipe import Recipe
+from moetune.sources import source_rows
 from moetune.ui import console, table
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -48,11 +49,17 @@ def check_data(recipe: Recipe) -> dict[str, int]:
         path = getattr(recipe.data, key)
         if not path:
             continue
-        rows = read_rows(path)
+        rows = source_rows(path, recipe.data, key)
         fmt = detect_format(rows, recipe.data)
+        bad = 0
         for row, loc in rows:
-            to_messages(row, loc, recipe.data, fmt)
-        counts[key] = len(rows)
+            try:
+                to_messages(row, loc, recipe.data, fmt)
+            except DataError:
+                if not recipe.data.skip_bad_rows:
+                    raise
+                bad += 1
+        counts[key] = len(rows) - bad
     return counts
 
 

@@ -171,3 +171,24 @@ def test_splits_are_views_over_one_cached_table(tmp_path, tok):
     assert sorted(s["train"].indices.tolist() + s["validation"].indices.tolist()) == list(range(40))
     part = s["train"][5:9]
     assert dicts(part) == dicts(list(s["train"])[5:9]) and len(part) == 4
+
+
+def test_data_inspect_json(tiny_llama, tmp_path, monkeypatch, capsys):
+    from conftest import cli
+    rows = make_rows(20, 1) + [{"instruction": "Shout " + "red " * 80, "response": "RED", "domain": "long"},
+                               {"instruction": "Shout red", "response": "RED " * 40, "domain": "shout"}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    code = cli(monkeypatch, "data", "inspect", "recipes/default.yaml", f"model.path={tiny_llama}",
+               f"data.train={train}", "data.validation=null", "data.validation_split=0", "data.test=null",
+               "data.max_length=64", f"data.cache_dir={tmp_path / 'c'}", "--json", "--examples", "2")
+    assert code in (0, None)
+    rep = json.loads(capsys.readouterr().out)
+    (s,) = [x for x in rep["splits"] if x["split"] == "train"]
+    assert s["source_rows"] == 22 and s["format"] == "instruction"
+    assert s["rows"] == 21 and s["dropped_no_trained_token"] == 1  # the cut prompt keeps no response token
+    assert s["truncated"] == 1                                       # the long answer is cut but kept
+    assert s["domains"] == {"add": 10, "shout": 11}
+    assert sum(h["rows"] for h in s["histogram"]) == 21 and s["histogram"][-1]["to"] == 64
+    ex = s["examples"][0]
+    assert ex["trained"] and all(f"⟦{r}⟧" in ex["text"] for r in ex["trained"])
+    assert ex["trained"][0].strip() in {r["response"] + "<|im_end|>" for r in rows}
