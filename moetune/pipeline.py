@@ -15,6 +15,7 @@ therefore holds no Python list of every example's tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -74,13 +75,13 @@ def tokenizer_fingerprint(tok) -> str:
     return fp
 
 
-def _fingerprint(src: Source, tok, cfg: DataConfig) -> str:
-    key = {"v": VERSION, "source": src.identity, "data": {k: getattr(cfg, k) for k in TOKEN_KEYS},
+def _fingerprint(src: Source, tok, cfg: DataConfig, domain: str | None) -> str:
+    key = {"v": VERSION, "source": src.identity, "data": {k: getattr(cfg, k) for k in TOKEN_KEYS}, "domain": domain,
            "tokenizer": tokenizer_fingerprint(tok)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _encode_fn(tok, cfg: DataConfig, fmt: str):
+def _encode_fn(tok, cfg: DataConfig, fmt: str, domain: str | None):
     enc = Encoder(tok, cfg)
 
     def fn(batch: dict) -> dict:
@@ -93,7 +94,7 @@ def _encode_fn(tok, cfg: DataConfig, fmt: str):
                 m, err = [{"role": "completion", "content": "x"}], str(e)
             msgs.append(m)
             errors.append(err)
-            domains.append(str(row.get(cfg.domain_field) or "all"))
+            domains.append(domain or str(row.get(cfg.domain_field) or "all"))
         out = {k: [] for k in FEATURES}
         full: list[int] = []
         for e, err, n in zip(enc.encode_batch(msgs, domains, full), errors, full):
@@ -107,12 +108,12 @@ def _encode_fn(tok, cfg: DataConfig, fmt: str):
     return fn
 
 
-def _tokenize(src: Source, tok, cfg: DataConfig) -> tuple[datasets.Dataset, dict]:
+def _tokenize(src: Source, tok, cfg: DataConfig, domain: str | None) -> tuple[datasets.Dataset, dict]:
     ds = src.ds
     fmt = cfg.format if cfg.format != "auto" else format_of_keys(ds.column_names, cfg, src.locate(0))
     n = len(ds)
     num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if n >= 20_000 else 1)
-    out = ds.map(_encode_fn(tok, cfg, fmt), batched=True, batch_size=1000, remove_columns=ds.column_names,
+    out = ds.map(_encode_fn(tok, cfg, fmt, domain), batched=True, batch_size=1000, remove_columns=ds.column_names,
                  features=FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising")
     errors = out.data.column("error").to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(errors != "")
@@ -127,15 +128,17 @@ def _tokenize(src: Source, tok, cfg: DataConfig) -> tuple[datasets.Dataset, dict
     return out.remove_columns("error"), info
 
 
-def tokenized(spec: str, tok, cfg: DataConfig, split: str = "train") -> tuple[datasets.Dataset, dict]:
-    """Tokenised rows of `spec` (from the cache when the fingerprint matches) and the build info."""
+def tokenized(spec: str, tok, cfg: DataConfig, split: str = "train", domain: str | None = None
+              ) -> tuple[datasets.Dataset, dict]:
+    """Tokenised rows of `spec` (from the cache when the fingerprint matches) and the build info;
+    `domain` labels every row (None: the domain column)."""
     hub_split = cfg.hub_split if split == "train" else split
     datasets.disable_progress_bars()  # shown only for big sources, below
     try:
         src = load_source(spec, cfg.hub_subset, hub_split, cfg.hub_revision)
         if len(src.ds) == 0:
             raise DataError(f"Data file {spec!r} has no rows.")
-        path = cache_root(cfg) / _fingerprint(src, tok, cfg)
+        path = cache_root(cfg) / _fingerprint(src, tok, cfg, domain)
         if (path / "moetune.json").exists():
             try:
                 return datasets.load_from_disk(str(path / "data")), json.loads((path / "moetune.json").read_text())
@@ -143,7 +146,7 @@ def tokenized(spec: str, tok, cfg: DataConfig, split: str = "train") -> tuple[da
                 shutil.rmtree(path, ignore_errors=True)
         if len(src.ds) >= 50_000:
             datasets.enable_progress_bars()
-        ds, info = _tokenize(src, tok, cfg)
+        ds, info = _tokenize(src, tok, cfg, domain)
         info["source"] = spec
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         ds.save_to_disk(str(tmp / "data"))
@@ -206,6 +209,53 @@ def load_examples(path: str, tokenizer, cfg: DataConfig, split: str = "train") -
     return ExampleSet(ds, info=info)
 
 
+FIELD_OF = {"instruction": "instruction_field", "input": "input_field", "response": "response_field",
+            "messages": "messages_field", "conversations": "conversations_field", "text": "text_field",
+            "domain": "domain_field"}
+
+
+def mix_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
+    """Rows taken from each source: as is, or the total shared out by weight (largest remainders)."""
+    if not weights:
+        return list(sizes)
+    total, w = sum(sizes), np.asarray(weights, dtype=float)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def mix_config(cfg: DataConfig, src) -> DataConfig:
+    """The data settings one `data.mix` source is read with (its format, columns and hub keys)."""
+    return dataclasses.replace(cfg, train=src.path, format=src.format, hub_subset=src.hub_subset,
+                               hub_split=src.hub_split, hub_revision=src.hub_revision, mix=[],
+                               **{FIELD_OF[k]: v for k, v in src.columns.items()})
+
+
+def load_mix(cfg: DataConfig, tokenizer) -> ExampleSet:
+    """The `data.mix` sources, each tokenised (and cached) on its own, as one ExampleSet."""
+    parts, infos = [], []
+    for src in cfg.mix:
+        ds, info = tokenized(src.path, tokenizer, mix_config(cfg, src), "train", src.domain)
+        parts.append(ds)
+        infos.append(info)
+    sizes = [min(len(d), s.max_rows or len(d)) for d, s in zip(parts, cfg.mix)]
+    counts = mix_counts(sizes, [s.weight for s in cfg.mix] if cfg.mix[0].weight is not None else None)
+    rows, offset = [], 0
+    for i, (d, size, n) in enumerate(zip(parts, sizes, counts)):
+        pool = shuffled(len(d), cfg.seed + 7919 * (i + 1))[:size]          # the seeded max_rows sample
+        reps = np.concatenate([pool] * (n // size) + [pool[: n % size]]) if size else pool[:0]
+        rows.append(np.sort(reps) + offset)
+        offset += len(d)
+    table = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    info = {"rows": sum(i["rows"] for i in infos), "bad_rows": sum(i["bad_rows"] for i in infos),
+            "bad_examples": sum((i["bad_examples"] for i in infos), [])[:5], "format": "mix",
+            "sources": [{"path": s.path, "rows": i["rows"], "taken": n, "format": i["format"]}
+                        for s, i, n in zip(cfg.mix, infos, counts)]}
+    return ExampleSet(table, np.concatenate(rows), info)
+
+
 def shuffled(n: int, seed: int) -> np.ndarray:
     """The seeded permutation of range(n) (the same one `random.Random(seed).shuffle` gives a list)."""
     idx = list(range(n))
@@ -219,7 +269,7 @@ def load_splits(cfg: DataConfig, tokenizer, need: tuple[str, ...] = ("train", "v
     splits: dict[str, ExampleSet] = {}
     train = None
     if "train" in need or ("validation" in need and not cfg.validation):
-        full = load_examples(cfg.train, tokenizer, cfg, "train")
+        full = load_mix(cfg, tokenizer) if cfg.mix else load_examples(cfg.train, tokenizer, cfg, "train")
         train = full.view(shuffled(len(full), cfg.seed))
     if "validation" in need or "train" in need:
         if cfg.validation:

@@ -21,6 +21,7 @@ from moetune.experts import REGISTRY, ExpertConfig, config_class
 from moetune.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
 
 STAGES = ("train", "merge", "eval", "export")
+MIX_COLUMNS = ("instruction", "input", "response", "messages", "conversations", "text", "domain")
 
 
 class RecipeError(ValueError):
@@ -75,6 +76,34 @@ class RouterConfig:
     other layers (e.g. down_proj, whose input is the intermediate size) keep the random init. An
     approximation: the centroids are mean-pooled last hidden states, while each router reads its own
     layer's per-token input. K must equal expert.num_experts. None: random init."""
+
+
+@dataclass
+class MixSource:
+    """One source of a training mixture (`data.mix: [{path: ..., ...}, ...]`)."""
+
+    path: str = ""
+    """A file, glob, directory, save_to_disk directory or hub id, as for `data.train`."""
+    format: str = opt("auto", choices=("auto", "instruction", "chat", "sharegpt", "text"))
+    """This source's format (see `data.format`)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column names of this source where they differ from the data section's: keys instruction,
+    input, response, messages, conversations, text, domain; e.g. {instruction: question,
+    response: answer}."""
+    domain: str | None = None
+    """Domain label of every row of this source (None: its domain column, else 'all')."""
+    weight: float | None = opt(None, min=0, min_exclusive=True)
+    """Sampling weight: the mixture keeps its total size (the sum of the sources' rows after
+    `max_rows`) and gives this source weight/sum(weights) of it, repeating its rows (seeded)
+    when that is more than it has. None on every source: each source as is."""
+    max_rows: int | None = opt(None, min=1)
+    """Use at most this many rows of the source (a seeded sample)."""
+    hub_subset: str | None = None
+    """Subset when `path` is a hub id."""
+    hub_split: str = "train"
+    """Split when `path` is a hub id."""
+    hub_revision: str | None = None
+    """Revision when `path` is a hub id."""
 
 
 @dataclass
@@ -145,6 +174,9 @@ class DataConfig:
     group_by_length: bool = False
     """Unpacked training: batches of examples of similar length (sorted within megabatches of
     50 global batches, the batches shuffled), so less padding is computed."""
+    mix: list[MixSource] = field(default_factory=list)
+    """Several training sources, each with its own format, columns, domain label and weight or
+    row cap (see `data.mix[i].*` below). When non-empty it replaces `train`."""
     num_proc: int | None = opt(None, min=1)
     """Processes for the tokenising `Dataset.map` (None: the CPU count for >= 20k rows, else 1)."""
 
@@ -281,6 +313,9 @@ def _check_keys(data: Any, cls: type, prefix: str) -> None:
             raise RecipeError(f"Unknown recipe key '{full}'.{_suggest(str(k), keys, prefix)} "
                               f"Allowed keys here: {', '.join(keys)}.")
         sub = keys[k]
+        if cls is DataConfig and k == "mix" and isinstance(v, list):  # a list of MixSource sections
+            for i, item in enumerate(v):
+                _check_keys(item, MixSource, f"{full}[{i}].")
         if sub is not None:
             if not isinstance(v, dict):
                 raise RecipeError(f"Recipe key '{full}' must be a section (mapping), got {v!r}.")
@@ -368,8 +403,22 @@ def _check_semantics(r: Recipe) -> None:
     if r.data.packing and r.data.group_by_length:
         raise RecipeError("Recipe keys 'data.packing' and 'data.group_by_length' are both true; length grouping "
                           "is for unpacked training. Allowed: at most one of them true.")
+    for i, src in enumerate(r.data.mix):
+        if not src.path:
+            raise RecipeError(f"Recipe key 'data.mix[{i}].path' is missing. Allowed: a file, glob, directory or hub id.")
+        for key, f, value in walk(src, f"data.mix[{i}]."):
+            if not check_value(f, value):
+                raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}.")
+        bad = sorted(set(src.columns) - set(MIX_COLUMNS))
+        if bad:
+            raise RecipeError(f"Recipe key 'data.mix[{i}].columns' names {bad[0]!r}. Allowed: {', '.join(MIX_COLUMNS)}.")
+    if r.data.mix and any(s.weight is not None for s in r.data.mix) and any(s.weight is None for s in r.data.mix):
+        raise RecipeError("Recipe key 'data.mix[].weight' is set on some sources only. Allowed: a weight on every "
+                          "source, or on none.")
     for key in ("train", "validation", "test"):
         path = getattr(r.data, key)
+        if key == "train" and r.data.mix:
+            continue
         hub_or_glob = path and (any(c in path for c in "*?[") or (
             path.count("/") == 1 and not path.startswith(".") and Path(path).suffix == ""))
         if path and "train" in r.stages and not hub_or_glob and not Path(path).exists():
@@ -437,4 +486,6 @@ def explain() -> str:
                 lines.append(f"  {prefix}{f.name} = {value!r}" + (f"  [{allowed}]" if allowed else ""))
                 lines.append(f"      {field_docs(cls).get(f.name, '')}")
     emit(Recipe, "", Recipe())
+    lines.append(f"\ndata.mix[i]:  {MixSource.__doc__}")
+    emit(MixSource, "data.mix[i].", MixSource())
     return "\n".join(lines).lstrip()

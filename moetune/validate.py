@@ -13,6 +13,7 @@ import torch
 from moetune.data import DataError, detect_format, to_messages
 from moetune.inject import count_parameters, inject
 from moetune.models import load_config
+from moetune.pipeline import mix_config
 from moetune.recipe import Recipe
 from moetune.sources import source_rows
 from moetune.ui import console, table
@@ -45,21 +46,22 @@ def estimate(recipe: Recipe) -> dict:
 def check_data(recipe: Recipe) -> dict[str, int]:
     """Read every data file named by the recipe and check each row's shape (no tokenizer)."""
     counts = {}
+    jobs = [(f"mix[{i}]", "train", mix_config(recipe.data, s)) for i, s in enumerate(recipe.data.mix)]
     for key in ("train", "validation", "test"):
-        path = getattr(recipe.data, key)
-        if not path:
-            continue
-        rows = source_rows(path, recipe.data, key)
-        fmt = detect_format(rows, recipe.data)
+        if getattr(recipe.data, key) and not (key == "train" and recipe.data.mix):
+            jobs.append((key, key, recipe.data))
+    for name, split, cfg in jobs:
+        rows = source_rows(getattr(cfg, split), cfg, split)
+        fmt = detect_format(rows, cfg)
         bad = 0
         for row, loc in rows:
             try:
-                to_messages(row, loc, recipe.data, fmt)
+                to_messages(row, loc, cfg, fmt)
             except DataError:
-                if not recipe.data.skip_bad_rows:
+                if not cfg.skip_bad_rows:
                     raise
                 bad += 1
-        counts[key] = len(rows) - bad
+        counts[name] = len(rows) - bad
     return counts
 
 

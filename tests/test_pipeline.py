@@ -192,3 +192,25 @@ def test_data_inspect_json(tiny_llama, tmp_path, monkeypatch, capsys):
     ex = s["examples"][0]
     assert ex["trained"] and all(f"⟦{r}⟧" in ex["text"] for r in ex["trained"])
     assert ex["trained"][0].strip() in {r["response"] + "<|im_end|>" for r in rows}
+
+
+def test_mix_of_sources_with_columns_domains_weights_and_caps(tmp_path, tok):
+    from moetune.recipe import MixSource
+    qa = [{"question": f"Shout {w}", "answer": w.upper()} for w in ("red", "blue", "cat", "dog", "sun", "moon")]
+    share = [{"conversations": [{"from": "human", "value": f"Add {a} and 1"}, {"from": "gpt", "value": str(a + 1)}]}
+             for a in range(4)]
+    p1 = write_jsonl(tmp_path / "qa.jsonl", qa)
+    pq.write_table(pa.Table.from_pylist(share), tmp_path / "share.parquet")
+    src = [MixSource(path=str(p1), columns={"instruction": "question", "response": "answer"}, domain="qa"),
+           MixSource(path=str(tmp_path / "share.parquet"), format="sharegpt", domain="chat")]
+    plain = load_splits(cfg(tmp_path, mix=src, validation_split=0), tok, ("train",))["train"]
+    assert sorted(e.domain for e in plain) == ["chat"] * 4 + ["qa"] * 6
+    assert {e.reference for e in plain} == {r["answer"] for r in qa} | {str(a + 1) for a in range(4)}
+    weighted = [MixSource(**{**vars(s), "weight": w}) for s, w in zip(src, (1.0, 4.0))]
+    es = load_splits(cfg(tmp_path, mix=weighted, validation_split=0), tok, ("train",))["train"]
+    doms = [e.domain for e in es]
+    assert len(es) == 10 and doms.count("chat") == 8 and doms.count("qa") == 2   # chat rows repeated
+    assert es.info["sources"][1]["taken"] == 8
+    capped = [MixSource(**{**vars(src[0]), "max_rows": 3}), src[1]]
+    es = load_splits(cfg(tmp_path, mix=capped, validation_split=0), tok, ("train",))["train"]
+    assert [e.domain for e in es].count("qa") == 3 and len(es) == 7
