@@ -150,3 +150,15 @@ def test_packed_training_matches_unpacked(tiny_llama, tiny_data, tmp_path):
     for k in runs["plain"]:
         torch.testing.assert_close(runs["packed"][k], runs["plain"][k], atol=1e-5, rtol=1e-4)
     assert any(v.abs().max() > 0 for k, v in runs["plain"].items() if "lora_B" in k)  # it did train
+
+
+def test_group_by_length_plan_covers_each_epoch_with_similar_lengths():
+    from moetune.train import Plan
+    lengths = np.random.default_rng(3).integers(20, 512, 400)
+    plain, grouped = Plan(400, 4, 2, 1, 2.0, 0), Plan(400, 4, 2, 1, 2.0, 0, lengths)
+    for plan in (plain, grouped):
+        for epoch in range(2):
+            seen = sum((plan.step_indices(epoch * 50 + s, 0) for s in range(50)), [])
+            assert sorted(seen) == list(range(400))
+    spread = lambda p: np.mean([np.ptp(lengths[p.step_indices(s, 0)]) for s in range(50)])  # noqa: E731
+    assert spread(grouped) < spread(plain) / 5
