@@ -240,7 +240,7 @@ class Encoder:
         """Token ids of many texts in one (batched, Rust-side) tokenizer call; '' -> []."""
         full = [t for t in texts if t]
         got = iter(self.tok(full, add_special_tokens=add)["input_ids"] if full else [])
-        return [list(next(got)) if t else [] for t in texts]
+        return [next(got) if t else [] for t in texts]
 
     def encode(self, msgs: list[dict], domain: str = "all") -> Example:
         return self.encode_batch([msgs], [domain])[0]

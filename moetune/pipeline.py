@@ -23,7 +23,6 @@ import random
 import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -98,10 +97,13 @@ def _encode_fn(tok, cfg: DataConfig, fmt: str, domain: str | None):
         out = {k: [] for k in FEATURES}
         full: list[int] = []
         for e, err, n in zip(enc.encode_batch(msgs, domains, full), errors, full):
-            for k, v in asdict(e).items():
-                out[k].append(v)
+            out["input_ids"].append(e.input_ids)
+            out["labels"].append(e.labels)
+            out["prompt_ids"].append(e.prompt_ids)
+            out["reference"].append(e.reference)
+            out["domain"].append(e.domain)
             out["length"].append(len(e.input_ids))
-            out["n_targets"].append(sum(1 for lab in e.labels[1:] if lab != IGNORE))
+            out["n_targets"].append(len(e.labels) - 1 - e.labels[1:].count(IGNORE) if e.labels else 0)
             out["truncated"].append(n > cfg.max_length)
             out["error"].append(err)
         return out
