@@ -1,6 +1,6 @@
 """Data pipeline at scale: time to the first training step and peak RSS, 10k vs 1M rows.
 
-    python benchmarks/data_scale.py [--rows 1000000] [--small 10000] [--out benchmarks/results/data_scale.json]
+    python benchmarks/data_scale.py [--sizes 100 10000 1000000] [--rate-rows 20000] [--out FILE.json]
 
 Generates seeded short instructions (8-40 words) as JSON lines, a random-init tiny Llama
 with SmolLM2's tokenizer (chat template included), then runs `moetune train` as a fresh
@@ -98,9 +98,10 @@ def new_rate(model: Path, data: Path, cache: Path, num_proc: int | None) -> floa
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--small", type=int, default=10_000)
-    ap.add_argument("--rate-rows", type=int, default=20_000)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 10_000, 1_000_000],
+                    help="Row counts to run (100: the fixed cost of starting `moetune train`).")
+    ap.add_argument("--rate-rows", type=int, default=20_000, help="Rows for the tokenisation rate (0: skip).")
+    ap.add_argument("--rate-rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/data_scale.json"))
     a = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -112,11 +113,16 @@ def main() -> None:
         model = tiny_model(d / "model")
         rate_data = d / "rate.jsonl"
         write_rows(rate_data, a.rate_rows, seed=1)
-        res["tokenise_rows_per_s"] = {"old_pipeline": round(old_rate(model, rate_data)),
-                                      "new_1_proc": round(new_rate(model, rate_data, d / "c1", 1)),
-                                      "new_auto_procs": round(new_rate(model, rate_data, d / "c2", None))}
-        print(json.dumps(res), flush=True)
-        for n in (a.small, a.rows):
+        if a.rate_rows:  # alternating rounds, medians: the machine's load drifts between minutes
+            runs: dict = {"old_pipeline": [], "new_1_proc": [], "new_2_procs": []}
+            for r in range(a.rate_rounds):
+                runs["old_pipeline"].append(old_rate(model, rate_data))
+                runs["new_1_proc"].append(new_rate(model, rate_data, d / f"c1_{r}", 1))
+                runs["new_2_procs"].append(new_rate(model, rate_data, d / f"c2_{r}", 2))
+            res["tokenise_rows_per_s"] = {k: round(sorted(v)[len(v) // 2]) for k, v in runs.items()}
+            res["tokenise_rows_per_s_rounds"] = {k: [round(x) for x in v] for k, v in runs.items()}
+            print(json.dumps(res), flush=True)
+        for n in a.sizes:
             data = d / f"rows{n}.jsonl"
             t = time.perf_counter()
             write_rows(data, n)
