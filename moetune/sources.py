@@ -154,7 +154,8 @@ def _hub(spec: str, subset: str | None, split: str, revision: str | None) -> Sou
         why = ("moetune runs offline by default (HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1)" if offline
                else "loading failed")
         raise DataError(f"Hub dataset {spec!r} (subset {subset!r}, split {split!r}, revision {revision!r}) "
-                        f"could not be read from the local HF cache: {why} ({str(e).splitlines()[0][:200]}). "
+                        f"is no local path, and could not be read from the local HF cache: {why} "
+                        f"({str(e).splitlines()[0][:200]}). "
                         "Download it where there is network (datasets.load_dataset then save_to_disk, or the "
                         "parquet files), copy it here and point the data key at the directory; or set "
                         "HF_DATASETS_OFFLINE=0 and HF_HUB_OFFLINE=0 to let moetune download.") from None
