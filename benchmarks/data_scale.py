@@ -98,7 +98,7 @@ def new_rate(model: Path, data: Path, cache: Path, num_proc: int | None) -> floa
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 10_000, 1_000_000],
+    ap.add_argument("--sizes", type=int, nargs="*", default=[100, 10_000, 1_000_000],
                     help="Row counts to run (100: the fixed cost of starting `moetune train`).")
     ap.add_argument("--rate-rows", type=int, default=20_000, help="Rows for the tokenisation rate (0: skip).")
     ap.add_argument("--rate-rounds", type=int, default=3)
