@@ -110,13 +110,14 @@ def _encode_fn(tok, cfg: DataConfig, fmt: str, domain: str | None):
     return fn
 
 
-def _tokenize(src: Source, tok, cfg: DataConfig, domain: str | None) -> tuple[datasets.Dataset, dict]:
+def _tokenize(src: Source, tok, cfg: DataConfig, domain: str | None, work: Path) -> tuple[datasets.Dataset, dict]:
     ds = src.ds
     fmt = cfg.format if cfg.format != "auto" else format_of_keys(ds.column_names, cfg, src.locate(0))
     n = len(ds)
     num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if n >= 20_000 else 1)
     out = ds.map(_encode_fn(tok, cfg, fmt, domain), batched=True, batch_size=1000, remove_columns=ds.column_names,
-                 features=FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising")
+                 features=FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising",
+                 cache_file_name=str(work / "tokens.arrow"))  # not beside the source: deleted once saved
     errors = out.data.column("error").to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(errors != "")
     info = {"rows": n, "bad_rows": int(len(bad)), "bad_examples": [], "format": fmt}
@@ -148,10 +149,13 @@ def tokenized(spec: str, tok, cfg: DataConfig, split: str = "train", domain: str
                 shutil.rmtree(path, ignore_errors=True)
         if len(src.ds) >= 50_000:
             datasets.enable_progress_bars()
-        ds, info = _tokenize(src, tok, cfg, domain)
-        info["source"] = spec
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        (tmp / "map").mkdir(parents=True)
+        ds, info = _tokenize(src, tok, cfg, domain, tmp / "map")
+        info["source"] = spec
         ds.save_to_disk(str(tmp / "data"))
+        del ds
+        shutil.rmtree(tmp / "map", ignore_errors=True)
     finally:
         datasets.enable_progress_bars()
     (tmp / "moetune.json").write_text(json.dumps(info, indent=1))

@@ -214,3 +214,11 @@ def test_mix_of_sources_with_columns_domains_weights_and_caps(tmp_path, tok):
     capped = [MixSource(**{**vars(src[0]), "max_rows": 3}), src[1]]
     es = load_splits(cfg(tmp_path, mix=capped, validation_split=0), tok, ("train",))["train"]
     assert [e.domain for e in es].count("qa") == 3 and len(es) == 7
+
+
+def test_two_processes_tokenise_the_same(tmp_path, tok):
+    p = write_jsonl(tmp_path / "t.jsonl", make_rows(300, 6))
+    one = load_examples(str(p), tok, cfg(tmp_path, num_proc=1))
+    two = load_examples(str(p), tok, cfg(tmp_path, num_proc=2, cache_dir=str(tmp_path / "c2")))
+    assert dicts(one) == dicts(two) and len(one) == 300
+    assert not list((tmp_path / "c2").rglob("tokens*.arrow"))  # the map's own files are gone once saved
