@@ -68,8 +68,12 @@ class Source:
 
 def source_rows(spec: str, cfg, split: str = "train") -> list[tuple[dict, str]]:
     """All (row, location) pairs of a data key's source (`cfg` a DataConfig: hub settings)."""
-    src = load_source(spec, cfg.hub_subset, cfg.hub_split if split == "train" else split, cfg.hub_revision)
-    return list(src.rows())
+    datasets.disable_progress_bars()
+    try:
+        src = load_source(spec, cfg.hub_subset, cfg.hub_split if split == "train" else split, cfg.hub_revision)
+        return list(src.rows())
+    finally:
+        datasets.enable_progress_bars()
 
 
 def _iter_locs(path: Path):

@@ -222,3 +222,19 @@ def test_two_processes_tokenise_the_same(tmp_path, tok):
     two = load_examples(str(p), tok, cfg(tmp_path, num_proc=2, cache_dir=str(tmp_path / "c2")))
     assert dicts(one) == dicts(two) and len(one) == 300
     assert not list((tmp_path / "c2").rglob("tokens*.arrow"))  # the map's own files are gone once saved
+
+
+def test_validate_reads_globs_and_mix(tiny_llama, tmp_path, monkeypatch, capsys):
+    from conftest import cli
+    d = tmp_path / "shards"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", make_rows(4, 1))
+    write_jsonl(d / "b.jsonl", make_rows(3, 2))
+    common = ["recipes/default.yaml", f"model.path={tiny_llama}", "data.validation=null", "data.test=null"]
+    assert cli(monkeypatch, "validate", *common, f"data.train={d}/*.jsonl") in (0, None)
+    out = capsys.readouterr()
+    assert "7 rows" in out.err and "Generating" not in out.err
+    mix = f"data.mix=[{{path: {d}/a.jsonl, domain: x}}, {{path: {d}/b.jsonl, format: instruction}}]"
+    assert cli(monkeypatch, "validate", *common, mix) in (0, None)
+    out = capsys.readouterr().err
+    assert "data.mix[0]" in out and "data.mix[1]" in out
