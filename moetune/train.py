@@ -169,8 +169,8 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
         for step in range(start, end):
             _seed_step(cfg.seed, step, rank, world)
             indices = plan.step_indices(step, cfg.seed)
-            rows = dict(zip(range(len(indices)), take(train_ex, indices)))  # global batch position -> Example
-            n_global = sum(sum(1 for lab in e.labels[1:] if lab >= 0) for e in rows.values())
+            rows = take(train_ex, indices)  # the global batch's examples, read once (one Arrow gather)
+            n_global = sum(sum(1 for lab in e.labels[1:] if lab >= 0) for e in rows)
             loss_sum = torch.zeros((), device=accelerator.device)
             aux_sum: dict[str, float] = {}
             mbs = plan.micro_batches(list(range(len(indices))), rank)
