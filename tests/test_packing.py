@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import build_tokenizer, make_rows, randomise_routed
 from moetune.data import IGNORE, Encoder, collate
 from moetune.experts import config_class
-from moetune.inject import inject, trainable_parameters
+from moetune.inject import inject
 from moetune.loss import target_logits
 from moetune.packing import first_fit, length_grouped, pack
 from moetune.recipe import DataConfig, RecipeError, RouterConfig, load_recipe
