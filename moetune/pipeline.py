@@ -299,3 +299,13 @@ def load_splits(cfg: DataConfig, tokenizer, need: tuple[str, ...] = ("train", "v
         splits["test"] = load_examples(cfg.test, tokenizer, cfg, "test")
     return splits
 
+
+
+def data_summary(splits: dict) -> dict:
+    """Per split: examples used, source rows, bad rows skipped (the first few named), for summary.json."""
+    out = {}
+    for name, es in splits.items():
+        info = getattr(es, "info", None) or {}
+        out[name] = {"examples": len(es), "source_rows": info.get("rows"), "bad_rows_skipped": info.get("bad_rows", 0),
+                     **({"bad_examples": info["bad_examples"]} if info.get("bad_examples") else {})}
+    return out

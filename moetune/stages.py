@@ -24,7 +24,7 @@ from moetune import recipe as R
 from moetune.adapters import load_adapter, save_adapter
 from moetune.checkpoint import atomic_dir, write_json
 from moetune.data import collate
-from moetune.pipeline import load_splits
+from moetune.pipeline import data_summary, load_splits
 from moetune.evaluate import evaluate, multiple_choice
 from moetune.inject import count_parameters, inject
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
@@ -106,6 +106,10 @@ def stage_train(run: Run, resume: bool = False) -> dict:
     result = train(rc, model, run.tokenizer, splits, acc, run.dir, resume=resume, console=console)
     result["seconds"] = round(time.time() - t0, 1)
     result["trainable_parameters"] = trainable
+    result["data"] = data_summary(splits)
+    for name, d in result["data"].items():
+        if d["bad_rows_skipped"]:
+            run.log(f"data.{name}: {d['bad_rows_skipped']} bad rows skipped, e.g. {d['bad_examples'][0]}")
     if run.main:
         save_adapter(run.dir / "adapter", model, rc.expert, rc.router, rc.model.path,
                      extra={"train": result})

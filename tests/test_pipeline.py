@@ -238,3 +238,18 @@ def test_validate_reads_globs_and_mix(tiny_llama, tmp_path, monkeypatch, capsys)
     assert cli(monkeypatch, "validate", *common, mix) in (0, None)
     out = capsys.readouterr().err
     assert "data.mix[0]" in out and "data.mix[1]" in out
+
+
+def test_skipped_rows_reach_the_run_summary(tiny_llama, tiny_data, tmp_path):
+    from conftest import tiny_overrides
+    from moetune.recipe import load_recipe
+    from moetune.stages import run_recipe
+    rows = make_rows(12, 1) + [{"instruction": "Shout red", "domain": "shout"}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    data = {**tiny_data, "train": train}
+    s = run_recipe(load_recipe(None, tiny_overrides(tiny_llama, data, tmp_path / "run", "train.max_steps=1",
+                                                    "stages=[train]", "train.eval_before=false",
+                                                    "data.skip_bad_rows=true")))
+    d = s["train"]["data"]["train"]
+    assert d["examples"] == 12 and d["source_rows"] == 13 and d["bad_rows_skipped"] == 1
+    assert "train.jsonl line 13: missing key 'response'" in d["bad_examples"][0]
