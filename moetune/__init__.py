@@ -19,12 +19,13 @@ __version__ = "0.1.0"
 LAYERS: dict[int, tuple[str, ...]] = {
     7: ("cli", "__main__"),                                   # parse arguments, call one stage
     6: ("stages", "validate", "cluster", "domain_experts",    # what a command does
-        "merge", "multimerge", "collapse", "rundir", "chat", "runs"),
+        "merge", "multimerge", "collapse", "rundir", "chat", "runs",
+        "inspect_data"),
     5: ("train", "evaluate", "report", "loss", "mmlu",
-        "generation", "loggers", "curves", "checkpointing", "fsdp", "router_fit"),     # the training loop; scoring; routing statistics
+        "generation", "loggers", "curves", "checkpointing", "fsdp", "router_fit"),  # the training loop; scoring; routing statistics
     4: ("inject", "adapters", "stock"),                       # wrap a model's projections; save/load adapters
     3: ("experts", "routing"),                                # one file per paper (experts/*); gates and losses
-    2: ("models", "data", "datagen"),                         # bases and tokenizers; data
+    2: ("models", "data", "datagen", "sources", "pipeline", "packing"),  # bases and tokenizers; data
     1: ("recipe", "expert_configs"),                          # the typed recipe schema (torch-free)
     0: ("errors", "schema", "adapter_files", "checkpoint", "ui", "recompute"),  # errors and small helpers
 }

@@ -28,7 +28,7 @@ from moetune.ui import console
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune mixtures of parameter-efficient experts on Hugging Face causal LMs, "
                        "driven by YAML recipes. Start with: moetune train recipes/default.yaml")
-data_app = typer.Typer(no_args_is_help=True, help="Build the default data and MMLU files.")
+data_app = typer.Typer(no_args_is_help=True, help="Build the default data and MMLU files; inspect a recipe's data.")
 app.add_typer(data_app, name="data")
 
 # Write failures (disk full, quota, read-only, permission) mid-run: one paragraph, exit 2, no traceback.
@@ -314,6 +314,16 @@ def data_make(out: Path = typer.Option(Path("data/default"), help="Output direct
         raise RecipeError(str(e)) from None
     for split, path in paths.items():
         typer.echo(f"{split}: {path}")
+
+
+@data_app.command("inspect")
+def data_inspect(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+                 overrides: Optional[List[str]] = OVERRIDES,
+                 as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
+                 examples: int = typer.Option(2, "--examples", help="Examples rendered per split.")):
+    """Rows per split and domain, token lengths, rows cut by max_length, examples with trained tokens marked."""
+    from moetune.inspect_data import run
+    run(_recipe(recipe, overrides), as_json, examples)
 
 
 @data_app.command("mmlu")

@@ -31,12 +31,14 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from moetune.checkpoint import write_json
-from moetune.data import detect_format, load_examples, read_rows, to_messages
+from moetune.data import detect_format, to_messages
 from moetune.errors import RecipeError
 from moetune.experts.base import base_dims
+from moetune.pipeline import load_examples
 from moetune.models import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
 from moetune.router_fit import fit_router_file, sample_indices
+from moetune.sources import source_rows
 from moetune.ui import console, table
 
 # sklearn, matplotlib and transformers (heavy imports) are imported inside the functions that use them.
@@ -51,7 +53,7 @@ SILHOUETTE_SAMPLE = 3000  # silhouette on a seeded sample above this many rows (
 def example_texts(cfg: DataConfig, with_response: bool = False, max_rows: int | None = None,
                   seed: int = 0) -> tuple[list[str], list[str] | None]:
     """(texts, domains or None) of the training rows; a seeded subsample of `max_rows` rows."""
-    rows = read_rows(cfg.train)
+    rows = source_rows(cfg.train, cfg)
     fmt = detect_format(rows, cfg)
     if max_rows and len(rows) > max_rows:
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_rows))]

@@ -1,10 +1,12 @@
 """Reading instruction and chat data, applying templates, masking prompts out of the loss.
 
-Sources: .jsonl, .json (a list of rows, or {"data": [...]}) .csv, .parquet, and
-directories written by `datasets.Dataset.save_to_disk`. Formats:
-- instruction: `{"instruction", "response"[, "input", "domain"]}`
+This module is the per-row logic; `moetune.sources` reads whole sources into Arrow and
+`moetune.pipeline` tokenises them once (batched `Dataset.map`, cached on disk). Formats:
+- instruction: `{"instruction", "response"[, "input", "domain"]}` (Alpaca's `output` too)
 - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
-Both become a message list. With a chat template (the tokenizer's own) the text is the
+- sharegpt: `{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`
+- text: `{"text": str}`, a plain completion trained on every token
+All become a message list. With a chat template (the tokenizer's own) the text is the
 rendered conversation; without one the documented plain template is
 
     ### Instruction:\n{user text}\n\n### Response:\n{assistant text}<eos>
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,16 @@ def to_messages(row: dict, loc: str, cfg: DataConfig, fmt: str) -> list[dict]:
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{loc}: the last message must be the assistant's (it is '{msgs[-1]['role']}').")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    if fmt == "sharegpt":
+        return _sharegpt(row, loc, cfg)
+    if fmt == "text":
+        text = row.get(cfg.text_field)
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{loc}: missing or empty text column '{cfg.text_field}' (row keys: "
+                            f"{', '.join(map(str, row))}). Set data.text_field to the right column.")
+        return [{"role": "completion", "content": text}]
+    if cfg.response_field not in row and cfg.response_field == "response" and "output" in row:
+        row = {**row, "response": row["output"]}  # Alpaca's instruction/input/output
     for key in (cfg.instruction_field, cfg.response_field):
         if key not in row or row[key] is None:
             raise DataError(f"{loc}: missing key '{key}' (row keys: {', '.join(map(str, row))}). "
@@ -131,18 +142,41 @@ def to_messages(row: dict, loc: str, cfg: DataConfig, fmt: str) -> list[dict]:
     return [{"role": "user", "content": text}, {"role": "assistant", "content": str(row[cfg.response_field])}]
 
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _sharegpt(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
+    turns = row.get(cfg.conversations_field)
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{loc}: missing or empty '{cfg.conversations_field}' list (row keys: {', '.join(row)}).")
+    msgs = []
+    for j, t in enumerate(turns):
+        if (not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str)):
+            raise DataError(f"{loc}: turn {j} must be {{'from': system|human|gpt, 'value': str}}, got {t!r:.120}.")
+        msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{loc}: the last turn must be the assistant's ('gpt'; it is '{turns[-1]['from']}').")
+    return msgs
+
+
 def detect_format(rows: list[tuple[dict, str]], cfg: DataConfig) -> str:
     if cfg.format != "auto":
         return cfg.format
     if not rows:
         raise DataError("No rows to read.")
     row, loc = rows[0]
-    if isinstance(row, dict) and cfg.messages_field in row:
-        return "chat"
-    if isinstance(row, dict) and cfg.instruction_field in row:
-        return "instruction"
-    raise DataError(f"{loc}: cannot tell the format: no '{cfg.messages_field}' nor '{cfg.instruction_field}' "
-                    f"key (row keys: {', '.join(map(str, row))}). Set data.format and the field names.")
+    return format_of_keys(list(row) if isinstance(row, dict) else [], cfg, loc)
+
+
+def format_of_keys(keys: list, cfg: DataConfig, loc: str) -> str:
+    """The format a row with these columns is in (data.format 'auto')."""
+    for fmt, key in (("chat", cfg.messages_field), ("sharegpt", cfg.conversations_field),
+                     ("instruction", cfg.instruction_field), ("text", cfg.text_field)):
+        if key in keys:
+            return fmt
+    raise DataError(f"{loc}: cannot tell the format: no '{cfg.messages_field}', '{cfg.conversations_field}', "
+                    f"'{cfg.instruction_field}' nor '{cfg.text_field}' key (row keys: {', '.join(map(str, keys))}). "
+                    "Set data.format and the field names.")
 
 
 # ------------------------------------------------------------------ templates
@@ -178,10 +212,16 @@ class Encoder:
         return text[:-2] if (msgs[-1]["role"] == "assistant" and not gen) else text
 
     def segments(self, msgs: list[dict]) -> list[tuple[str, bool]]:
-        """The rendered conversation cut into (text, is_assistant) pieces."""
+        """The rendered conversation cut into (text, is_trained) pieces: assistant turns are trained
+        (only the last one with data.mask_history); a 'completion' (text format) is trained whole."""
+        if msgs[0]["role"] == "completion":
+            eos = self.tok.eos_token or ""
+            text = msgs[0]["content"]
+            return [(text if text.endswith(eos) else text + eos, True)]
         msgs = self._with_system(msgs)
         pieces: list[tuple[str, bool]] = []
         done = ""
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
@@ -190,73 +230,46 @@ class Encoder:
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise RecipeError("The chat template does not render conversations as growing prefixes; "
                                   "set data.template=plain.")
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            pieces += [(prompt[len(done):], False), (full[len(prompt):], i == last or not self.cfg.mask_history)]
             done = full
         return pieces
 
-    def _ids(self, text: str, first: bool) -> list[int]:
-        # The plain template has no special tokens of its own: let the tokenizer add BOS once.
-        add = first and not self.chat
-        return self.tok(text, add_special_tokens=add)["input_ids"] if text else []
+    def _ids_many(self, texts: list[str], add: bool) -> list[list[int]]:
+        """Token ids of many texts in one (batched, Rust-side) tokenizer call; '' -> []."""
+        full = [t for t in texts if t]
+        got = iter(self.tok(full, add_special_tokens=add)["input_ids"] if full else [])
+        return [next(got) if t else [] for t in texts]
 
     def encode(self, msgs: list[dict], domain: str = "all") -> Example:
-        ids: list[int] = []
-        labels: list[int] = []
-        prompt_ids: list[int] = []
-        pieces = self.segments(msgs)
-        for j, (text, is_assistant) in enumerate(pieces):
-            t = self._ids(text, first=(j == 0))
-            if j == len(pieces) - 1:
-                prompt_ids = list(ids)
-            ids += t
-            labels += t if is_assistant else [IGNORE] * len(t)
-        if not self.chat and self.tok.eos_token_id is not None and (not ids or ids[-1] != self.tok.eos_token_id):
-            ids.append(self.tok.eos_token_id)
-            labels.append(self.tok.eos_token_id)
-        n = self.cfg.max_length
-        return Example(ids[:n], labels[:n], prompt_ids[:n], msgs[-1]["content"], domain)
+        return self.encode_batch([msgs], [domain])[0]
 
-
-# ------------------------------------------------------------------ splits
-
-def load_examples(path: str, tokenizer, cfg: DataConfig) -> list[Example]:
-    rows = read_rows(path)
-    if not rows:
-        raise DataError(f"Data file {path!r} has no rows.")
-    fmt = detect_format(rows, cfg)
-    enc = Encoder(tokenizer, cfg)
-    out = []
-    for row, loc in rows:
-        msgs = to_messages(row, loc, cfg, fmt)
-        out.append(enc.encode(msgs, str(row.get(cfg.domain_field) or "all")))
-    return out
-
-
-def load_splits(cfg: DataConfig, tokenizer, need: tuple[str, ...] = ("train", "validation", "test")
-                ) -> dict[str, list[Example]]:
-    """train / validation / test examples (validation carved off train when not given)."""
-    splits: dict[str, list[Example]] = {}
-    train = load_examples(cfg.train, tokenizer, cfg) if ("train" in need or not cfg.validation) else []
-    if train:
-        random.Random(cfg.seed).shuffle(train)
-    if "validation" in need or "train" in need:
-        if cfg.validation:
-            splits["validation"] = load_examples(cfg.validation, tokenizer, cfg)
-        else:
-            k = int(len(train) * cfg.validation_split)  # 0 disables validation
-            splits["validation"], train = train[:k], train[k:]
-    if cfg.max_train_examples:
-        train = train[: cfg.max_train_examples]
-    if "train" in need:
-        dropped = sum(1 for e in train if all(lab == IGNORE for lab in e.labels))
-        train = [e for e in train if any(lab != IGNORE for lab in e.labels)]
-        if not train:
-            raise DataError(f"No training example keeps a response token within data.max_length={cfg.max_length} "
-                            f"({dropped} dropped). Raise data.max_length.")
-        splits["train"] = train
-    if "test" in need and cfg.test:
-        splits["test"] = load_examples(cfg.test, tokenizer, cfg)
-    return splits
+    def encode_batch(self, convs: list[list[dict]], domains: list[str],
+                     full_lengths: list[int] | None = None) -> list[Example]:
+        """Examples of many conversations, tokenised with two batched tokenizer calls
+        (`full_lengths`, when given, receives each token count before max_length cuts it)."""
+        pieces = [self.segments(m) for m in convs]
+        # The plain template has no special tokens of its own: let the tokenizer add BOS once.
+        firsts = iter(self._ids_many([p[0][0] for p in pieces], add=not self.chat))
+        rests = iter(self._ids_many([t for p in pieces for t, _ in p[1:]], add=False))
+        eos, n = self.tok.eos_token_id, self.cfg.max_length
+        out = []
+        for msgs, ps, domain in zip(convs, pieces, domains):
+            ids: list[int] = []
+            labels: list[int] = []
+            prompt_ids: list[int] = []
+            for j, (_, trained) in enumerate(ps):
+                t = next(firsts) if j == 0 else next(rests)
+                if j == len(ps) - 1:
+                    prompt_ids = list(ids)
+                ids += t
+                labels += t if trained else [IGNORE] * len(t)
+            if not self.chat and eos is not None and (not ids or ids[-1] != eos):
+                ids.append(eos)
+                labels.append(eos)
+            if full_lengths is not None:
+                full_lengths.append(len(ids))
+            out.append(Example(ids[:n], labels[:n], prompt_ids[:n], msgs[-1]["content"], domain))
+        return out
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -26,14 +26,17 @@ def plain_head(model: nn.Module) -> bool:
             and isinstance(model.get_output_embeddings(), nn.Linear))
 
 
-def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
-                  sliced: bool) -> torch.Tensor:
-    """Logits (N, V) at the positions where keep (B, T-1) is true, i.e. those predicting a target."""
+def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  keep: torch.Tensor, sliced: bool, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (N, V) at the positions where keep (B, T-1) is true, i.e. those predicting a target.
+
+    With `position_ids` (a packed batch, see moetune.packing) the model gets no attention mask:
+    transformers then keeps attention inside each run of increasing positions."""
+    kw = {"attention_mask": attention_mask} if position_ids is None else {"position_ids": position_ids}
     if sliced:
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state        # (B, T, D)
+        hidden = model.base_model(input_ids=input_ids, use_cache=False, **kw).last_hidden_state  # (B, T, D)
         return model.get_output_embeddings()(hidden[:, :-1][keep])           # (N, V)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = model(input_ids=input_ids, use_cache=False, **kw).logits
     return logits[:, :-1][keep]                                              # (N, V)
 
 
@@ -49,13 +52,17 @@ class CausalLMLoss(nn.Module):
         self.sliced = plain_head(model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                segment_ids: torch.Tensor | None = None):
-        """segment_ids (B, T): packed rows, for sequence-level routing (`router.level`) per segment."""
+                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                example_index: torch.Tensor | None = None):
+        """segment_ids (B, T): packed rows, for sequence-level routing (`router.level`) per segment; a packed
+        batch's example_index (B, T) serves as its segment ids. position_ids (B, T): packed rows (no mask)."""
+        if segment_ids is None:
+            segment_ids = example_index
         target = labels[:, 1:]                                               # (B, T-1)
         keep = target != IGNORE                                              # (B, T-1)
         pool = prompt_mask(labels != IGNORE, attention_mask, segment_ids)    # (B, T) for sequence routing
         with routing_context(pool_mask=pool, segment_ids=segment_ids):
-            logits = target_logits(self.model, input_ids, attention_mask, keep, self.sliced)
+            logits = target_logits(self.model, input_ids, attention_mask, keep, self.sliced, position_ids)
         loss_sum = F.cross_entropy(logits.float(), target[keep], reduction="sum")
         return loss_sum, keep.sum(), aux_losses(self.model)
 

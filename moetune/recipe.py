@@ -22,6 +22,7 @@ from moetune.expert_configs import EXPERT_CONFIGS, MERGEABLE, ExpertConfig
 from moetune.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
 
 STAGES = ("train", "merge", "eval", "export")
+MIX_COLUMNS = ("instruction", "input", "response", "messages", "conversations", "text", "domain")
 
 
 @dataclass
@@ -103,18 +104,51 @@ class RouterConfig:
 
 
 @dataclass
+class MixSource:
+    """One source of a training mixture (`data.mix: [{path: ..., ...}, ...]`)."""
+
+    path: str = ""
+    """A file, glob, directory, save_to_disk directory or hub id, as for `data.train`."""
+    format: str = opt("auto", choices=("auto", "instruction", "chat", "sharegpt", "text"))
+    """This source's format (see `data.format`)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column names of this source where they differ from the data section's: keys instruction,
+    input, response, messages, conversations, text, domain; e.g. {instruction: question,
+    response: answer}."""
+    domain: str | None = None
+    """Domain label of every row of this source (None: its domain column, else 'all')."""
+    weight: float | None = opt(None, min=0, min_exclusive=True)
+    """Sampling weight: the mixture keeps its total size (the sum of the sources' rows after
+    `max_rows`) and gives this source weight/sum(weights) of it, repeating its rows (seeded)
+    when that is more than it has. None on every source: each source as is."""
+    max_rows: int | None = opt(None, min=1)
+    """Use at most this many rows of the source (a seeded sample)."""
+    hub_subset: str | None = None
+    """Subset when `path` is a hub id."""
+    hub_split: str = "train"
+    """Split when `path` is a hub id."""
+    hub_revision: str | None = None
+    """Revision when `path` is a hub id."""
+
+
+@dataclass
 class DataConfig:
     """Training and held-out data (`data:`)."""
 
     train: str = "data/default/train.jsonl"
-    """Training data: .jsonl, .json, .csv, .parquet file or a `datasets` save_to_disk directory."""
+    """Training data: a .jsonl, .json, .csv, .parquet or .arrow file, a glob of them
+    ('shards/*.parquet'), a directory of such shards, a `datasets` save_to_disk directory, or a
+    hub dataset id 'owner/name' read from the local HF cache (see `hub_subset`, `hub_split`,
+    `hub_revision`). Tokenised once and cached (see `cache_dir`)."""
     validation: str | None = "data/default/validation.jsonl"
     """Validation data (periodic loss during training); None: carve `validation_split` off train."""
     test: str | None = "data/default/test.jsonl"
     """Held-out test data, scored before and after training when eval.split is 'test'."""
-    format: str = opt("auto", choices=("auto", "instruction", "chat"))
-    """'instruction': rows with instruction/response fields; 'chat': rows with a messages list
-    of {role, content}; 'auto' decides from the first row."""
+    format: str = opt("auto", choices=("auto", "instruction", "chat", "sharegpt", "text"))
+    """'instruction': rows with instruction/response fields (Alpaca's instruction/input/output
+    too); 'chat': rows with an OpenAI messages list of {role, content}; 'sharegpt': a
+    conversations list of {from: system|human|gpt, value}; 'text': plain completion, loss on
+    every token; 'auto' decides from the columns (messages, conversations, instruction, text)."""
     instruction_field: str = "instruction"
     """Column holding the prompt in instruction format."""
     input_field: str = "input"
@@ -123,6 +157,10 @@ class DataConfig:
     """Column holding the target answer in instruction format."""
     messages_field: str = "messages"
     """Column holding the conversation in chat format."""
+    conversations_field: str = "conversations"
+    """Column holding the conversation in sharegpt format."""
+    text_field: str = "text"
+    """Column holding the text in text (completion) format."""
     domain_field: str = "domain"
     """Column naming each row's domain, for per-domain scores (rows without it: 'all')."""
     template: str = opt("auto", choices=("auto", "chat", "plain"))
@@ -138,6 +176,34 @@ class DataConfig:
     """Use only the first N training rows (after shuffling with `seed`)."""
     seed: int = 0
     """Seed for shuffling and splitting."""
+    mask_history: bool = False
+    """Multi-turn chat: False trains on every assistant turn; True only on the last one."""
+    skip_bad_rows: bool = False
+    """False: a malformed row stops the run naming file and row; True: such rows are skipped
+    and counted (the first few named in the log and in `moetune data inspect`)."""
+    hub_subset: str | None = None
+    """Subset (config name) when a split is a hub dataset id."""
+    hub_split: str = "train"
+    """Split to read when `train` is a hub dataset id (validation/test ids use their own name)."""
+    hub_revision: str | None = None
+    """Revision of hub dataset ids (must be in the local HF cache when offline)."""
+    cache_dir: str | None = None
+    """Where tokenised datasets are cached, keyed by a fingerprint of the source files, these data
+    settings and the tokenizer (None: $MOETUNE_DATA_CACHE, else ~/.cache/moetune/datasets or
+    $MOETUNE_HOME/datasets). A rerun or --resume reuses the cache; a change makes a new one."""
+    packing: bool = False
+    """Pack the examples of each micro-batch into as few rows of `max_length` tokens as fit
+    (first-fit decreasing), with position ids restarting per example and attention kept inside
+    each example (block-diagonal mask; flash-attention varlen when the model uses it). The
+    examples per step and the loss are unchanged; less padding is computed. Not for 'calm'."""
+    group_by_length: bool = False
+    """Unpacked training: batches of examples of similar length (sorted within megabatches of
+    50 global batches, the batches shuffled), so less padding is computed."""
+    mix: list[MixSource] = field(default_factory=list)
+    """Several training sources, each with its own format, columns, domain label and weight or
+    row cap (see `data.mix[i].*` below). When non-empty it replaces `train`."""
+    num_proc: int | None = opt(None, min=1)
+    """Processes for the tokenising `Dataset.map` (None: the CPU count for >= 20k rows, else 1)."""
 
 
 @dataclass
@@ -289,6 +355,9 @@ def _check_keys(data: Any, cls: type, prefix: str) -> None:
             raise RecipeError(f"Unknown recipe key '{full}'.{_suggest(str(k), keys, prefix)} "
                               f"Allowed keys here: {', '.join(keys)}.")
         sub = keys[k]
+        if cls is DataConfig and k == "mix" and isinstance(v, list):  # a list of MixSource sections
+            for i, item in enumerate(v):
+                _check_keys(item, MixSource, f"{full}[{i}].")
         if sub is not None:
             if not isinstance(v, dict):
                 raise RecipeError(f"Recipe key '{full}' must be a section (mapping), got {v!r}.")
@@ -369,9 +438,31 @@ def _check_semantics(r: Recipe) -> None:
         raise RecipeError(f"Recipe key 'router.init_centroids' names {r.router.init_centroids!r}, which does not "
                           f"exist (working directory: {Path.cwd()}). Allowed: a centroid file written by "
                           "`moetune cluster-heads --init-router`, or null.")
+    if r.data.packing and r.expert.type == "calm":
+        raise RecipeError("Recipe key 'data.packing' is true, but expert type 'calm' runs a second model on the "
+                          "same tokens with its own masks, which packing does not support. Allowed: false.")
+    if r.data.packing and r.data.group_by_length:
+        raise RecipeError("Recipe keys 'data.packing' and 'data.group_by_length' are both true; length grouping "
+                          "is for unpacked training. Allowed: at most one of them true.")
+    for i, src in enumerate(r.data.mix):
+        if not src.path:
+            raise RecipeError(f"Recipe key 'data.mix[{i}].path' is missing. Allowed: a file, glob, directory or hub id.")
+        for key, f, value in walk(src, f"data.mix[{i}]."):
+            if not check_value(f, value):
+                raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}.")
+        bad = sorted(set(src.columns) - set(MIX_COLUMNS))
+        if bad:
+            raise RecipeError(f"Recipe key 'data.mix[{i}].columns' names {bad[0]!r}. Allowed: {', '.join(MIX_COLUMNS)}.")
+    if r.data.mix and any(s.weight is not None for s in r.data.mix) and any(s.weight is None for s in r.data.mix):
+        raise RecipeError("Recipe key 'data.mix[].weight' is set on some sources only. Allowed: a weight on every "
+                          "source, or on none.")
     for key in ("train", "validation", "test"):
         path = getattr(r.data, key)
-        if path and "train" in r.stages and not Path(path).exists():
+        if key == "train" and r.data.mix:
+            continue
+        hub_or_glob = path and (any(c in path for c in "*?[") or (
+            path.count("/") == 1 and not path.startswith(".") and Path(path).suffix == ""))
+        if path and "train" in r.stages and not hub_or_glob and not Path(path).exists():
             if key == "test" and r.eval.split != "test":
                 continue
             raise RecipeError(f"Recipe key 'data.{key}' names {path!r}, which does not exist "
@@ -464,4 +555,6 @@ def explain() -> str:
                 lines.append(f"  {prefix}{f.name} = {value!r}" + (f"  [{allowed}]" if allowed else ""))
                 lines.append(f"      {field_docs(cls).get(f.name, '')}")
     emit(Recipe, "", Recipe())
+    lines.append(f"\ndata.mix[i]:  {MixSource.__doc__}")
+    emit(MixSource, "data.mix[i].", MixSource())
     return "\n".join(lines).lstrip()

@@ -23,7 +23,8 @@ import torch
 from moetune import recipe as R
 from moetune.adapters import load_adapter, save_adapter
 from moetune.checkpoint import atomic_dir, write_json
-from moetune.data import collate, load_splits
+from moetune.data import collate
+from moetune.pipeline import data_summary, load_splits
 from moetune.domain_experts import train_domain_experts
 from moetune.evaluate import evaluate, multiple_choice
 from moetune.experts import REGISTRY
@@ -116,6 +117,10 @@ def stage_train(run: Run, resume: bool = False) -> dict:
     result = train(rc, model, run.tokenizer, splits, acc, run.dir, resume=resume, console=console)
     result["seconds"] = round(time.time() - t0, 1)
     result["trainable_parameters"] = trainable
+    result["data"] = data_summary(splits)
+    for name, d in result["data"].items():
+        if d["bad_rows_skipped"]:
+            run.log(f"data.{name}: {d['bad_rows_skipped']} bad rows skipped, e.g. {d['bad_examples'][0]}")
     if run.main:
         save_adapter(run.dir / "adapter", model, rc.expert, rc.router, rc.model.path,
                      extra={"train": result})

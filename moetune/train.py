@@ -27,6 +27,8 @@ from moetune.errors import RecipeError
 from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
 from moetune.loggers import TrainLoggers
 from moetune.loss import CausalLMLoss
+from moetune.packing import length_grouped, pack
+from moetune.pipeline import ExampleSet, shuffled, take
 from moetune.recipe import Recipe, TrainConfig
 from moetune.routing import router_parameters, routing_context, scheduled_temperature, set_temperature
 from moetune.ui import TrainProgress
@@ -44,6 +46,7 @@ class Plan:
     world: int
     epochs: float
     max_steps: int
+    lengths: np.ndarray | None = None   # per-example token counts, for group_by_length
 
     @property
     def global_batch(self) -> int:
@@ -57,15 +60,24 @@ class Plan:
     def total_steps(self) -> int:
         return self.max_steps if self.max_steps > 0 else max(1, math.ceil(self.epochs * self.steps_per_epoch))
 
+    def epoch_order(self, epoch: int, seed: int) -> np.ndarray:
+        """The seeded permutation of `epoch`, computed once per epoch (the last one is kept)."""
+        cached = getattr(self, "_order", None)
+        if cached is None or cached[0] != (epoch, seed):
+            order = shuffled(self.n_examples, seed * 100_003 + epoch)
+            if self.lengths is not None:
+                order = length_grouped(order, self.lengths, self.global_batch, seed * 100_003 + epoch)
+            self._order = ((epoch, seed), order)
+        return self._order[1]
+
     def step_indices(self, step: int, seed: int) -> list[int]:
-        """Indices of the whole global batch of `step` (wrapping into the next epoch)."""
+        """Indices of the whole global batch of `step` (wrapping into the next epoch): O(batch) per step."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        perm = list(range(self.n_examples))
-        random.Random(seed * 100_003 + epoch).shuffle(perm)
+        perm = self.epoch_order(epoch, seed)
         g = self.global_batch
         if g > self.n_examples:  # tiny data: cycle
-            perm = (perm * math.ceil(g / self.n_examples))
-        return perm[k * g:(k + 1) * g] if g <= self.n_examples else perm[:g]
+            return np.tile(perm, math.ceil(g / self.n_examples))[:g].tolist()
+        return perm[k * g:(k + 1) * g].tolist()
 
     def micro_batches(self, indices: list[int], rank: int) -> list[list[int]]:
         """This process's micro-batches of a global batch: micro-batch j of rank r is chunk j*world+r."""
@@ -97,7 +109,8 @@ def domain_indices(recipe: Recipe, examples: list[Example]) -> dict[str, int] | 
     """Domain name -> index (sorted names) for router.domain_loss_weight > 0, else None."""
     if recipe.router.domain_loss_weight <= 0:
         return None
-    names = sorted({e.domain for e in examples})
+    names = sorted(set(examples.column("domain").tolist()) if isinstance(examples, ExampleSet)
+                   else {e.domain for e in examples})
     if len(names) < 2:
         raise RecipeError(f"Recipe key 'router.domain_loss_weight' is {recipe.router.domain_loss_weight}, but the "
                           f"training data has {len(names)} domain ({', '.join(names)}): the loss needs a "
@@ -106,11 +119,15 @@ def domain_indices(recipe: Recipe, examples: list[Example]) -> dict[str, int] | 
     return {d: i for i, d in enumerate(names)}
 
 
-def token_domains(examples: list[Example], index: dict[str, int] | None, attention_mask: torch.Tensor):
-    """(B, T) domain index of every real token (-1 on padding), or None without an index."""
+def token_domains(examples: list[Example], index: dict[str, int] | None, attention_mask: torch.Tensor,
+                  example_index: torch.Tensor | None = None):
+    """(B, T) domain index of every real token (-1 on padding), or None without an index. A packed batch
+    (moetune/packing.py) gives each token's example in `example_index` (R, T), -1 on padding."""
     if index is None:
         return None
     dom = torch.tensor([index.get(e.domain, -1) for e in examples], device=attention_mask.device)  # (B,)
+    if example_index is not None:                                                                   # packed rows
+        return dom[example_index.clamp(min=0)].masked_fill(example_index < 0, -1)                  # (R, T)
     return dom.unsqueeze(1).expand_as(attention_mask).masked_fill(attention_mask == 0, -1)         # (B, T)
 
 
@@ -150,7 +167,14 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     train_ex, val_ex = splits["train"], splits.get("validation") or []
     pad_id = tokenizer.pad_token_id
     world, rank = accelerator.num_processes, accelerator.process_index
-    plan = Plan(len(train_ex), cfg.batch_size, cfg.grad_accum, world, cfg.epochs, cfg.max_steps)
+    data = recipe.data
+    lengths = None
+    if data.group_by_length:
+        lengths = (train_ex.column("length") if isinstance(train_ex, ExampleSet)
+                   else np.asarray([len(e.input_ids) for e in train_ex]))
+    plan = Plan(len(train_ex), cfg.batch_size, cfg.grad_accum, world, cfg.epochs, cfg.max_steps, lengths)
+    make_batch = ((lambda exs: pack(exs, data.max_length, pad_id)) if data.packing
+                  else (lambda exs: collate(exs, pad_id)))
     if not trainable_parameters(model):
         raise RecipeError("No trainable parameters: the expert wrapped nothing.")
     if cfg.gradient_checkpointing:
@@ -209,13 +233,15 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
             _seed_step(cfg.seed, step, rank, world)
             set_temperature(model, scheduled_temperature(recipe.router, step, plan.total_steps))
             indices = plan.step_indices(step, cfg.seed)
-            n_global = sum(sum(1 for lab in train_ex[i].labels[1:] if lab >= 0) for i in indices)
+            rows = take(train_ex, indices)  # the global batch's examples, read once (one Arrow gather)
+            n_global = sum(sum(1 for lab in e.labels[1:] if lab >= 0) for e in rows)
             loss_sum = torch.zeros((), device=accelerator.device)
             aux_sum: dict[str, float] = {}
-            mbs = plan.micro_batches(indices, rank)
+            mbs = plan.micro_batches(list(range(len(indices))), rank)
             for j, mb in enumerate(mbs):
-                batch = {k: v.to(accelerator.device) for k, v in collate([train_ex[i] for i in mb], pad_id).items()}
-                doms = token_domains([train_ex[i] for i in mb], dom_index, batch["attention_mask"])  # (B, T)
+                exs = [rows[i] for i in mb]
+                batch = {k: v.to(accelerator.device) for k, v in make_batch(exs).items()}
+                doms = token_domains(exs, dom_index, batch["attention_mask"], batch.get("example_index"))  # (B, T)
                 window_tokens += int(batch["attention_mask"].sum()) * world
                 sync = j == len(mbs) - 1
                 ctx = accelerator.no_sync(lm) if not sync else nullcontext()

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from moetune.data import detect_format, read_rows, to_messages
+from moetune.data import detect_format, to_messages
 from moetune.domain_experts import domain_recipe
+from moetune.errors import DataError
 from moetune.inject import count_parameters, inject
 from moetune.models import attn_implementation, load_config, pick_device
+from moetune.pipeline import mix_config
 from moetune.recipe import Recipe
+from moetune.sources import source_rows
 from moetune.ui import console, table
 
 # transformers (a heavy import) is imported inside the function that uses it.
@@ -50,15 +53,22 @@ def estimate(recipe: Recipe) -> dict:
 def check_data(recipe: Recipe) -> dict[str, int]:
     """Read every data file named by the recipe and check each row's shape (no tokenizer)."""
     counts = {}
+    jobs = [(f"mix[{i}]", "train", mix_config(recipe.data, s)) for i, s in enumerate(recipe.data.mix)]
     for key in ("train", "validation", "test"):
-        path = getattr(recipe.data, key)
-        if not path:
-            continue
-        rows = read_rows(path)
-        fmt = detect_format(rows, recipe.data)
+        if getattr(recipe.data, key) and not (key == "train" and recipe.data.mix):
+            jobs.append((key, key, recipe.data))
+    for name, split, cfg in jobs:
+        rows = source_rows(getattr(cfg, split), cfg, split)
+        fmt = detect_format(rows, cfg)
+        bad = 0
         for row, loc in rows:
-            to_messages(row, loc, recipe.data, fmt)
-        counts[key] = len(rows)
+            try:
+                to_messages(row, loc, cfg, fmt)
+            except DataError:
+                if not cfg.skip_bad_rows:
+                    raise
+                bad += 1
+        counts[name] = len(rows) - bad
     return counts
 
 

@@ -284,7 +284,7 @@ def train_anchor(p: dict, smoke: bool) -> Path:
 
 def score_alone(model_dir: Path, recipe, data_file: Path, device) -> dict:
     """Loss and exact match of one model without any adapter, with the recipe's template and eval settings."""
-    from moetune.data import load_examples
+    from moetune.pipeline import load_examples
     from moetune.evaluate import evaluate
     from moetune.models import load_model, load_tokenizer
     cfg = ModelConfig(path=str(model_dir))

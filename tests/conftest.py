@@ -74,6 +74,20 @@ def save_tiny(path: Path, arch: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """Tokenised datasets of the whole test session go to a temp dir, not ~/.cache/moetune."""
+    import os
+    path = tmp_path_factory.mktemp("data_cache")
+    old = os.environ.get("MOETUNE_DATA_CACHE")
+    os.environ["MOETUNE_DATA_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MOETUNE_DATA_CACHE", None)
+    else:
+        os.environ["MOETUNE_DATA_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")

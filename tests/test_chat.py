@@ -48,7 +48,7 @@ def test_greedy_generate_equals_evaluation_exact_match(which, tiny_data, tmp_pat
     m = load_source(run)
     rows = [json.loads(x) for x in tiny_data["test"].read_text().splitlines()]
     # the evaluation's prompt ids are the ones generation builds from the same rows (system prompt included)
-    from moetune.data import load_examples
+    from moetune.pipeline import load_examples
     rc = load_recipe(run / "recipe.yaml")
     examples = load_examples(str(tiny_data["test"]), m.tokenizer, rc.data)
     for e, r in zip(examples, rows):

@@ -43,7 +43,7 @@ def _routed(path, etype: str, arch: str, zero_router: bool):
 
 
 def _examples(path, data):
-    from moetune.data import load_examples
+    from moetune.pipeline import load_examples
     return load_examples(str(data["validation"]), AutoTokenizer.from_pretrained(path), DataConfig())
 
 

@@ -253,7 +253,7 @@ def test_save_load_is_self_contained_and_reproduces_logits(tiny_llama, llama_exp
 
 
 def test_routing_report_covers_mole(tiny_llama, llama_experts, tmp_path):
-    from moetune.data import load_splits
+    from moetune.pipeline import load_splits
     from moetune.recipe import DataConfig
     from moetune.report import eval_routing
     from transformers import AutoTokenizer

@@ -10,7 +10,8 @@ from conftest import randomise_routed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moetune import routing
-from moetune.data import collate, load_examples
+from moetune.data import collate
+from moetune.pipeline import load_examples
 from moetune.experts import config_class
 from moetune.experts.base import ExpertConfig
 from moetune.inject import expert_layers, inject

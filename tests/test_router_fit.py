@@ -9,7 +9,8 @@ from test_cluster import write_recipe
 from transformers import AutoTokenizer
 
 from moetune.cluster import cluster_heads
-from moetune.data import IGNORE, collate, load_examples
+from moetune.data import IGNORE, collate
+from moetune.pipeline import load_examples
 from moetune.inject import inject
 from moetune.models import load_model
 from moetune.recipe import load_recipe
