@@ -26,7 +26,7 @@ from moetune.adapters import load_adapter, read_adapter
 from moetune.data import Encoder, read_rows
 from moetune.errors import DataError
 from moetune.experts.mole import set_mask
-from moetune.generation import RoutingRecorder, Sampling, eos_ids, generate_batch, prompt_ids, routing_lines
+from moetune.generation import RoutingRecorder, Sampling, eos_ids, generate_batch, routing_lines
 from moetune.inject import expert_layers
 from moetune.models import load_model, load_tokenizer, pick_device
 from moetune.ui import console, simple_progress
@@ -159,10 +159,10 @@ class _Streamer:
 def _fit_history(m: Loaded, messages: list[dict], max_new: int) -> list[int]:
     """Prompt ids of the conversation, dropping the oldest exchanges while it overflows the context."""
     limit = getattr(m.model.config, "max_position_embeddings", None) or 10 ** 9
-    ids = prompt_ids(m.encoder, messages)
+    ids = m.encoder.prompt_ids(messages)
     while len(ids) + max_new > limit and len(messages) > 2:
         messages[:] = messages[2:]                      # oldest user + assistant pair
-        ids = prompt_ids(m.encoder, messages)
+        ids = m.encoder.prompt_ids(messages)
     return ids
 
 
@@ -277,7 +277,7 @@ def generate_file(m: Loaded, prompts: Path, out: Path, sampling: Sampling, batch
     """Answer every row of `prompts`; write each row with `field_name` added to `out` (input order,
     written atomically). Rows are batched by prompt length. Returns the number of rows."""
     items = read_prompts(prompts)
-    ids = [prompt_ids(m.encoder, msgs) for _, msgs in items]
+    ids = [m.encoder.prompt_ids(msgs) for _, msgs in items]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))      # similar lengths per batch
     texts: list[str | None] = [None] * len(ids)
     with simple_progress("generate", len(ids), enabled=show) as bar:

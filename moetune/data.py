@@ -240,6 +240,13 @@ class Encoder:
         got = iter(self.tok(full, add_special_tokens=add)["input_ids"] if full else [])
         return [next(got) if t else [] for t in texts]
 
+    def prompt_ids(self, msgs: list[dict]) -> list[int]:
+        """Token ids of `msgs` (ending with a user turn) followed by the assistant header, tokenised piece
+        by piece exactly as `encode_batch` tokenises a conversation's prompt (not cut to max_length)."""
+        pieces = [t for t, _ in self.segments(msgs + [{"role": "assistant", "content": ""}])[:-1]]
+        first = self._ids_many(pieces[:1], add=not self.chat)
+        return [i for ids in first + self._ids_many(pieces[1:], add=False) for i in ids]
+
     def encode(self, msgs: list[dict], domain: str = "all") -> Example:
         return self.encode_batch([msgs], [domain])[0]
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from moetune.data import Encoder
 from moetune.evaluate import left_pad
 from moetune.report import layer_index, routed_layers
 
@@ -34,16 +33,6 @@ def eos_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: the tokenizer's EOS and the generation config's (one or a list)."""
     eos = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
     return sorted({x for t in eos for x in (t if isinstance(t, list) else [t])})
-
-
-def prompt_ids(encoder: Encoder, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` (ending with a user turn) followed by the assistant header, tokenised
-    piece by piece exactly as training and evaluation tokenise a conversation (system prompt added)."""
-    pieces = encoder.segments(messages + [{"role": "assistant", "content": ""}])
-    ids: list[int] = []
-    for j, (text, _) in enumerate(pieces[:-1]):
-        ids += encoder._ids(text, first=(j == 0))
-    return ids
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 from conftest import cli, randomise_routed, tiny_overrides, write_jsonl
 from moetune.chat import answer, chat_loop, load_source
 from moetune.evaluate import exact_match
-from moetune.generation import Sampling, prompt_ids
+from moetune.generation import Sampling
 from moetune.recipe import load_recipe
 
 torch.set_num_threads(1)
@@ -52,7 +52,7 @@ def test_greedy_generate_equals_evaluation_exact_match(which, tiny_data, tmp_pat
     rc = load_recipe(run / "recipe.yaml")
     examples = load_examples(str(tiny_data["test"]), m.tokenizer, rc.data)
     for e, r in zip(examples, rows):
-        assert prompt_ids(m.encoder, [{"role": "user", "content": r["instruction"]}]) == e.prompt_ids
+        assert m.encoder.prompt_ids([{"role": "user", "content": r["instruction"]}]) == e.prompt_ids
     em = exact_match(m.model, m.tokenizer, examples, batch_size=8, max_new_tokens=4, device="cpu", show=False,
                      keep_samples=len(examples))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["instruction"], "id": i, "domain": r["domain"]}
@@ -100,8 +100,8 @@ def test_chat_answers_a_piped_conversation_with_history_and_reset(lora_run):
     assert replies[0] == first
     # the second turn saw the first exchange: its prompt holds both user turns
     fresh.history.append({"role": "user", "content": "Shout red"})
-    assert fresh.tokenizer.decode(prompt_ids(fresh.encoder, fresh.history)).count("Add 1 and 2") == 1
-    assert fresh.tokenizer.decode(prompt_ids(fresh.encoder, fresh.history)).count("Answer briefly.") == 1
+    assert fresh.tokenizer.decode(fresh.encoder.prompt_ids(fresh.history)).count("Add 1 and 2") == 1
+    assert fresh.tokenizer.decode(fresh.encoder.prompt_ids(fresh.history)).count("Answer briefly.") == 1
 
 
 def test_chat_cli_from_piped_stdin_and_base_differs(lora_run, monkeypatch, capsys):
@@ -114,14 +114,14 @@ def test_chat_cli_from_piped_stdin_and_base_differs(lora_run, monkeypatch, capsy
     assert "you> Shout red" in tuned and "bot> " in tuned and "lora" in tuned.splitlines()[0]
     assert "without the adapter" in base.splitlines()[0]
     tuned_m, base_m = load_source(lora_run), load_source(lora_run, base=True)
-    ids = torch.tensor([prompt_ids(tuned_m.encoder, [{"role": "user", "content": "Shout red"}])])
+    ids = torch.tensor([tuned_m.encoder.prompt_ids([{"role": "user", "content": "Shout red"}])])
     with torch.no_grad():
         assert not torch.allclose(tuned_m.model(ids).logits, base_m.model(ids).logits)
 
 
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(lora_run):
     m = load_source(lora_run)
-    ids = [prompt_ids(m.encoder, [{"role": "user", "content": "Shout red"}])]
+    ids = [m.encoder.prompt_ids([{"role": "user", "content": "Shout red"}])]
     from moetune.generation import generate_batch
     hot = Sampling(temperature=5.0, top_p=1.0, max_new_tokens=6, seed=3)
     a, b = (generate_batch(m.model, m.tokenizer, ids, hot, "cpu") for _ in range(2))
@@ -144,7 +144,7 @@ def test_show_routing_on_a_routed_adapter(hydra_run):
     assert len(rows) == 3 and all(len(r.split()[-1]) == 2 for r in rows)   # 3 tokens x 2 blocks
     assert lines[head + 4].startswith("  mean gate per expert: 0=")
     # the recorded gates of the first step are the gates of the prompt's last position
-    ids = prompt_ids(m.encoder, [{"role": "user", "content": "Shout red"}])
+    ids = m.encoder.prompt_ids([{"role": "user", "content": "Shout red"}])
     rec = RoutingRecorder(m.model)
     from moetune.generation import generate_batch
     generate_batch(m.model, m.tokenizer, [ids], Sampling(max_new_tokens=2), "cpu")
