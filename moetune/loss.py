@@ -55,9 +55,9 @@ class CausalLMLoss(nn.Module):
                 segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 example_index: torch.Tensor | None = None):
         """segment_ids (B, T): packed rows, for sequence-level routing (`router.level`) per segment; a packed
-        batch's example_index (B, T) serves as its segment ids. position_ids (B, T): packed rows (no mask)."""
-        if segment_ids is None:
-            segment_ids = example_index
+        batch's example_index (B, T, -1 on padding) gives them. position_ids (B, T): packed rows (no mask)."""
+        if segment_ids is None and example_index is not None:
+            segment_ids = example_index + 1  # padding (-1) becomes a segment of its own, 0
         target = labels[:, 1:]                                               # (B, T-1)
         keep = target != IGNORE                                              # (B, T-1)
         pool = prompt_mask(labels != IGNORE, attention_mask, segment_ids)    # (B, T) for sequence routing

@@ -239,7 +239,11 @@ def prompt_mask(targets: torch.Tensor, attention_mask: torch.Tensor,
     """(B, T) bool: real tokens before the first target token of their sequence (segment).
 
     targets (B, T) bool marks tokens in the loss (labels != -100). Pooling only these tokens keeps
-    sequence routing causal: no gate depends on the answer it helps to predict."""
+    sequence routing causal: no gate depends on the answer it helps to predict. A row's first token
+    is never a target (nothing predicts it; packing masks each example's first label the same way),
+    so a text-format example pools its first token, packed or not."""
+    targets = targets.clone()
+    targets[:, 0] = False
     t = targets.long()                                                   # (B, T)
     before = t.cumsum(1) - t                                             # (B, T): targets strictly before
     if segment_ids is not None:  # count only the targets of the token's own segment

@@ -11,6 +11,7 @@ from conftest import build_tokenizer, make_rows, randomise_routed
 from moetune.data import IGNORE, Encoder, collate
 from moetune.experts import config_class
 from moetune.inject import inject
+from moetune.loss import CausalLMLoss
 from moetune.loss import target_logits
 from moetune.packing import first_fit, length_grouped, pack
 from moetune.recipe import DataConfig, RecipeError, RouterConfig, load_recipe
@@ -162,3 +163,33 @@ def test_group_by_length_plan_covers_each_epoch_with_similar_lengths():
             assert sorted(seen) == list(range(400))
     spread = lambda p: np.mean([np.ptp(lengths[p.step_indices(s, 0)]) for s in range(50)])  # noqa: E731
     assert spread(grouped) < spread(plain) / 5
+
+
+@pytest.mark.parametrize("etype", ["hydralora", "molora"])
+def test_sequence_routing_packed_equals_unpacked(etype, tiny_llama):
+    """router.level=sequence pools each example's own prompt inside a packed row (the packed batch's
+    example_index reaches the routers as segment ids): the loss and every gradient equal the unpacked
+    batch's, and without the segment ids the pooling would mix the row's examples."""
+    tok, exs = _examples()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    inject(model, _expert(etype), RouterConfig(type="soft", level="sequence"))
+    randomise_routed(model)
+    model.eval()
+    lm = CausalLMLoss(model)
+
+    def run(batch):
+        model.zero_grad(set_to_none=True)
+        s, _, _ = lm(**batch)
+        s.backward()
+        return s.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    s_u, g_u = run(collate(exs, tok.pad_token_id))
+    packed = pack(exs, 64, tok.pad_token_id)
+    s_p, g_p = run(packed)
+    assert torch.allclose(s_p, s_u, rtol=1e-5), (float(s_p), float(s_u))
+    for k in g_u:
+        err = float((g_p[k] - g_u[k]).norm() / g_u[k].norm())
+        assert err < 1e-5, (k, err)
+    with torch.no_grad():
+        mixed, _, _ = lm(**{k: v for k, v in packed.items() if k != "example_index"})
+    assert not torch.allclose(mixed, s_u, rtol=1e-4)
