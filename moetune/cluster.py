@@ -34,7 +34,7 @@ from moetune.checkpoint import write_json
 from moetune.data import detect_format, to_messages
 from moetune.errors import RecipeError
 from moetune.experts.base import base_dims
-from moetune.pipeline import load_examples
+from moetune.pipeline import load_examples, mix_config
 from moetune.models import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
 from moetune.router_fit import fit_router_file, sample_indices
@@ -52,17 +52,24 @@ SILHOUETTE_SAMPLE = 3000  # silhouette on a seeded sample above this many rows (
 
 def example_texts(cfg: DataConfig, with_response: bool = False, max_rows: int | None = None,
                   seed: int = 0) -> tuple[list[str], list[str] | None]:
-    """(texts, domains or None) of the training rows; a seeded subsample of `max_rows` rows."""
-    rows = source_rows(cfg.train, cfg)
-    fmt = detect_format(rows, cfg)
+    """(texts, domains or None) of the training rows; a seeded subsample of `max_rows` rows.
+
+    With `data.mix`, every row of every source (before weights and row caps), each read with its
+    own format and columns; a source's `domain` labels its rows."""
+    sources = [(mix_config(cfg, src), src.domain) for src in cfg.mix] if cfg.mix else [(cfg, None)]
+    rows = []  # (row, location, the source's settings, its format, its domain label)
+    for c, label in sources:
+        got = source_rows(c.train, c)
+        fmt = detect_format(got, c)
+        rows += [(row, loc, c, fmt, label) for row, loc in got]
     if max_rows and len(rows) > max_rows:
         rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_rows))]
     texts = []
-    for row, loc in rows:
-        msgs = to_messages(row, loc, cfg, fmt)
+    for row, loc, c, fmt, _ in rows:
+        msgs = to_messages(row, loc, c, fmt)
         parts = [m["content"] for m in msgs[:-1] if m["role"] == "user"] or [msgs[-1]["content"]]
         texts.append("\n".join(parts + ([msgs[-1]["content"]] if with_response else [])))
-    domains = [row.get(cfg.domain_field) for row, _ in rows]
+    domains = [label if label is not None else row.get(c.domain_field) for row, _, c, _, label in rows]
     if all(d is None for d in domains):
         return texts, None
     return texts, [str(d) if d is not None else "all" for d in domains]

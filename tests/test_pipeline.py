@@ -216,6 +216,23 @@ def test_mix_of_sources_with_columns_domains_weights_and_caps(tmp_path, tok):
     assert [e.domain for e in es].count("qa") == 3 and len(es) == 7
 
 
+def test_cluster_heads_texts_read_every_mix_source(tmp_path):
+    """cluster-heads embeds the rows of every data.mix source, each with its own format and columns,
+    labelled with the source's domain (the labels its purity/ARI scores compare against)."""
+    from moetune.cluster import example_texts
+    from moetune.recipe import MixSource
+    qa = [{"question": f"Shout {w}", "answer": w.upper()} for w in ("red", "blue", "cat")]
+    share = [{"conversations": [{"from": "human", "value": f"Add {a} and 1"}, {"from": "gpt", "value": str(a + 1)}]}
+             for a in range(2)]
+    p1 = write_jsonl(tmp_path / "qa.jsonl", qa)
+    p2 = write_jsonl(tmp_path / "share.jsonl", share)
+    src = [MixSource(path=str(p1), columns={"instruction": "question", "response": "answer"}, domain="qa"),
+           MixSource(path=str(p2), format="sharegpt", domain="chat")]
+    texts, domains = example_texts(cfg(tmp_path, mix=src), with_response=True)
+    assert texts == ["Shout red\nRED", "Shout blue\nBLUE", "Shout cat\nCAT", "Add 0 and 1\n1", "Add 1 and 1\n2"]
+    assert domains == ["qa"] * 3 + ["chat"] * 2
+
+
 def test_two_processes_tokenise_the_same(tmp_path, tok):
     p = write_jsonl(tmp_path / "t.jsonl", make_rows(300, 6))
     one = load_examples(str(p), tok, cfg(tmp_path, num_proc=1))
