@@ -26,7 +26,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     4: ("inject", "adapters", "stock"),                       # wrap a model's projections; save/load adapters
     3: ("experts", "routing"),                                # one file per paper (experts/*); gates and losses
     2: ("models", "data", "datagen", "sources", "pipeline", "packing"),  # bases and tokenizers; data
-    1: ("recipe", "expert_configs"),                          # the typed recipe schema (torch-free)
+    1: ("recipe", "recipe_sections", "expert_configs"),       # the typed recipe schema (torch-free)
     0: ("errors", "schema", "adapter_files", "checkpoint", "ui", "recompute"),  # errors and small helpers
 }
 """Layer of each module of `moetune` (a subpackage counts as one module: `experts` covers experts/*)."""

@@ -116,11 +116,10 @@ class MoLEConfig(ExpertConfig):
                          "'expert.temperature'. Allowed: 1.0 (set expert.temperature instead).")
         if rt.init_centroids:
             raise _error("Recipe key 'router.init_centroids' is set, but MoLE gates start uniform. Allowed: null.")
-        if rt.level != "token" or rt.temperature_end is not None or rt.domain_loss_weight > 0:
-            raise _error("Recipe keys 'router.level', 'router.temperature_end' and 'router.domain_loss_weight' are "
-                         f"({rt.level!r}, {rt.temperature_end}, {rt.domain_loss_weight}), but MoLE's gate reads the "
-                         "experts' outputs per token with its own temperature. Allowed: 'token', null, 0 "
-                         "(router.lr_multiplier and router.weight_decay do apply to MoLE's gates).")
+        if rt.temperature_end is not None:
+            raise _error(f"Recipe key 'router.temperature_end' is {rt.temperature_end}, but MoLE's gate has its own "
+                         "constant temperature ('expert.temperature'). Allowed: null (router.level, "
+                         "router.domain_loss_weight, router.lr_multiplier and router.weight_decay do apply).")
         if "merge" in r.stages:
             raise _error("Recipe stages include 'merge', but MoLE's per-token gates do not fold into the base. "
                          "Drop 'merge' and use `moetune merge-lora --adapters ... --method mole --gates-from RUN`.")

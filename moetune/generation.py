@@ -12,6 +12,7 @@ import torch
 
 from moetune.evaluate import left_pad
 from moetune.report import layer_index, routed_layers
+from moetune.routing import routing_context
 
 
 @dataclass
@@ -43,8 +44,12 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], sampling: Samplin
     eos = eos_ids(model, tokenizer)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sampling.max_new_tokens,
-                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling.kwargs())
+    # sequence-level routers (router.level) pool the prompt once and keep its gates for the new tokens,
+    # exactly as the evaluation does
+    with routing_context(pool_mask=mask.bool().to(device), cache={}):
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=sampling.max_new_tokens, eos_token_id=eos,
+                             pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling.kwargs())
     rows = []
     for row in out[:, ids.shape[1]:].tolist():                                # (B, <= max_new_tokens)
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))

@@ -170,19 +170,21 @@ class Router(nn.Module):
             if self.cfg.level == "sequence" and logits.dim() >= 3:
                 logits = sequence_logits(logits, self)                   # (B, T, N), one row per sequence
             weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.temperature)
-            sup = self._supervision_probs(x) if self.training and self.cfg.domain_loss_weight > 0 else None
+            sup = self.supervision_probs(lambda: F.linear(x.detach().float(), self.weight.float())) \
+                if self.training and self.cfg.domain_loss_weight > 0 else None
         if not recomputing():  # a checkpoint recompute keeps the original forward's state (recompute.py)
             self._last = (logits, probs, weights)  # with their graph: aux_losses() must backprop into W_g
             self._sup = sup
         return weights
 
-    def _supervision_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(probs (B, T, N), token domains (B, T)) for the domain loss: the gates recomputed from the
-        DETACHED input, so that loss trains W_g only and never the adapters of earlier layers."""
+    def supervision_probs(self, detached_logits) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(probs (B, T, N), token domains (B, T)) for the domain loss, or None outside a batch with
+        domains. `detached_logits()` recomputes this router's logits (B, T, N) from the DETACHED layer
+        input, so that loss trains the router only and never the adapters of earlier layers."""
         dom = _CTX.get("token_domain")
         if dom is None:
             return None
-        logits = F.linear(x.detach().float(), self.weight.float())       # (B, T, N)
+        logits = detached_logits()                                       # (B, T, N)
         if self.cfg.level == "sequence" and logits.dim() >= 3:
             logits = sequence_logits(logits, None)
         return torch.softmax(logits / self.temperature, -1), dom

@@ -25,15 +25,14 @@ def lora_run(tiny_llama, tiny_data, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def hydra_run(tiny_llama, tiny_data, tmp_path_factory):
+def _hydra_run(tiny_llama, tiny_data, out, *extra):
     """A HydraLoRA adapter with random (decisive) routers, saved as a run directory."""
     from moetune.adapters import save_adapter
     from moetune.inject import inject
     from moetune.models import load_model
     from moetune.recipe import to_yaml
-    out = tmp_path_factory.mktemp("chat-hydra")
-    rc = load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "expert.type=hydralora", "expert.num_experts=3"))
+    rc = load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "expert.type=hydralora", "expert.num_experts=3",
+                                          *extra))
     model = load_model(rc.model, torch.device("cpu"))
     inject(model, rc.expert, rc.router)
     randomise_routed(model)
@@ -42,7 +41,18 @@ def hydra_run(tiny_llama, tiny_data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("which", ["lora_run", "hydra_run"])
+@pytest.fixture(scope="module")
+def hydra_run(tiny_llama, tiny_data, tmp_path_factory):
+    return _hydra_run(tiny_llama, tiny_data, tmp_path_factory.mktemp("chat-hydra"))
+
+
+@pytest.fixture(scope="module")
+def hydra_seq_run(tiny_llama, tiny_data, tmp_path_factory):
+    """The same with sequence-level routing: generation must pool the prompt's gates as the evaluation does."""
+    return _hydra_run(tiny_llama, tiny_data, tmp_path_factory.mktemp("chat-hydra-seq"), "router.level=sequence")
+
+
+@pytest.mark.parametrize("which", ["lora_run", "hydra_run", "hydra_seq_run"])
 def test_greedy_generate_equals_evaluation_exact_match(which, tiny_data, tmp_path, monkeypatch, request):
     run = request.getfixturevalue(which)
     m = load_source(run)

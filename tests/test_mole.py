@@ -296,3 +296,41 @@ def test_recipe_and_adapter_mismatches_are_clear_errors(tiny_llama, tiny_gpt2, l
     save_adapter(hydra, m, hc, RouterConfig(), str(tiny_llama))
     with pytest.raises(RecipeError, match="'hydra' .*is a 'hydralora' adapter"):
         load_recipe(None, [*base, f"expert.experts=[{hydra}]"])
+
+
+def test_mole_sequence_gates_and_domain_loss_train_the_gates_only(tiny_llama, llama_experts):
+    """router.level=sequence: one gate vector per sequence, from its prompt's mean gate logits;
+    router.domain_loss_weight: summed over places, zero when each domain's gate sits on its own
+    expert (a(d) = d mod N), and its gradient reaches the gates, which alone train."""
+    from moetune import routing as R
+    rc = RouterConfig(level="sequence", domain_loss_weight=0.5)
+    model, _, layers = _mole(tiny_llama, llama_experts, "layer", rc)
+    _randomise_gates(model)
+    model.train()
+    x = _ids(model.config.vocab_size)                                     # (2, 9)
+    pool = torch.zeros(2, 9, dtype=torch.bool)
+    pool[:, :4] = True                                                    # the "prompt": first 4 tokens
+    dom = torch.tensor([[0] * 9, [2] * 9])                                # domains 0 and 2 (a(2) = 2)
+    with R.routing_context(pool_mask=pool, token_domain=dom):
+        model(x)
+    leaders = [m for m in layers.values() if hasattr(m, "router")]
+    for m in leaders:
+        w = m.router._last[2]                                             # (B, T, N)
+        assert torch.equal(w, w[:, :1].expand_as(w))                      # one gate vector per sequence
+    loss = aux_losses(model)["domain"]
+    want = 0.5 * sum(-(m.router._last[1][0, 0, 0].log() + m.router._last[1][1, 0, 2].log()) / 2 for m in leaders)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    params = trainable_parameters(model)
+    assert params and all(".router." in n for n, p in model.named_parameters() if p.requires_grad)
+    grads = torch.autograd.grad(loss, params)
+    assert all(float(g.abs().sum()) > 0 for g in grads)                   # W_g and b of every place
+    for _ in range(30):  # steps on the domain loss alone put each domain on its own expert
+        with R.routing_context(pool_mask=pool, token_domain=dom):
+            model(x)
+        step = torch.autograd.grad(aux_losses(model)["domain"], params)
+        with torch.no_grad():
+            for p, g in zip(params, step):
+                p -= 2.0 * g
+    for m in leaders:
+        g = m.router._last[1]
+        assert float(g[0, 0, 0]) > 0.9 and float(g[1, 0, 2]) > 0.9

@@ -64,7 +64,7 @@ from moetune.expert_configs import MoLEConfig, check_experts, expert_names
 from moetune.experts.base import ExpertLayer
 from moetune.models import is_projection
 from moetune.recompute import recomputing
-from moetune.routing import Router, balance_loss, z_loss
+from moetune.routing import Router, balance_loss, domain_loss, sequence_logits, z_loss
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")
 
@@ -164,22 +164,34 @@ class MoLEGate(Router):
         self.register_buffer("keep", torch.ones(num_experts, dtype=torch.bool), persistent=False)
 
     def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (..., N, r), (N, d_out, r) -> (..., N)
+        """Gates (..., N). With router.level 'sequence' the logits are pooled over each prompt
+        (`routing.sequence_logits`); with router.domain_loss_weight the supervision's gates are
+        recomputed from the detached h (the experts are frozen: that loss trains W_g and b only)."""
         with torch.autocast(h.device.type, enabled=False):
             h, b = h.float(), b.float()
-            n, d_out, _ = b.shape
-            w = self.weight.float().view(n, n, d_out)                    # (N_gate, N, d_out): W_g by expert block
-            m = torch.einsum("kno,nor->knr", w, b)                       # (N_gate, N, r): W_g^(n) B_n
-            we = torch.einsum("...nr,knr->...k", h, m)                   # (..., N_gate): W_g e
-            u = b.sum(1) / (n * d_out)                                   # (N, r)
-            mean = torch.einsum("...nr,nr->...", h, u)                   # (...,): mean(e)
-            gram = torch.einsum("nor,nos->nrs", b, b)                    # (N, r, r): B_n^T B_n
-            sq = torch.einsum("...nr,nrs,...ns->...", h, gram, h) / (n * d_out)  # (...,): mean(e^2)
-            inv = torch.rsqrt((sq - mean.square()).clamp_min(0) + self.eps)      # (...,)
-            logits = (we - mean.unsqueeze(-1) * w.sum((1, 2))) * inv.unsqueeze(-1) + self.bias.float()  # (..., N)
+            logits = self.logits(h, b)                                   # (..., N)
+            if self.cfg.level == "sequence" and logits.dim() >= 3:
+                logits = sequence_logits(logits, self)
             probs = torch.softmax(logits.masked_fill(~self.keep, float("-inf")) / self.temperature, -1)
+            sup = self.supervision_probs(lambda: self.logits(h.detach(), b).masked_fill(~self.keep, -1e9)) \
+                if self.training and self.cfg.domain_loss_weight > 0 else None
         if not recomputing():  # see recompute.py: keep the original forward's gates
             self._last = (logits, probs, probs)
+            self._sup = sup
         return probs
+
+    def logits(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (..., N, r) float, (N, d_out, r) -> (..., N)
+        """(W_g LayerNorm(e) + b) per token, by the expansion in the class docstring."""
+        n, d_out, _ = b.shape
+        w = self.weight.float().view(n, n, d_out)                        # (N_gate, N, d_out): W_g by expert block
+        m = torch.einsum("kno,nor->knr", w, b)                           # (N_gate, N, r): W_g^(n) B_n
+        we = torch.einsum("...nr,knr->...k", h, m)                       # (..., N_gate): W_g e
+        u = b.sum(1) / (n * d_out)                                       # (N, r)
+        mean = torch.einsum("...nr,nr->...", h, u)                       # (...,): mean(e)
+        gram = torch.einsum("nor,nos->nrs", b, b)                        # (N, r, r): B_n^T B_n
+        sq = torch.einsum("...nr,nrs,...ns->...", h, gram, h) / (n * d_out)  # (...,): mean(e^2)
+        inv = torch.rsqrt((sq - mean.square()).clamp_min(0) + self.eps)  # (...,)
+        return (we - mean.unsqueeze(-1) * w.sum((1, 2))) * inv.unsqueeze(-1) + self.bias.float()  # (..., N)
 
 
 class MoLELayer(ExpertLayer):
@@ -273,6 +285,9 @@ class MoLELayer(ExpertLayer):
             out["balance"] = c.balance_weight * balance_loss(c.balance_loss, probs)
         if c.z_loss_weight > 0:
             out["z_loss"] = c.z_loss_weight * z_loss(torch.stack([p.router._last[0] for p in self._places]))
+        sups = [p.router._sup for p in self._places if p.router._sup is not None]
+        if c.domain_loss_weight > 0 and sups:  # per place, summed as `Router.aux_losses` sums over layers
+            out["domain"] = c.domain_loss_weight * sum(domain_loss(*s) for s in sups)
         return out
 
     def routing_stats(self) -> dict | None:
