@@ -24,9 +24,11 @@ Levers (recipe keys in `router:`, see `moetune explain`):
     +sup10   domain_loss_weight 1.0 and lr_multiplier 10: supervision strong enough to move the routers
     +seqsup  +seq and +sup10: one gate vector per prompt, supervised by its domain
 
-The protocol of the committed table (3 seeds, both data sets, PROTOCOL_METHODS; about 9 CPU hours
-on 2 cores, run as two one-thread processes; results merge into --out, so runs can be split):
+The protocol of the committed table (3 seeds, both data sets, PROTOCOL_METHODS, plus hydralora+levers
+on multidomain; about 2 hours on a 2-core CPU as two one-thread processes, e.g. one per data set,
+each with its own --out, then --merge; results merge into --out, so runs can be split):
     python scripts/compare_routing.py --threads 1
+    python scripts/compare_routing.py --threads 1 --data multidomain --methods hydralora+levers
     python scripts/compare_routing.py --table
 Other methods: --methods ...; other settings: --steps N and recipe overrides after the options.
 """
