@@ -26,7 +26,8 @@ from moetune.adapters import load_adapter, read_adapter
 from moetune.data import Encoder, read_rows
 from moetune.errors import DataError
 from moetune.experts.mole import set_mask
-from moetune.generation import RoutingRecorder, Sampling, eos_ids, generate_batch, routing_lines
+from moetune.evaluate import eos_ids
+from moetune.generation import RoutingRecorder, Sampling, generate_batch, routing_lines
 from moetune.inject import expert_layers
 from moetune.models import load_model, load_tokenizer, pick_device
 from moetune.ui import console, simple_progress

@@ -46,6 +46,20 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask                                            # (B, T), (B, T)
 
 
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the generation config's (one or a list)."""
+    eos = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
+    return sorted({x for t in eos for x in (t if isinstance(t, list) else [t])})
+
+
+def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, device, **kwargs) -> torch.Tensor:
+    """model.generate on left-padded prompts ids, mask (B, T) -> (B, T + new), inside the routing context
+    that sequence-level routers (router.level) need: they pool the prompt once and keep its gates for the
+    new tokens. The one place moetune generates (exact match, `generate`, `chat`)."""
+    with routing_context(pool_mask=mask.bool().to(device), cache={}):
+        return model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+
+
 @torch.no_grad()
 def exact_match(model, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int, device,
                 show: bool = True, keep_samples: int = 5) -> dict:
@@ -53,18 +67,14 @@ def exact_match(model, tokenizer, examples: list[Example], batch_size: int, max_
     model.eval()
     hits, totals = defaultdict(int), defaultdict(int)
     samples = []
-    eos = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
-    eos = sorted({x for t in eos for x in (t if isinstance(t, list) else [t])})
+    eos = eos_ids(model, tokenizer)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))  # similar lengths per batch
     with simple_progress("exact match", len(examples), enabled=show) as bar:
         for s in range(0, len(order), batch_size):
             chunk = [examples[i] for i in order[s:s + batch_size]]
             ids, mask = left_pad([e.prompt_ids for e in chunk], tokenizer.pad_token_id)
-            # sequence-level routers pool the prompt once and keep its gates for the new tokens
-            with routing_context(pool_mask=mask.bool().to(device), cache={}):
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                     max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                     pad_token_id=tokenizer.pad_token_id)
+            out = generate_ids(model, ids, mask, device, do_sample=False, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
             new = out[:, ids.shape[1]:]                         # (B, <= max_new_tokens)
             for e, row in zip(chunk, new.tolist()):
                 text = tokenizer.decode(row, skip_special_tokens=True)

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moetune.evaluate import left_pad
+from moetune.evaluate import eos_ids, generate_ids, left_pad
 from moetune.report import layer_index, routed_layers
-from moetune.routing import routing_context
 
 
 @dataclass
@@ -30,12 +29,6 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    """Every id that ends an answer: the tokenizer's EOS and the generation config's (one or a list)."""
-    eos = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
-    return sorted({x for t in eos for x in (t if isinstance(t, list) else [t])})
-
-
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[list[int]], sampling: Sampling, device,
                    streamer=None) -> list[list[int]]:
@@ -44,12 +37,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], sampling: Samplin
     eos = eos_ids(model, tokenizer)
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
-    # sequence-level routers (router.level) pool the prompt once and keep its gates for the new tokens,
-    # exactly as the evaluation does
-    with routing_context(pool_mask=mask.bool().to(device), cache={}):
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=sampling.max_new_tokens, eos_token_id=eos,
-                             pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling.kwargs())
+    out = generate_ids(model, ids, mask, device, max_new_tokens=sampling.max_new_tokens, eos_token_id=eos,
+                       pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling.kwargs())
     rows = []
     for row in out[:, ids.shape[1]:].tolist():                                # (B, <= max_new_tokens)
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))

@@ -167,8 +167,7 @@ class Router(nn.Module):
                 if self.training and self.cfg.jitter > 0:
                     x = jitter(x, self.cfg.jitter)
                 logits = F.linear(x, self.weight.float())                # (..., N)
-            if self.cfg.level == "sequence" and logits.dim() >= 3:
-                logits = sequence_logits(logits, self)                   # (B, T, N), one row per sequence
+            logits = self.pool(logits)                                   # sequence level: one row per sequence
             weights, probs = gates(logits, self.cfg.type, self.cfg.top_k, self.temperature)
             sup = self.supervision_probs(lambda: F.linear(x.detach().float(), self.weight.float())) \
                 if self.training and self.cfg.domain_loss_weight > 0 else None
@@ -177,6 +176,14 @@ class Router(nn.Module):
             self._sup = sup
         return weights
 
+    def pool(self, logits: torch.Tensor, use_cache: bool = True) -> torch.Tensor:
+        """Per-token logits (B, T, N) as the gates use them: with router.level 'sequence', each sequence's
+        mean over its prompt (`sequence_logits`; `use_cache`: this router's row in a generation cache);
+        unchanged for 'token' or without a time axis."""
+        if self.cfg.level == "sequence" and logits.dim() >= 3:
+            return sequence_logits(logits, self if use_cache else None)
+        return logits
+
     def supervision_probs(self, detached_logits) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(probs (B, T, N), token domains (B, T)) for the domain loss, or None outside a batch with
         domains. `detached_logits()` recomputes this router's logits (B, T, N) from the DETACHED layer
@@ -184,9 +191,7 @@ class Router(nn.Module):
         dom = _CTX.get("token_domain")
         if dom is None:
             return None
-        logits = detached_logits()                                       # (B, T, N)
-        if self.cfg.level == "sequence" and logits.dim() >= 3:
-            logits = sequence_logits(logits, None)
+        logits = self.pool(detached_logits(), use_cache=False)           # (B, T, N)
         return torch.softmax(logits / self.temperature, -1), dom
 
     def aux_losses(self) -> dict[str, torch.Tensor]:

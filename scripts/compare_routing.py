@@ -92,16 +92,17 @@ def domains(data: str) -> list[str]:
 
 
 def mole_overrides(data: str, method: str, seed: int, steps: int, runs: Path) -> list[str]:
-    """MoLE at LoRA rank 16's budget (see METHODS); variants reuse the `mole` run's domain LoRAs."""
-    n = len(domains(data))
-    rank = max(1, 16 // n)
+    """MoLE at LoRA rank 16's budget (see METHODS); variants reuse the `mole` run's domain LoRAs (whose
+    files give the gates their ranks: expert.rank and alpha only shape the LoRAs `per_domain` trains)."""
     base = runs / data / f"mole-s{seed}" / "experts" / "experts.json"
     if method != "mole":
         if not base.is_file():
             raise SystemExit(f"{method} reuses the domain LoRAs of the `mole` run: run --methods mole first ({base}).")
         info = json.loads(base.read_text())
         return ["expert.experts_from=list", "expert.experts=[" + ",".join(info[d]["adapter"] for d in sorted(info)) + "]",
-                "expert.names=[" + ",".join(sorted(info)) + "]", f"expert.rank={rank}", f"expert.alpha={2 * rank}"]
+                "expert.names=[" + ",".join(sorted(info)) + "]"]
+    n = len(domains(data))
+    rank = max(1, 16 // n)
     return [f"expert.rank={rank}", f"expert.alpha={2 * rank}", f"expert.expert_max_steps={-(-steps // n)}"]
 
 
@@ -170,6 +171,19 @@ def table(results: dict) -> str:
     return "\n\n".join(out)
 
 
+def merge_into(out: Path, results: dict, runs: list[str]) -> None:
+    """Add results (data set -> method -> seed -> result; a seed already there is replaced) and their
+    commands to the file `out`."""
+    doc = json.loads(out.read_text()) if out.is_file() else {"results": {}, "runs": []}
+    for data, by_method in results.items():
+        for method, by_seed in by_method.items():
+            doc["results"].setdefault(data, {}).setdefault(method, {}).update(by_seed)
+    doc["runs"] += runs
+    doc["methods"] = METHODS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", nargs="+", default=list(DATA), choices=list(DATA))
@@ -185,15 +199,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="recipe overrides for every run, after PROTOCOL's (e.g. eval.max_examples=200)")
     a = p.parse_args()
     if a.merge:
-        doc = json.loads(a.out.read_text()) if a.out.is_file() else {"results": {}, "runs": []}
         for f in a.merge:
             part = json.loads(f.read_text())
-            for data, by_method in part["results"].items():
-                for method, by_seed in by_method.items():
-                    doc["results"].setdefault(data, {}).setdefault(method, {}).update(by_seed)
-            doc["runs"] += part.get("runs", [])
-        doc["methods"] = METHODS
-        a.out.write_text(json.dumps(doc, indent=1))
+            merge_into(a.out, part["results"], part.get("runs", []))
         a.table = True
     if a.table:
         print(table(json.loads(a.out.read_text())["results"]))
@@ -207,12 +215,8 @@ def main() -> None:
             for method in a.methods:
                 res = run_method(data, method, seed, a.steps, a.runs_dir, [*PROTOCOL, *a.overrides])
                 res["steps"], res["overrides"] = a.steps, [*PROTOCOL, *a.overrides]
-                doc = json.loads(a.out.read_text()) if a.out.is_file() else {"results": {}, "runs": []}
-                doc["results"].setdefault(data, {}).setdefault(method, {})[str(seed)] = res
-                doc["runs"].append("python " + " ".join(sys.argv) + f"  # {data} {method} seed {seed}")
-                doc["methods"] = METHODS
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                a.out.write_text(json.dumps(doc, indent=1))
+                merge_into(a.out, {data: {method: {str(seed): res}}},
+                           ["python " + " ".join(sys.argv) + f"  # {data} {method} seed {seed}"])
                 print(f"{data} {method} seed {seed}: EM {res['exact_match']:.3f} spec "
                       f"{res['specialisation'] if res['specialisation'] is not None else '-'} "
                       f"({res['params']:,} params, {res['seconds']:.0f} s)", flush=True)

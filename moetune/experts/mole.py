@@ -64,7 +64,7 @@ from moetune.expert_configs import MoLEConfig, check_experts, expert_names
 from moetune.experts.base import ExpertLayer
 from moetune.models import is_projection
 from moetune.recompute import recomputing
-from moetune.routing import Router, balance_loss, domain_loss, sequence_logits, z_loss
+from moetune.routing import Router, balance_loss, domain_loss, z_loss
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")
 
@@ -165,13 +165,11 @@ class MoLEGate(Router):
 
     def forward(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (..., N, r), (N, d_out, r) -> (..., N)
         """Gates (..., N). With router.level 'sequence' the logits are pooled over each prompt
-        (`routing.sequence_logits`); with router.domain_loss_weight the supervision's gates are
+        (`Router.pool`); with router.domain_loss_weight the supervision's gates are
         recomputed from the detached h (the experts are frozen: that loss trains W_g and b only)."""
         with torch.autocast(h.device.type, enabled=False):
             h, b = h.float(), b.float()
-            logits = self.logits(h, b)                                   # (..., N)
-            if self.cfg.level == "sequence" and logits.dim() >= 3:
-                logits = sequence_logits(logits, self)
+            logits = self.pool(self.logits(h, b))                        # (..., N)
             probs = torch.softmax(logits.masked_fill(~self.keep, float("-inf")) / self.temperature, -1)
             sup = self.supervision_probs(lambda: self.logits(h.detach(), b).masked_fill(~self.keep, -1e9)) \
                 if self.training and self.cfg.domain_loss_weight > 0 else None
