@@ -34,7 +34,7 @@ def dense_base_weight(base: nn.Module) -> torch.Tensor:
     if type(base).__name__ == "Conv1D":
         return w.data.t()
     if w.__class__.__name__ == "Params4bit":
-        import bitsandbytes.functional as bnbf  # heavy optional dependency (CUDA only): imported when used
+        import bitsandbytes.functional as bnbf  # heavy dependency: imported when used
         return bnbf.dequantize_4bit(w.data, w.quant_state)
     return w.data
 
