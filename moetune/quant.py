@@ -16,11 +16,15 @@ On CPU, bitsandbytes' CPU backend dequantises with its C kernels and multiplies 
 CPU with AVX512-BF16 a Linear4bit in eval mode would, at its first call without gradients, repack
 its weight in place for a fused bfloat16 kernel that ignores the compute dtype and has no autograd
 formula, so a later training forward through that layer would get no gradient into its input;
-`prepare_4bit` turns that path off (tests/test_qlora.py checks the gradients).
+`prepare_4bit` turns that path off (tests/test_qlora.py checks the gradients). bitsandbytes 0.50's
+CPU dequantisation kernel is also wrong for weights whose rows are not whole blocks of 64
+(in_features % 64 != 0, e.g. 32 or 96): those layers dequantise in torch ops here (`dequantize`).
+Real models' widths are multiples of 64 (SmolLM2: 576 and 1536) and take bitsandbytes' kernel.
 """
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 from torch import nn
@@ -112,6 +116,26 @@ def check_quantizable(cfg: ModelConfig, path: str) -> None:
                       + (f"; or model.quantization={stored} for this one" if stored else "") + ".")
 
 
+def quantization_of(model: nn.Module) -> tuple[str, bool]:
+    """('none' | 'nf4' | 'fp4', double quantisation): how `models.load_model` loaded this model."""
+    q = getattr(model.config, "quantization_config", None)
+    if q is None:
+        return "none", True
+    q = q if isinstance(q, dict) else q.to_dict()
+    if not q.get("load_in_4bit"):
+        return "none", True
+    return str(q.get("bnb_4bit_quant_type", "nf4")), bool(q.get("bnb_4bit_use_double_quant", False))
+
+
+def describe(model: nn.Module) -> dict | None:
+    """How a 4-bit base was loaded, for adapters' moetune.json (`base_quantization`); None for a float base."""
+    quant, double = quantization_of(model)
+    if quant == "none":
+        return None
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    return {"quantization": quant, "double_quantization": double, "compute_dtype": dtype}
+
+
 def is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit"
 
@@ -130,6 +154,44 @@ def prepare_4bit(model: nn.Module, cfg: ModelConfig, path: str) -> None:
                           "model.quantization=none (a float base).")
     for m in layers:
         m.support_avx512bf16_for_cpu = False
+        if m.weight.device.type == "cpu" and m.in_features % m.weight.quant_state.blocksize:
+            m.forward = types.MethodType(_forward_dequantized, m)
+
+
+def _dequantize_reference(packed: torch.Tensor, state) -> torch.Tensor:
+    """dequant(W) in plain torch ops: W_i = c_b code[q_i], (d_out, d_in) float32. packed: the codes, two per
+    byte, high nibble first (any storage dtype); state: bitsandbytes' QuantState (absmax c_b per block of
+    `blocksize` weights of the flattened W, 8-bit with a second-level scale when nested)."""
+    import bitsandbytes.functional as bnbf
+    codes = packed.reshape(-1).view(torch.uint8)                          # (ceil(n/2),)
+    n = state.shape[0] * state.shape[1]
+    q = torch.stack((codes >> 4, codes & 0xF), -1).reshape(-1)[:n].long()  # (n,) 4-bit indices
+    absmax = (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested
+              else state.absmax).float()                                  # (blocks,)
+    blocks = absmax.numel()
+    w = nn.functional.pad(state.code.float()[q], (0, blocks * state.blocksize - n))  # (blocks * blocksize,)
+    return (w.view(blocks, state.blocksize) * absmax[:, None]).reshape(-1)[:n].view(*state.shape)
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """dequant(W) of a Linear4bit, (d_out, d_in) float32. On CPU a weight whose rows are not whole blocks
+    (in_features % 64 != 0) is dequantised in torch ops: bitsandbytes 0.50's CPU kernel misplaces the scales
+    of blocks that straddle rows (its pure-torch fallback is right, and so is CUDA)."""
+    import bitsandbytes.functional as bnbf
+    w = module.weight
+    if w.device.type == "cpu" and w.quant_state.shape[-1] % w.quant_state.blocksize:
+        return _dequantize_reference(w.data, w.quant_state)
+    return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+
+
+def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
+    """Linear4bit.forward for the CPU layers `dequantize` handles itself: y = x dequant(W)^T + b in the
+    compute dtype, differentiable in x (what bitsandbytes' CPU path computes, with the right scales)."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+    fix_4bit_weight_quant_state_from_module(self)                          # FSDP may have swapped the parameter
+    dtype = self.compute_dtype or x.dtype
+    bias = None if self.bias is None else self.bias.to(dtype)
+    return nn.functional.linear(x.to(dtype), dequantize(self).to(dtype), bias).to(x.dtype)
 
 
 # ------------------------------------------------------------------ bytes (validate, benchmarks, tests)

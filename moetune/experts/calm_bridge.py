@@ -37,6 +37,7 @@ from transformers import Cache, DynamicCache
 from moetune.errors import RecipeError
 from moetune.experts.calm_align import TextAligner
 from moetune.models import DTYPES, load_config, load_model, load_tokenizer
+from moetune.quant import quantization_of
 from moetune.recipe import ModelConfig
 
 # transformers (a heavy import) is imported inside the functions that use it, like moetune.models does.
@@ -55,17 +56,6 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     blocks = exact[0] if len(exact) == 1 else lists[0]
     name = next(n for n, m in model.named_modules() if m is blocks)
     return name, blocks
-
-
-def quantization_of(model: nn.Module) -> tuple[str, bool]:
-    """('none' | 'nf4' | 'fp4', double quantisation): how `models.load_model` loaded this model."""
-    q = getattr(model.config, "quantization_config", None)
-    if q is None:
-        return "none", True
-    q = q if isinstance(q, dict) else q.to_dict()
-    if not q.get("load_in_4bit"):
-        return "none", True
-    return str(q.get("bnb_4bit_quant_type", "nf4")), bool(q.get("bnb_4bit_use_double_quant", False))
 
 
 def load_augmenting(path: str, anchor: nn.Module, quantization: str = "anchor") -> nn.Module:
