@@ -184,14 +184,30 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     return bnbf.dequantize_4bit(w.data, w.quant_state).float()
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """y = x dequant(W)^T for a frozen 4-bit W: the backward dequantises W again (dL/dx = g dequant(W))
+    instead of keeping the dense weight of every layer alive until the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
+        ctx.module = module
+        return x @ dequantize(module).to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # (..., d_out) -> (..., d_in)
+        return g @ dequantize(ctx.module).to(g.dtype), None
+
+
 def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
     """Linear4bit.forward for the CPU layers `dequantize` handles itself: y = x dequant(W)^T + b in the
     compute dtype, differentiable in x (what bitsandbytes' CPU path computes, with the right scales)."""
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
     fix_4bit_weight_quant_state_from_module(self)                          # FSDP may have swapped the parameter
     dtype = self.compute_dtype or x.dtype
-    bias = None if self.bias is None else self.bias.to(dtype)
-    return nn.functional.linear(x.to(dtype), dequantize(self).to(dtype), bias).to(x.dtype)
+    y = _DequantizedLinear.apply(x.to(dtype), self)
+    if self.bias is not None:
+        y = y + self.bias.to(dtype)
+    return y.to(x.dtype)
 
 
 # ------------------------------------------------------------------ bytes (validate, benchmarks, tests)
