@@ -104,17 +104,17 @@ def worker(base: str, device: torch.device, batch: int, seq: int, steps: int) ->
     from moetune import loss, models, quant  # noqa: F401
     from moetune.quant import is_4bit, loaded_bytes, quantizable
     from moetune.validate import estimate
-    cuda = device.type == "cuda"
     rss0 = _status("VmRSS")
     t0 = time.perf_counter()
     model, step, params, rc = _setup(base, device, batch, seq)
     load_s = time.perf_counter() - t0
     rss_loaded, hwm_load = _status("VmRSS"), _status("VmHWM")
     reset = _reset_peak_rss()
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        alloc0 = torch.cuda.memory_allocated(device)
-    for _ in range(steps):
+    step()                                                   # first step: AdamW state exists afterwards
+    tensor_peak = H.step_peak_bytes(step, device, H.resident_tensors([model], [], step))
+    for _ in range(max(steps - 2, 0)):
         step()
     hwm_train = _status("VmHWM")
     got = loaded_bytes(model)
@@ -125,21 +125,22 @@ def worker(base: str, device: torch.device, batch: int, seq: int, steps: int) ->
         float_lin = [m for m in quantizable(model) if not m.weight.requires_grad]
         q_bytes = sum(m.weight.numel() * m.weight.element_size() for m in float_lin)
         q_params = sum(m.weight.numel() for m in float_lin)
-    est = estimate(rc)
-    frozen_measured = got["quantized"] + got["float"] - sum(p.numel() * p.element_size() for p in params)
+    est = estimate(rc)["memory"]
+    frozen = got["quantized"] + got["float"] - sum(p.numel() * p.element_size() for p in params)
+    added_rss = (hwm_train if reset else max(hwm_train, hwm_load)) - rss0
     res = {"base": base, "quantization": rc.model.quantization, "dtype": rc.model.dtype,
            "compute_dtype": str(model.get_input_embeddings().weight.dtype).replace("torch.", ""),
-           "load_s": round(load_s, 2), "param_bytes": {"all": got["quantized"] + got["float"], "frozen": frozen_measured},
+           "load_s": round(load_s, 2), "param_bytes": got["quantized"] + got["float"], "frozen_bytes": frozen,
            "linear_params": q_params, "linear_bytes": q_bytes, "linear_bytes_vs_bf16": round(q_bytes / (2 * q_params), 4),
+           "step_tensor_peak_bytes": tensor_peak,
            "rss": {"before_load": rss0, "after_load": rss_loaded, "peak_during_load": hwm_load,
-                   "peak_during_steps": hwm_train if reset else None, "peak_reset_supported": reset},
-           "validate": est["memory"], "steps": steps}
-    added = (hwm_train if reset else hwm_load) - rss0
-    res["measured_training_bytes"] = added
-    res["validate_total_vs_measured"] = round(sum(est["memory"].values()) / added, 3)
-    res["validate_frozen_vs_measured"] = round(est["memory"]["frozen_weights"] / frozen_measured, 4)
-    if cuda:
-        res["cuda"] = {"allocated_after_load": alloc0, "peak_during_steps": torch.cuda.max_memory_allocated(device)}
+                   "peak_during_steps": hwm_train if reset else None, "added_by_training": added_rss},
+           "validate": est, "validate_total": sum(est.values()),
+           "validate_frozen_vs_measured": round(est["frozen_weights"] / frozen, 4),
+           "validate_total_vs_tensor_peak": round(sum(est.values()) / tensor_peak, 3),
+           "validate_total_vs_rss": round(sum(est.values()) / added_rss, 3), "steps": steps}
+    if device.type == "cuda":
+        res["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(device)
     return res
 
 
@@ -172,23 +173,24 @@ def _device_name(device: torch.device) -> str:
 
 def markdown(report: dict) -> str:
     mem, t = report["memory"], report["timing"]
+    shared = (" The machine was shared with other jobs: step times drift between minutes; the per-round ratios "
+              "are the steadier figure." if report["shared"] else "")
     out = [f"# QLoRA memory and step time: SmolLM2-135M-Instruct ({report['device']}, {report['date']})", "",
-           f"LoRA rank 16 on every linear layer, batch {report['batch']} x {report['seq']}; torch "
-           f"{report['torch']}, bitsandbytes {report['bitsandbytes']}." + (" Machine shared with other jobs: step "
-                                                                          "times drift; the per-round ratios are the figure." if report["shared"] else ""), "",
-           "| base | compute | param MiB | quantised linears MiB | vs bf16 linears | RSS after load MiB | "
-           "peak RSS steps MiB | peak RSS load MiB | validate total MiB | measured MiB | validate / measured | "
-           "step s | vs fp32 [IQR] |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           f"LoRA rank 16 on every linear layer, batch {report['batch']} x {report['seq']} (loss on the last "
+           f"{3 * report['seq'] // 16} tokens of each row); torch {report['torch']}, bitsandbytes "
+           f"{report['bitsandbytes']}.{shared}", "",
+           "| base | compute | params MiB | the quantisable linears MiB (vs bf16) | step tensor peak MiB | "
+           "validate MiB (/ tensor peak) | peak RSS in steps MiB (added) | RSS after load MiB | load s | step s | "
+           "vs fp32 [IQR] |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for base, m in mem.items():
-        r = m["rss"]
-        tb = t.get(base, {})
-        out.append(f"| {base} | {m['compute_dtype']} | {m['param_bytes']['all'] / MIB:.1f} | {m['linear_bytes'] / MIB:.1f} | "
-                   f"{m['linear_bytes_vs_bf16']:.3f} | {r['after_load'] / MIB:.0f} | "
-                   f"{(r['peak_during_steps'] or 0) / MIB:.0f} | {r['peak_during_load'] / MIB:.0f} | "
-                   f"{sum(m['validate'].values()) / MIB:.0f} | {m['measured_training_bytes'] / MIB:.0f} | "
-                   f"{m['validate_total_vs_measured']:.2f} | {tb.get('step_s', '-')} | "
-                   f"{tb.get('vs_fp32', '-')} {tb.get('vs_fp32_iqr', '')} |")
+        r, tb = m["rss"], t.get(base, {})
+        steps = f"{r['peak_during_steps'] / MIB:.0f}" if r["peak_during_steps"] else "-"
+        out.append(f"| {base} | {m['compute_dtype']} | {m['param_bytes'] / MIB:.1f} | {m['linear_bytes'] / MIB:.1f} "
+                   f"({m['linear_bytes_vs_bf16']:.3f}x) | {m['step_tensor_peak_bytes'] / MIB:.0f} | "
+                   f"{m['validate_total'] / MIB:.0f} ({m['validate_total_vs_tensor_peak']:.2f}) | {steps} "
+                   f"({r['added_by_training'] / MIB:.0f}) | {r['after_load'] / MIB:.0f} | {m['load_s']} | "
+                   f"{tb.get('step_s', '-')} | {tb.get('vs_fp32', '-')} {tb.get('vs_fp32_iqr', '')} |")
     return "\n".join(out) + "\n"
 
 
