@@ -39,7 +39,10 @@ def _4bit_base(recipe: Recipe) -> list[str]:
             f"quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={m.quantization!r}, "
             f"bnb_4bit_use_double_quant={m.double_quantization}, bnb_4bit_compute_dtype=dtype)",
             "base = AutoModelForCausalLM.from_pretrained(BASE, quantization_config=quant, dtype=dtype,",
-            "                                            device_map={'': 'cuda' if torch.cuda.is_available() else 'cpu'})"]
+            "                                            device_map={'': 'cuda' if torch.cuda.is_available() else 'cpu'})",
+            "for m in base.modules():  # CPU: keep bitsandbytes from switching to its bfloat16-only inference kernel",
+            "    if hasattr(m, 'support_avx512bf16_for_cpu'):",
+            "        m.support_avx512bf16_for_cpu = False"]
 
 
 def stock_snippet(recipe: Recipe, tokenizer, kind: str, out_dir: str | Path) -> list[str]:

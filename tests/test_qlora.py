@@ -418,15 +418,16 @@ def test_qlora_recipe_on_smollm2(tmp_path):
     meta = json.loads((out / "export" / "moetune.json").read_text())
     assert meta["base_quantization"] == {"quantization": "nf4", "double_quantization": True,
                                          "compute_dtype": "float32"}
-    # the export card's snippet, run as written without moetune: stock bitsandbytes loads the 4-bit base (its CPU
-    # inference path computes in bfloat16 on AVX512-BF16 CPUs), PEFT the adapter: the merged model's logits
+    # the export card's snippet, run as written without moetune: stock bitsandbytes loads the 4-bit base (in the
+    # compute dtype: the snippet turns off bitsandbytes' bfloat16-only CPU inference kernel, which alone moves these
+    # logits by ~3), PEFT the adapter: the merged (dequantised) model's logits
     from test_stock_export import _run_snippet, _snippet
     code = _snippet((out / "export" / "README.md").read_text())
-    assert "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'" in code and "moetune" not in code
+    assert "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'" in code and "import moetune" not in code
     ids = [[1, 9, 13, 17, 21, 25, 29]]
     got = _run_snippet(code, tmp_path, ids)
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         want = merged(input_ids=torch.tensor(ids)).logits
-    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
