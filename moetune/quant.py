@@ -177,25 +177,31 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     """dequant(W) of a Linear4bit, (d_out, d_in) float32. On CPU a weight whose rows are not whole blocks
     (in_features % 64 != 0) is dequantised in torch ops: bitsandbytes 0.50's CPU kernel misplaces the scales
     of blocks that straddle rows (its pure-torch fallback is right, and so is CUDA)."""
+    return _dequantize(module.weight.data, module.weight.quant_state)
+
+
+def _dequantize(packed: torch.Tensor, state) -> torch.Tensor:
     import bitsandbytes.functional as bnbf
-    w = module.weight
-    if w.device.type == "cpu" and w.quant_state.shape[-1] % w.quant_state.blocksize:
-        return _dequantize_reference(w.data, w.quant_state)
-    return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    if packed.device.type == "cpu" and state.shape[-1] % state.blocksize:
+        return _dequantize_reference(packed, state)
+    return bnbf.dequantize_4bit(packed, state).float()
 
 
 class _DequantizedLinear(torch.autograd.Function):
-    """y = x dequant(W)^T for a frozen 4-bit W: the backward dequantises W again (dL/dx = g dequant(W))
-    instead of keeping the dense weight of every layer alive until the backward."""
+    """y = x dequant(W)^T for a frozen 4-bit W: the backward dequantises the packed codes again (dL/dx =
+    g dequant(W)) instead of keeping every layer's dense weight alive until the backward (as bitsandbytes'
+    own MatMul4Bit does)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, module: nn.Module) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
-        ctx.module = module
-        return x @ dequantize(module).to(x.dtype).t()
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
+        ctx.save_for_backward(packed)
+        ctx.state = state
+        return x @ _dequantize(packed, state).to(x.dtype).t()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # (..., d_out) -> (..., d_in)
-        return g @ dequantize(ctx.module).to(g.dtype), None
+        (packed,) = ctx.saved_tensors
+        return g @ _dequantize(packed, ctx.state).to(g.dtype), None, None
 
 
 def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
@@ -204,7 +210,7 @@ def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) 
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
     fix_4bit_weight_quant_state_from_module(self)                          # FSDP may have swapped the parameter
     dtype = self.compute_dtype or x.dtype
-    y = _DequantizedLinear.apply(x.to(dtype), self)
+    y = _DequantizedLinear.apply(x.to(dtype), self.weight.data, self.weight.quant_state)
     if self.bias is not None:
         y = y + self.bias.to(dtype)
     return y.to(x.dtype)

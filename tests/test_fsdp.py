@@ -90,9 +90,12 @@ def test_fsdp_qlora_matches_one_process_and_resumes(tiny_llama, tiny_data, tmp_p
     """FSDP + QLoRA on 2 CPU processes (gloo): the NF4 codes in bfloat16 storage are sharded with the float
     weights (each process holds half of every block's packed codes; the small quantisation state stays
     whole), and the adapter equals one process's with the same global batch, through an interruption and
-    --resume."""
+    --resume. DDP + QLoRA (each process its own whole 4-bit base) too."""
     q = ("model.quantization=nf4", "train.max_grad_norm=0.5")
     one = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, *q)
+    ddp = _train([*TWO, "--master_port", "29546"], tiny_llama, tiny_data, tmp_path / "ddp", 2, *q,
+                 "train.distributed=ddp")
+    _assert_same(one, ddp)
     run = tmp_path / "fsdp"
     _train([*TWO, "--master_port", "29544"], tiny_llama, tiny_data, run, 2, *q, "train.stop_after=3",
            "train.save_every=3")
