@@ -92,14 +92,16 @@ def bnb_config(cfg: ModelConfig, device: torch.device, compute_dtype: torch.dtyp
         bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.bfloat16 if for_fsdp else torch.uint8)
 
 
-def check_quantizable(cfg: ModelConfig, path: str) -> None:
+def check_quantizable(cfg: ModelConfig, path: str, config=None) -> None:
     """RecipeError for a checkpoint whose linear layers bitsandbytes cannot quantise: one already quantised
-    by another method (FP8, GPTQ, AWQ, ...: its weights are not floats), or by bitsandbytes differently."""
-    from transformers import AutoConfig
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-    except (OSError, ValueError):
-        return  # from_pretrained reports a missing or unreadable model itself
+    by another method (FP8, GPTQ, AWQ, ...: its weights are not floats), or by bitsandbytes differently.
+    config: the model's transformers config when the caller has it (else read from `path`)."""
+    if config is None:
+        from transformers import AutoConfig
+        try:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        except (OSError, ValueError):
+            return  # from_pretrained reports a missing or unreadable model itself
     q = getattr(config, "quantization_config", None)
     if q is None:
         return

@@ -21,7 +21,7 @@ from moetune.errors import DataError
 from moetune.inject import count_parameters, inject
 from moetune.models import attn_implementation, base_dtype, load_config, pick_device
 from moetune.pipeline import mix_config
-from moetune.quant import check_backend, frozen_bytes
+from moetune.quant import check_backend, check_quantizable, frozen_bytes
 from moetune.recipe import Recipe
 from moetune.sources import source_rows
 from moetune.ui import console, table
@@ -32,8 +32,9 @@ def estimate(recipe: Recipe) -> dict:
     from transformers import AutoModelForCausalLM
     config = load_config(recipe.model, log=console.print)
     attn_implementation(recipe.model, pick_device(recipe.model))  # an attention kernel that cannot run: RecipeError
-    if recipe.model.quantization != "none":                         # bitsandbytes missing, or no kernel here: RecipeError
+    if recipe.model.quantization != "none":  # bitsandbytes missing, no kernel here, an already quantised model
         check_backend(recipe.model.quantization, pick_device(recipe.model))
+        check_quantizable(recipe.model, recipe.model.path, config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         expert = recipe.expert

@@ -308,6 +308,10 @@ def test_already_quantised_checkpoint_is_a_clear_error(tiny_llama, tiny_data, tm
     monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
     msg = _train_err(monkeypatch, capsys, fp8, tiny_data, tmp_path, "model.quantization=nf4")
     assert "'model.quantization'" in msg and "already quantised (fp8)" in msg and "cannot quantise" in msg
+    code = cli(monkeypatch, "validate", "recipes/default.yaml",
+               *tiny_overrides(fp8, tiny_data, tmp_path / "v", "model.quantization=nf4", "stages=[train]"))
+    out = capsys.readouterr()
+    assert code == 2 and "already quantised (fp8)" in " ".join((out.out + out.err).split())
 
 
 def test_model_without_torch_linears_is_a_clear_error(tiny_llama, tmp_path):
