@@ -240,7 +240,7 @@ def test_merge_lora_base_on_a_4bit_base(tiny_llama, tiny_data, tmp_path, monkeyp
     assert code == 2 and not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("etype", ["hydralora", "mov"])
+@pytest.mark.parametrize("etype", ["hydralora", "molora", "mov"])
 def test_collapse_of_a_routed_adapter_on_a_4bit_base(etype, tiny_llama, tiny_data, tmp_path):
     """`export --collapse mean` on a 4-bit run: stock PEFT files and collapse.json with the fidelity (KL,
     routed vs collapsed loss) measured on the 4-bit base; the collapsed adapter on the 4-bit base
