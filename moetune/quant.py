@@ -77,8 +77,8 @@ def check_backend(quant: str, device: torch.device) -> None:
         raise RecipeError(f"Recipe key 'model.quantization' is {quant!r}, which bitsandbytes "
                           f"{getattr(bnb, '__version__', '?')} cannot run on {device} here ({problem}). Its 4-bit "
                           "kernels run on CPU and CUDA (`python -m bitsandbytes` shows what this install supports). "
-                          "Allowed: model.quantization=none (a float base), the other 4-bit type (nf4 or fp4) if "
-                          "this backend has it, or model.device=cpu.")
+                          "Allowed: model.quantization=none (a float base), or the other 4-bit type (nf4 or fp4) if "
+                          "this backend has it" + (", or model.device=cpu." if device.type != "cpu" else "."))
     _BACKEND_OK.add(key)
 
 
