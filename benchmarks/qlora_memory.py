@@ -74,7 +74,7 @@ def _recipe(base: str, device: str):
 
 
 def _setup(base: str, device: torch.device, batch: int, seq: int):
-    """(model with LoRA injected, step, params) for one base: recipes/qlora.yaml's model and expert."""
+    """(model with LoRA injected, step, trainable params, recipe) for one base: recipes/qlora.yaml's model and expert."""
     from moetune.inject import inject, trainable_parameters
     from moetune.loss import CausalLMLoss
     from moetune.models import load_model
