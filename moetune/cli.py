@@ -125,7 +125,10 @@ def merge_lora(source: Optional[Path] = typer.Argument(None, help="Run directory
                                                        "or PEFT); with --adapters: the adapter directories."),
                out: Path = typer.Option(..., "--out", help="Where to write the merged HF model directory (with "
                                         "--adapters: the merged PEFT adapter, or the model with --into-base)."),
-               base: Optional[str] = typer.Option(None, "--base", help="Base model for a bare adapter directory."),
+               base: Optional[str] = typer.Option(None, "--base", help="Base model for a bare adapter directory. An adapter "
+                                   "trained on a 4-bit base is merged into that base loaded in 4 bit, then dequantised "
+                                   "(add model.quantization=none for the float base; model.quantization=nf4 "
+                                   "merge.dequantize=true for a 4-bit base with any adapter)."),
                adapters: bool = typer.Option(False, "--adapters", help="Merge several LoRA adapters (the positional "
                                              "arguments without '=') into one PEFT LoRA adapter."),
                method: Optional[str] = typer.Option(None, "--method", help="With --adapters: linear | cat | ties | "
@@ -164,8 +167,11 @@ def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[Li
     base = base or meta.get("base_model")
     if not base:
         raise RecipeError(f"{adapter}: the adapter names no base model; pass --base MODEL.")
+    q = meta.get("base_quantization")  # trained on a 4-bit base: merge into that base, dequantised
+    quant = ([f"model.quantization={q['quantization']}", f"model.double_quantization={q['double_quantization']}",
+              "merge.dequantize=true"] if q else [])
     return Run(_recipe(None, [f"model.path={base}", "data.test=null", "eval.split=validation",
-                              "stages=[merge]", *(overrides or [])]))
+                              "stages=[merge]", *quant, *(overrides or [])]))
 
 
 def _merge_many(source, rest, out, base, method, weights, density, seed, rank, gates_from, split, into_base):

@@ -189,8 +189,12 @@ class CALMConfig(ExpertConfig):
     """Unused by calm: the composition points are set by num_compositions or anchor_layers."""
     augmenting_model: str = ""
     """The augmenting model m_A (frozen): local model directory, hub id or built-in name. It is loaded
-    with the anchor's device, dtype and 4-bit setting (model.quantization) and must share its tokenizer,
-    unless tokenizer_check is align."""
+    on the anchor's device in the anchor's (compute) dtype, 4-bit as set by augmenting_quantization, and
+    must share the anchor's tokenizer, unless tokenizer_check is align."""
+    augmenting_quantization: str = opt("anchor", choices=("anchor", "none", "nf4", "fp4"))
+    """4-bit loading of m_A with bitsandbytes: 'anchor' as the anchor (model.quantization and
+    model.double_quantization); 'none' a float m_A beside a 4-bit anchor; 'nf4'/'fp4' a 4-bit m_A
+    (e.g. beside a float anchor: m_A is frozen, so it may be quantised whatever the anchor is)."""
     num_compositions: int = opt(4, min=1)
     """n: compose after every N_B/n-th anchor layer with every N_A/n-th augmenting layer
     (0-based (k+1)*N/n - 1, k = 0..n-1). Ignored when anchor_layers is set."""

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from moetune.errors import RecipeError
+from moetune.quant import bnb_config, check_quantizable, prepare_4bit
 from moetune.recipe import ModelConfig
 
-# transformers and bitsandbytes (heavy imports; bitsandbytes is optional) are imported inside the functions
-# that use them.
+# transformers and bitsandbytes (heavy imports) are imported inside the functions that use them.
 
 
 @dataclass(frozen=True)
@@ -170,14 +170,22 @@ def pick_device(cfg: ModelConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def base_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype of the base's float weights and, for a 4-bit base, its compute dtype (`model.dtype`;
+    'auto': bfloat16 for a 4-bit base on CUDA, else float32)."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    return torch.bfloat16 if cfg.quantization != "none" and device.type == "cuda" else torch.float32
+
+
 def _flash_attention_problem(cfg: ModelConfig, device: torch.device) -> str | None:
     """Why flash_attention_2 cannot run for this model config and device (None: it can)."""
     if importlib.util.find_spec("flash_attn") is None:
         return "the flash-attn package is not installed (pip install flash-attn, on a CUDA machine)"
     if device.type != "cuda":
         return f"it needs CUDA and this run is on {device}"
-    if cfg.dtype == "float32" and cfg.quantization == "none":
-        return "it needs a bfloat16 or float16 base (model.dtype is float32)"
+    if base_dtype(cfg, device) == torch.float32:
+        return f"it needs a bfloat16 or float16 base (model.dtype {cfg.dtype!r} is float32 here)"
     return None
 
 
@@ -197,29 +205,21 @@ def attn_implementation(cfg: ModelConfig, device: torch.device) -> str | None:
 def load_model(cfg: ModelConfig, device: torch.device | None = None, log=print, for_fsdp: bool = False) -> nn.Module:
     """Load the frozen base model (float or 4-bit) on `device`, in eval mode, no grads.
 
-    for_fsdp: a 4-bit base packs its weights in bfloat16 storage (`bnb_4bit_quant_storage`, the
-    compute dtype) instead of uint8, so FSDP can shard them together with the float parameters
+    A 4-bit base (`model.quantization`, see `moetune.quant`) is placed whole on `device` (CPU, or
+    this process's GPU under DDP/FSDP). for_fsdp: its packed weights are stored as bfloat16
+    (`bnb_4bit_quant_storage`) instead of uint8, so FSDP can shard them with the float parameters
     (the Answer.AI FSDP + QLoRA recipe)."""
     from transformers import AutoModelForCausalLM
     path = resolve_path(cfg.path, log)
     device = device or pick_device(cfg)
-    kwargs: dict = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=DTYPES[cfg.dtype])
+    kwargs: dict = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, dtype=base_dtype(cfg, device))
     attn = attn_implementation(cfg, device)
     if attn is not None:
         kwargs["attn_implementation"] = attn
     if cfg.quantization != "none":
-        if device.type != "cuda":
-            raise ModelError(f"model.quantization={cfg.quantization!r} needs CUDA; this run is on {device}.")
-        try:
-            from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ModelError("model.quantization needs bitsandbytes: pip install 'moetune[gpu]'.") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization, bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, **({"bnb_4bit_quant_storage": torch.bfloat16} if for_fsdp else {}))
-        kwargs["device_map"] = {"": device.index or 0}
-        kwargs["dtype"] = torch.bfloat16
+        check_quantizable(cfg, path)
+        kwargs["quantization_config"] = bnb_config(cfg, device, kwargs["dtype"], for_fsdp)
+        kwargs["device_map"] = {"": str(device)}  # whole on this process's device: CPU or cuda:<local rank>
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -231,6 +231,8 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, log=print, 
                           f"{e} Allowed: auto, or a kernel the model's architecture implements.") from None
     if cfg.quantization == "none":
         model.to(device)
+    else:
+        prepare_4bit(model, cfg, path)
     model.requires_grad_(False)
     model.eval()
     return model

@@ -123,11 +123,6 @@ def _doc_for(key: str) -> str:
 def _check_semantics(r: Recipe) -> None:
     """Contradictory settings that no single field can catch."""
     if r.model.quantization != "none":
-        import torch  # heavy: imported only for a 4-bit recipe, so loading a recipe (and --help) stays torch-free
-        if r.model.device == "cpu" or not torch.cuda.is_available():
-            raise RecipeError(f"Recipe key 'model.quantization' is {r.model.quantization!r}, which needs a CUDA "
-                              "GPU with bitsandbytes, and none is available here. Allowed on this machine: "
-                              "'none' (plain LoRA on a float base).")
         if "merge" in r.stages and not r.merge.dequantize:
             raise RecipeError("Recipe stages include 'merge' with a 4-bit base (model.quantization="
                               f"{r.model.quantization!r}) but 'merge.dequantize' is false. A LoRA cannot be folded "

@@ -20,10 +20,21 @@ class ModelConfig:
     path: str = "smollm2-135m-instruct"
     """Local model directory, a hub id (needs network or a filled HF cache) or the built-in
     name 'smollm2-135m-instruct' (shipped offline; see README)."""
-    dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"))
-    """Dtype of the frozen base weights (adapters always train in float32)."""
+    dtype: str = opt("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    """Dtype of the frozen base weights, and the compute dtype of a 4-bit base (bitsandbytes'
+    `bnb_4bit_compute_dtype`: its weights are dequantised to it in every forward). Adapters always
+    train in float32. 'auto': bfloat16 for a 4-bit base on CUDA (the QLoRA setting), float32 in
+    every other case (a float base anywhere; a 4-bit base on CPU, where bfloat16 matmuls are slow)."""
     quantization: str = opt("none", choices=("none", "nf4", "fp4"))
-    """Load the base in 4 bit with bitsandbytes (QLoRA; needs CUDA)."""
+    """Load the base in 4 bit with bitsandbytes (QLoRA, Dettmers et al. 2023): every linear layer but
+    the output head becomes a bitsandbytes Linear4bit, blocks of 64 weights sharing one absmax scale.
+    'nf4': 4-bit NormalFloat (the QLoRA paper's data type, best for normally distributed weights);
+    'fp4': 4-bit float. Runs on CPU (bitsandbytes' CPU backend) and CUDA; LLaMA-Factory calls this
+    `quantization_bit: 4` + `quantization_type`, axolotl `load_in_4bit`."""
+    double_quantization: bool = True
+    """With a 4-bit base: quantise the absmax scales too (8-bit, blocks of 256), saving about 0.37 bits
+    per weight (QLoRA's double quantisation; LLaMA-Factory's `double_quantization`, transformers'
+    `bnb_4bit_use_double_quant`). Ignored without model.quantization."""
     trust_remote_code: bool = False
     """Allow model code shipped with a local model directory to run."""
     revision: str | None = None

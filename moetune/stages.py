@@ -33,6 +33,7 @@ from moetune.inject import count_parameters, expert_layers, inject
 from moetune.merge import max_logit_diff, merge_into_base, save_merged
 from moetune.loggers import check_trackers
 from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
+from moetune.quant import describe
 from moetune.recipe import not_mergeable
 from moetune.report import eval_routing, print_report
 from moetune.rundir import open_run, refuse_or_clear
@@ -122,8 +123,9 @@ def stage_train(run: Run, resume: bool = False) -> dict:
         if d["bad_rows_skipped"]:
             run.log(f"data.{name}: {d['bad_rows_skipped']} bad rows skipped, e.g. {d['bad_examples'][0]}")
     if run.main:
+        quant = describe(model)  # a 4-bit base: recorded, so merge-lora and stock loaders can rebuild it
         save_adapter(run.dir / "adapter", model, rc.expert, rc.router, rc.model.path,
-                     extra={"train": result})
+                     extra={"train": result, **({"base_quantization": quant} if quant else {})})
         run.update_summary(train=result)
         run.log(f"Adapter saved to {run.dir / 'adapter'}")
     acc.wait_for_everyone()

@@ -1,7 +1,7 @@
 """Loading an export without moetune: the copy-paste snippet in the export's model card (README.md).
 
 A LoRA adapter export loads with stock transformers + PEFT onto the base named in its
-adapter_config.json (`models.stock_base_name`: for the built-in model, the directory of the converted
+adapter_config.json (in 4 bit through bitsandbytes when it was trained on a 4-bit base) (`models.stock_base_name`: for the built-in model, the directory of the converted
 weights it was trained on; for a local model, its absolute path), a merged export with transformers
 alone. Both run offline (HF_HUB_OFFLINE=1). Routed adapters and CALM compositions need moetune
 (or `moetune export --collapse` first), so their cards carry no snippet.
@@ -29,6 +29,22 @@ def _prompt_lines(recipe: Recipe, chat: bool) -> list[str]:
     return [f"prompt = {text!r}", 'inputs = tokenizer(prompt, return_tensors="pt")']
 
 
+def _4bit_base(recipe: Recipe) -> list[str]:
+    """Code that loads BASE in 4 bit as moetune trained on it (bitsandbytes; model.dtype auto: bfloat16 compute
+    on CUDA, float32 on CPU)."""
+    m = recipe.model
+    dtype = ("torch.bfloat16 if torch.cuda.is_available() else torch.float32" if m.dtype == "auto"
+             else f"torch.{m.dtype}")
+    return [f"dtype = {dtype}  # the 4-bit base's compute dtype (model.dtype {m.dtype!r})",
+            f"quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={m.quantization!r}, "
+            f"bnb_4bit_use_double_quant={m.double_quantization}, bnb_4bit_compute_dtype=dtype)",
+            "base = AutoModelForCausalLM.from_pretrained(BASE, quantization_config=quant, dtype=dtype,",
+            "                                            device_map={'': 'cuda' if torch.cuda.is_available() else 'cpu'})",
+            "for m in base.modules():  # CPU: keep bitsandbytes from switching to its bfloat16-only inference kernel",
+            "    if hasattr(m, 'support_avx512bf16_for_cpu'):",
+            "        m.support_avx512bf16_for_cpu = False"]
+
+
 def stock_snippet(recipe: Recipe, tokenizer, kind: str, out_dir: str | Path) -> list[str]:
     """Markdown lines: how to load the export at `out_dir` without moetune, as a ```python block that
     defines `tokenizer` and `model` and generates; [] when the export needs moetune."""
@@ -49,9 +65,13 @@ def stock_snippet(recipe: Recipe, tokenizer, kind: str, out_dir: str | Path) -> 
         load = [f"BASE = {base!r}  # the base model the adapter was trained on (adapter_config.json names it too)",
                 f"ADAPTER = {str(adapter)!r}  # this export's LoRA adapter",
                 "tokenizer = AutoTokenizer.from_pretrained(BASE)",
-                "base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)",
+                *(_4bit_base(recipe) if recipe.model.quantization != "none" else
+                  ["base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)"]),
                 "model = PeftModel.from_pretrained(base, ADAPTER).eval()  # .merge_and_unload() for a plain model"]
-    gen = _prompt_lines(recipe, chat) + [
+        if recipe.model.quantization != "none":
+            head[-1:-1] = ["from transformers import BitsAndBytesConfig"]
+    gen = _prompt_lines(recipe, chat) + (["inputs = inputs.to(model.device)"] if recipe.model.quantization != "none"
+                                         and kind != "merged" else []) + [
         "with torch.no_grad():",
         "    out = model.generate(**inputs, max_new_tokens=32, do_sample=False)",
         'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']

@@ -2,12 +2,16 @@
 
 The model is built on PyTorch's meta device from its config alone, the experts are
 injected there, and parameters are counted exactly. The memory estimate is rough:
-frozen weights + adapter weights, gradients and AdamW moments + activations
+frozen weights (a 4-bit base's linears as bitsandbytes stores them: `quant.layer_bytes`, about
+4.13 bits per weight with double quantisation; the rest in model.dtype) + adapter weights,
+gradients and AdamW moments + activations
 (about 34 bytes x tokens x hidden size per layer in 16 bit, after Korthikanti et al.
 2022, doubled for float32; with train.gradient_checkpointing, 2 bytes per block input plus one
 block's 34).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -15,21 +19,22 @@ from moetune.data import detect_format, to_messages
 from moetune.domain_experts import domain_recipe
 from moetune.errors import DataError
 from moetune.inject import count_parameters, inject
-from moetune.models import attn_implementation, load_config, pick_device
+from moetune.models import attn_implementation, base_dtype, load_config, pick_device
 from moetune.pipeline import mix_config
+from moetune.quant import check_backend, check_quantizable, frozen_bytes
 from moetune.recipe import Recipe
 from moetune.sources import source_rows
 from moetune.ui import console, table
 
 # transformers (a heavy import) is imported inside the function that uses it.
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def estimate(recipe: Recipe) -> dict:
     from transformers import AutoModelForCausalLM
     config = load_config(recipe.model, log=console.print)
     attn_implementation(recipe.model, pick_device(recipe.model))  # an attention kernel that cannot run: RecipeError
+    if recipe.model.quantization != "none":  # bitsandbytes missing, no kernel here, an already quantised model
+        check_backend(recipe.model.quantization, pick_device(recipe.model))
+        check_quantizable(recipe.model, recipe.model.path, config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         expert = recipe.expert
@@ -37,17 +42,24 @@ def estimate(recipe: Recipe) -> dict:
             expert = domain_recipe(recipe, "domain").expert       # count one domain LoRA instead
         inject(model, expert, recipe.router, seed=recipe.train.seed)
     trainable, total = count_parameters(model)
-    frozen = total - trainable
-    wbytes = 0.56 if recipe.model.quantization != "none" else BYTES[recipe.model.dtype]
+    dtype_bytes = torch.empty((), dtype=base_dtype(recipe.model, pick_device(recipe.model))).element_size()
+    frozen = frozen_bytes(model, recipe.model, dtype_bytes)          # 4-bit linears exactly as bitsandbytes stores them
+    runner = getattr(model, "calm_runner", None)
+    if runner is not None:                                           # CALM: the augmenting model is frozen weights too
+        aq = recipe.expert.augmenting_quantization
+        aug = frozen_bytes(runner.model, replace(recipe.model, quantization=recipe.model.quantization if aq == "anchor"
+                                                 else aq), dtype_bytes)
+        frozen = {k: frozen[k] + aug[k] for k in frozen}
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length
     act_bytes = 34 * tokens * hidden * layers * (2 if recipe.train.precision == "fp32" else 1)
     if getattr(recipe.train, "gradient_checkpointing", False):  # each block keeps its input; one block's full set
         act_bytes = act_bytes // 34 * 2 // max(layers, 1) * layers + act_bytes // max(layers, 1)
-    mem = {"frozen_weights": frozen * wbytes, "adapter_train_state": trainable * 16, "activations": act_bytes}
+    mem = {"frozen_weights": frozen["quantized"] + frozen["float"], "adapter_train_state": trainable * 16,
+           "activations": act_bytes}
     return {"trainable": trainable, "total": total, "memory": mem, "model_type": config.model_type,
-            "layers": layers, "hidden": hidden}
+            "layers": layers, "hidden": hidden, "frozen_4bit_bytes": frozen["quantized"]}
 
 
 def check_data(recipe: Recipe) -> dict[str, int]:

@@ -1,8 +1,8 @@
 """FSDP2 (train.distributed: fsdp) on 2 CPU processes (gloo): the same adapter as 1 process with the same
-global batch (LoRA and HydraLoRA), an interrupted FSDP run resumes exactly, checkpoints hold full tensors."""
+global batch (LoRA, HydraLoRA, and LoRA on a 4-bit NF4 base: FSDP + QLoRA), an interrupted FSDP run resumes
+exactly, checkpoints hold full tensors."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -66,18 +66,40 @@ def test_fsdp_hydralora_matches_one_process(tiny_llama, tiny_data, tmp_path):
     _assert_same(one, two)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA + FSDP needs a CUDA GPU; none is present")
-@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
-def test_qlora_for_fsdp_packs_4bit_weights_in_bf16_storage(tiny_llama):
+@pytest.mark.parametrize("devname", ["cpu", "cuda"])
+def test_qlora_for_fsdp_packs_4bit_weights_in_bf16_storage(tiny_llama, devname):
     """The FSDP + QLoRA load (train.distributed fsdp with model.quantization nf4): the packed NF4 weights live
-    in bfloat16 storage so FSDP can shard them with the float parameters; same logits as uint8 storage."""
-    from moetune.models import load_model
+    in bfloat16 storage so FSDP can shard them with the float parameters; same logits as uint8 storage.
+    On CPU (bitsandbytes' CPU backend) always; on CUDA where a GPU is present."""
+    if devname == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the CUDA variant needs a CUDA GPU (the CPU variant runs everywhere)")
+    from moetune.models import load_model, pick_device
     from moetune.recipe import ModelConfig
-    cfg = ModelConfig(path=str(tiny_llama), quantization="nf4", device="cuda")
+    cfg = ModelConfig(path=str(tiny_llama), quantization="nf4", device=devname)
     plain, sharded = load_model(cfg), load_model(cfg, for_fsdp=True)
     packed = [p for n, p in sharded.named_parameters() if type(p).__name__ == "Params4bit"]
-    assert packed and all(p.dtype == torch.bfloat16 for p in packed)
-    ids = torch.randint(5, 300, (2, 9), device="cuda")
+    assert len(packed) == 14 and all(p.dtype == torch.bfloat16 for p in packed)
+    assert all(p.dtype == torch.uint8 for p in plain.parameters() if type(p).__name__ == "Params4bit")
+    ids = torch.randint(5, 300, (2, 9), device=pick_device(cfg))
     with torch.no_grad():
-        torch.testing.assert_close(sharded(input_ids=ids).logits, plain(input_ids=ids).logits)
+        torch.testing.assert_close(sharded(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_qlora_matches_one_process_and_resumes(tiny_llama, tiny_data, tmp_path):
+    """FSDP + QLoRA on 2 CPU processes (gloo): the NF4 codes in bfloat16 storage are sharded with the float
+    weights (each process holds half of every block's packed codes; the small quantisation state stays
+    whole), and the adapter equals one process's with the same global batch, through an interruption and
+    --resume. DDP + QLoRA (each process its own whole 4-bit base) too."""
+    q = ("model.quantization=nf4", "train.max_grad_norm=0.5")
+    one = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, *q)
+    ddp = _train([*TWO, "--master_port", "29546"], tiny_llama, tiny_data, tmp_path / "ddp", 2, *q,
+                 "train.distributed=ddp")
+    _assert_same(one, ddp)
+    run = tmp_path / "fsdp"
+    _train([*TWO, "--master_port", "29544"], tiny_llama, tiny_data, run, 2, *q, "train.stop_after=3",
+           "train.save_every=3")
+    two = _train([*TWO, "--master_port", "29545"], tiny_llama, tiny_data, run, 2, *q, "--resume", "train.save_every=3")
+    _assert_same(one, two)
+    meta = json.loads((run / "adapter" / "moetune.json").read_text())
+    assert meta["base_quantization"]["quantization"] == "nf4"

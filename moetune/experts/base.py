@@ -17,6 +17,7 @@ from torch import nn
 
 from moetune.expert_configs import ExpertConfig
 from moetune.models import find_targets
+from moetune.quant import dequantize
 
 
 def base_dims(base: nn.Module) -> tuple[int, int]:
@@ -34,8 +35,7 @@ def dense_base_weight(base: nn.Module) -> torch.Tensor:
     if type(base).__name__ == "Conv1D":
         return w.data.t()
     if w.__class__.__name__ == "Params4bit":
-        import bitsandbytes.functional as bnbf  # heavy optional dependency (CUDA only): imported when used
-        return bnbf.dequantize_4bit(w.data, w.quant_state)
+        return dequantize(base)
     return w.data
 
 

@@ -136,7 +136,7 @@ class CALMLayer(ExpertLayer):
         """Load m_A, check (or, in align mode, load) the tokenizers, wrap the composed anchor blocks, hook m_A on."""
         if getattr(model, "calm_runner", None) is not None:
             raise RecipeError("This model already carries a CALM composition; load a fresh anchor.")
-        aug = load_augmenting(cfg.augmenting_model, model)
+        aug = load_augmenting(cfg.augmenting_model, model, cfg.augmenting_quantization)
         device = next(model.parameters()).device
         aligner = None
         if device.type != "meta":                                        # meta (validate): nothing runs

@@ -37,6 +37,7 @@ from transformers import Cache, DynamicCache
 from moetune.errors import RecipeError
 from moetune.experts.calm_align import TextAligner
 from moetune.models import DTYPES, load_config, load_model, load_tokenizer
+from moetune.quant import quantization_of
 from moetune.recipe import ModelConfig
 
 # transformers (a heavy import) is imported inside the functions that use it, like moetune.models does.
@@ -57,29 +58,23 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, blocks
 
 
-def quantization_of(model: nn.Module) -> str:
-    """'none', 'nf4' or 'fp4': how `models.load_model` loaded this model."""
-    q = getattr(model.config, "quantization_config", None)
-    if q is None:
-        return "none"
-    q = q if isinstance(q, dict) else q.to_dict()
-    return str(q.get("bnb_4bit_quant_type", "nf4")) if q.get("load_in_4bit") else "none"
-
-
-def load_augmenting(path: str, anchor: nn.Module) -> nn.Module:
-    """Load m_A frozen, in eval mode, with the anchor's device, dtype and 4-bit setting.
+def load_augmenting(path: str, anchor: nn.Module, quantization: str = "anchor") -> nn.Module:
+    """Load m_A frozen, in eval mode, on the anchor's device, in the anchor's float (= compute) dtype,
+    4-bit as `quantization` says ('anchor': as the anchor; 'none', 'nf4', 'fp4': so).
 
     A meta-device anchor (`moetune validate`) gets a meta-device m_A built from its config alone."""
     from transformers import AutoModelForCausalLM
-    param = next(anchor.parameters())
-    quant = quantization_of(anchor)
-    dtype = next((k for k, v in DTYPES.items() if v == param.dtype), "float32") if quant == "none" else "bfloat16"
-    cfg = ModelConfig(path=path, dtype=dtype, quantization=quant)
-    if param.device.type == "meta":
+    emb = anchor.get_input_embeddings().weight                  # float in every base: the compute dtype
+    quant, double = quantization_of(anchor)
+    if quantization != "anchor":  # m_A's own 4-bit setting (double quantisation as the anchor's, default on)
+        quant = quantization
+    dtype = next((k for k, v in DTYPES.items() if v == emb.dtype), "float32")
+    cfg = ModelConfig(path=path, dtype=dtype, quantization=quant, double_quantization=double)
+    if emb.device.type == "meta":
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(load_config(cfg))
         return model.requires_grad_(False).eval()
-    return load_model(cfg, param.device)
+    return load_model(cfg, emb.device)
 
 
 def check_tokenizers(anchor_path: str, augmenting_path: str, mode: str, aug_vocab_rows: int) -> None:
