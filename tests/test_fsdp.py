@@ -72,7 +72,7 @@ def test_fsdp_hydralora_matches_one_process(tiny_llama, tiny_data, tmp_path):
 def test_qlora_for_fsdp_packs_4bit_weights_in_bf16_storage(tiny_llama):
     """The FSDP + QLoRA load (train.distributed fsdp with model.quantization nf4): the packed NF4 weights live
     in bfloat16 storage so FSDP can shard them with the float parameters; same logits as uint8 storage."""
-    from moetune.models import load_model
+    from moetune.models.load import load_model
     from moetune.recipe import ModelConfig
     cfg = ModelConfig(path=str(tiny_llama), quantization="nf4", device="cuda")
     plain, sharded = load_model(cfg), load_model(cfg, for_fsdp=True)

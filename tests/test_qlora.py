@@ -17,15 +17,15 @@ pytestmark = [
 
 
 def test_qlora_trains_and_merges_with_dequantisation(tiny_llama, tiny_data, tmp_path):
+    from moetune.commands.stages import run_recipe
     from moetune.recipe import load_recipe
-    from moetune.stages import run_recipe
     out = tmp_path / "run"
     s = run_recipe(load_recipe(None, tiny_overrides(
         tiny_llama, tiny_data, out, "model.device=cuda", "model.quantization=nf4", "merge.dequantize=true",
         "train.max_steps=30", "train.lr=1e-2", "stages=[train,merge,eval]", "eval.generation=false")))
     assert s["after"]["loss"] < s["before"]["loss"] - 0.3
     assert s["merge"]["dequantized"] and s["merge"]["max_logit_diff"] < 0.5
-    from moetune.models import load_model
+    from moetune.models.load import load_model
     from moetune.recipe import ModelConfig
     m = load_model(ModelConfig(path=str(tiny_llama), quantization="nf4", device="cuda"))
     assert any(type(x).__name__ == "Linear4bit" for x in m.modules())

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetune.expert_configs import ExpertConfig
 from moetune.experts import REGISTRY, ExpertLayer
-from moetune.routing import init_routers
+from moetune.experts.routing import Router, init_routers
+from moetune.recipe.experts import ExpertConfig
 
 
 def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -> dict[str, ExpertLayer]:
@@ -43,6 +43,11 @@ def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -
 def expert_layers(model: nn.Module) -> dict[str, ExpertLayer]:
     """name -> expert layer, for a model that was injected (also through DDP wrappers)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, ExpertLayer)}
+
+
+def routed_layers(model: nn.Module) -> dict[str, ExpertLayer]:
+    """name -> expert layer, for the layers that route tokens through a `Router` (model order)."""
+    return {n: m for n, m in expert_layers(model).items() if isinstance(getattr(m, "router", None), Router)}
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

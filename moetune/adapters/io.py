@@ -6,7 +6,7 @@ A moetune adapter directory holds
 - `moetune.json`: expert and router settings, base model and wrapped module names, so
   that moetune reloads any expert type (routed types keep their own tensors in
   `adapter_model.safetensors` under moetune names; PEFT cannot load those).
-A stock PEFT LoRA directory (no moetune.json) is imported too (reading: `moetune.adapter_files`).
+A stock PEFT LoRA directory (no moetune.json) is imported too (reading: `moetune.core.adapter_files`).
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from moetune.adapter_files import LORA_KEYS, PEFT_PREFIX, read_adapter
-from moetune.checkpoint import atomic_dir
+from moetune.adapters.inject import adapter_state_dict, expert_layers, inject, load_adapter_state_dict
+from moetune.core.adapter_files import LORA_KEYS, PEFT_PREFIX, read_adapter
+from moetune.core.checkpoint import atomic_dir
 from moetune.experts import REGISTRY, ExpertConfig, config_class
-from moetune.inject import adapter_state_dict, expert_layers, inject, load_adapter_state_dict
+from moetune.models.load import stock_base_name
 from moetune.recipe import RouterConfig
-from moetune.models import stock_base_name
 
 
 def _peft_config(model: nn.Module, expert: ExpertConfig, base_name: str, names: list[str]) -> dict:

@@ -22,15 +22,15 @@ from typing import TextIO
 import torch
 
 from moetune import recipe as R
-from moetune.adapters import load_adapter, read_adapter
-from moetune.data import Encoder, read_rows
-from moetune.errors import DataError
+from moetune.adapters.inject import expert_layers
+from moetune.adapters.io import load_adapter, read_adapter
+from moetune.core.errors import DataError
+from moetune.core.ui import console, simple_progress
+from moetune.data.rows import Encoder, read_rows
+from moetune.eval.evaluate import eos_ids
+from moetune.eval.generation import RoutingRecorder, Sampling, generate_batch, routing_lines
 from moetune.experts.mole import set_mask
-from moetune.evaluate import eos_ids
-from moetune.generation import RoutingRecorder, Sampling, generate_batch, routing_lines
-from moetune.inject import expert_layers
-from moetune.models import load_model, load_tokenizer, pick_device
-from moetune.ui import console, simple_progress
+from moetune.models.load import load_model, load_tokenizer, pick_device
 
 HELP = "commands: /reset (forget the conversation), /exit (quit); an empty line is ignored"
 

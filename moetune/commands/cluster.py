@@ -30,16 +30,16 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from moetune.checkpoint import write_json
-from moetune.data import detect_format, to_messages
-from moetune.errors import RecipeError
+from moetune.core.checkpoint import write_json
+from moetune.core.errors import RecipeError
+from moetune.core.ui import console, table
+from moetune.data.pipeline import load_examples, mix_config
+from moetune.data.rows import detect_format, to_messages
+from moetune.data.sources import source_rows
 from moetune.experts.base import base_dims
-from moetune.pipeline import load_examples, mix_config
-from moetune.models import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
+from moetune.models.load import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
-from moetune.router_fit import fit_router_file, sample_indices
-from moetune.sources import source_rows
-from moetune.ui import console, table
+from moetune.train.router_fit import fit_router_file, sample_indices
 
 # sklearn, matplotlib and transformers (heavy imports) are imported inside the functions that use them.
 
@@ -285,7 +285,7 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
 def _fit_routers(rc: Recipe, labels, max_rows: int | None, seed: int, out: Path, recipe_path: Path, force: bool,
                  embedder: str) -> Path:
     """`--init-router` with a sentence embedder: fit every target projection's router to the clusters
-    (moetune/router_fit.py); write <out>.router.safetensors and its .json; return the file."""
+    (moetune/train/router_fit.py); write <out>.router.safetensors and its .json; return the file."""
     path = out.with_name(out.stem + ".router.safetensors")
     for f in (path, path.with_suffix(".json")):
         _check_free(f, recipe_path, force)

@@ -24,10 +24,10 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from moetune.checkpoint import write_json
-from moetune.errors import RecipeError
-from moetune.expert_configs import ExpertConfig
+from moetune.core.checkpoint import write_json
+from moetune.core.errors import RecipeError
 from moetune.recipe import Recipe, RouterConfig
+from moetune.recipe.experts import ExpertConfig
 
 
 def domain_dir(domain: str) -> str:
@@ -47,7 +47,7 @@ def domain_recipe(rc: Recipe, domain: str) -> Recipe:
 
 
 def train_domain_experts(run, resume: bool, stage_train: Callable) -> dict:
-    """Train the per-domain LoRAs of `run` (a `stages.Run` of a MoLE recipe) with `stage_train(sub_run)`
+    """Train the per-domain LoRAs of `run` (a `run.session.Run` of a MoLE recipe) with `stage_train(sub_run)`
     (`stages.stage_train`), and point its recipe's experts at them."""
     rc = run.recipe
     splits = run.splits("train", "validation")

@@ -12,11 +12,11 @@ import json
 import numpy as np
 from rich.text import Text
 
-from moetune.data import IGNORE
-from moetune.models import load_tokenizer
-from moetune.pipeline import ExampleSet, load_splits
+from moetune.core.ui import console, table
+from moetune.data.pipeline import ExampleSet, load_splits
+from moetune.data.rows import IGNORE
+from moetune.models.load import load_tokenizer
 from moetune.recipe import Recipe
-from moetune.ui import console, table
 
 OPEN, CLOSE = "⟦", "⟧"
 

@@ -1,16 +1,4 @@
-"""The stages a recipe runs (train, merge, eval, export) and the run directory they share.
-
-Run directory layout:
-    recipe.yaml        the resolved recipe
-    metrics.jsonl      training metrics, one JSON object per line
-    summary.json       {'before', 'after', 'train', 'merge', 'eval', 'export'}
-    checkpoints/       step-XXXXXXX/ full training state (resume)
-    adapter/           the trained adapter (PEFT LoRA files + moetune.json)
-    merged/            the merged model (merge stage)
-    eval.json          the last evaluation (with a "routing" report for routed adapters)
-    routing.png        routed adapters: mean gate weight, layer x expert, one panel per domain
-    export/            what `export` writes
-"""
+"""The stages a recipe runs (train, merge, eval, export), on the `Run` they share (moetune.run.session)."""
 from __future__ import annotations
 
 import json
@@ -21,76 +9,28 @@ from pathlib import Path
 import torch
 
 from moetune import recipe as R
-from moetune.adapters import load_adapter, save_adapter
-from moetune.checkpoint import atomic_dir, write_json
-from moetune.data import collate
-from moetune.pipeline import data_summary, load_splits
-from moetune.domain_experts import train_domain_experts
-from moetune.evaluate import evaluate, multiple_choice
+from moetune.adapters.inject import count_parameters, inject
+from moetune.adapters.io import save_adapter
+from moetune.commands.domain_experts import train_domain_experts
+from moetune.commands.runs import collapse_card
+from moetune.core.checkpoint import atomic_dir, write_json
+from moetune.core.ui import console, table
+from moetune.data.pipeline import data_summary
+from moetune.data.rows import collate
+from moetune.eval.evaluate import evaluate, multiple_choice
+from moetune.eval.report import eval_routing, print_report
 from moetune.experts import REGISTRY
-from moetune.experts.mole import set_mask, write_mask
-from moetune.inject import count_parameters, expert_layers, inject
-from moetune.merge import max_logit_diff, merge_into_base, save_merged
-from moetune.loggers import check_trackers
-from moetune.models import DTYPES, load_model, load_tokenizer, pick_device
+from moetune.experts.mole import write_mask
+from moetune.export.merge import max_logit_diff, merge_into_base, save_merged
+from moetune.export.stock import stock_snippet
+from moetune.models.load import DTYPES, load_model
 from moetune.recipe import not_mergeable
-from moetune.report import eval_routing, print_report
-from moetune.rundir import open_run, refuse_or_clear
-from moetune.stock import stock_snippet
-from moetune.train import train
-from moetune.runs import collapse_card
-from moetune.ui import console, table
+from moetune.run.rundir import open_run, refuse_or_clear
+from moetune.run.session import Run, model_with_adapter
+from moetune.train.loggers import check_trackers
+from moetune.train.loop import train
 
 # accelerate and transformers (heavy imports) are imported inside the functions that use them.
-
-
-class Run:
-    """What the stages of one recipe share: recipe, run directory, device, tokenizer, data."""
-
-    def __init__(self, recipe: R.Recipe, accelerator=None) -> None:
-        self.recipe = recipe
-        self.dir = Path(recipe.output_dir)
-        self.accelerator = accelerator
-        self.device = accelerator.device if accelerator is not None else pick_device(recipe.model)
-        self.main = accelerator is None or accelerator.is_main_process
-        self._tok = None
-        self._splits: dict = {}
-
-    def log(self, msg: str) -> None:
-        if self.main:
-            console.print(msg)
-
-    @property
-    def tokenizer(self):
-        if self._tok is None:
-            self._tok = load_tokenizer(self.recipe.model, log=self.log)
-        return self._tok
-
-    def splits(self, *need: str) -> dict:
-        missing = tuple(n for n in need if n not in self._splits)
-        if missing:
-            self._splits.update(load_splits(self.recipe.data, self.tokenizer, missing))
-        return self._splits
-
-    def held_out(self) -> list:
-        split = self.recipe.eval.split
-        examples = self.splits(split).get(split)
-        if not examples:
-            raise R.RecipeError(f"Recipe key 'eval.split' is {split!r} but data.{split} is not set.")
-        return examples
-
-    @property
-    def summary_path(self) -> Path:
-        return self.dir / "summary.json"
-
-    def summary(self) -> dict:
-        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
-
-    def update_summary(self, **parts) -> None:
-        if self.main:
-            s = self.summary()
-            s.update(parts)
-            write_json(self.summary_path, s)
 
 
 def stage_train(run: Run, resume: bool = False) -> dict:
@@ -128,14 +68,6 @@ def stage_train(run: Run, resume: bool = False) -> dict:
         run.log(f"Adapter saved to {run.dir / 'adapter'}")
     acc.wait_for_everyone()
     return result
-
-
-def model_with_adapter(run: Run, adapter_dir: Path | None = None):
-    model = load_model(run.recipe.model, run.device, log=run.log)
-    load_adapter(model, adapter_dir or run.dir / "adapter")
-    if getattr(run.recipe.expert, "masked", None):  # MoLE --mask-experts: gates at 0, the rest renormalised
-        set_mask(expert_layers(model).values(), list(run.recipe.expert.masked))
-    return model
 
 
 def _check_mergeable(adapter_dir: Path) -> None:
@@ -189,7 +121,7 @@ def stage_eval(run: Run, use_merged: bool = True) -> dict:
         result["multiple_choice"] = multiple_choice(model, run.tokenizer, list(rc.eval.multiple_choice), rc)
     held = run.held_out()[: rc.eval.max_examples] if rc.eval.max_examples else run.held_out()
     routing = eval_routing(model, held, run.tokenizer.pad_token_id, rc.eval.batch_size, run.device, run.dir)
-    if routing is not None:  # routed adapters only (see moetune/report.py); plain LoRA skips it
+    if routing is not None:  # routed adapters only (see moetune/eval/report.py); plain LoRA skips it
         result["routing"] = routing
     write_json(run.dir / "eval.json", result)
     run.update_summary(after=after, eval={k: v for k, v in result.items() if k != "scores"})
@@ -228,9 +160,9 @@ def _how_to_load(expert_type: str, kind: str) -> str:
         return f"load the adapter with `peft.PeftModel.from_pretrained(base, '{sub}')` or `moetune eval`"
     if expert_type == "calm":
         return (f"the CALM composition layers (safetensors + moetune.json naming the anchor and the augmenting "
-                f"model): `moetune.adapters.load_adapter(anchor, '{sub}')` loads the augmenting model too; or `moetune eval`")
+                f"model): `moetune.adapters.io.load_adapter(anchor, '{sub}')` loads the augmenting model too; or `moetune eval`")
     return (f"a routed {expert_type} adapter (safetensors + moetune.json): load with "
-            f"`moetune.adapters.load_adapter(base, '{sub}')` or `moetune eval`; "
+            f"`moetune.adapters.io.load_adapter(base, '{sub}')` or `moetune eval`; "
             "`moetune export --collapse mean` turns it into a stock PEFT LoRA")
 
 

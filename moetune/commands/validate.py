@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from moetune.data import detect_format, to_messages
-from moetune.domain_experts import domain_recipe
-from moetune.errors import DataError
-from moetune.inject import count_parameters, inject
-from moetune.models import attn_implementation, load_config, pick_device
-from moetune.pipeline import mix_config
+from moetune.adapters.inject import count_parameters, inject
+from moetune.commands.domain_experts import domain_recipe
+from moetune.core.errors import DataError
+from moetune.core.ui import console, table
+from moetune.data.pipeline import mix_config
+from moetune.data.rows import detect_format, to_messages
+from moetune.data.sources import source_rows
+from moetune.models.load import attn_implementation, load_config, pick_device
 from moetune.recipe import Recipe
-from moetune.sources import source_rows
-from moetune.ui import console, table
 
 # transformers (a heavy import) is imported inside the function that uses it.
 

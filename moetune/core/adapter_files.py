@@ -3,7 +3,7 @@
 Below the expert layers and the recipe schema: MoLE's expert layers read their frozen LoRAs
 here, and MoLE's recipe check reads their metadata (`read_meta`) when a recipe is loaded.
 Nothing here imports torch at module import: `safe_open(framework="pt")` loads it only when
-tensors are read. Writing adapters (`save_adapter`) lives in `moetune.adapters`.
+tensors are read. Writing adapters (`save_adapter`) lives in `moetune.adapters.io`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from moetune.errors import RecipeError
+from moetune.core.errors import RecipeError
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}

@@ -7,7 +7,7 @@ auxiliary losses and the routing statistics) must keep the state of the ORIGINAL
 losses were already built from it, and overwriting it during the backward would swap in tensors
 tied to a throwaway graph (kept alive until the next step) and record every routed forward twice.
 
-`moetune.checkpointing` runs the recompute inside `recomputing_context()` (through
+`moetune.train.activation_checkpointing` runs the recompute inside `recomputing_context()` (through
 torch.utils.checkpoint's `context_fn`); `recomputing()` tells a layer whether it is in one.
 The flag is a process-wide counter, not thread-local, because autograd may run the backward
 (and so the recompute) on a worker thread of its own.

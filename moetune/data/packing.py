@@ -20,7 +20,7 @@ import random
 import numpy as np
 import torch
 
-from moetune.data import IGNORE, Example
+from moetune.data.rows import IGNORE, Example
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:

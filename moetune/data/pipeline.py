@@ -28,9 +28,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from moetune.data import IGNORE, DataError, Encoder, Example, format_of_keys, to_messages
+from moetune.data.rows import IGNORE, DataError, Encoder, Example, format_of_keys, to_messages
+from moetune.data.sources import Source, load_source
 from moetune.recipe import DataConfig
-from moetune.sources import Source, load_source
 
 VERSION = 2
 ROW = "\x00ROW\x00"  # placeholder for the row location in error texts written inside `map`

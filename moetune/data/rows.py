@@ -1,7 +1,7 @@
 """Reading instruction and chat data, applying templates, masking prompts out of the loss.
 
-This module is the per-row logic; `moetune.sources` reads whole sources into Arrow and
-`moetune.pipeline` tokenises them once (batched `Dataset.map`, cached on disk). Formats:
+This module is the per-row logic; `moetune.data.sources` reads whole sources into Arrow and
+`moetune.data.pipeline` tokenises them once (batched `Dataset.map`, cached on disk). Formats:
 - instruction: `{"instruction", "response"[, "input", "domain"]}` (Alpaca's `output` too)
 - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
 - sharegpt: `{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from moetune.errors import DataError, RecipeError
+from moetune.core.errors import DataError, RecipeError
 from moetune.recipe import DataConfig
 
 # datasets and pyarrow (heavy imports, needed only for those input formats) are imported inside the readers.

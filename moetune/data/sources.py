@@ -4,7 +4,7 @@ A source is a local file (.jsonl, .json, .csv, .parquet, .arrow), a glob of such
 directory of shards, a `save_to_disk` directory, or a hub dataset id 'owner/name' resolved
 from the local HF cache (moetune runs with HF_DATASETS_OFFLINE=1 unless told otherwise).
 JSON lines and parquet go through `datasets.load_dataset` (Arrow, cached by `datasets`);
-.json and .csv through the row readers of `moetune.data`, because their exact line numbers
+.json and .csv through the row readers of `moetune.data.rows`, because their exact line numbers
 and all-text csv cells matter more than speed there. Every source also gets an `identity`:
 what the tokenised cache is keyed on (paths, sizes and mtimes; the dataset fingerprint of
 hub and save_to_disk data).
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import datasets
 
-from moetune.data import DataError, read_rows
+from moetune.data.rows import DataError, read_rows
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
 

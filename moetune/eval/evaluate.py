@@ -6,11 +6,11 @@ from collections import defaultdict
 
 import torch
 
-from moetune.data import Example, collate
-from moetune.loss import per_example_loss
-from moetune.mmlu import load_mc_rows, score_multiple_choice
-from moetune.routing import routing_context
-from moetune.ui import simple_progress
+from moetune.core.ui import simple_progress
+from moetune.data.rows import Example, collate
+from moetune.eval.mmlu import load_mc_rows, score_multiple_choice
+from moetune.experts.routing import routing_context
+from moetune.train.loss import per_example_loss
 
 
 def normalise_answer(text: str) -> str:

@@ -1,7 +1,7 @@
 """Text generation shared by `moetune chat` and `moetune generate`: prompt ids in the run's template,
 batched left-padded generation (greedy or sampled), streaming, and the per-token routing record.
 
-Greedy generation here is the evaluation's (`moetune.evaluate.exact_match`): same prompt ids,
+Greedy generation here is the evaluation's (`moetune.eval.evaluate.exact_match`): same prompt ids,
 same left padding, same EOS set, `do_sample=False`.
 """
 from __future__ import annotations
@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moetune.evaluate import eos_ids, generate_ids, left_pad
-from moetune.report import layer_index, routed_layers
+from moetune.adapters.inject import routed_layers
+from moetune.eval.evaluate import eos_ids, generate_ids, left_pad
+from moetune.models.layers import layer_index
 
 
 @dataclass

@@ -16,35 +16,30 @@ gates a layer applied to token t (`Router` output), m_t = 1 for real tokens and 
 
 `collect_gates` runs the examples through the model in batches with forward hooks on the
 routers and keeps only running sums (`GateSums`); everything else here is a pure function
-of those sums. The same mean gates are what `moetune.collapse` fixes the routers at.
+of those sums. The same mean gates are what `moetune.export.collapse` fixes the routers at.
 """
 from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from moetune.data import IGNORE, Example, collate
-from moetune.inject import expert_layers
-from moetune.loss import plain_head, target_logits
-from moetune.routing import Router, dead_experts, domain_expert_mi, prompt_mask, routing_context
-from moetune.ui import table
+from moetune.adapters.inject import routed_layers
+from moetune.core.ui import table
+from moetune.data.rows import IGNORE, Example, collate
+from moetune.experts.routing import dead_experts, domain_expert_mi, prompt_mask, routing_context
+from moetune.models.layers import layer_index
+from moetune.train.loss import plain_head, target_logits
 
 # matplotlib (a heavy, plotting-only import) is imported inside the function that draws the heatmap.
 
 DEAD_THRESHOLD = 0.01
 GROUP_ABOVE = 12  # more routed modules than this: table rows are grouped by layer index
 HEATMAP_GROUP_ABOVE = 64  # the same for heatmap rows (one module per row reads well up to about this)
-
-
-def routed_layers(model) -> dict:
-    """name -> expert layer, for the layers that route tokens through a `Router` (model order)."""
-    return {n: m for n, m in expert_layers(model).items() if isinstance(getattr(m, "router", None), Router)}
 
 
 @dataclass
@@ -180,12 +175,6 @@ def specialisation(sums: GateSums) -> dict:
     return {"measure": "gates" if use_gates else "assignments", "mi": mi.tolist(), "mi_norm": norm.tolist(),
             "mi_norm_gates": norm_g.tolist(), "mi_norm_assignments": norm_a.tolist(),
             "mean": float(norm.mean()), "domain_expert": cond.mean(1).tolist()}
-
-
-def layer_index(name: str) -> int | None:
-    """The transformer block index in a module name ('model.layers.3.mlp.up_proj' -> 3), or None."""
-    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    return int(m.group(1)) if m else None
 
 
 def short_names(names: list[str]) -> list[str]:

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from moetune.errors import RecipeError
+from moetune.core.errors import RecipeError
+from moetune.core.recompute import recomputing
 from moetune.recipe import RouterConfig
-from moetune.recompute import recomputing
 
 
 def gates(logits: torch.Tensor, kind: str = "soft", k: int = 2,
@@ -404,7 +404,7 @@ def load_centroids(path: str) -> torch.Tensor:
 
 
 def init_fitted(layers: dict, path: str, weights: dict) -> tuple[list[str], list[str]]:
-    """Copy the fitted per-projection router weights ('weight.<name>', see moetune/router_fit.py)
+    """Copy the fitted per-projection router weights ('weight.<name>', see moetune/train/router_fit.py)
     into the routers of the layers of those names; return (initialised, skipped) names."""
     done, skipped = [], []
     for name, layer in layers.items():

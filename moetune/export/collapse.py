@@ -2,7 +2,7 @@
 
 A routed layer mixes its experts with per-token gates w(x) (N,). Replacing w(x) by a constant
 w-bar (the mean gate over the real tokens of the validation split, overall or per domain, see
-`moetune.report`) turns each type into a static PEFT adapter:
+`moetune.eval.report`) turns each type into a static PEFT adapter:
 
     HydraLoRA  s * sum_i w_i B_i A x = s * B' A x,        B' = sum_i w_i B_i  (d_out, r):  LoRA, rank r
     MoLoRA     s * sum_i w_i B_i A_i x = s * B_cat A_cat x, A_cat = [A_1; ...; A_N]  (N r, d_in),
@@ -28,21 +28,22 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from moetune.adapter_files import PEFT_PREFIX
-from moetune.adapters import save_adapter
-from moetune.checkpoint import atomic_dir
-from moetune.data import IGNORE, collate
-from moetune.errors import RecipeError
-from moetune.evaluate import exact_match, loss_by_domain
-from moetune.expert_configs import ExpertConfig, MoVConfig
+from moetune.adapters.inject import routed_layers
+from moetune.adapters.io import save_adapter
+from moetune.core.adapter_files import PEFT_PREFIX
+from moetune.core.checkpoint import atomic_dir
+from moetune.core.errors import RecipeError
+from moetune.core.ui import console, table
+from moetune.data.rows import IGNORE, collate
+from moetune.eval.evaluate import exact_match, loss_by_domain
+from moetune.eval.report import collect_gates, domain_gates, mean_gates
 from moetune.experts.lora import LoRALayer
 from moetune.experts.mov import MoVLayer
-from moetune.loss import plain_head, target_logits
-from moetune.models import stock_base_name
+from moetune.models.load import stock_base_name
 from moetune.recipe import RouterConfig
-from moetune.report import collect_gates, domain_gates, mean_gates, routed_layers
-from moetune.stages import model_with_adapter
-from moetune.ui import console, table
+from moetune.recipe.experts import ExpertConfig, MoVConfig
+from moetune.run.session import model_with_adapter
+from moetune.train.loss import plain_head, target_logits
 
 MODES = ("mean", "per-domain")
 

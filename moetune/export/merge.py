@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetune.checkpoint import atomic_dir
+from moetune.adapters.inject import expert_layers
+from moetune.core.checkpoint import atomic_dir
 from moetune.experts.base import dense_base_weight
-from moetune.inject import expert_layers
 
 
 @torch.no_grad()

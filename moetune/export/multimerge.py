@@ -36,16 +36,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from moetune.adapter_files import PEFT_PREFIX, read_adapter
-from moetune.checkpoint import atomic_dir
-from moetune.errors import RecipeError
-from moetune.expert_configs import expert_names, same_base
+from moetune.adapters.inject import expert_layers
+from moetune.core.adapter_files import PEFT_PREFIX, read_adapter
+from moetune.core.checkpoint import atomic_dir
+from moetune.core.errors import RecipeError
+from moetune.eval.report import collect_gates, mean_gates
 from moetune.experts.mole import MoLELayer
-from moetune.inject import expert_layers
-from moetune.models import stock_base_name
+from moetune.models.load import stock_base_name
 from moetune.recipe import load_recipe
-from moetune.report import collect_gates, mean_gates
-from moetune.stages import Run, model_with_adapter
+from moetune.recipe.experts import expert_names, same_base
+from moetune.run.session import Run, model_with_adapter
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "mole")
 DENSE = ("ties", "dare_linear", "dare_ties")
@@ -245,7 +245,7 @@ def parse_weights(text: str | None, n: int, method: str) -> list[float]:
 def mole_gates(run_dir: str | Path, split: str = "validation", overrides: list[str] | None = None
                ) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
     """(expert dirs, expert names, {module: mean gate (N,)}) of a trained MoLE run: each wrapped module
-    gets the mean gate of its gated place over the real tokens of `split` (moetune.report)."""
+    gets the mean gate of its gated place over the real tokens of `split` (moetune.eval.report)."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
         raise RecipeError(f"--gates-from {run_dir}: not a moetune run directory (no recipe.yaml).")

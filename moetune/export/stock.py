@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moetune.data import PLAIN_USER, Encoder
-from moetune.models import BUILTIN, stock_base_name
+from moetune.data.rows import PLAIN_USER, Encoder
+from moetune.models.load import BUILTIN, stock_base_name
 from moetune.recipe import Recipe
 
 EXAMPLE = "Hello! What can you do?"

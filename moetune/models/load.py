@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetune.errors import RecipeError
+from moetune.core.errors import RecipeError
 from moetune.recipe import ModelConfig
 
 # transformers and bitsandbytes (heavy imports; bitsandbytes is optional) are imported inside the functions

@@ -1,7 +1,7 @@
 """Typed recipes: OmegaConf structured dataclasses, loading, overrides and clear errors.
 
-A recipe is YAML whose sections are the dataclasses of `recipe_sections` (re-exported here) and
-`expert_configs`; each field's docstring is its documentation (`moetune validate --explain` prints them). `load_recipe` merges
+A recipe is YAML whose sections are the dataclasses of `recipe.sections` (re-exported here) and
+`recipe.experts`; each field's docstring is its documentation (`moetune validate --explain` prints them). `load_recipe` merges
 `key=value` overrides, rejects unknown keys with a did-you-mean, converts types, checks
 ranges and choices and contradictory settings, and raises `RecipeError` whose message
 names the key, the bad value and what is allowed.
@@ -17,11 +17,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moetune.errors import RecipeError
-from moetune.expert_configs import EXPERT_CONFIGS, MERGEABLE, ExpertConfig
-from moetune.recipe_sections import (MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
+from moetune.core.errors import RecipeError
+from moetune.core.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
+from moetune.recipe.experts import EXPERT_CONFIGS, MERGEABLE, ExpertConfig
+from moetune.recipe.sections import (MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
                                      MixSource, ModelConfig, RouterConfig, TrainConfig)
-from moetune.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
 
 
 @dataclass

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from moetune.adapter_files import read_meta
-from moetune.errors import RecipeError
-from moetune.schema import opt
+from moetune.core.adapter_files import read_meta
+from moetune.core.errors import RecipeError
+from moetune.core.schema import opt
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moetune.schema import opt
+from moetune.core.schema import opt
 
 STAGES = ("train", "merge", "eval", "export")
 MIX_COLUMNS = ("instruction", "input", "response", "messages", "conversations", "text", "domain")
@@ -67,7 +67,7 @@ class RouterConfig:
     approximation: the centroids are mean-pooled last hidden states, while each router reads its own
     layer's per-token input. K must equal expert.num_experts. None: random init.
     With any other embedder (the default minilm) `--init-router` writes instead one fitted router
-    weight per projection ('weight.<module name>', moetune/router_fit.py: ridge least squares so that
+    weight per projection ('weight.<module name>', moetune/train/router_fit.py: ridge least squares so that
     the base's prompt-mean input of each clustered row maps to its cluster); they are copied as is."""
     level: str = opt("token", choices=("token", "sequence"))
     """'token': gates per token (the papers' default). 'sequence': one gate vector per sequence, from the

@@ -21,8 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from moetune.checkpoint import DONE
-from moetune.errors import RecipeError
+from moetune.core.checkpoint import DONE
+from moetune.core.errors import RecipeError
 
 LOCK = ".moetune.lock"
 PROBE_BYTES = 1 << 20   # the write probe: 1 MiB, fsynced, then removed

@@ -1,6 +1,6 @@
 """Activation checkpointing of the decoder blocks (`train.gradient_checkpointing`), for every expert type.
 
-Each entry of the model's decoder-block list (`calm_bridge.decoder_layers`) gets an instance
+Each entry of the model's decoder-block list (`models.layers.decoder_layers`) gets an instance
 `forward` that runs the original one under non-reentrant `torch.utils.checkpoint`: the block keeps
 only its inputs during the forward and recomputes its activations in the backward. The expert
 layers live inside the blocks (CALM's `CALMLayer` IS a list entry: the frozen block and its
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from moetune.experts.calm_bridge import decoder_layers
-from moetune.recompute import checkpoint_contexts
+from moetune.core.recompute import checkpoint_contexts
+from moetune.models.layers import decoder_layers
 
 
 def _checkpointed(block: nn.Module, forward, *args, **kwargs):

@@ -26,8 +26,8 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from moetune.experts.calm_bridge import decoder_layers
-from moetune.inject import expert_layers
+from moetune.adapters.inject import expert_layers
+from moetune.models.layers import decoder_layers
 
 
 def shard_model(model: nn.Module) -> int:

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from moetune.curves import save_curves
-from moetune.errors import RecipeError
+from moetune.adapters.inject import routed_layers
+from moetune.core.errors import RecipeError
+from moetune.core.ui import Metrics
+from moetune.experts.routing import entropy, load
+from moetune.models.layers import layer_index
 from moetune.recipe import Recipe
-from moetune.report import layer_index, routed_layers
-from moetune.routing import entropy, load
-from moetune.ui import Metrics
+from moetune.train.curves import save_curves
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 

@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetune import fsdp
-from moetune.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
-from moetune.checkpointing import enable_checkpointing
-from moetune.data import Example, collate
-from moetune.errors import RecipeError
-from moetune.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
-from moetune.loggers import TrainLoggers
-from moetune.loss import CausalLMLoss
-from moetune.packing import length_grouped, pack
-from moetune.pipeline import ExampleSet, shuffled, take
+from moetune.adapters.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
+from moetune.core.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
+from moetune.core.errors import RecipeError
+from moetune.core.ui import TrainProgress
+from moetune.data.packing import length_grouped, pack
+from moetune.data.pipeline import ExampleSet, shuffled, take
+from moetune.data.rows import Example, collate
+from moetune.experts.routing import router_parameters, routing_context, scheduled_temperature, set_temperature
 from moetune.recipe import Recipe, TrainConfig
-from moetune.routing import router_parameters, routing_context, scheduled_temperature, set_temperature
-from moetune.ui import TrainProgress
+from moetune.train import fsdp
+from moetune.train.activation_checkpointing import enable_checkpointing
+from moetune.train.loggers import TrainLoggers
+from moetune.train.loss import CausalLMLoss
 
 # transformers (a heavy import) is imported inside the function that uses it.
 
@@ -122,7 +122,7 @@ def domain_indices(recipe: Recipe, examples: list[Example]) -> dict[str, int] | 
 def token_domains(examples: list[Example], index: dict[str, int] | None, attention_mask: torch.Tensor,
                   example_index: torch.Tensor | None = None):
     """(B, T) domain index of every real token (-1 on padding), or None without an index. A packed batch
-    (moetune/packing.py) gives each token's example in `example_index` (R, T), -1 on padding."""
+    (moetune/data/packing.py) gives each token's example in `example_index` (R, T), -1 on padding."""
     if index is None:
         return None
     dom = torch.tensor([index.get(e.domain, -1) for e in examples], device=attention_mask.device)  # (B,)

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetune.data import IGNORE
-from moetune.inject import aux_losses
-from moetune.routing import prompt_mask, routing_context
+from moetune.adapters.inject import aux_losses
+from moetune.data.rows import IGNORE
+from moetune.experts.routing import prompt_mask, routing_context
 
 
 def plain_head(model: nn.Module) -> bool:
@@ -30,7 +30,7 @@ def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
                   keep: torch.Tensor, sliced: bool, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (N, V) at the positions where keep (B, T-1) is true, i.e. those predicting a target.
 
-    With `position_ids` (a packed batch, see moetune.packing) the model gets no attention mask:
+    With `position_ids` (a packed batch, see moetune.data.packing) the model gets no attention mask:
     transformers then keeps attention inside each run of increasing positions."""
     kw = {"attention_mask": attention_mask} if position_ids is None else {"position_ids": position_ids}
     if sliced:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from moetune.data import IGNORE, Example, collate
-from moetune.routing import prompt_mask
+from moetune.data.rows import IGNORE, Example, collate
+from moetune.experts.routing import prompt_mask
 
 RIDGE = 1e-3
 
