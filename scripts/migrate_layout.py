@@ -1,7 +1,10 @@
 """Rewrite imports and module paths from moetune's old flat layout to its sub-packages.
 
-For a branch written against the flat layout (`moetune/models.py`, `moetune/stages.py`, ...):
+For a branch written against the flat layout (`moetune/models.py`, `moetune/stages.py`, ...), on the
+files it added or changed (`git diff --name-only main...BRANCH`; old paths quoted on purpose, such as a
+benchmark's historical `git show`, are rewritten too, so not the whole tree):
     python scripts/migrate_layout.py FILE_OR_DIR ...     # rewrites .py and .md files in place
+A file that contains the words 'migrate_layout: leave this file' is skipped (its own test's fixtures).
 It rewrites
 - `from moetune.X import a, b` (and `from moetune import X [as Y]`) to the new module, splitting the
   statement where a name moved to another module (`decoder_layers`, `layer_index`, `routed_layers`,
@@ -19,6 +22,8 @@ import re
 import sys
 import textwrap
 from pathlib import Path
+
+SKIP = "migrate_layout: " + "leave this file"  # split, so this file does not carry the marker itself
 
 # old module (below moetune) -> new module (below moetune)
 MOVED = {
@@ -93,20 +98,29 @@ def _from_lines(node: ast.ImportFrom, indent: str) -> list[str]:
             module = _new_module(node.module)
             target = NAMES.get((module.removeprefix("moetune."), a.name))
             groups.setdefault(f"moetune.{target}" if target else module, []).append(_alias(a))
-    out = []
-    for mod, names in groups.items():
-        line = f"{indent}from {mod} import {', '.join(names)}"
-        if len(line) > 118:  # wrapped in parentheses, continuation lines under the first name
-            head = f"{indent}from {mod} import ("
-            line = textwrap.fill(", ".join(names) + ")", width=118, initial_indent=head,
-                                 subsequent_indent=" " * len(head), break_on_hyphens=False)
-        out.append(line)
-    return out
+    return [_statement(indent, mod, names) for mod, names in groups.items()]
+
+
+def _statement(indent: str, module: str, names: list[str]) -> str:
+    """`from module import a, b`, wrapped in parentheses (continuation lines under the first name) past 118."""
+    line = f"{indent}from {module} import {', '.join(names)}"
+    if len(line) > 118:
+        head = f"{indent}from {module} import ("
+        line = textwrap.fill(", ".join(names) + ")", width=118, initial_indent=head,
+                             subsequent_indent=" " * len(head), break_on_hyphens=False)
+    return line
 
 
 def _import_line(node: ast.Import, indent: str) -> list[str]:
     return [indent + "import " + ", ".join(
         _new_module(a.name) + (f" as {a.asname}" if a.asname else "") for a in node.names)]
+
+
+def _unchanged(node: ast.ImportFrom | ast.Import, indent: str) -> list[str]:
+    """The statement as written above if nothing in it had moved."""
+    if isinstance(node, ast.Import):
+        return [indent + "import " + ", ".join(_alias(a) for a in node.names)]
+    return [_statement(indent, node.module, [_alias(a) for a in node.names])]
 
 
 def _moetune(name: str | None) -> bool:
@@ -123,7 +137,7 @@ def rewrite_python(text: str) -> str:
         tree = ast.parse(text)
     except SyntaxError:
         return "".join(_prose(line) for line in lines)
-    edits = []
+    edits, in_import = [], set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and _moetune(node.module):
             make = _from_lines
@@ -132,15 +146,17 @@ def rewrite_python(text: str) -> str:
         else:
             continue
         first, last = node.lineno - 1, node.end_lineno - 1
+        in_import.update(range(first, last + 1))  # imports are rewritten here, never as prose below
         indent = re.match(r"\s*", lines[first]).group(0)
         new = make(node, indent)
+        if new == _unchanged(node, indent):
+            continue  # new layout already: the statement keeps its own formatting
         comments = [c for c in (re.search(r"#.*", line) for line in lines[first:last + 1]) if c]
         if comments:  # `# noqa: ...` and the like, kept on the first line of the new statement
             head, nl, rest = new[0].partition("\n")
             new[0] = head + "  " + "  ".join(dict.fromkeys(c.group(0) for c in comments)) + nl + rest
         old = "".join(lines[first:last + 1])
         edits.append((first, last, "\n".join(new) + ("\n" if old.endswith("\n") else "")))
-    in_import = {i for first, last, _ in edits for i in range(first, last + 1)}
     lines = [line if i in in_import else _prose(line) for i, line in enumerate(lines)]
     for first, last, replacement in sorted(edits, reverse=True):
         lines[first:last + 1] = [replacement]
@@ -158,9 +174,9 @@ def main(args: list[str]) -> int:
         files += sorted(q for q in p.rglob("*") if q.suffix in (".py", ".md") and ".venv" not in q.parts
                         and ".git" not in q.parts) if p.is_dir() else [p]
     for f in files:
-        if f.resolve() == Path(__file__).resolve():
-            continue
         text = f.read_text()
+        if f.resolve() == Path(__file__).resolve() or SKIP in text:
+            continue
         new = rewrite_python(text) if f.suffix == ".py" else rewrite_text(text)
         if new != text:
             f.write_text(new)
