@@ -37,7 +37,7 @@ from methods import (ROUTED, SHAPES, build_model, describe, install, label, make
                      randomise, shared_copy, uninstall, write_lora_experts)
 from reference_loop import from_layer, loop_set, trainable
 
-from moetune.inject import inject
+from moetune.adapters.inject import inject
 
 OUT = Path(__file__).parent / "results" / "latest.json"
 D_IN, D_OUT, TOKENS = 576, 1536, 2048
@@ -182,7 +182,7 @@ def layer_level(args, device, amp, n: int, with_peft: bool):
 def model_level(args, name: str, device, n: int):
     """A whole training step; every method's layers share the frozen base and are swapped in before its step."""
     from peft import LoraConfig, get_peft_model
-    from moetune.loss import CausalLMLoss
+    from moetune.train.loss import CausalLMLoss
     shaped = name in SHAPES
     layers = args.llama_layers if name == "llama-8b-shape" else None
     batch, seq = (args.shaped_batch, args.shaped_seq) if shaped else (args.batch, args.seq)

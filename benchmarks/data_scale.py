@@ -44,7 +44,7 @@ def write_rows(path: Path, n: int, seed: int = 0) -> None:
 def tiny_model(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    from moetune.models import cache_root
+    from moetune.models.load import cache_root
     tok = AutoTokenizer.from_pretrained(cache_root() / "models" / "smollm2-135m-instruct")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -75,7 +75,7 @@ def old_rate(model: Path, data: Path) -> float:
                          text=True, check=True).stdout
     old = {}
     exec(compile(src, "old_data.py", "exec"), old)  # the old module, run against today's DataConfig
-    from moetune.models import load_tokenizer
+    from moetune.models.load import load_tokenizer
     from moetune.recipe import ModelConfig, load_recipe
     tok = load_tokenizer(ModelConfig(path=str(model)), log=lambda *a, **k: None)
     cfg = load_recipe(ROOT / "recipes/default.yaml").data
@@ -86,8 +86,8 @@ def old_rate(model: Path, data: Path) -> float:
 
 def new_rate(model: Path, data: Path, cache: Path, num_proc: int | None) -> float:
     import dataclasses
-    from moetune.models import load_tokenizer
-    from moetune.pipeline import load_examples
+    from moetune.data.pipeline import load_examples
+    from moetune.models.load import load_tokenizer
     from moetune.recipe import ModelConfig, load_recipe
     tok = load_tokenizer(ModelConfig(path=str(model)), log=lambda *a, **k: None)
     cfg = dataclasses.replace(load_recipe(ROOT / "recipes/default.yaml").data, cache_dir=str(cache), num_proc=num_proc)

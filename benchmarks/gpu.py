@@ -10,7 +10,7 @@ step (forward + backward + AdamW step) of:
 - the reference stack: transformers `Trainer` + PEFT LoRA rank 16 on the same batch (its own
   training loop; step time from a callback around each optimizer step);
 each without and with activation checkpointing (moetune: `train.gradient_checkpointing`, i.e.
-moetune.checkpointing; Trainer: `gradient_checkpointing=True`, non-reentrant). Packing is not a
+moetune.train.activation_checkpointing; Trainer: `gradient_checkpointing=True`, non-reentrant). Packing is not a
 separate axis here (rows are full 2048-token sequences already).
 Reported per method: median step time, tokens/s, MFU (model FLOPs of one moetune-LoRA step counted
 by torch's FlopCounterMode, over the GPU's dense bf16 peak; or --peak-tflops), peak memory of a
@@ -37,9 +37,9 @@ import harness as H
 from bench import _device_name
 from methods import (SHAPES, build_model, install, methods, mole_method, randomise, shared_copy, uninstall,
                      write_lora_experts)
-from moetune.checkpointing import disable_checkpointing, enable_checkpointing
-from moetune.inject import expert_layers, inject
-from moetune.loss import CausalLMLoss
+from moetune.adapters.inject import expert_layers, inject
+from moetune.train.activation_checkpointing import disable_checkpointing, enable_checkpointing
+from moetune.train.loss import CausalLMLoss
 
 SHAPES.setdefault("smollm2-1.7b-shape", ("llama", dict(  # SmolLM2-1.7B: 24 layers, hidden 2048, 32 heads (MHA)
     vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
@@ -106,8 +106,8 @@ def measure(entries: dict, device, warmup: int, rounds: int) -> dict:
 
 def qlora_entries(name: str, device, args, ids, mask, labels) -> tuple[dict, str | None]:
     """QLoRA (NF4 base, computing in the shape's dtype) LoRA and HydraLoRA; ({}, reason) where 4-bit cannot run."""
-    from moetune.errors import RecipeError
-    from moetune.models import load_model
+    from moetune.core.errors import RecipeError
+    from moetune.models.load import load_model
     from moetune.recipe import ModelConfig
     model, dtype = build_model(name, device, args.smoke, args.layers)
     with tempfile.TemporaryDirectory() as d:  # random bf16 weights -> disk -> loaded in NF4 by moetune itself

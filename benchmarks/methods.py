@@ -80,8 +80,8 @@ def write_lora_experts(model: nn.Module, total_rank: int, n: int, targets: list[
     """N LoRA adapters of rank total_rank / n on `model`, random non-zero B, saved like trained ones
     (moetune/PEFT files under out/expert<i>): MoLE's frozen experts. `model` is left unchanged."""
     from pathlib import Path
-    from moetune.adapters import save_adapter
-    from moetune.inject import inject
+    from moetune.adapters.inject import inject
+    from moetune.adapters.io import save_adapter
     r = total_rank // n
     cfg = config_class("lora")(type="lora", rank=r, alpha=2.0 * r, target_modules=list(targets))
     dirs = []
@@ -155,7 +155,7 @@ def build_model(name: str, device: torch.device, tiny: bool = False, layers: int
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(shaped_config(name, tiny, layers), dtype=torch.bfloat16)
     else:
-        from moetune.models import load_model
+        from moetune.models.load import load_model
         from moetune.recipe import ModelConfig
         model = load_model(ModelConfig(path=name, device=device.type), device, log=lambda *a: None)
     model.requires_grad_(False)

@@ -8,14 +8,14 @@ linear layer) and its batch (8 rows x 96 tokens; loss on the last 18 tokens of e
   CPU (model.dtype auto), bfloat16 on CUDA;
 - nf4-bf16: the same 4-bit base computing in bfloat16 (model.dtype bfloat16).
 Memory, one fresh process per base (`--worker BASE`, so that peak RSS is that base's alone):
-- parameter bytes of the loaded base (`moetune.quant.loaded_bytes`: 4-bit codes, absmax scales and
+- parameter bytes of the loaded base (`moetune.models.quant.loaded_bytes`: 4-bit codes, absmax scales and
   code books, and every float tensor), and for the layers bitsandbytes quantises, their bytes against
   the same layers in bfloat16 (the QLoRA target: <= 0.35x);
 - RSS before loading (imports done), after loading + injecting, the peak during the training steps
   (VmHWM, reset after loading through /proc/self/clear_refs) and the peak of the whole process (VmHWM
   without reset: includes loading, where transformers reads the float checkpoint before quantising);
   on CUDA, torch's allocator peaks instead;
-- `moetune validate`'s estimate for the same recipe (moetune.validate.estimate: frozen weights, adapter
+- `moetune validate`'s estimate for the same recipe (moetune.commands.validate.estimate: frozen weights, adapter
   train state, activations), against the measured parameter bytes and against the memory training adds
   (peak RSS during the steps - RSS before loading).
 Step time (forward + backward + AdamW step, moetune's loss), all bases in one process, timed in
@@ -75,9 +75,9 @@ def _recipe(base: str, device: str):
 
 def _setup(base: str, device: torch.device, batch: int, seq: int):
     """(model with LoRA injected, step, trainable params, recipe) for one base: recipes/qlora.yaml's model and expert."""
-    from moetune.inject import inject, trainable_parameters
-    from moetune.loss import CausalLMLoss
-    from moetune.models import load_model
+    from moetune.adapters.inject import inject, trainable_parameters
+    from moetune.train.loss import CausalLMLoss
+    from moetune.models.load import load_model
     rc = _recipe(base, device.type)
     model = load_model(rc.model, device, log=lambda *a: None)
     inject(model, rc.expert, rc.router, seed=0)
@@ -101,9 +101,10 @@ def worker(base: str, device: torch.device, batch: int, seq: int, steps: int) ->
     import bitsandbytes  # noqa: F401  (imported before the baseline, like transformers and moetune)
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    from moetune import loss, models, quant  # noqa: F401
-    from moetune.quant import is_4bit, loaded_bytes, quantizable
-    from moetune.validate import estimate
+    from moetune.train import loss  # noqa: F401
+    from moetune.models import load, quant
+    from moetune.models.quant import is_4bit, loaded_bytes, quantizable
+    from moetune.commands.validate import estimate
     rss0 = _status("VmRSS")
     t0 = time.perf_counter()
     model, step, params, rc = _setup(base, device, batch, seq)

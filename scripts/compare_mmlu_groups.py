@@ -9,7 +9,7 @@ domains, so it is scored as their uniform mixture: `moetune merge-lora --method 
 weights 1/N (exactly the mean of their deltas, what a router stuck at uniform gates gives).
 `base` is the model without adapter.
 
-Scoring is zero-shot MMLU cloze (`moetune.mmlu`, the SmolLM2 model cards' formulation: answer
+Scoring is zero-shot MMLU cloze (`moetune.eval.mmlu`, the SmolLM2 model cards' formulation: answer
 text log-likelihood per character, options not shown, no chat template), on a seeded sample of
 --per-subject questions from each subject of the groups. The prompt is run once per question
 and the four answers after its KV cache. The interval of the base row is a 95% Wilson interval;
@@ -37,7 +37,7 @@ GROUPS = ("medical", "law", "math")
 
 
 def mmlu_rows(groups: list[str], per_subject: int, seed: int) -> list[dict]:
-    from moetune.mmlu import load_mmlu, subsample_per_subject
+    from moetune.eval.mmlu import load_mmlu, subsample_per_subject
     rows = [r for r in load_mmlu() if r["group"] in groups]
     return subsample_per_subject(rows, per_subject, seed)
 
@@ -54,7 +54,7 @@ def adapter_for(method: str, seed: int, runs: Path, recipe: Path, steps: int) ->
             if not parts:
                 run_method(method, seed, recipe, steps, runs, [])
                 parts = sorted(runs.glob(f"lora_split-s{seed}/*/adapter"))
-            from moetune.multimerge import merge_command
+            from moetune.export.multimerge import merge_command
             merge_command(parts, "cat", mixed)
         return mixed
     path = runs / f"{method}-s{seed}" / "adapter"
@@ -64,9 +64,9 @@ def adapter_for(method: str, seed: int, runs: Path, recipe: Path, steps: int) ->
 
 
 def score(recipe: Path, adapter: Path | None, rows: list[dict], batch_size: int) -> dict:
-    from moetune.adapters import load_adapter
-    from moetune.mmlu import score_multiple_choice
-    from moetune.models import load_model, load_tokenizer
+    from moetune.adapters.io import load_adapter
+    from moetune.eval.mmlu import score_multiple_choice
+    from moetune.models.load import load_model, load_tokenizer
     from moetune.recipe import load_recipe
     rc = load_recipe(recipe, [])
     tok = load_tokenizer(rc.model, log=lambda *_: None)

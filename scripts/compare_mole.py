@@ -35,11 +35,11 @@ MERGES = ("linear", "cat", "ties", "dare_linear", "dare_ties")
 def score(rc, adapter: Path) -> dict:
     """Test-split loss and exact match of base + adapter, overall and per domain."""
     import torch
-    from moetune.adapters import load_adapter
-    from moetune.evaluate import evaluate
-    from moetune.models import load_model
-    from moetune.report import collect_gates, routing_report
-    from moetune.stages import Run
+    from moetune.adapters.io import load_adapter
+    from moetune.eval.evaluate import evaluate
+    from moetune.eval.report import collect_gates, routing_report
+    from moetune.models.load import load_model
+    from moetune.run.session import Run
     run = Run(rc)
     model = load_model(rc.model, run.device, log=lambda *_: None)
     load_adapter(model, adapter)
@@ -52,10 +52,10 @@ def score(rc, adapter: Path) -> dict:
 
 
 def one_seed(seed: int, work: Path, overrides: list[str]) -> dict:
+    from moetune.commands.stages import run_recipe
     from moetune.experts import ExpertConfig
-    from moetune.multimerge import merge_command
+    from moetune.export.multimerge import merge_command
     from moetune.recipe import load_recipe
-    from moetune.stages import run_recipe
     common = [f"train.seed={seed}", "train.eval_before=false", "eval.split=test", *overrides]
     mole = work / f"seed{seed}" / "mole_layer"
     rc = load_recipe(ROOT / "recipes" / "mole.yaml", [f"output_dir={mole}", "stages=[train]", *common])

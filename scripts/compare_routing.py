@@ -107,8 +107,8 @@ def mole_overrides(data: str, method: str, seed: int, steps: int, runs: Path) ->
 
 
 def run_method(data: str, method: str, seed: int, steps: int, runs: Path, extra: list[str]) -> dict:
+    from moetune.commands.stages import run_recipe
     from moetune.recipe import load_recipe
-    from moetune.stages import run_recipe
     recipe = ROOT / "recipes" / ("mole.yaml" if method.startswith("mole") else "default.yaml")
     out = runs / data / f"{method}-s{seed}"
     over = [*METHODS[method], *data_overrides(data), f"train.seed={seed}", f"train.max_steps={steps}",

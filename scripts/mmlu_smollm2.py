@@ -2,7 +2,7 @@
 """Zero-shot MMLU (letter or cloze log-likelihood) of a local causal LM, e.g. SmolLM2-135M-Instruct.
 
 Scores a stratified, seeded subsample of N questions per subject (all 57 subjects) with
-`moetune.mmlu.score_multiple_choice` and merges the run into the JSON file given by --out, so
+`moetune.eval.mmlu.score_multiple_choice` and merges the run into the JSON file given by --out, so
 all runs of a model can share one results file. The run's key names the formulation and the
 chat template: "no_chat" / "chat" for --format letters (next-token log-prob of A-D after the
 listed options), "cloze_no_chat" / "cloze_chat" for --format cloze (log-likelihood per
@@ -39,7 +39,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from moetune.mmlu import load_mmlu, score_multiple_choice, subsample_per_subject  # noqa: E402
+from moetune.eval.mmlu import load_mmlu, score_multiple_choice, subsample_per_subject  # noqa: E402
 
 
 SCORING = {

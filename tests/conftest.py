@@ -131,7 +131,7 @@ def cli(monkeypatch, *args) -> int:
 
 def randomise_routed(model) -> None:
     """Non-trivial experts and a decisive router in every routed layer, so mixing errors would show."""
-    from moetune.inject import expert_layers
+    from moetune.adapters.inject import expert_layers
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in expert_layers(model).values():

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from moetune.adapter_files import read_adapter, read_meta
-from moetune.adapters import save_adapter
-from moetune.errors import RecipeError
-from moetune.expert_configs import ExpertConfig
-from moetune.inject import inject
+from moetune.adapters.inject import inject
+from moetune.adapters.io import save_adapter
+from moetune.core.adapter_files import read_adapter, read_meta
+from moetune.core.errors import RecipeError
+from moetune.recipe.experts import ExpertConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_read_meta_matches_read_adapter_for_peft_and_moetune_dirs(tiny_llama, tm
 
 def test_read_meta_imports_no_torch(tmp_path):
     peft = _peft_dir(tmp_path / "peft")
-    code = (f"import sys\nfrom moetune.adapter_files import read_meta\nm = read_meta({str(peft)!r})\n"
+    code = (f"import sys\nfrom moetune.core.adapter_files import read_meta\nm = read_meta({str(peft)!r})\n"
             "print(m['expert']['rank'], 'torch' in sys.modules)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from moetune.models import attn_implementation, load_model
+from moetune.models.load import attn_implementation, load_model
 from moetune.recipe import ModelConfig, RecipeError
 
 torch.set_num_threads(1)

@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_rows, tiny_overrides
-from moetune.adapters import load_adapter
+from moetune.adapters.io import load_adapter
+from moetune.commands.stages import run_recipe
 from moetune.recipe import load_recipe
-from moetune.stages import run_recipe
 
 torch.set_num_threads(1)
 

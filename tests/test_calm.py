@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from calm_prefill import check_prefill_splits, cuts
 from conftest import build_tokenizer, tiny_overrides
-from moetune.adapters import load_adapter, save_adapter
+from moetune.adapters.inject import expert_layers, inject, trainable_parameters
+from moetune.adapters.io import load_adapter, save_adapter
+from moetune.commands.stages import run_recipe
 from moetune.experts.calm import CALMConfig, CALMLayer, composition_pairs, evenly_spaced
-from moetune.inject import expert_layers, inject, trainable_parameters
-from moetune.models import load_model
+from moetune.models.load import load_model
 from moetune.recipe import ModelConfig, RecipeError, load_recipe
-from moetune.stages import run_recipe
 
 torch.set_num_threads(1)
 
@@ -261,7 +261,7 @@ def test_save_reload_reproduces_logits(pair, tmp_path):
 
 
 def test_validate_counts_parameters_on_meta(pair):
-    from moetune.validate import estimate
+    from moetune.commands.validate import estimate
     r = load_recipe(None, ["expert.type=calm", f"model.path={pair['anchor']}", "stages=[eval]",
                            f"expert.augmenting_model={pair['aug']}", "expert.num_compositions=3"])
     assert estimate(r)["trainable"] == 3 * ((D_AUG * D_ANCHOR + D_ANCHOR) + 2 * D_ANCHOR + 4 * D_ANCHOR ** 2)

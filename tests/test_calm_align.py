@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from calm_prefill import check_prefill_splits
 from conftest import WORDS, build_tokenizer, make_rows, tiny_overrides
+from moetune.adapters.inject import inject, trainable_parameters
+from moetune.commands.stages import run_recipe
 from moetune.experts.calm import CALMConfig
 from moetune.experts.calm_align import build_layout, prefix_texts, visible
-from moetune.inject import inject, trainable_parameters
-from moetune.models import load_model
+from moetune.models.load import load_model
 from moetune.recipe import ModelConfig, RecipeError, load_recipe
-from moetune.stages import run_recipe
 
 torch.set_num_threads(1)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import cli, randomise_routed, tiny_overrides, write_jsonl
-from moetune.chat import answer, chat_loop, load_source
-from moetune.evaluate import exact_match
-from moetune.generation import Sampling
+from moetune.commands.chat import answer, chat_loop, load_source
+from moetune.eval.evaluate import exact_match
+from moetune.eval.generation import Sampling
 from moetune.recipe import load_recipe
 
 torch.set_num_threads(1)
@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_llama, tiny_data, tmp_path_factory):
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     out = tmp_path_factory.mktemp("chat-lora")
     run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "train.max_steps=60", "train.lr=2e-2", "stages=[train]",
                                                 "train.eval_before=false", "data.system_prompt=Answer briefly.")))
@@ -27,9 +27,9 @@ def lora_run(tiny_llama, tiny_data, tmp_path_factory):
 
 def _hydra_run(tiny_llama, tiny_data, out, *extra):
     """A HydraLoRA adapter with random (decisive) routers, saved as a run directory."""
-    from moetune.adapters import save_adapter
-    from moetune.inject import inject
-    from moetune.models import load_model
+    from moetune.adapters.inject import inject
+    from moetune.adapters.io import save_adapter
+    from moetune.models.load import load_model
     from moetune.recipe import to_yaml
     rc = load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "expert.type=hydralora", "expert.num_experts=3",
                                           *extra))
@@ -58,7 +58,7 @@ def test_greedy_generate_equals_evaluation_exact_match(which, tiny_data, tmp_pat
     m = load_source(run)
     rows = [json.loads(x) for x in tiny_data["test"].read_text().splitlines()]
     # the evaluation's prompt ids are the ones generation builds from the same rows (system prompt included)
-    from moetune.pipeline import load_examples
+    from moetune.data.pipeline import load_examples
     rc = load_recipe(run / "recipe.yaml")
     examples = load_examples(str(tiny_data["test"]), m.tokenizer, rc.data)
     for e, r in zip(examples, rows):
@@ -132,7 +132,7 @@ def test_chat_cli_from_piped_stdin_and_base_differs(lora_run, monkeypatch, capsy
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(lora_run):
     m = load_source(lora_run)
     ids = [m.encoder.prompt_ids([{"role": "user", "content": "Shout red"}])]
-    from moetune.generation import generate_batch
+    from moetune.eval.generation import generate_batch
     hot = Sampling(temperature=5.0, top_p=1.0, max_new_tokens=6, seed=3)
     a, b = (generate_batch(m.model, m.tokenizer, ids, hot, "cpu") for _ in range(2))
     assert a == b
@@ -142,8 +142,8 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(lora_run):
 
 
 def test_show_routing_on_a_routed_adapter(hydra_run):
-    from moetune.generation import RoutingRecorder
-    from moetune.report import collect_gates
+    from moetune.eval.generation import RoutingRecorder
+    from moetune.eval.report import collect_gates
     m = load_source(hydra_run)
     assert m.routed and m.expert_type == "hydralora"
     out = io.StringIO()
@@ -156,11 +156,11 @@ def test_show_routing_on_a_routed_adapter(hydra_run):
     # the recorded gates of the first step are the gates of the prompt's last position
     ids = m.encoder.prompt_ids([{"role": "user", "content": "Shout red"}])
     rec = RoutingRecorder(m.model)
-    from moetune.generation import generate_batch
+    from moetune.eval.generation import generate_batch
     generate_batch(m.model, m.tokenizer, [ids], Sampling(max_new_tokens=2), "cpu")
     g = rec.gates()
     rec.remove()
-    from moetune.data import Example
+    from moetune.data.rows import Example
     sums = collect_gates(m.model, [Example(ids, ids, ids, "", "x")], m.tokenizer.pad_token_id, 1, "cpu")
     assert g.shape[:2] == (2, len(sums.names))
     full = (sums.gate[0] / sums.tokens[0]).float()                                    # (L, N) mean over the prompt
@@ -193,9 +193,10 @@ TYPES = {
 
 @pytest.mark.parametrize("etype", list(TYPES))
 def test_every_expert_type_generates_like_the_evaluation(etype, tiny_llama, tiny_data, tmp_path, monkeypatch):
-    """Greedy `moetune generate` on a trained run of each type equals the eval stage's model (stages.model_with_adapter)
+    """Greedy `moetune generate` on a trained run of each type equals the eval stage's model (run.session.model_with_adapter)
     under evaluate.exact_match; MoLE with --mask-experts equals the eval of the masked recipe."""
-    from moetune.stages import Run, model_with_adapter, run_recipe
+    from moetune.commands.stages import run_recipe
+    from moetune.run.session import Run, model_with_adapter
     from test_calm import _save_llama
     from conftest import build_tokenizer
     extra = list(TYPES[etype])
@@ -224,7 +225,7 @@ def test_every_expert_type_generates_like_the_evaluation(etype, tiny_llama, tiny
 
 
 def test_ctrl_c_stops_one_answer_not_the_chat(lora_run, monkeypatch):
-    import moetune.chat as chat
+    import moetune.commands.chat as chat
     m = load_source(lora_run)
     real, calls = chat.generate_batch, []
 

@@ -10,15 +10,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import randomise_routed, tiny_overrides
-from moetune.checkpointing import disable_checkpointing, enable_checkpointing
+from moetune.adapters.inject import expert_layers, inject, trainable_parameters
+from moetune.commands.stages import run_recipe
 from moetune.experts import config_class
 from moetune.experts.calm import CALMConfig
 from moetune.experts.mole import MoLEConfig
-from moetune.inject import expert_layers, inject, trainable_parameters
-from moetune.loss import CausalLMLoss
-from moetune.models import load_model
+from moetune.models.load import load_model
 from moetune.recipe import ModelConfig, RouterConfig, load_recipe
-from moetune.stages import run_recipe
+from moetune.train.activation_checkpointing import disable_checkpointing, enable_checkpointing
+from moetune.train.loss import CausalLMLoss
 from test_calm import pair  # noqa: F401  (fixture: anchor + augmenting model)
 from test_mole import llama_experts  # noqa: F401  (fixture: three LoRA experts for MoLE)
 

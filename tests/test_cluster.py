@@ -11,9 +11,9 @@ from conftest import cli
 import torch
 from safetensors.torch import load_file
 
-from moetune.cluster import choose, cluster_heads, elbow, embed, example_texts, scan
+from moetune.commands.cluster import choose, cluster_heads, elbow, embed, example_texts, scan
+from moetune.experts.routing import router_init_weight
 from moetune.recipe import RecipeError, load_recipe
-from moetune.routing import router_init_weight
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,9 +149,9 @@ def test_choose_and_elbow():
 
 
 def test_init_router_on_tiny_llama(tiny_llama, tiny_data, tmp_path, monkeypatch):
-    from moetune.adapters import load_adapter, save_adapter
-    from moetune.inject import inject
-    from moetune.models import load_model
+    from moetune.adapters.inject import inject
+    from moetune.adapters.io import load_adapter, save_adapter
+    from moetune.models.load import load_model
     src = write_recipe(tmp_path / "tiny.yaml", str(tiny_llama), tiny_data, num_experts=2)
     assert cli(monkeypatch, "cluster-heads", src, "--embedder", "base", "--max", "4", "--init-router",
                "--out", tmp_path / "new.yaml") == 0
@@ -188,8 +188,8 @@ def test_init_router_on_tiny_llama(tiny_llama, tiny_data, tmp_path, monkeypatch)
 
 
 def test_centroid_count_must_match_num_experts(tiny_llama, tiny_data, tmp_path):
-    from moetune.inject import inject
-    from moetune.models import load_model
+    from moetune.adapters.inject import inject
+    from moetune.models.load import load_model
     src = write_recipe(tmp_path / "tiny.yaml", str(tiny_llama), tiny_data, num_experts=2)
     rep = cluster_heads(src, [], embedder="base", k_max=3, init_router=True, out=tmp_path / "new.yaml")
     rc = load_recipe(tmp_path / "new.yaml", [f"expert.num_experts={rep['chosen_k'] + 1}"])

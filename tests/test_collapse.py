@@ -1,4 +1,4 @@
-"""Collapsing routed adapters into stock PEFT LoRA / IA3 (moetune/collapse.py) and the CLI around it."""
+"""Collapsing routed adapters into stock PEFT LoRA / IA3 (moetune/export/collapse.py) and the CLI around it."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import cli, tiny_overrides
-from moetune.adapters import load_adapter
-from moetune.collapse import (collapse_layers, install, kl_by_domain, molora_ab, save_collapsed)
+from moetune.adapters.inject import expert_layers, inject
+from moetune.adapters.inject import routed_layers
+from moetune.adapters.io import load_adapter
+from moetune.eval.report import collect_gates, mean_gates
 from moetune.experts import config_class
-from moetune.inject import expert_layers, inject
-from moetune.merge import merge_into_base
+from moetune.export.collapse import collapse_layers, install, kl_by_domain, molora_ab, save_collapsed
+from moetune.export.merge import merge_into_base
 from moetune.recipe import DataConfig, RecipeError, RouterConfig, load_recipe
-from moetune.report import collect_gates, mean_gates, routed_layers
 
 torch.set_num_threads(1)
 TYPES = ["hydralora", "molora", "mov"]
@@ -43,7 +44,7 @@ def _routed(path, etype: str, arch: str, zero_router: bool):
 
 
 def _examples(path, data):
-    from moetune.pipeline import load_examples
+    from moetune.data.pipeline import load_examples
     return load_examples(str(data["validation"]), AutoTokenizer.from_pretrained(path), DataConfig())
 
 
@@ -124,7 +125,7 @@ def test_collapsed_adapter_loads_in_peft_and_merges(etype, arch, request, tiny_d
 
 @pytest.fixture(scope="module")
 def molora_run(tiny_llama, tiny_data, tmp_path_factory):
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     out = tmp_path_factory.mktemp("molora-run")
     run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "expert.type=molora",
                                                 "expert.num_experts=3", "expert.rank=2", "router.init_std=0.5",
@@ -168,7 +169,7 @@ def test_eval_reports_routing_and_export_collapse_mean(molora_run, tiny_llama, t
 def test_merge_of_a_routed_run_points_to_collapse(molora_run, tiny_llama, tiny_data, tmp_path, monkeypatch, capsys):
     assert cli(monkeypatch, "merge-lora", molora_run, "--out", tmp_path / "m") == 2
     assert "--collapse mean" in capsys.readouterr().err and not (tmp_path / "m").exists()
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     with pytest.raises(RecipeError, match="--collapse"):  # refused before training starts
         run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, tmp_path / "r", "expert.type=hydralora",
                                                     "stages=[train,merge]")))

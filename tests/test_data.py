@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, make_rows, write_jsonl
-from moetune.data import IGNORE, DataError, Encoder, Example, collate
-from moetune.pipeline import load_examples, load_splits
+from moetune.data.pipeline import load_examples, load_splits
+from moetune.data.rows import IGNORE, DataError, Encoder, Example, collate
 from moetune.recipe import DataConfig, RecipeError
 
 torch.set_num_threads(1)

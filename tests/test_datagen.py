@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from moetune.datagen import (  # noqa: E402
+from moetune.data.datagen import (  # noqa: E402
     BLORP, DOMAINS, UNITS, WORDS, fact_table, make_examples, readme_text, write_splits,
 )
 

@@ -43,7 +43,7 @@ def test_default_recipe_shows_a_clear_gain(default_run):
 def test_default_export_loads_in_peft_and_reproduces_merged_logits(default_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from moetune.models import ensure_builtin
+    from moetune.models.load import ensure_builtin
     export = default_run / "export"
     for f in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "README.md"):
         assert (export / f).is_file(), f

@@ -73,7 +73,7 @@ def test_qlora_for_fsdp_packs_4bit_weights_in_bf16_storage(tiny_llama, devname):
     On CPU (bitsandbytes' CPU backend) always; on CUDA where a GPU is present."""
     if devname == "cuda" and not torch.cuda.is_available():
         pytest.skip("the CUDA variant needs a CUDA GPU (the CPU variant runs everywhere)")
-    from moetune.models import load_model, pick_device
+    from moetune.models.load import load_model, pick_device
     from moetune.recipe import ModelConfig
     cfg = ModelConfig(path=str(tiny_llama), quantization="nf4", device=devname)
     plain, sharded = load_model(cfg), load_model(cfg, for_fsdp=True)

@@ -1,5 +1,6 @@
-"""The package's imports run one way: no cycle, no module importing a higher layer (moetune.LAYERS),
-no import of a moetune module inside a function (outside the CLI), and a torch-free `--help`.
+"""The package's imports run one way: no cycle, no module importing a package of a higher layer or of
+the same layer (moetune.LAYERS), no import of a moetune module inside a function (outside the CLI), a
+torch-free `--help`, and a README layout map that lists every module on its layer.
 
 The import graph is read from the source with `ast` (module-level and in-function imports alike),
 so a cycle hidden behind an import inside a function fails here too.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,12 +117,20 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def _layer_key(module: str) -> str | None:
-    """The name LAYERS lists a module under: its first component below `moetune` (None for the root)."""
+    """The name LAYERS lists a module under: its sub-package, or itself for a top-level module (None for the root)."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else None
 
 
-LAYER_OF = {name: rank for rank, names in moetune.LAYERS.items() for name in names}
+def _home(module: str) -> str:
+    """The package a module belongs to for the layering: its sub-package (`moetune.core`), or the root
+    package for the top-level modules (`moetune.cli` and `moetune.__main__` are one home)."""
+    parts = module.split(".")
+    inside = len(parts) > 2 or (len(parts) == 2 and MODULES[module].name == "__init__.py")
+    return ".".join(parts[:2]) if inside else "moetune"
+
+
+LAYER_OF = moetune.LAYERS
 
 
 def test_cycle_finder_finds_a_cycle_and_accepts_a_dag():
@@ -131,8 +141,8 @@ def test_cycle_finder_finds_a_cycle_and_accepts_a_dag():
 def test_import_graph_sees_in_function_imports():
     # cli imports its stage modules inside the command functions: the graph must still see them.
     found = {(t, inside) for t, _, inside in _imports("moetune.cli")}
-    assert ("moetune.stages", True) in found and ("moetune.errors", False) in found
-    assert "moetune.stages" in _graph()["moetune.cli"]
+    assert ("moetune.commands.stages", True) in found and ("moetune.core.errors", False) in found
+    assert "moetune.commands.stages" in _graph()["moetune.cli"]
 
 
 def test_no_import_cycle():
@@ -147,15 +157,27 @@ def test_every_module_has_a_layer():
     assert not sorted(set(LAYER_OF) - keys), "moetune.LAYERS names modules that do not exist"
 
 
-def test_no_module_imports_a_higher_layer():
-    bad = []
-    for m in MODULES:
-        if _layer_key(m) is None:
-            continue
-        for target, line, _ in _imports(m):
-            if _layer_key(target) is not None and LAYER_OF[_layer_key(target)] > LAYER_OF[_layer_key(m)]:
-                bad.append(f"{MODULES[m].relative_to(REPO)}:{line} ({m}, layer {LAYER_OF[_layer_key(m)]}) imports "
-                           f"{target} (layer {LAYER_OF[_layer_key(target)]})")
+def _allowed(module: str, target: str) -> bool:
+    """May `module` import `target`? Within its own package freely (the cycle test still applies); across
+    packages only downwards, so two packages on one layer never import each other (the packages form a DAG)."""
+    if _layer_key(target) is None or _home(target) == _home(module):
+        return True
+    return LAYER_OF[_layer_key(target)] < LAYER_OF[_layer_key(module)]
+
+
+def test_layering_rule_rejects_an_upward_and_a_sideways_import():
+    assert _allowed("moetune.train.loop", "moetune.train.loss") and _allowed("moetune.eval.evaluate", "moetune.train.loss")
+    assert _allowed("moetune.__main__", "moetune.cli") and _allowed("moetune.experts.mole", "moetune.experts")
+    assert not _allowed("moetune.train.loss", "moetune.eval.evaluate")    # upward
+    assert not _allowed("moetune.train.loop", "moetune.run.session")      # sideways: both on layer 5
+    assert not _allowed("moetune.models.load", "moetune.data.rows")       # sideways: both on layer 2
+
+
+def test_no_module_imports_a_higher_or_sideways_package():
+    bad = [f"{MODULES[m].relative_to(REPO)}:{line} ({m}, layer {LAYER_OF[_layer_key(m)]}) imports "
+           f"{target} (layer {LAYER_OF[_layer_key(target)]})"
+           for m in MODULES if _layer_key(m) is not None
+           for target, line, _ in _imports(m) if not _allowed(m, target)]
     assert not bad, "\n".join(bad)
 
 
@@ -169,12 +191,62 @@ def test_moetune_imports_inside_functions_only_in_the_cli():
 
 
 def test_expert_schema_and_registry_agree():
-    from moetune.expert_configs import EXPERT_CONFIGS, MERGEABLE
     from moetune.experts import REGISTRY
+    from moetune.recipe.experts import EXPERT_CONFIGS, MERGEABLE
     assert list(REGISTRY) == list(EXPERT_CONFIGS)
     for name, layer in REGISTRY.items():
         assert layer.config_cls is EXPERT_CONFIGS[name], name
         assert layer.mergeable == (name in MERGEABLE), name
+
+
+def _docstring_only(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+
+
+def _readme_layout() -> tuple[list[tuple[int, str | None]], dict[str, tuple[int, str | None]]]:
+    """The README's "Layout" map: [(layer, package dir or None)] per header line, and
+    module path -> (layer, package dir of its header) per module line."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    headers: list[tuple[int, str | None]] = []
+    listed: dict[str, tuple[int, str | None]] = {}
+    for line in section.splitlines():
+        if h := re.match(r"    layer (\d+): (moetune/\w+/)?", line):
+            headers.append((int(h.group(1)), h.group(2)))
+        elif m := re.match(r"    (moetune/\S+\.py)\s", line):
+            assert headers, f"README layout: {m.group(1)} is listed before any 'layer N:' line"
+            assert m.group(1) not in listed, f"README layout lists {m.group(1)} twice"
+            listed[m.group(1)] = headers[-1]
+    return headers, listed
+
+
+def test_readme_layout_lists_every_module_on_its_layer():
+    headers, listed = _readme_layout()
+    # every module but the root __init__ and the sub-packages' docstring-only __init__ files, and nothing more
+    files = {str(p.relative_to(REPO)): m for m, p in MODULES.items()
+             if m != "moetune" and not (p.name == "__init__.py" and _docstring_only(p))}
+    assert sorted(set(files) - set(listed)) == [], "modules missing from the README's Layout section"
+    assert sorted(set(listed) - set(files)) == [], "the README's Layout section lists files that do not exist"
+    for path, (layer, package) in listed.items():
+        key = _layer_key(files[path])
+        assert layer == LAYER_OF[key], f"README layout: {path} on layer {layer}, moetune.LAYERS[{key!r}] = {LAYER_OF[key]}"
+        if package is None:
+            assert path.count("/") == 1, f"README layout: {path} is listed under a header without its package"
+        else:
+            assert path.startswith(package), f"README layout: {path} is listed under {package}"
+    # one header per sub-package, on its LAYERS layer, from the top layer down
+    packages = [(pkg.split("/")[1], layer) for layer, pkg in headers if pkg]
+    assert len(dict(packages)) == len(packages), f"README layout: a package has two headers: {packages}"
+    assert dict(packages) == {k: v for k, v in LAYER_OF.items() if (ROOT / k).is_dir()}
+    layers = [layer for layer, _ in headers]
+    assert layers == sorted(layers, reverse=True), f"README layout: layers not listed top down: {layers}"
+
+
+def test_every_package_says_what_it_offers():
+    missing = [str(p.relative_to(REPO)) for p in MODULES.values()
+               if p.name == "__init__.py" and not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, f"package __init__ files without a docstring: {missing}"
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -202,3 +274,18 @@ def test_help_exits_0_without_torch(argv):
     assert res.returncode == 0, res.stderr
     assert "Usage" in res.stdout
     assert res.stdout.strip().splitlines()[-1] == "EXIT 0 []"
+
+
+# Modules that import no torch (the recipe schema, the CLI, `moetune runs`, `moetune data make`, small helpers):
+# importing one must not pull torch in through a package's __init__.
+TORCH_FREE = ("moetune.cli", "moetune.recipe", "moetune.recipe.sections", "moetune.recipe.experts",
+              "moetune.core.errors", "moetune.core.schema", "moetune.core.ui", "moetune.core.recompute",
+              "moetune.core.adapter_files", "moetune.data.datagen", "moetune.commands.runs", "moetune.train.curves")
+
+
+def test_torch_free_modules_import_without_torch():
+    code = (f"import importlib, sys\nfor m in {TORCH_FREE!r}:\n    importlib.import_module(m)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    res = _run(code)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from moetune.curves import curve_series, read_metrics
-from moetune.loggers import routing_row
+from moetune.experts.routing import entropy, load
 from moetune.recipe import RecipeError, load_recipe
-from moetune.routing import entropy, load
+from moetune.train.curves import curve_series, read_metrics
+from moetune.train.loggers import routing_row
 
 torch.set_num_threads(1)
 
 
 def _run(tiny_llama, tiny_data, out, *extra):
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "stages=[train]", "train.eval_before=false",
                                                 "train.eval_every=2", *extra)))
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -64,7 +64,7 @@ def test_plain_lora_run_logs_no_routing_and_draws_curves(tiny_llama, tiny_data, 
 
 
 def test_routing_row_masks_padding_and_groups_blocks(monkeypatch):
-    from moetune.routing import Router
+    from moetune.experts.routing import Router
 
     class Layer(torch.nn.Module):
         def __init__(self):
@@ -76,7 +76,7 @@ def test_routing_row_masks_padding_and_groups_blocks(monkeypatch):
             super().__init__()
             self.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"q": Layer(), "v": Layer()}) for _ in range(2)])
 
-    import moetune.loggers as L
+    import moetune.train.loggers as L
     model = Model()
     layers = {f"layers.{i}.{k}": model.layers[i][k] for i in range(2) for k in ("q", "v")}
     monkeypatch.setattr(L, "routed_layers", lambda m: layers)
@@ -97,7 +97,7 @@ def test_routing_row_masks_padding_and_groups_blocks(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
 def test_missing_tracker_is_a_clear_error_before_training(tiny_llama, tiny_data, tmp_path):
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     with pytest.raises(RecipeError, match=r"train.report_to.*'wandb'.*pip install wandb"):
         run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, tmp_path, "stages=[train]",
                                                     "train.report_to=[wandb]")))

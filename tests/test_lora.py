@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moetune.adapters import load_adapter, save_adapter
+from moetune.adapters.inject import expert_layers, inject, trainable_parameters
+from moetune.adapters.io import load_adapter, save_adapter
 from moetune.experts import ExpertConfig
-from moetune.inject import expert_layers, inject, trainable_parameters
-from moetune.merge import merge_into_base
+from moetune.export.merge import merge_into_base
 
 torch.set_num_threads(1)
 

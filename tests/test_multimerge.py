@@ -1,4 +1,4 @@
-"""Multi-LoRA merging (moetune/multimerge.py): each method against hand-computed 2x2 matrices, then the
+"""Multi-LoRA merging (moetune/export/multimerge.py): each method against hand-computed 2x2 matrices, then the
 `merge-lora --adapters` command on saved adapters (moetune + stock PEFT), loaded back with peft."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moetune.multimerge import (LoRA, dare_drop, dense_merge, disjoint_mean, merge_adapters, svd_ab, trim)
+from moetune.export.multimerge import LoRA, dare_drop, dense_merge, disjoint_mean, merge_adapters, svd_ab, trim
 from moetune.recipe import RecipeError
 from test_mole import make_lora, make_peft_lora
 from test_stages_cli import cli
@@ -119,7 +119,7 @@ def test_bad_settings_are_clear_errors():
 
 def _fold(base, adapters, weights):
     """Reference: a plain model with W0 + sum_i w_i s_i B_i A_i (from the adapter files)."""
-    from moetune.adapters import read_adapter
+    from moetune.adapters.io import read_adapter
     model = AutoModelForCausalLM.from_pretrained(base).eval()
     with torch.no_grad():
         for path, w in zip(adapters, weights):

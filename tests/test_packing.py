@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tokenizer, make_rows, randomise_routed
-from moetune.data import IGNORE, Encoder, collate
+from moetune.adapters.inject import inject
+from moetune.data.packing import first_fit, length_grouped, pack
+from moetune.data.rows import IGNORE, Encoder, collate
 from moetune.experts import config_class
-from moetune.inject import inject
-from moetune.loss import CausalLMLoss
-from moetune.loss import target_logits
-from moetune.packing import first_fit, length_grouped, pack
 from moetune.recipe import DataConfig, RecipeError, RouterConfig, load_recipe
+from moetune.train.loss import CausalLMLoss
+from moetune.train.loss import target_logits
 
 torch.set_num_threads(1)
 
@@ -138,7 +138,7 @@ def test_packed_training_matches_unpacked(tiny_llama, tiny_data, tmp_path):
     from safetensors.torch import load_file
 
     from conftest import tiny_overrides
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     common = ("expert.type=hydralora", "expert.num_experts=3", "train.max_steps=4", "stages=[train]",
               "train.eval_before=false", "train.batch_size=8", "data.max_length=64")
     runs = {}
@@ -152,7 +152,7 @@ def test_packed_training_matches_unpacked(tiny_llama, tiny_data, tmp_path):
 
 
 def test_group_by_length_plan_covers_each_epoch_with_similar_lengths():
-    from moetune.train import Plan
+    from moetune.train.loop import Plan
     lengths = np.random.default_rng(3).integers(20, 512, 400)
     plain, grouped = Plan(400, 4, 2, 1, 2.0, 0), Plan(400, 4, 2, 1, 2.0, 0, lengths)
     for plan in (plain, grouped):

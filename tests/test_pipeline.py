@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import build_tokenizer, make_rows, write_jsonl
-from moetune import pipeline
-from moetune.data import IGNORE, DataError
-from moetune.pipeline import ExampleSet, load_examples, load_splits
+from moetune.data import pipeline
+from moetune.data.pipeline import ExampleSet, load_examples, load_splits
+from moetune.data.rows import IGNORE, DataError
 from moetune.recipe import DataConfig
-from moetune.train import Plan
+from moetune.train.loop import Plan
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_mix_of_sources_with_columns_domains_weights_and_caps(tmp_path, tok):
 def test_cluster_heads_texts_read_every_mix_source(tmp_path):
     """cluster-heads embeds the rows of every data.mix source, each with its own format and columns,
     labelled with the source's domain (the labels its purity/ARI scores compare against)."""
-    from moetune.cluster import example_texts
+    from moetune.commands.cluster import example_texts
     from moetune.recipe import MixSource
     qa = [{"question": f"Shout {w}", "answer": w.upper()} for w in ("red", "blue", "cat")]
     share = [{"conversations": [{"from": "human", "value": f"Add {a} and 1"}, {"from": "gpt", "value": str(a + 1)}]}
@@ -259,8 +259,8 @@ def test_validate_reads_globs_and_mix(tiny_llama, tmp_path, monkeypatch, capsys)
 
 def test_skipped_rows_reach_the_run_summary(tiny_llama, tiny_data, tmp_path):
     from conftest import tiny_overrides
+    from moetune.commands.stages import run_recipe
     from moetune.recipe import load_recipe
-    from moetune.stages import run_recipe
     rows = make_rows(12, 1) + [{"instruction": "Shout red", "domain": "shout"}]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     data = {**tiny_data, "train": train}

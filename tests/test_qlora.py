@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli, tiny_overrides
-from moetune.errors import RecipeError
-from moetune.models import load_model
+from moetune.core.errors import RecipeError
+from moetune.models.load import load_model
 from moetune.recipe import ModelConfig, load_recipe
-from moetune.stages import run_recipe
+from moetune.commands.stages import run_recipe
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -64,7 +64,7 @@ def test_dequantisation_matches_bitsandbytes_and_fixes_its_cpu_kernel(quant, dou
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from moetune.quant import _dequantize_reference, dequantize
+    from moetune.models.quant import _dequantize_reference, dequantize
     g = torch.Generator().manual_seed(0)
     for rows, cols in ((7, 64), (33, 192), (3, 576), (64, 32), (7, 96)):
         x = torch.randn(rows, cols, generator=g)
@@ -170,7 +170,7 @@ def test_every_type_trains_resumes_evaluates_and_exports_on_a_4bit_base(case, ti
         assert meta["base_quantization"] == {"quantization": "nf4", "double_quantization": True,
                                              "compute_dtype": "float32"}
     if case.startswith("calm"):
-        from moetune.adapters import load_adapter
+        from moetune.adapters.io import load_adapter
         model = load_model(ModelConfig(path=str(tiny_llama), quantization="none" if "augmenting" in case else "nf4"),
                            CPU)
         load_adapter(model, tmp_path / "full" / "export")
@@ -186,8 +186,8 @@ def test_merge_dequantizes_and_reports_the_logit_difference(tiny_llama, tiny_dat
     max |logit diff| is small and matches a fresh measurement of the saved model."""
     from transformers import AutoModelForCausalLM
 
-    from moetune.data import collate
-    from moetune.stages import Run, model_with_adapter
+    from moetune.data.rows import collate
+    from moetune.run.session import Run, model_with_adapter
     out = tmp_path / "run"
     r = load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "model.quantization=fp4", "merge.dequantize=true",
                                          "expert.target_modules=[q_proj,v_proj]", "train.lr=1e-2",
@@ -213,7 +213,7 @@ def test_merge_lora_base_on_a_4bit_base(tiny_llama, tiny_data, tmp_path, monkeyp
     """`merge-lora ADAPTER --base M` of an adapter trained on a 4-bit base merges into that base loaded in
     4 bit and dequantised (recorded in MOETUNE_MERGE.txt); model.quantization=none merges into the float
     base instead; a 4-bit base without merge.dequantize is refused with exit 2."""
-    from moetune.adapters import load_adapter
+    from moetune.adapters.io import load_adapter
     out = tmp_path / "run"
     run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "model.quantization=nf4", "train.lr=1e-2",
                                                 "stages=[train]")))
@@ -245,8 +245,8 @@ def test_collapse_of_a_routed_adapter_on_a_4bit_base(etype, tiny_llama, tiny_dat
     """`export --collapse mean` on a 4-bit run: stock PEFT files and collapse.json with the fidelity (KL,
     routed vs collapsed loss) measured on the 4-bit base; the collapsed adapter on the 4-bit base
     reproduces the reported collapsed loss."""
-    from moetune.collapse import export_collapsed
-    from moetune.stages import Run
+    from moetune.export.collapse import export_collapsed
+    from moetune.run.session import Run
     out = tmp_path / "run"
     extra = ["expert.num_experts=3"] + (["train.lr=5e-2"] if etype == "mov" else ["train.lr=1e-2"])
     r = load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "model.quantization=nf4", f"expert.type={etype}",
@@ -260,8 +260,8 @@ def test_collapse_of_a_routed_adapter_on_a_4bit_base(etype, tiny_llama, tiny_dat
     assert cfg["peft_type"] == ("IA3" if etype == "mov" else "LORA")
     assert json.loads((coll / "collapse.json").read_text())["adapters"]["mean"]["fidelity"]["kl"] == fid["kl"]
     if etype == "hydralora":   # moetune reloads the stock LoRA on the 4-bit base: the same collapsed loss
-        from moetune.evaluate import loss_by_domain
-        from moetune.stages import model_with_adapter
+        from moetune.eval.evaluate import loss_by_domain
+        from moetune.run.session import model_with_adapter
         run = Run(r)
         model = model_with_adapter(run, coll)
         assert _linears(model)
@@ -276,8 +276,8 @@ def test_validate_counts_the_4bit_bytes_bitsandbytes_holds(tiny_llama, tiny_data
     """validate's frozen-weight estimate (meta device, no weights) equals the bytes the loaded 4-bit model
     holds (codes, scales, code books; the rest in float32) within 1%; the 4-bit linears take <= 0.35x
     their bfloat16 bytes (here the per-layer code books weigh more: 64-wide layers)."""
-    from moetune.quant import loaded_bytes
-    from moetune.validate import estimate
+    from moetune.models.quant import loaded_bytes
+    from moetune.commands.validate import estimate
     for double in (True, False):
         r = load_recipe(None, tiny_overrides(tiny_llama, tiny_data, tmp_path, "model.quantization=nf4",
                                              f"model.double_quantization={double}", "stages=[train]"))
@@ -349,7 +349,7 @@ def test_backend_without_the_4bit_type_is_a_clear_error(tiny_llama, tiny_data, t
     missing bitsandbytes: one paragraph naming model.quantization, exit 2, for train and validate."""
     import bitsandbytes.functional as bnbf
 
-    from moetune import quant
+    from moetune.models import quant
 
     def missing(*a, **k):
         raise NotImplementedError("no kernel for quantize_4bit with quant_type fp4 on this device")
@@ -404,7 +404,7 @@ def test_qlora_recipe_on_smollm2(tmp_path):
     import subprocess
     from pathlib import Path
 
-    from moetune.quant import loaded_bytes
+    from moetune.models.quant import loaded_bytes
     root = Path(__file__).resolve().parents[1]
     q = load_model(load_recipe(root / "recipes" / "qlora.yaml").model, CPU)
     lin = _linears(q)

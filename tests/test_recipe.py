@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from conftest import build_model, tiny_overrides
+from moetune.core.schema import field_docs, schema_keys
 from moetune.experts import REGISTRY, config_class
-from moetune.models import ModelError, find_targets, load_tokenizer, resolve_path
+from moetune.models.load import ModelError, find_targets, load_tokenizer, resolve_path
 from moetune.recipe import ModelConfig, Recipe, RecipeError, explain, load_recipe
-from moetune.schema import field_docs, schema_keys
 
 torch.set_num_threads(1)
 
@@ -298,7 +298,7 @@ def test_cli_validate_bad_data_row_exits_2(tiny_llama, tiny_data, tmp_path, monk
 
 def test_estimate_counts_gpt2_conv1d(tiny_gpt2, tiny_data, tmp_path):
     from transformers import AutoModelForCausalLM
-    from moetune.validate import estimate
+    from moetune.commands.validate import estimate
     rc = load_recipe(DEFAULT, tiny_overrides(tiny_gpt2, tiny_data, tmp_path / "run", "expert.rank=3"))
     est = estimate(rc)
     expected, n = _lora_count(AutoModelForCausalLM.from_pretrained(tiny_gpt2), rank=3)

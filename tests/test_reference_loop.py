@@ -87,7 +87,7 @@ def test_loop_mole_reference_matches_moetune_mole_on_a_model(tiny_llama, tmp_pat
     from methods import install, mole_method, write_lora_experts
     from reference_loop import loop_set
     from transformers import AutoModelForCausalLM
-    from moetune.inject import inject
+    from moetune.adapters.inject import inject
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval().requires_grad_(False)
     m = mole_method(write_lora_experts(model, 8, 4, ["all-linear"], tmp_path), granularity)

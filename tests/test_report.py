@@ -1,4 +1,4 @@
-"""The routing report (moetune/report.py): masked load and entropy, dead experts, per-domain gates, heatmap."""
+"""The routing report (moetune/eval/report.py): masked load and entropy, dead experts, per-domain gates, heatmap."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,15 +9,15 @@ import torch
 from conftest import randomise_routed
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moetune import routing
-from moetune.data import collate
-from moetune.pipeline import load_examples
+from moetune.adapters.inject import expert_layers, inject
+from moetune.data.pipeline import load_examples
+from moetune.data.rows import collate
+from moetune.eval.report import (GateSums, batch_sums, collect_gates, domain_gates, eval_routing, mean_gates,
+                                 routing_report, row_groups, save_heatmap, table_rows)
+from moetune.experts import routing
 from moetune.experts import config_class
 from moetune.experts.base import ExpertConfig
-from moetune.inject import expert_layers, inject
 from moetune.recipe import DataConfig, RouterConfig
-from moetune.report import (GateSums, batch_sums, collect_gates, domain_gates, eval_routing, mean_gates,
-                            routing_report, row_groups, save_heatmap, table_rows)
 
 torch.set_num_threads(1)
 

@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_rows, randomise_routed, tiny_overrides
-from moetune.adapters import load_adapter, save_adapter
+from moetune.adapters.inject import aux_losses, expert_layers, inject, trainable_parameters
+from moetune.adapters.io import load_adapter, save_adapter
+from moetune.commands.stages import run_recipe
 from moetune.experts import REGISTRY, config_class
-from moetune.inject import aux_losses, expert_layers, inject, trainable_parameters
 from moetune.recipe import RouterConfig, load_recipe
-from moetune.stages import run_recipe
 
 torch.set_num_threads(1)
 
@@ -198,7 +198,7 @@ def test_balance_loss_raises_routing_entropy(anisotropic_llama, tiny_data, tmp_p
 def test_fused_router_matmul_equals_separate_path(etype, monkeypatch):
     """A x and the router logits from one matmul (routing.low_rank_and_gates): same output, same
     gradients to x, A, B and W_g (balance loss included) as the separate router call."""
-    from moetune import routing
+    from moetune.experts import routing
     torch.manual_seed(0)
     rc = RouterConfig(type="top_k", top_k=2, balance_loss="switch", balance_weight=0.5, z_loss_weight=0.1)
     base = torch.nn.Linear(12, 7, bias=False).requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Router init fitted to clusters from any embedder (moetune/router_fit.py, `cluster-heads --init-router`)."""
+"""Router init fitted to clusters from any embedder (moetune/train/router_fit.py, `cluster-heads --init-router`)."""
 from __future__ import annotations
 
 import json
@@ -8,14 +8,14 @@ import torch
 from test_cluster import write_recipe
 from transformers import AutoTokenizer
 
-from moetune.cluster import cluster_heads
-from moetune.data import IGNORE, collate
-from moetune.pipeline import load_examples
-from moetune.inject import inject
-from moetune.models import load_model
+from moetune.adapters.inject import inject
+from moetune.commands.cluster import cluster_heads
+from moetune.data.pipeline import load_examples
+from moetune.data.rows import IGNORE, collate
+from moetune.experts.routing import prompt_mask, routing_context
+from moetune.models.load import load_model
 from moetune.recipe import load_recipe
-from moetune.router_fit import fit_weight
-from moetune.routing import prompt_mask, routing_context
+from moetune.train.router_fit import fit_weight
 
 torch.set_num_threads(1)
 
@@ -47,7 +47,7 @@ def test_init_router_with_the_default_minilm_embedder(tiny_llama, tiny_data, tmp
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     ex = load_examples(str(tiny_data["train"]), tok, rc.data)
     # the clusters themselves: recompute them as cluster_heads did (same K-means on the same rows)
-    from moetune.cluster import embed, example_texts, scan
+    from moetune.commands.cluster import embed, example_texts, scan
     texts, _ = example_texts(rc.data)
     labels = torch.as_tensor(scan(embed(texts, "minilm", rc.model), 2, 2)[0]["labels"]).long()   # (n,)
     grabbed = {}

@@ -10,14 +10,14 @@ import torch
 from conftest import randomise_routed, tiny_overrides
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moetune import routing as R
-from moetune.data import IGNORE, collate
+from moetune.adapters.inject import aux_losses, expert_layers, inject, trainable_parameters
+from moetune.commands.stages import run_recipe
+from moetune.data.rows import IGNORE, collate
+from moetune.experts import routing as R
 from moetune.experts import config_class
-from moetune.inject import aux_losses, expert_layers, inject, trainable_parameters
-from moetune.loss import CausalLMLoss
 from moetune.recipe import RecipeError, RouterConfig, load_recipe
-from moetune.stages import run_recipe
-from moetune.train import build_optimizer, build_scheduler, domain_indices, param_groups
+from moetune.train.loop import build_optimizer, build_scheduler, domain_indices, param_groups
+from moetune.train.loss import CausalLMLoss
 from test_report import examples
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from moetune import routing as R
+from moetune.experts import routing as R
 from moetune.recipe import RouterConfig
 
 torch.set_num_threads(1)

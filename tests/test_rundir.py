@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import moetune.adapters as adapters_mod
+import moetune.adapters.io as adapters_mod
 from conftest import cli, tiny_overrides
-from moetune import checkpoint as ckpt
+from moetune.commands.stages import run_recipe
+from moetune.core import checkpoint as ckpt
 from moetune.recipe import RecipeError, load_recipe, to_yaml
-from moetune.rundir import LOCK, existing_run, run_lock
-from moetune.stages import run_recipe
+from moetune.run.rundir import LOCK, existing_run, run_lock
 
 torch.set_num_threads(1)
 FAST = ("stages=[train]", "train.eval_before=false")
@@ -82,7 +82,7 @@ def test_a_second_run_into_a_locked_directory_refuses(tiny_llama, tiny_data, tmp
 def test_lock_of_a_killed_process_does_not_block(tiny_llama, tiny_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    code = (f"import sys, time; from moetune.rundir import run_lock\n"
+    code = (f"import sys, time; from moetune.run.rundir import run_lock\n"
             f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(120)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)

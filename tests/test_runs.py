@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from conftest import cli, tiny_overrides
+from moetune.commands.runs import find_runs, run_row, sort_rows
 from moetune.recipe import load_recipe
-from moetune.runs import find_runs, run_row, sort_rows
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def runs_dir(tiny_llama, tiny_data, tmp_path_factory):
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     root = tmp_path_factory.mktemp("runs")
     for name, extra in (("lora", ["train.max_steps=8"]),
                         ("hydra", ["expert.type=hydralora", "expert.num_experts=2", "train.max_steps=4"])):

@@ -9,10 +9,10 @@ import torch
 from test_report import held_out, routed_model  # noqa: F401  (module fixture reused)
 from transformers import AutoTokenizer
 
-from moetune.inject import expert_layers
+from moetune.adapters.inject import expert_layers
+from moetune.eval.report import GateSums, assignment_sums, collect_gates, routing_report, specialisation, table_rows
+from moetune.experts.routing import domain_expert_mi
 from moetune.recipe import RouterConfig
-from moetune.report import GateSums, assignment_sums, collect_gates, routing_report, specialisation, table_rows
-from moetune.routing import domain_expert_mi
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import cli, tiny_overrides
-from moetune.adapters import load_adapter
+from moetune.adapters.io import load_adapter
 from moetune.recipe import load_recipe
 
 torch.set_num_threads(1)
@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_llama, tiny_data, tmp_path_factory):
-    from moetune.stages import run_recipe
+    from moetune.commands.stages import run_recipe
     out = tmp_path_factory.mktemp("run")
     run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "train.max_steps=10",
                                                 "stages=[train]", "train.eval_before=false")))
@@ -70,10 +70,11 @@ def test_failed_export_keeps_previous_export(trained_run, tmp_path, monkeypatch)
     out = tmp_path / "exp"
     assert cli(monkeypatch, "export", trained_run, "--out", out) == 0
     before = sorted(p.name for p in out.iterdir())
-    import moetune.stages as stages
+    import moetune.commands.stages as stages
+    from moetune.run.session import Run
     monkeypatch.setattr(stages, "model_card", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        stages.stage_export(stages.Run(load_recipe(trained_run / "recipe.yaml", [f"output_dir={trained_run}"])),
+        stages.stage_export(Run(load_recipe(trained_run / "recipe.yaml", [f"output_dir={trained_run}"])),
                             out=out)
     assert sorted(p.name for p in out.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exp")]

@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_overrides
-from moetune.adapters import load_adapter
-from moetune.models import builtin_dir, load_model, stock_base_name
+from moetune.adapters.io import load_adapter
+from moetune.commands.stages import run_recipe
+from moetune.models.load import builtin_dir, load_model, stock_base_name
 from moetune.recipe import ModelConfig, load_recipe
-from moetune.stages import run_recipe
 
 torch.set_num_threads(1)
 

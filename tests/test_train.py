@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from moetune import checkpoint as ckpt
+from moetune.commands.stages import run_recipe
+from moetune.core import checkpoint as ckpt
 from moetune.recipe import load_recipe
-from moetune.stages import run_recipe
 
 torch.set_num_threads(1)
 

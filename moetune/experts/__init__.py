@@ -1,13 +1,13 @@
-"""Registry of expert types, keyed by the recipe's `expert.type`.
+"""Expert types, one module per paper, and their registry keyed by the recipe's `expert.type`; `routing`
+holds the gates, routers and routing losses the routed types share.
 
-Adding a type: write its settings class in `moetune/expert_configs.py` (the torch-free recipe
+Adding a type: write its settings class in `moetune/recipe/experts.py` (the torch-free recipe
 schema, with one line in its `EXPERT_CONFIGS`), its module here (an `ExpertLayer` subclass whose
 `config_cls` is that class), add one line to `REGISTRY`, add one recipe under `recipes/`.
-The registry depends on the schema, never the reverse (see `moetune.expert_configs`).
+The registry depends on the schema, never the reverse (see `moetune.recipe.experts`).
 """
 from __future__ import annotations
 
-from moetune.expert_configs import ExpertConfig
 from moetune.experts.base import ExpertLayer
 from moetune.experts.calm import CALMLayer
 from moetune.experts.hydralora import HydraLoRALayer
@@ -15,6 +15,7 @@ from moetune.experts.lora import LoRALayer
 from moetune.experts.mole import MoLELayer
 from moetune.experts.molora import MoLoRALayer
 from moetune.experts.mov import MoVLayer
+from moetune.recipe.experts import ExpertConfig
 
 REGISTRY: dict[str, type[ExpertLayer]] = {
     "lora": LoRALayer,

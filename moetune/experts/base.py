@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from moetune.expert_configs import ExpertConfig
-from moetune.models import find_targets
-from moetune.quant import dequantize
+from moetune.models.load import find_targets
+from moetune.recipe.experts import ExpertConfig
+from moetune.models.quant import dequantize
 
 
 def base_dims(base: nn.Module) -> tuple[int, int]:

@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetune.errors import RecipeError
-from moetune.expert_configs import CALMConfig
+from moetune.core.errors import RecipeError
 from moetune.experts.base import ExpertLayer, base_dims
 from moetune.experts.calm_align import load_aligner
-from moetune.experts.calm_bridge import AugmentingRunner, check_tokenizers, decoder_layers, load_augmenting
-from moetune.models import is_projection
+from moetune.experts.calm_bridge import AugmentingRunner, check_tokenizers, load_augmenting
+from moetune.models.layers import decoder_layers
+from moetune.models.load import is_projection
+from moetune.recipe.experts import CALMConfig
 
 
 def evenly_spaced(depth: int, n: int) -> list[int]:

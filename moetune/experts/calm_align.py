@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moetune.errors import RecipeError
-from moetune.models import load_tokenizer
+from moetune.core.errors import RecipeError
+from moetune.models.load import load_tokenizer
 from moetune.recipe import ModelConfig
 
 Triple = tuple[int, int, int]   # (a, lo, hi): sees trunk tokens [0, a) and flat tokens [lo, hi)

@@ -34,28 +34,14 @@ import torch
 from torch import nn
 from transformers import Cache, DynamicCache
 
-from moetune.errors import RecipeError
+from moetune.core.errors import RecipeError
 from moetune.experts.calm_align import TextAligner
-from moetune.models import DTYPES, load_config, load_model, load_tokenizer
-from moetune.quant import quantization_of
+from moetune.models.layers import decoder_layers
+from moetune.models.load import DTYPES, load_config, load_model, load_tokenizer
+from moetune.models.quant import quantization_of
 from moetune.recipe import ModelConfig
 
-# transformers (a heavy import) is imported inside the functions that use it, like moetune.models does.
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, list) of the decoder blocks of a HF causal LM (`model.layers`, GPT-2 `transformer.h`, ...)."""
-    body = model.base_model
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    depth = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    lists = [m for m in body.children() if isinstance(m, nn.ModuleList)]
-    exact = [m for m in lists if len(m) == depth]
-    if len(exact) != 1 and len(lists) != 1:
-        raise TypeError(f"cannot find the decoder layers of {type(model).__name__}: {len(lists)} module lists "
-                        f"in {type(body).__name__}, {len(exact)} of length num_hidden_layers={depth}")
-    blocks = exact[0] if len(exact) == 1 else lists[0]
-    name = next(n for n, m in model.named_modules() if m is blocks)
-    return name, blocks
+# transformers (a heavy import) is imported inside the functions that use it, like moetune.models.load does.
 
 
 def load_augmenting(path: str, anchor: nn.Module, quantization: str = "anchor") -> nn.Module:

@@ -26,9 +26,9 @@ import math
 import torch
 from torch import nn
 
-from moetune.expert_configs import HydraLoRAConfig
 from moetune.experts.base import ExpertLayer
-from moetune.routing import Router, low_rank_and_gates
+from moetune.experts.routing import Router, low_rank_and_gates
+from moetune.recipe.experts import HydraLoRAConfig
 
 
 class HydraLoRALayer(ExpertLayer):

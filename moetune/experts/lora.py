@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from moetune.expert_configs import ExpertConfig
 from moetune.experts.base import ExpertLayer
+from moetune.recipe.experts import ExpertConfig
 
 
 class LoRALayer(ExpertLayer):

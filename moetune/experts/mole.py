@@ -58,13 +58,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetune.adapter_files import WEIGHTS, read_adapter
-from moetune.errors import RecipeError
-from moetune.expert_configs import MoLEConfig, check_experts, expert_names
+from moetune.core.adapter_files import WEIGHTS, read_adapter
+from moetune.core.errors import RecipeError
+from moetune.core.recompute import recomputing
 from moetune.experts.base import ExpertLayer
-from moetune.models import is_projection
-from moetune.recompute import recomputing
-from moetune.routing import Router, balance_loss, domain_loss, z_loss
+from moetune.experts.routing import Router, balance_loss, domain_loss, z_loss
+from moetune.models.load import is_projection
+from moetune.recipe.experts import MoLEConfig, check_experts, expert_names
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")
 

@@ -27,9 +27,9 @@ import math
 import torch
 from torch import nn
 
-from moetune.expert_configs import MoLoRAConfig
 from moetune.experts.base import ExpertLayer
-from moetune.routing import Router, low_rank_and_gates
+from moetune.experts.routing import Router, low_rank_and_gates
+from moetune.recipe.experts import MoLoRAConfig
 
 
 class MoLoRALayer(ExpertLayer):

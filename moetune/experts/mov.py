@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moetune.expert_configs import MoVConfig
 from moetune.experts.base import ExpertLayer
-from moetune.models import matches_pattern
-from moetune.routing import Router
+from moetune.experts.routing import Router
+from moetune.models.load import matches_pattern
+from moetune.recipe.experts import MoVConfig
 
 
 class MoVLayer(ExpertLayer):

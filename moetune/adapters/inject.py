@@ -1,0 +1,88 @@
+"""Wrap a model's target projections with expert layers; collect their losses and state.
+
+Trainable parameters are found from the module structure (the wrapped layers' own
+parameters), never by matching parameter names.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moetune.experts import REGISTRY, ExpertLayer
+from moetune.experts.routing import Router, init_routers
+from moetune.recipe.experts import ExpertConfig
+
+
+def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -> dict[str, ExpertLayer]:
+    """Freeze `model`, replace every target projection by an expert layer; return name -> layer."""
+    model.requires_grad_(False)
+    cls = REGISTRY[expert.type]
+    whole_model = getattr(cls, "inject_model", None)  # types that pick their own modules (CALM: decoder blocks)
+    names = [] if whole_model else cls.target_names(model, expert)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(expert.init_seed if expert.init_seed is not None else seed)
+    layers: dict[str, ExpertLayer] = whole_model(model, expert) if whole_model else {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        layer = cls(base, expert, router, name=name)
+        layer.to(base.weight.device)  # adapter tensors stay float32; the base keeps its own dtype
+        setattr(parent, child, layer)
+        layers[name] = layer
+    torch.random.set_rng_state(gen_state)
+    cls.after_inject(layers)  # types whose layers share state (MoLE's shared gates) link them here
+    if router is not None and getattr(router, "init_centroids", None):
+        init_routers(layers, router.init_centroids, router.init_std)  # routers of layers with input dim d start from the centroids
+    for layer in layers.values():
+        for p in layer.adapter_state().values():
+            p.requires_grad_(True)
+    return layers
+
+
+def expert_layers(model: nn.Module) -> dict[str, ExpertLayer]:
+    """name -> expert layer, for a model that was injected (also through DDP wrappers)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ExpertLayer)}
+
+
+def routed_layers(model: nn.Module) -> dict[str, ExpertLayer]:
+    """name -> expert layer, for the layers that route tokens through a `Router` (model order)."""
+    return {n: m for n, m in expert_layers(model).items() if isinstance(getattr(m, "router", None), Router)}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for layer in expert_layers(model).values() for p in layer.adapter_state().values()]
+
+
+def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Sum each named auxiliary loss over all expert layers (already weighted)."""
+    total: dict[str, torch.Tensor] = {}
+    for layer in expert_layers(model).values():
+        for k, v in layer.aux_losses().items():
+            total[k] = total[k] + v if k in total else v
+    return total
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor, keyed '<module name>.<local name>' (detached, CPU, contiguous)."""
+    return {f"{n}.{k}": v.detach().cpu().contiguous()
+            for n, layer in expert_layers(model).items() for k, v in layer.adapter_state().items()}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy tensors saved by `adapter_state_dict` back; every key must match exactly."""
+    params = {f"{n}.{k}": v for n, layer in expert_layers(model).items() for k, v in layer.adapter_state().items()}
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"adapter does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            if p.shape != state[k].shape:
+                raise ValueError(f"adapter tensor {k} has shape {tuple(state[k].shape)}, model wants {tuple(p.shape)}")
+            p.copy_(state[k].to(p.device, p.dtype))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable adapter parameters, all parameters)."""
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    return trainable, sum(p.numel() for p in model.parameters())

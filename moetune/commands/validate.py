@@ -1,0 +1,101 @@
+"""`moetune validate`: check a recipe and its data without loading weights.
+
+The model is built on PyTorch's meta device from its config alone, the experts are
+injected there, and parameters are counted exactly. The memory estimate is rough:
+frozen weights (a 4-bit base's linears as bitsandbytes stores them: `quant.layer_bytes`, about
+4.13 bits per weight with double quantisation; the rest in model.dtype) + adapter weights,
+gradients and AdamW moments + activations
+(about 34 bytes x tokens x hidden size per layer in 16 bit, after Korthikanti et al.
+2022, doubled for float32; with train.gradient_checkpointing, 2 bytes per block input plus one
+block's 34).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from moetune.adapters.inject import count_parameters, inject
+from moetune.commands.domain_experts import domain_recipe
+from moetune.core.errors import DataError
+from moetune.core.ui import console, table
+from moetune.data.pipeline import mix_config
+from moetune.data.rows import detect_format, to_messages
+from moetune.data.sources import source_rows
+from moetune.models.load import attn_implementation, load_config, pick_device
+from moetune.models.load import base_dtype
+from moetune.models.quant import check_backend, check_quantizable, frozen_bytes
+from moetune.recipe import Recipe
+
+# transformers (a heavy import) is imported inside the function that uses it.
+
+def estimate(recipe: Recipe) -> dict:
+    from transformers import AutoModelForCausalLM
+    config = load_config(recipe.model, log=console.print)
+    attn_implementation(recipe.model, pick_device(recipe.model))  # an attention kernel that cannot run: RecipeError
+    if recipe.model.quantization != "none":  # bitsandbytes missing, no kernel here, an already quantised model
+        check_backend(recipe.model.quantization, pick_device(recipe.model))
+        check_quantizable(recipe.model, recipe.model.path, config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        expert = recipe.expert
+        if getattr(expert, "experts_from", None) == "per_domain":  # MoLE's experts are not trained yet:
+            expert = domain_recipe(recipe, "domain").expert       # count one domain LoRA instead
+        inject(model, expert, recipe.router, seed=recipe.train.seed)
+    trainable, total = count_parameters(model)
+    dtype_bytes = torch.empty((), dtype=base_dtype(recipe.model, pick_device(recipe.model))).element_size()
+    frozen = frozen_bytes(model, recipe.model, dtype_bytes)          # 4-bit linears exactly as bitsandbytes stores them
+    runner = getattr(model, "calm_runner", None)
+    if runner is not None:                                           # CALM: the augmenting model is frozen weights too
+        aq = recipe.expert.augmenting_quantization
+        aug = frozen_bytes(runner.model, replace(recipe.model, quantization=recipe.model.quantization if aq == "anchor"
+                                                 else aq), dtype_bytes)
+        frozen = {k: frozen[k] + aug[k] for k in frozen}
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    tokens = recipe.train.batch_size * recipe.data.max_length
+    act_bytes = 34 * tokens * hidden * layers * (2 if recipe.train.precision == "fp32" else 1)
+    if getattr(recipe.train, "gradient_checkpointing", False):  # each block keeps its input; one block's full set
+        act_bytes = act_bytes // 34 * 2 // max(layers, 1) * layers + act_bytes // max(layers, 1)
+    mem = {"frozen_weights": frozen["quantized"] + frozen["float"], "adapter_train_state": trainable * 16,
+           "activations": act_bytes}
+    return {"trainable": trainable, "total": total, "memory": mem, "model_type": config.model_type,
+            "layers": layers, "hidden": hidden, "frozen_4bit_bytes": frozen["quantized"]}
+
+
+def check_data(recipe: Recipe) -> dict[str, int]:
+    """Read every data file named by the recipe and check each row's shape (no tokenizer)."""
+    counts = {}
+    jobs = [(f"mix[{i}]", "train", mix_config(recipe.data, s)) for i, s in enumerate(recipe.data.mix)]
+    for key in ("train", "validation", "test"):
+        if getattr(recipe.data, key) and not (key == "train" and recipe.data.mix):
+            jobs.append((key, key, recipe.data))
+    for name, split, cfg in jobs:
+        rows = source_rows(getattr(cfg, split), cfg, split)
+        fmt = detect_format(rows, cfg)
+        bad = 0
+        for row, loc in rows:
+            try:
+                to_messages(row, loc, cfg, fmt)
+            except DataError:
+                if not cfg.skip_bad_rows:
+                    raise
+                bad += 1
+        counts[name] = len(rows) - bad
+    return counts
+
+
+def report(recipe: Recipe) -> dict:
+    counts = check_data(recipe)
+    est = estimate(recipe)
+    gib = 1024 ** 3
+    rows = [["model", f"{recipe.model.path} ({est['model_type']}, {est['layers']} layers, hidden {est['hidden']})"],
+            ["expert", (f"calm with {recipe.expert.augmenting_model}" if recipe.expert.type == "calm" else
+                        f"{recipe.expert.type} rank {recipe.expert.rank} on {list(recipe.expert.target_modules)}")],
+            ["trainable parameters", f"{est['trainable']:,} ({100 * est['trainable'] / est['total']:.3f}% of {est['total']:,})"],
+            *[[f"data.{k}", f"{n:,} rows"] for k, n in counts.items()],
+            *[[f"memory: {k}", f"{v / gib:.2f} GiB"] for k, v in est["memory"].items()],
+            ["memory: total (rough)", f"{sum(est['memory'].values()) / gib:.2f} GiB"],
+            ["stages", ", ".join(recipe.stages)]]
+    console.print(table("recipe OK", ["", "value"], rows))
+    return {**est, "data": counts}

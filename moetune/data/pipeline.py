@@ -1,0 +1,311 @@
+"""Tokenise a source once with batched `Dataset.map`, cache it on disk, serve memory-mapped rows.
+
+`tokenized(spec, tokenizer, cfg)` returns the tokenised rows of a source as an Arrow
+dataset with the columns input_ids / labels / prompt_ids (int32 lists), reference, domain,
+length, truncated (cut by max_length) and n_targets (labelled tokens after the first, the count the loss is normalised
+by). It is saved under `<cache>/<fingerprint>/`, where the fingerprint hashes everything
+that changes the tokens: the source's identity (paths, sizes, mtimes or dataset
+fingerprint), the data settings that shape rows and templates, the tokenizer (its full
+serialisation, special tokens and chat template) and this pipeline's version. A second run
+opens the cache memory-mapped without reading the source.
+
+`ExampleSet` is a read-only sequence of `Example`s over such a dataset (and an index
+array): indexing reads one row, `take` a batch, slicing makes a view. The training loop
+therefore holds no Python list of every example's tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from moetune.data.rows import IGNORE, DataError, Encoder, Example, format_of_keys, to_messages
+from moetune.data.sources import Source, load_source
+from moetune.recipe import DataConfig
+
+VERSION = 2
+ROW = "\x00ROW\x00"  # placeholder for the row location in error texts written inside `map`
+TOKEN_KEYS = ("format", "instruction_field", "input_field", "response_field", "messages_field",
+              "conversations_field", "text_field", "domain_field", "template", "system_prompt", "max_length",
+              "mask_history", "skip_bad_rows")
+FEATURES = datasets.Features({
+    "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
+    "prompt_ids": datasets.Sequence(datasets.Value("int32")), "reference": datasets.Value("string"),
+    "domain": datasets.Value("string"), "length": datasets.Value("int32"), "n_targets": datasets.Value("int32"),
+    "truncated": datasets.Value("bool"), "error": datasets.Value("string")})
+datasets.utils.logging.set_verbosity_error()
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    if os.environ.get("MOETUNE_DATA_CACHE"):
+        return Path(os.environ["MOETUNE_DATA_CACHE"])
+    return Path(os.environ.get("MOETUNE_HOME", Path.home() / ".cache" / "moetune")) / "datasets"
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Hash of what decides a tokenizer's output: its serialisation, special tokens, chat template."""
+    cached = getattr(tok, "_moetune_fingerprint", None)
+    if cached:
+        return cached
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update(repr((type(tok).__name__, tok.chat_template, tok.bos_token, tok.eos_token, tok.pad_token,
+                   tok.all_special_tokens, getattr(tok, "add_bos_token", None))).encode())
+    fp = h.hexdigest()[:16]
+    try:
+        tok._moetune_fingerprint = fp
+    except AttributeError:
+        pass
+    return fp
+
+
+def _fingerprint(src: Source, tok, cfg: DataConfig, domain: str | None) -> str:
+    key = {"v": VERSION, "source": src.identity, "data": {k: getattr(cfg, k) for k in TOKEN_KEYS}, "domain": domain,
+           "tokenizer": tokenizer_fingerprint(tok)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _encode_fn(tok, cfg: DataConfig, fmt: str, domain: str | None):
+    enc = Encoder(tok, cfg)
+
+    def fn(batch: dict) -> dict:
+        rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        msgs, domains, errors = [], [], []
+        for row in rows:
+            try:
+                m, err = to_messages(row, ROW, cfg, fmt), ""
+            except DataError as e:
+                m, err = [{"role": "completion", "content": "x"}], str(e)
+            msgs.append(m)
+            errors.append(err)
+            domains.append(domain or str(row.get(cfg.domain_field) or "all"))
+        out = {k: [] for k in FEATURES}
+        full: list[int] = []
+        for e, err, n in zip(enc.encode_batch(msgs, domains, full), errors, full):
+            out["input_ids"].append(e.input_ids)
+            out["labels"].append(e.labels)
+            out["prompt_ids"].append(e.prompt_ids)
+            out["reference"].append(e.reference)
+            out["domain"].append(e.domain)
+            out["length"].append(len(e.input_ids))
+            out["n_targets"].append(len(e.labels) - 1 - e.labels[1:].count(IGNORE) if e.labels else 0)
+            out["truncated"].append(n > cfg.max_length)
+            out["error"].append(err)
+        return out
+    return fn
+
+
+def _tokenize(src: Source, tok, cfg: DataConfig, domain: str | None, work: Path) -> tuple[datasets.Dataset, dict]:
+    ds = src.ds
+    fmt = cfg.format if cfg.format != "auto" else format_of_keys(ds.column_names, cfg, src.locate(0))
+    n = len(ds)
+    num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if n >= 20_000 else 1)
+    out = ds.map(_encode_fn(tok, cfg, fmt, domain), batched=True, batch_size=1000, remove_columns=ds.column_names,
+                 features=FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising",
+                 cache_file_name=str(work / "tokens.arrow"))  # not beside the source: deleted once saved
+    errors = out.data.column("error").to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(errors != "")
+    info = {"rows": n, "bad_rows": int(len(bad)), "bad_examples": [], "format": fmt}
+    if len(bad):
+        named = [errors[i].replace(ROW, src.locate(int(i))) for i in bad[:5]]
+        if not cfg.skip_bad_rows:
+            raise DataError(named[0] + (f" ({len(bad)} bad rows in all; data.skip_bad_rows: true skips and "
+                                        "counts them.)" if len(bad) > 1 else ""))
+        info["bad_examples"] = named
+        out = out.select(np.flatnonzero(errors == ""))
+    return out.remove_columns("error"), info
+
+
+def tokenized(spec: str, tok, cfg: DataConfig, split: str = "train", domain: str | None = None
+              ) -> tuple[datasets.Dataset, dict]:
+    """Tokenised rows of `spec` (from the cache when the fingerprint matches) and the build info;
+    `domain` labels every row (None: the domain column)."""
+    hub_split = cfg.hub_split if split == "train" else split
+    datasets.disable_progress_bars()  # shown only for big sources, below
+    try:
+        src = load_source(spec, cfg.hub_subset, hub_split, cfg.hub_revision)
+        if len(src.ds) == 0:
+            raise DataError(f"Data file {spec!r} has no rows.")
+        path = cache_root(cfg) / _fingerprint(src, tok, cfg, domain)
+        if (path / "moetune.json").exists():
+            try:
+                return datasets.load_from_disk(str(path / "data")), json.loads((path / "moetune.json").read_text())
+            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+                shutil.rmtree(path, ignore_errors=True)
+        if len(src.ds) >= 50_000:
+            datasets.enable_progress_bars()
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        (tmp / "map").mkdir(parents=True)
+        ds, info = _tokenize(src, tok, cfg, domain, tmp / "map")
+        info["source"] = spec
+        ds.save_to_disk(str(tmp / "data"))
+        del ds
+        shutil.rmtree(tmp / "map", ignore_errors=True)
+    finally:
+        datasets.enable_progress_bars()
+    (tmp / "moetune.json").write_text(json.dumps(info, indent=1))
+    try:
+        tmp.rename(path)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(path / "data")), info
+
+
+class ExampleSet(Sequence):
+    """Examples over a tokenised Arrow dataset, optionally through an index array (a view)."""
+
+    def __init__(self, ds: datasets.Dataset, indices: np.ndarray | None = None, info: dict | None = None) -> None:
+        self.ds = ds
+        self.indices = np.arange(len(ds)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.info = info or {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ExampleSet(self.ds, self.indices[i], self.info)
+        return self.take([i])[0]
+
+    def __iter__(self):
+        for s in range(0, len(self), 512):
+            yield from self.take(range(s, min(s + 512, len(self))))
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def column(self, name: str) -> np.ndarray:
+        """A scalar column (length, n_targets, domain) in this view's order."""
+        return self.ds.data.column(name).to_numpy(zero_copy_only=False)[self.indices]
+
+    def view(self, positions) -> "ExampleSet":
+        return ExampleSet(self.ds, self.indices[np.asarray(positions, dtype=np.int64)], self.info)
+
+    def take(self, positions) -> list[Example]:
+        """The examples at `positions` of this view, read in one Arrow gather."""
+        rows = self.ds[self.indices[np.asarray(list(positions), dtype=np.int64)]]
+        return [Example(list(a), list(b), list(c), d, e) for a, b, c, d, e in
+                zip(rows["input_ids"], rows["labels"], rows["prompt_ids"], rows["reference"], rows["domain"])]
+
+
+def take(examples, positions) -> list[Example]:
+    """`examples[i] for i in positions`, batched when `examples` is an ExampleSet."""
+    if isinstance(examples, ExampleSet):
+        return examples.take(positions)
+    return [examples[int(i)] for i in positions]
+
+
+def load_examples(path: str, tokenizer, cfg: DataConfig, split: str = "train") -> ExampleSet:
+    ds, info = tokenized(path, tokenizer, cfg, split)
+    return ExampleSet(ds, info=info)
+
+
+FIELD_OF = {"instruction": "instruction_field", "input": "input_field", "response": "response_field",
+            "messages": "messages_field", "conversations": "conversations_field", "text": "text_field",
+            "domain": "domain_field"}
+
+
+def mix_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
+    """Rows taken from each source: as is, or the total shared out by weight (largest remainders)."""
+    if not weights:
+        return list(sizes)
+    total, w = sum(sizes), np.asarray(weights, dtype=float)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def mix_config(cfg: DataConfig, src) -> DataConfig:
+    """The data settings one `data.mix` source is read with (its format, columns and hub keys)."""
+    return dataclasses.replace(cfg, train=src.path, format=src.format, hub_subset=src.hub_subset,
+                               hub_split=src.hub_split, hub_revision=src.hub_revision, mix=[],
+                               **{FIELD_OF[k]: v for k, v in src.columns.items()})
+
+
+def load_mix(cfg: DataConfig, tokenizer) -> ExampleSet:
+    """The `data.mix` sources, each tokenised (and cached) on its own, as one ExampleSet."""
+    parts, infos = [], []
+    for src in cfg.mix:
+        ds, info = tokenized(src.path, tokenizer, mix_config(cfg, src), "train", src.domain)
+        parts.append(ds)
+        infos.append(info)
+    sizes = [min(len(d), s.max_rows or len(d)) for d, s in zip(parts, cfg.mix)]
+    counts = mix_counts(sizes, [s.weight for s in cfg.mix] if cfg.mix[0].weight is not None else None)
+    rows, offset = [], 0
+    for i, (d, size, n) in enumerate(zip(parts, sizes, counts)):
+        pool = shuffled(len(d), cfg.seed + 7919 * (i + 1))[:size]          # the seeded max_rows sample
+        reps = np.concatenate([pool] * (n // size) + [pool[: n % size]]) if size else pool[:0]
+        rows.append(np.sort(reps) + offset)
+        offset += len(d)
+    table = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    info = {"rows": sum(i["rows"] for i in infos), "bad_rows": sum(i["bad_rows"] for i in infos),
+            "bad_examples": sum((i["bad_examples"] for i in infos), [])[:5], "format": "mix",
+            "sources": [{"path": s.path, "rows": i["rows"], "taken": n, "format": i["format"]}
+                        for s, i, n in zip(cfg.mix, infos, counts)]}
+    return ExampleSet(table, np.concatenate(rows), info)
+
+
+def shuffled(n: int, seed: int) -> np.ndarray:
+    """The seeded permutation of range(n) (the same one `random.Random(seed).shuffle` gives a list)."""
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    return np.asarray(idx, dtype=np.int64)
+
+
+def load_splits(cfg: DataConfig, tokenizer, need: tuple[str, ...] = ("train", "validation", "test")
+                ) -> dict[str, ExampleSet]:
+    """train / validation / test examples (validation carved off train when not given)."""
+    splits: dict[str, ExampleSet] = {}
+    train = None
+    if "train" in need or ("validation" in need and not cfg.validation):
+        full = load_mix(cfg, tokenizer) if cfg.mix else load_examples(cfg.train, tokenizer, cfg, "train")
+        train = full.view(shuffled(len(full), cfg.seed))
+    if "validation" in need or "train" in need:
+        if cfg.validation:
+            splits["validation"] = load_examples(cfg.validation, tokenizer, cfg, "validation")
+        else:
+            k = int(len(train) * cfg.validation_split)  # 0 disables validation
+            splits["validation"], train = train[:k], train[k:]
+    if "train" in need:
+        if cfg.max_train_examples:
+            train = train[: cfg.max_train_examples]
+        keep = train.column("n_targets") > 0  # labelled tokens after the first: what the loss sees
+        dropped = int((~keep).sum())
+        if dropped:
+            train = train.view(np.flatnonzero(keep))
+            train.info = {**train.info, "dropped_no_target": dropped}
+        if not len(train):
+            raise DataError(f"No training example keeps a response token within data.max_length={cfg.max_length} "
+                            f"({dropped} dropped). Raise data.max_length.")
+        splits["train"] = train
+    if "test" in need and cfg.test:
+        splits["test"] = load_examples(cfg.test, tokenizer, cfg, "test")
+    return splits
+
+
+
+def data_summary(splits: dict) -> dict:
+    """Per split: examples used, source rows, bad rows skipped (the first few named), for summary.json."""
+    out = {}
+    for name, es in splits.items():
+        info = getattr(es, "info", None) or {}
+        out[name] = {"examples": len(es), "source_rows": info.get("rows"), "bad_rows_skipped": info.get("bad_rows", 0),
+                     **({"bad_examples": info["bad_examples"]} if info.get("bad_examples") else {})}
+    return out

@@ -1,0 +1,122 @@
+"""Evaluation: loss/perplexity, greedy exact match per domain, multiple-choice accuracy."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from moetune.core.ui import simple_progress
+from moetune.data.rows import Example, collate
+from moetune.eval.mmlu import load_mc_rows, score_multiple_choice
+from moetune.experts.routing import routing_context
+from moetune.train.loss import per_example_loss
+
+
+def normalise_answer(text: str) -> str:
+    """Exact match compares stripped text with inner whitespace collapsed."""
+    return " ".join(text.strip().split())
+
+
+@torch.no_grad()
+def loss_by_domain(model, examples: list[Example], pad_id: int, batch_size: int, device) -> dict:
+    """{'loss', 'perplexity', 'tokens', 'per_domain': {d: {'loss', 'tokens'}}} (token-weighted)."""
+    sums, counts = defaultdict(float), defaultdict(int)
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        b = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        s, n = per_example_loss(model, b)
+        for e, si, ni in zip(chunk, s.tolist(), n.tolist()):
+            sums[e.domain] += si
+            counts[e.domain] += ni
+    total, n = sum(sums.values()), sum(counts.values())
+    loss = total / max(n, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": n,
+            "per_domain": {d: {"loss": sums[d] / max(counts[d], 1), "tokens": counts[d]} for d in sorted(sums)}}
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = 1
+    return ids, mask                                            # (B, T), (B, T)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the generation config's (one or a list)."""
+    eos = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if t is not None]
+    return sorted({x for t in eos for x in (t if isinstance(t, list) else [t])})
+
+
+def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, device, **kwargs) -> torch.Tensor:
+    """model.generate on left-padded prompts ids, mask (B, T) -> (B, T + new), inside the routing context
+    that sequence-level routers (router.level) need: they pool the prompt once and keep its gates for the
+    new tokens. The one place moetune generates (exact match, `generate`, `chat`)."""
+    with routing_context(pool_mask=mask.bool().to(device), cache={}):
+        return model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int, device,
+                show: bool = True, keep_samples: int = 5) -> dict:
+    """Greedy, batched generation; exact match of the answer per domain."""
+    model.eval()
+    hits, totals = defaultdict(int), defaultdict(int)
+    samples = []
+    eos = eos_ids(model, tokenizer)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))  # similar lengths per batch
+    with simple_progress("exact match", len(examples), enabled=show) as bar:
+        for s in range(0, len(order), batch_size):
+            chunk = [examples[i] for i in order[s:s + batch_size]]
+            ids, mask = left_pad([e.prompt_ids for e in chunk], tokenizer.pad_token_id)
+            out = generate_ids(model, ids, mask, device, do_sample=False, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+            new = out[:, ids.shape[1]:]                         # (B, <= max_new_tokens)
+            for e, row in zip(chunk, new.tolist()):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                ok = normalise_answer(text) == normalise_answer(e.reference)
+                hits[e.domain] += ok
+                totals[e.domain] += 1
+                if len(samples) < keep_samples:
+                    samples.append({"domain": e.domain, "reference": e.reference, "output": text.strip(), "ok": ok})
+            bar.advance(bar.task_ids[0], len(chunk))
+    n = sum(totals.values())
+    return {"exact_match": sum(hits.values()) / max(n, 1), "n": n, "samples": samples,
+            "per_domain": {d: {"exact_match": hits[d] / totals[d], "n": totals[d]} for d in sorted(totals)}}
+
+
+def evaluate(model, tokenizer, examples: list[Example], recipe, device, generation: bool | None = None,
+             show: bool = True) -> dict:
+    """Loss and (optionally) exact match on held-out examples, merged per domain."""
+    cfg = recipe.eval
+    if cfg.max_examples:
+        examples = examples[: cfg.max_examples]
+    res = loss_by_domain(model, examples, tokenizer.pad_token_id, cfg.batch_size, device)
+    out = {"loss": res["loss"], "perplexity": res["perplexity"], "n": len(examples), "per_domain": {}}
+    for d, v in res["per_domain"].items():
+        out["per_domain"][d] = {"loss": v["loss"]}
+    if cfg.generation if generation is None else generation:
+        em = exact_match(model, tokenizer, examples, cfg.batch_size, cfg.max_new_tokens, device, show=show)
+        out["exact_match"] = em["exact_match"]
+        out["samples"] = em["samples"]
+        for d, v in em["per_domain"].items():
+            out["per_domain"].setdefault(d, {})["exact_match"] = v["exact_match"]
+            out["per_domain"][d]["n"] = v["n"]
+    return out
+
+
+def multiple_choice(model, tokenizer, paths: list[str], recipe, show: bool = True) -> dict:
+    """Accuracy on multiple-choice JSONL files (MMLU format), per file, subject and group."""
+    out = {}
+    for path in paths:
+        rows = load_mc_rows(path)
+        with simple_progress(f"multiple choice {path}", len(rows), enabled=show) as bar:
+            out[path] = score_multiple_choice(model, tokenizer, rows, batch_size=recipe.eval.batch_size,
+                                              use_chat_template=recipe.eval.mc_chat_template,
+                                              mode=recipe.eval.mc_format,
+                                              progress=lambda k: bar.update(bar.task_ids[0], completed=k))
+    return out

@@ -1,0 +1,267 @@
+"""Typed recipes: OmegaConf structured dataclasses, loading, overrides and clear errors.
+
+A recipe is YAML whose sections are the dataclasses of `recipe.sections` (re-exported here) and
+`recipe.experts`; each field's docstring is its documentation (`moetune validate --explain` prints them). `load_recipe` merges
+`key=value` overrides, rejects unknown keys with a did-you-mean, converts types, checks
+ranges and choices and contradictory settings, and raises `RecipeError` whose message
+names the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from moetune.core.errors import RecipeError
+from moetune.core.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
+from moetune.recipe.experts import EXPERT_CONFIGS, MERGEABLE, ExpertConfig
+from moetune.recipe.sections import (MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
+                                     MixSource, ModelConfig, RouterConfig, TrainConfig)
+
+
+@dataclass
+class Recipe:
+    """A whole recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model."""
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    """Expert type and its settings."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    """Router of mixture types."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    """Merging."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Export."""
+    output_dir: str = "runs/default"
+    """Run directory: checkpoints, metrics.jsonl, summary.json, adapter, merged model, export."""
+    stages: list[str] = opt(factory=lambda: ["train", "merge", "eval", "export"], choices=STAGES)
+    """Stages `moetune train` runs, in this order. When a recipe does not set it, an expert type that does
+    not fold into the base (every type but lora) runs the default without 'merge'."""
+
+
+def _suggest(key: str, options, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" Did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def _check_keys(data: Any, cls: type, prefix: str) -> None:
+    """Unknown keys -> RecipeError with a did-you-mean (recursively)."""
+    if not isinstance(data, dict):
+        return
+    keys = schema_keys(cls)
+    for k, v in data.items():
+        full = f"{prefix}{k}"
+        if k not in keys:
+            raise RecipeError(f"Unknown recipe key '{full}'.{_suggest(str(k), keys, prefix)} "
+                              f"Allowed keys here: {', '.join(keys)}.")
+        sub = keys[k]
+        if cls is DataConfig and k == "mix" and isinstance(v, list):  # a list of MixSource sections
+            for i, item in enumerate(v):
+                _check_keys(item, MixSource, f"{full}[{i}].")
+        if sub is not None:
+            if not isinstance(v, dict):
+                raise RecipeError(f"Recipe key '{full}' must be a section (mapping), got {v!r}.")
+            _check_keys(v, sub, full + ".")
+
+
+def _expert_class(data: dict) -> type[ExpertConfig]:
+    etype = (data.get("expert") or {}).get("type", "lora")
+    if etype not in EXPERT_CONFIGS:
+        raise RecipeError(f"Recipe key 'expert.type' has value {etype!r}, which is not an expert type."
+                          f"{_suggest(str(etype), EXPERT_CONFIGS)} Allowed: {', '.join(EXPERT_CONFIGS)}.")
+    return EXPERT_CONFIGS[etype]
+
+
+def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+    """Build and validate a Recipe from a plain dict (already merged with overrides)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}.")
+    expert_cls = _expert_class(data)
+    schema = OmegaConf.structured(Recipe)
+    schema.expert = OmegaConf.structured(expert_cls)
+    _check_keys({k: v for k, v in data.items() if k != "expert"}, Recipe, "")
+    _check_keys(data.get("expert") or {}, expert_cls, "expert.")
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.create(data))
+        recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise RecipeError(f"Recipe key '{key}' has a bad value {getattr(e, 'value', None)!r}: "
+                          f"{getattr(e, 'msg', str(e)).splitlines()[0]}. {_doc_for(key)}") from None
+    if "stages" not in data and recipe.expert.type not in MERGEABLE:
+        recipe.stages = [s for s in recipe.stages if s != "merge"]  # the default, minus what cannot run
+    for key, f, value in walk(recipe):
+        if not check_value(f, value):
+            raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}. "
+                              f"{_doc_for(key)}")
+    _check_semantics(recipe)
+    return recipe
+
+
+def _doc_for(key: str) -> str:
+    """The docstring of a dotted recipe key, as a sentence for error messages."""
+    parts = key.split(".")
+    cls: Any = Recipe
+    for p in parts[:-1]:
+        cls = schema_keys(cls).get(p) or ExpertConfig
+    doc = field_docs(cls).get(parts[-1], "")
+    return f"({parts[-1]}: {doc})" if doc else ""
+
+
+def _check_semantics(r: Recipe) -> None:
+    """Contradictory settings that no single field can catch."""
+    if r.model.quantization != "none":
+        if "merge" in r.stages and not r.merge.dequantize:
+            raise RecipeError("Recipe stages include 'merge' with a 4-bit base (model.quantization="
+                              f"{r.model.quantization!r}) but 'merge.dequantize' is false. A LoRA cannot be folded "
+                              "into 4-bit weights: set merge.dequantize=true (the base is dequantised first and "
+                              "the max logit difference reported) or drop 'merge' from stages.")
+    if r.export.kind in ("merged", "both") and r.expert.type not in MERGEABLE:
+        raise RecipeError(f"Recipe key 'export.kind' is {r.export.kind!r}, but expert type {r.expert.type!r} "
+                          "does not fold into the base. Allowed: 'adapter'.")
+    if "merge" in r.stages and r.expert.type not in MERGEABLE:
+        raise not_mergeable(r.expert.type)  # at load and `validate` time, not after training
+    if r.router.type == "top_k" and hasattr(r.expert, "num_experts") and r.router.top_k > r.expert.num_experts:
+        raise RecipeError(f"Recipe key 'router.top_k' is {r.router.top_k}, more than expert.num_experts "
+                          f"({r.expert.num_experts}). Allowed: 1..{r.expert.num_experts}.")
+    check_expert = getattr(r.expert, "check_recipe", None)
+    if check_expert is not None:  # type-specific checks, e.g. calm's augmenting model and layer lists
+        check_expert(r)
+    if len(set(r.stages)) != len(r.stages):
+        raise RecipeError(f"Recipe key 'stages' repeats a stage: {r.stages}. Allowed: each of {', '.join(STAGES)} once.")
+    if r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
+        raise RecipeError(f"Recipe key 'router.init_centroids' names {r.router.init_centroids!r}, which does not "
+                          f"exist (working directory: {Path.cwd()}). Allowed: a centroid file written by "
+                          "`moetune cluster-heads --init-router`, or null.")
+    if r.data.packing and r.expert.type == "calm":
+        raise RecipeError("Recipe key 'data.packing' is true, but expert type 'calm' runs a second model on the "
+                          "same tokens with its own masks, which packing does not support. Allowed: false.")
+    if r.data.packing and r.data.group_by_length:
+        raise RecipeError("Recipe keys 'data.packing' and 'data.group_by_length' are both true; length grouping "
+                          "is for unpacked training. Allowed: at most one of them true.")
+    for i, src in enumerate(r.data.mix):
+        if not src.path:
+            raise RecipeError(f"Recipe key 'data.mix[{i}].path' is missing. Allowed: a file, glob, directory or hub id.")
+        for key, f, value in walk(src, f"data.mix[{i}]."):
+            if not check_value(f, value):
+                raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}.")
+        bad = sorted(set(src.columns) - set(MIX_COLUMNS))
+        if bad:
+            raise RecipeError(f"Recipe key 'data.mix[{i}].columns' names {bad[0]!r}. Allowed: {', '.join(MIX_COLUMNS)}.")
+    if r.data.mix and any(s.weight is not None for s in r.data.mix) and any(s.weight is None for s in r.data.mix):
+        raise RecipeError("Recipe key 'data.mix[].weight' is set on some sources only. Allowed: a weight on every "
+                          "source, or on none.")
+    for key in ("train", "validation", "test"):
+        path = getattr(r.data, key)
+        if key == "train" and r.data.mix:
+            continue
+        hub_or_glob = path and (any(c in path for c in "*?[") or (
+            path.count("/") == 1 and not path.startswith(".") and Path(path).suffix == ""))
+        if path and "train" in r.stages and not hub_or_glob and not Path(path).exists():
+            if key == "test" and r.eval.split != "test":
+                continue
+            raise RecipeError(f"Recipe key 'data.{key}' names {path!r}, which does not exist "
+                              f"(working directory: {Path.cwd()}). Allowed: an existing .jsonl/.json/.csv/"
+                              ".parquet file or a datasets directory" + ("" if key == "train" else ", or null") + ".")
+
+
+def not_mergeable(expert_type: str) -> RecipeError:
+    """The error for merging a routed adapter (per-token gates do not fold into the base weights) or a
+    CALM composition (cross-attention over a second model is computation, not a weight delta)."""
+    if expert_type == "calm":
+        return RecipeError("Expert type 'calm' composes the anchor with a second model through cross-attention "
+                           "layers, which add computation rather than a weight delta, so 'merge' cannot run on it "
+                           "(and export.kind must be 'adapter'). Allowed: stages without 'merge', e.g. "
+                           "stages=[train,eval,export]; eval scores the composed model and export writes the "
+                           "composition adapter (safetensors + moetune.json naming both models).")
+    if expert_type == "mole":
+        return RecipeError("Expert type 'mole' mixes frozen LoRAs with per-token gates, which do not fold into the "
+                           "base weights, so 'merge' cannot run on it. Fix the gates at their mean over a split and "
+                           "merge: `moetune merge-lora --adapters --method mole --gates-from RUN_DIR --out DIR` "
+                           "(add --into-base for a full model).")
+    then = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
+            "(moetune's merge folds LoRA only)." if expert_type == "mov" else
+            "It writes a stock PEFT LoRA; then run `moetune merge-lora DIR --out MERGED`.")
+    return RecipeError(f"Expert type {expert_type!r} routes every token to its own mix of experts, which does not "
+                       "fold into the base weights, so 'merge' cannot run on it. First fix the gates at their "
+                       f"validation average with `moetune export RUN_DIR --collapse mean --out DIR`. {then} "
+                       "DIR/collapse.json reports how close the collapsed adapter is to the routed one.")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`key=value` strings (OmegaConf dotlist) -> nested dict; rejects malformed ones."""
+    for o in overrides:
+        if "=" not in o:
+            raise RecipeError(f"Override {o!r} is not of the form key=value (e.g. train.lr=1e-4).")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"Could not parse overrides {overrides}: {e}") from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (or the defaults when path is None) and apply overrides."""
+    base = OmegaConf.create({})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"Recipe file {str(p)!r} does not exist.")
+        try:
+            base = OmegaConf.load(p)
+        except Exception as e:  # YAML syntax errors
+            raise RecipeError(f"Recipe file {str(p)!r} is not valid YAML: {e}") from None
+        body = [x for x in p.read_text().splitlines() if x.strip() and not x.lstrip().startswith("#")]
+        if not body:
+            raise RecipeError(f"Recipe file {str(p)!r} is empty (or holds only comments), so it sets nothing. "
+                              "Allowed: a YAML mapping of sections (model:, expert:, data:, train:, ...), e.g. a copy "
+                              "of recipes/default.yaml; to run every default on purpose, write `{}` in it.")
+        if not OmegaConf.is_dict(base):  # e.g. a YAML list: merging it below would raise TypeError
+            raise RecipeError(f"Recipe file {str(p)!r}: a recipe must be a YAML mapping of sections "
+                              "(model:, expert:, data:, train:, ...), got a list.")
+    merged = OmegaConf.merge(base, OmegaConf.create(parse_overrides(overrides or [])))
+    try:
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise RecipeError(f"Recipe {path}: {e}") from None
+    return recipe_from_dict(data or {}, source=str(path))
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (saved beside every run and export)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def explain() -> str:
+    """Every recipe key with its default and docstring: the recipe reference."""
+    lines = []
+
+    def emit(cls, prefix, obj):
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"\n{prefix}{f.name}:  {field_docs(cls).get(f.name, '')}")
+                emit(type(value), prefix + f.name + ".", value)
+            else:
+                allowed = allowed_text(f)
+                lines.append(f"  {prefix}{f.name} = {value!r}" + (f"  [{allowed}]" if allowed else ""))
+                lines.append(f"      {field_docs(cls).get(f.name, '')}")
+    emit(Recipe, "", Recipe())
+    lines.append(f"\ndata.mix[i]:  {MixSource.__doc__}")
+    emit(MixSource, "data.mix[i].", MixSource())
+    return "\n".join(lines).lstrip()

@@ -1,0 +1,252 @@
+"""Typed settings of every expert type (`expert:` in a recipe), torch-free: the recipe schema's part.
+
+Decision: the recipe schema owns the expert settings; the expert registry depends on it, never
+the reverse. Each `ExpertConfig` subclass lives here, with the recipe-level checks that need no
+model (`check_recipe`), and `EXPERT_CONFIGS` maps each `expert.type` to it, so that loading,
+validating and explaining a recipe (and `moetune --help`) never import torch. The layers in
+`moetune/experts/` (one file per paper) point back with `config_cls = <their config>`, and
+`moetune.experts.REGISTRY` maps the same keys to the layers; tests/test_layers.py checks that the
+two tables agree (same keys, `REGISTRY[t].config_cls is EXPERT_CONFIGS[t]`, and
+`REGISTRY[t].mergeable == (t in MERGEABLE)`). A new expert type adds its config class and one
+entry here, its layer file and one entry in the registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from moetune.core.adapter_files import read_meta
+from moetune.core.errors import RecipeError
+from moetune.core.schema import opt
+
+GRANULARITIES = ("matrix", "layer", "block", "network")
+
+
+def _error(msg: str) -> Exception:
+    return RecipeError(msg)
+
+
+@dataclass
+class ExpertConfig:
+    """Settings shared by every expert type (``expert:`` in a recipe)."""
+
+    type: str = "lora"
+    """Expert type, a key of the expert registry (lora, ...)."""
+    rank: int = opt(8, min=1)
+    """Rank r of each low-rank adapter (LoRA: A is r x d_in, B is d_out x r)."""
+    alpha: float = opt(16.0, min=0)
+    """Scaling numerator: the adapter output is multiplied by s = alpha / rank."""
+    dropout: float = opt(0.0, min=0, max=1)
+    """Dropout on the adapter's input during training (0 disables it)."""
+    target_modules: list[str] = opt(factory=lambda: ["all-linear"])
+    """Which projections to wrap: 'all-linear' (every linear layer but the output head),
+    exact module names ('q_proj' matches '...self_attn.q_proj'), shell globs
+    ('layers.1*.mlp.*') or regular expressions prefixed with 're:'."""
+    init_seed: int | None = None
+    """Seed for adapter initialisation (None: use train.seed)."""
+
+
+@dataclass
+class HydraLoRAConfig(ExpertConfig):
+    """HydraLoRA settings (`expert:` with type hydralora)."""
+
+    num_experts: int = opt(3, min=1)
+    """Number N of B heads sharing one A (the paper finds 2-4 typical)."""
+
+
+@dataclass
+class MoLoRAConfig(ExpertConfig):
+    """MoLoRA settings (`expert:` with type molora)."""
+
+    num_experts: int = opt(4, min=1)
+    """Number N of LoRA experts, each of rank `rank` (the paper uses 10; more helps until saturation)."""
+
+
+@dataclass
+class MoVConfig(ExpertConfig):
+    """MoV settings (`expert:` with type mov)."""
+
+    target_modules: list[str] = opt(factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    """Which projections to wrap (same syntax as for LoRA). (IA)^3 places: attention keys and values
+    (k_proj, v_proj) and the FFN down projection (down_proj; GPT-2: [c_attn, mlp.c_proj])."""
+    num_experts: int = opt(4, min=1)
+    """Number N of (IA)^3 vectors per wrapped projection (the paper uses 10-30)."""
+    input_scaled_modules: list[str] = opt(factory=lambda: ["down_proj", "mlp.c_proj"])
+    """Wrapped projections whose INPUT is scaled (the FFN intermediate activation); all other
+    wrapped projections have their OUTPUT scaled (keys, values). Same name syntax as target_modules."""
+
+
+@dataclass
+class MoLEConfig(ExpertConfig):
+    """MoLE settings (`expert:` with type mole). `rank`, `alpha`, `dropout` and `target_modules`
+    are used only by `experts_from: per_domain`, for the domain LoRAs it trains; the gates read
+    the experts' own ranks and scales."""
+
+    experts: list[str] = opt(factory=list)
+    """Directories of trained LoRA experts: moetune adapter directories (a run's adapter/) or stock
+    PEFT LoRA directories; ranks may differ. Each must name the same base model as model.path (when
+    it names one) and adapt only projections the model has. MoLE wraps every projection that any
+    expert adapts. Filled in by `experts_from: per_domain`."""
+    names: list[str] = opt(factory=list)
+    """One name per expert, for --mask-experts and reports; empty: each directory's name (its
+    parent's for a run's `adapter` directory)."""
+    experts_from: str = opt("list", choices=("list", "per_domain"))
+    """'list': the `experts` directories. 'per_domain': `moetune train` first trains one LoRA per
+    value of the data's domain field (rank, alpha, dropout, target_modules above; expert_max_steps,
+    expert_lr below; the rest of train:) into <output_dir>/experts/<domain>/adapter, then the gates."""
+    granularity: str = opt("layer", choices=GRANULARITIES)
+    """Which projections share one gate: 'matrix' (each projection), 'layer' (each attention or MLP
+    sub-layer), 'block' (each transformer block), 'network' (one gate); see moetune/experts/mole.py."""
+    temperature: float = opt(1.0, min=0, min_exclusive=True)
+    """Softmax temperature tau of the gates, G = softmax(logits / tau) (router.temperature is unused)."""
+    masked: list[str] = opt(factory=list)
+    """Experts whose gate is fixed at 0, the others renormalised (set by --mask-experts at eval/export)."""
+    expert_max_steps: int = opt(0, min=0)
+    """per_domain: optimizer steps of each domain LoRA (0: train.max_steps / train.epochs)."""
+    expert_lr: float | None = opt(None, min=0, min_exclusive=True)
+    """per_domain: learning rate of the domain LoRAs (None: train.lr)."""
+
+    def check_recipe(self, r) -> None:
+        """Settings that contradict MoLE, and (when training) the expert directories themselves."""
+        rt = r.router
+        if rt.type != "soft":
+            raise _error(f"Recipe key 'router.type' is {rt.type!r}, but MoLE gates are soft. Allowed: 'soft'.")
+        if rt.temperature != 1.0:
+            raise _error(f"Recipe key 'router.temperature' is {rt.temperature}; MoLE reads its temperature from "
+                         "'expert.temperature'. Allowed: 1.0 (set expert.temperature instead).")
+        if rt.init_centroids:
+            raise _error("Recipe key 'router.init_centroids' is set, but MoLE gates start uniform. Allowed: null.")
+        if rt.temperature_end is not None:
+            raise _error(f"Recipe key 'router.temperature_end' is {rt.temperature_end}, but MoLE's gate has its own "
+                         "constant temperature ('expert.temperature'). Allowed: null (router.level, "
+                         "router.domain_loss_weight, router.lr_multiplier and router.weight_decay do apply).")
+        if "merge" in r.stages:
+            raise _error("Recipe stages include 'merge', but MoLE's per-token gates do not fold into the base. "
+                         "Drop 'merge' and use `moetune merge-lora --adapters ... --method mole --gates-from RUN`.")
+        if self.names and len(self.names) != len(self.experts):
+            raise _error(f"Recipe key 'expert.names' has {len(self.names)} names for {len(self.experts)} experts. "
+                         "Allowed: one name per entry of expert.experts, or an empty list.")
+        if self.experts_from == "per_domain":
+            if self.experts:
+                raise _error("Recipe key 'expert.experts' is set together with expert.experts_from='per_domain', "
+                             "which trains the experts itself. Allowed: an empty list, or experts_from='list'.")
+            return
+        if "train" in r.stages:
+            if not self.experts:
+                raise _error("Recipe key 'expert.experts' is empty. Allowed: a list of trained LoRA adapter "
+                             "directories, or expert.experts_from='per_domain' to train one per domain first.")
+            for name, path, meta in check_experts(self):
+                base = meta.get("base_model")
+                if not same_base(base, r.model.path):
+                    raise _error(f"MoLE expert {name!r} ({path}) was trained on base model {base!r}, "
+                                 f"but model.path is {r.model.path!r}. Allowed: LoRAs of the same base model.")
+
+
+def expert_names(cfg: MoLEConfig) -> list[str]:
+    """The experts' names: `cfg.names`, or each directory's name (its parent's for '.../adapter')."""
+    if cfg.names:
+        return list(cfg.names)
+    paths = [Path(p) for p in cfg.experts]
+    return [p.parent.name if p.name == "adapter" and p.parent.name else p.name for p in paths]
+
+
+def same_base(a: str | None, b: str | None) -> bool:
+    """Whether two base-model names denote the same model: either is unknown, equal strings, the same
+    local directory, or the same last path component ignoring case (a hub id and its local copy)."""
+    if not a or not b or a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return pa.name.lower() == pb.name.lower()
+
+
+def check_experts(cfg: MoLEConfig) -> list[tuple[str, str, dict]]:
+    """(name, resolved directory, adapter metadata) of each MoLE expert, checked without loading
+    tensors: distinct names, adapter directories, LoRA adapters only."""
+    names = expert_names(cfg)
+    if len(set(names)) != len(names):
+        raise _error(f"MoLE expert names {names} repeat a name. Allowed: distinct names (set expert.names).")
+    for name, path in zip(names, cfg.experts):
+        if not (Path(path) / "adapter_model.safetensors").is_file():
+            raise _error(f"MoLE expert {name!r}: {path} is not an adapter directory (no adapter_model.safetensors).")
+    out = []
+    for name, path in zip(names, cfg.experts):
+        resolved = str(Path(path).resolve())
+        meta = read_meta(resolved)
+        if meta["expert"]["type"] != "lora":
+            raise _error(f"MoLE expert {name!r} ({resolved}) is a {meta['expert']['type']!r} adapter. Allowed: LoRA "
+                         "adapters (moetune runs of expert.type lora, or stock PEFT LoRA directories).")
+        out.append((name, resolved, meta))
+    return out
+
+
+@dataclass
+class CALMConfig(ExpertConfig):
+    """CALM settings (`expert:` with type calm; `model:` is the anchor)."""
+
+    target_modules: list[str] = opt(factory=list)
+    """Unused by calm: the composition points are set by num_compositions or anchor_layers."""
+    augmenting_model: str = ""
+    """The augmenting model m_A (frozen): local model directory, hub id or built-in name. It is loaded
+    on the anchor's device in the anchor's (compute) dtype, 4-bit as set by augmenting_quantization, and
+    must share the anchor's tokenizer, unless tokenizer_check is align."""
+    augmenting_quantization: str = opt("anchor", choices=("anchor", "none", "nf4", "fp4"))
+    """4-bit loading of m_A with bitsandbytes: 'anchor' as the anchor (model.quantization and
+    model.double_quantization); 'none' a float m_A beside a 4-bit anchor; 'nf4'/'fp4' a 4-bit m_A
+    (e.g. beside a float anchor: m_A is frozen, so it may be quantised whatever the anchor is)."""
+    num_compositions: int = opt(4, min=1)
+    """n: compose after every N_B/n-th anchor layer with every N_A/n-th augmenting layer
+    (0-based (k+1)*N/n - 1, k = 0..n-1). Ignored when anchor_layers is set."""
+    anchor_layers: list[int] = opt(factory=list)
+    """Explicit 0-based anchor decoder layers after which a composition is added (empty: from num_compositions)."""
+    augmenting_layers: list[int] = opt(factory=list)
+    """Explicit 0-based augmenting layers, one per entry of anchor_layers, whose outputs are attended to."""
+    num_heads: int = opt(4, min=1)
+    """Attention heads of each cross-attention."""
+    head_dim: int | None = opt(None, min=1)
+    """Width of each head (None: anchor hidden size / num_heads, which must divide)."""
+    projection: str = opt("linear", choices=("linear", "mlp"))
+    """f_proj: D_A -> D_B. 'linear': one affine map (the paper); 'mlp': affine, GELU, affine (hidden D_B)."""
+    norm: bool = True
+    """RMS-normalise the anchor states before W_Q and the projected augmenting states before W_K, W_V
+    (learnable gains, start at 1; not in the paper)."""
+    tokenizer_check: str = opt("strict", choices=("strict", "vocab", "off", "align"))
+    """How the two tokenizers relate. Shared tokenizer (m_A reads the anchor's token ids): 'strict' same
+    vocabulary and special tokens; 'vocab' same token -> id map; 'off' no check (you vouch that the ids
+    mean the same tokens). 'align': the tokenizers may differ (both must be fast tokenizers); m_A reads
+    the anchor's text with its own tokenizer (from augmenting_model's directory). For each anchor
+    position t, text_t = the anchor's decoding of its real tokens <= t, leaving out the anchor's
+    special tokens (chat markers, BOS/EOS) and a trailing unfinished UTF-8 character; the cross-attention
+    at t reads exactly m_A's states on m_A's tokenization of text_t (with the special tokens m_A's
+    tokenizer adds, e.g. its BOS), so it is causal in characters and later text cannot change it. One
+    m_A forward per batch covers all positions (a tree-masked input); generation re-runs m_A on the
+    whole text at every step (no m_A cache), so align mode is slower than a shared tokenizer."""
+
+    def check_recipe(self, recipe) -> None:
+        """Recipe-level checks that need no model (called by recipe._check_semantics)."""
+        if not self.augmenting_model:
+            raise RecipeError("Recipe key 'expert.augmenting_model' is empty; expert type 'calm' composes the anchor "
+                              "(model.path) with a second model. Allowed: a local model directory, hub id or built-in name.")
+        if bool(self.anchor_layers) != bool(self.augmenting_layers) or len(self.anchor_layers) != len(self.augmenting_layers):
+            raise RecipeError(f"Recipe keys 'expert.anchor_layers' {list(self.anchor_layers)} and "
+                              f"'expert.augmenting_layers' {list(self.augmenting_layers)} must be given together, "
+                              "with one augmenting layer per anchor layer. Allowed: two lists of equal length, or "
+                              "both empty (layers from expert.num_compositions).")
+        if len(set(self.anchor_layers)) != len(self.anchor_layers):
+            raise RecipeError(f"Recipe key 'expert.anchor_layers' repeats a layer: {list(self.anchor_layers)}. "
+                              "Allowed: distinct layer indices.")
+
+
+EXPERT_CONFIGS: dict[str, type[ExpertConfig]] = {
+    "lora": ExpertConfig,
+    "hydralora": HydraLoRAConfig,
+    "molora": MoLoRAConfig,
+    "mov": MoVConfig,
+    "mole": MoLEConfig,
+    "calm": CALMConfig,
+}
+"""expert.type -> its settings class (the keys of `moetune.experts.REGISTRY`, in the same order)."""
+
+MERGEABLE = frozenset({"lora"})
+"""Expert types whose adapter folds into the base weights (their layer's `mergeable`)."""

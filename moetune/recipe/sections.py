@@ -1,0 +1,312 @@
+"""The recipe's sections (`model:`, `router:`, `data:`, `train:`, `eval:`, `merge:`, `export:`) as
+typed dataclasses; each field's docstring is its documentation (`moetune explain`). The expert
+section lives in `expert_configs` (one class per type), the whole `Recipe`, loading and checks
+in `recipe`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moetune.core.schema import opt
+
+STAGES = ("train", "merge", "eval", "export")
+MIX_COLUMNS = ("instruction", "input", "response", "messages", "conversations", "text", "domain")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model (`model:`)."""
+
+    path: str = "smollm2-135m-instruct"
+    """Local model directory, a hub id (needs network or a filled HF cache) or the built-in
+    name 'smollm2-135m-instruct' (shipped offline; see README)."""
+    dtype: str = opt("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    """Dtype of the frozen base weights, and the compute dtype of a 4-bit base (bitsandbytes'
+    `bnb_4bit_compute_dtype`: its weights are dequantised to it in every forward). Adapters always
+    train in float32. 'auto': bfloat16 for a 4-bit base on CUDA (the QLoRA setting), float32 in
+    every other case (a float base anywhere; a 4-bit base on CPU, where bfloat16 matmuls are slow)."""
+    quantization: str = opt("none", choices=("none", "nf4", "fp4"))
+    """Load the base in 4 bit with bitsandbytes (QLoRA, Dettmers et al. 2023): every linear layer but
+    the output head becomes a bitsandbytes Linear4bit, blocks of 64 weights sharing one absmax scale.
+    'nf4': 4-bit NormalFloat (the QLoRA paper's data type, best for normally distributed weights);
+    'fp4': 4-bit float. Runs on CPU (bitsandbytes' CPU backend) and CUDA; LLaMA-Factory calls this
+    `quantization_bit: 4` + `quantization_type`, axolotl `load_in_4bit`."""
+    double_quantization: bool = True
+    """With a 4-bit base: quantise the absmax scales too (8-bit, blocks of 256), saving about 0.37 bits
+    per weight (QLoRA's double quantisation; LLaMA-Factory's `double_quantization`, transformers'
+    `bnb_4bit_use_double_quant`). Ignored without model.quantization."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with a local model directory to run."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `path` is a hub id."""
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+    """Where to run: 'auto' picks CUDA when present."""
+    attn_implementation: str = opt("auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    """Attention kernel, passed to transformers: 'sdpa' (torch scaled_dot_product_attention), 'eager'
+    (plain matmuls), 'flash_attention_2' (the flash-attn package; CUDA with a bfloat16/float16 base).
+    'auto': flash_attention_2 when it can run here, else transformers' default (sdpa where the model
+    supports it). A kernel that cannot run here is a recipe error."""
+
+
+@dataclass
+class RouterConfig:
+    """Routing of mixture-of-experts types (`router:`); plain LoRA ignores it."""
+
+    type: str = opt("soft", choices=("soft", "top_k"))
+    """'soft': every expert, softmax weights; 'top_k': k experts, renormalised gates."""
+    top_k: int = opt(2, min=1)
+    """k for top_k routing."""
+    temperature: float = opt(1.0, min=0, min_exclusive=True)
+    """Softmax temperature of the gates."""
+    jitter: float = opt(0.0, min=0)
+    """Multiplicative uniform noise on router input during training (0 disables)."""
+    init_std: float = opt(0.02, min=0)
+    """Standard deviation of the router weight initialisation."""
+    balance_loss: str = opt("none", choices=("none", "mole", "switch", "cv2"))
+    """Balance loss added to the task loss (see METHODS.md)."""
+    balance_weight: float = opt(0.0, min=0)
+    """Weight alpha of the balance loss."""
+    z_loss_weight: float = opt(0.0, min=0)
+    """Weight of the router z-loss mean(logsumexp(logits)^2)."""
+    init_centroids: str | None = None
+    """Safetensors file of K-means centroids (K, d) written by `moetune cluster-heads --embedder base
+    --init-router`. When set, every router whose layer input has dim d (the base model's hidden size:
+    q/k/v, gate/up, and o_proj, whose input has that size though it is the attention output) starts
+    from the centroids, centred over the K rows (which the softmax
+    ignores) and scaled so their entries have RMS init_std, the size of the random init. Routers of
+    other layers (e.g. down_proj, whose input is the intermediate size) keep the random init. An
+    approximation: the centroids are mean-pooled last hidden states, while each router reads its own
+    layer's per-token input. K must equal expert.num_experts. None: random init.
+    With any other embedder (the default minilm) `--init-router` writes instead one fitted router
+    weight per projection ('weight.<module name>', moetune/train/router_fit.py: ridge least squares so that
+    the base's prompt-mean input of each clustered row maps to its cluster); they are copied as is."""
+    level: str = opt("token", choices=("token", "sequence"))
+    """'token': gates per token (the papers' default). 'sequence': one gate vector per sequence, from the
+    mean router logits (= W_g of the mean input) over its prompt tokens (the real tokens before its
+    first target token), shared by all its tokens, as MoLE-style task routing; in generation the
+    prompt's gates are kept for the new tokens. Packed rows route each segment on its own when the
+    batch carries segment ids. Without a prompt mask (e.g. multiple-choice scoring) every position
+    of the forward is pooled. MoLE's gates pool the same way."""
+    temperature_end: float | None = opt(None, min=0, min_exclusive=True)
+    """Anneal the gate temperature from `temperature` (first step) to this value (last step),
+    geometrically: e.g. 2.0 -> 0.5 goes from soft towards sharp gates. Evaluation and export use this
+    end value. None: a constant `temperature`."""
+    lr_multiplier: float = opt(1.0, min=0, min_exclusive=True)
+    """Router parameters train at train.lr times this, in their own optimizer param group."""
+    weight_decay: float | None = opt(None, min=0)
+    """Weight decay of the router parameters (None: train.weight_decay)."""
+    domain_loss_weight: float = opt(0.0, min=0)
+    """Weak supervision from the data's domain column (0: off). Adds, per routed layer, weight *
+    -mean_d log q_d,a(d): q_d the mean gate over the batch's tokens of domain d, a(d) = (index of d
+    among the sorted training domains) mod N, a fixed assignment. Computed from the detached layer
+    input, so it trains the routers only. It imposes specialisation by label; it is not learned. For
+    MoLE with `experts_from: per_domain` (experts in sorted domain order) a(d) is d's own LoRA."""
+
+
+@dataclass
+class MixSource:
+    """One source of a training mixture (`data.mix: [{path: ..., ...}, ...]`)."""
+
+    path: str = ""
+    """A file, glob, directory, save_to_disk directory or hub id, as for `data.train`."""
+    format: str = opt("auto", choices=("auto", "instruction", "chat", "sharegpt", "text"))
+    """This source's format (see `data.format`)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column names of this source where they differ from the data section's: keys instruction,
+    input, response, messages, conversations, text, domain; e.g. {instruction: question,
+    response: answer}."""
+    domain: str | None = None
+    """Domain label of every row of this source (None: its domain column, else 'all')."""
+    weight: float | None = opt(None, min=0, min_exclusive=True)
+    """Sampling weight: the mixture keeps its total size (the sum of the sources' rows after
+    `max_rows`) and gives this source weight/sum(weights) of it, repeating its rows (seeded)
+    when that is more than it has. None on every source: each source as is."""
+    max_rows: int | None = opt(None, min=1)
+    """Use at most this many rows of the source (a seeded sample)."""
+    hub_subset: str | None = None
+    """Subset when `path` is a hub id."""
+    hub_split: str = "train"
+    """Split when `path` is a hub id."""
+    hub_revision: str | None = None
+    """Revision when `path` is a hub id."""
+
+
+@dataclass
+class DataConfig:
+    """Training and held-out data (`data:`)."""
+
+    train: str = "data/default/train.jsonl"
+    """Training data: a .jsonl, .json, .csv, .parquet or .arrow file, a glob of them
+    ('shards/*.parquet'), a directory of such shards, a `datasets` save_to_disk directory, or a
+    hub dataset id 'owner/name' read from the local HF cache (see `hub_subset`, `hub_split`,
+    `hub_revision`). Tokenised once and cached (see `cache_dir`)."""
+    validation: str | None = "data/default/validation.jsonl"
+    """Validation data (periodic loss during training); None: carve `validation_split` off train."""
+    test: str | None = "data/default/test.jsonl"
+    """Held-out test data, scored before and after training when eval.split is 'test'."""
+    format: str = opt("auto", choices=("auto", "instruction", "chat", "sharegpt", "text"))
+    """'instruction': rows with instruction/response fields (Alpaca's instruction/input/output
+    too); 'chat': rows with an OpenAI messages list of {role, content}; 'sharegpt': a
+    conversations list of {from: system|human|gpt, value}; 'text': plain completion, loss on
+    every token; 'auto' decides from the columns (messages, conversations, instruction, text)."""
+    instruction_field: str = "instruction"
+    """Column holding the prompt in instruction format."""
+    input_field: str = "input"
+    """Optional column appended to the instruction (Alpaca style), used when present."""
+    response_field: str = "response"
+    """Column holding the target answer in instruction format."""
+    messages_field: str = "messages"
+    """Column holding the conversation in chat format."""
+    conversations_field: str = "conversations"
+    """Column holding the conversation in sharegpt format."""
+    text_field: str = "text"
+    """Column holding the text in text (completion) format."""
+    domain_field: str = "domain"
+    """Column naming each row's domain, for per-domain scores (rows without it: 'all')."""
+    template: str = opt("auto", choices=("auto", "chat", "plain"))
+    """'chat': the tokenizer's chat template; 'plain': '### Instruction:/### Response:' text;
+    'auto': chat when the tokenizer has a template."""
+    system_prompt: str | None = None
+    """System message put first in chat-template prompts (None: the template's default)."""
+    max_length: int = opt(256, min=8)
+    """Token limit per example; longer ones are cut at the end."""
+    validation_split: float = opt(0.05, min=0, max=0.5)
+    """Fraction of train held out as validation when `validation` is None (0: no validation)."""
+    max_train_examples: int | None = opt(None, min=1)
+    """Use only the first N training rows (after shuffling with `seed`)."""
+    seed: int = 0
+    """Seed for shuffling and splitting."""
+    mask_history: bool = False
+    """Multi-turn chat: False trains on every assistant turn; True only on the last one."""
+    skip_bad_rows: bool = False
+    """False: a malformed row stops the run naming file and row; True: such rows are skipped
+    and counted (the first few named in the log and in `moetune data inspect`)."""
+    hub_subset: str | None = None
+    """Subset (config name) when a split is a hub dataset id."""
+    hub_split: str = "train"
+    """Split to read when `train` is a hub dataset id (validation/test ids use their own name)."""
+    hub_revision: str | None = None
+    """Revision of hub dataset ids (must be in the local HF cache when offline)."""
+    cache_dir: str | None = None
+    """Where tokenised datasets are cached, keyed by a fingerprint of the source files, these data
+    settings and the tokenizer (None: $MOETUNE_DATA_CACHE, else ~/.cache/moetune/datasets or
+    $MOETUNE_HOME/datasets). A rerun or --resume reuses the cache; a change makes a new one."""
+    packing: bool = False
+    """Pack the examples of each micro-batch into as few rows of `max_length` tokens as fit
+    (first-fit decreasing), with position ids restarting per example and attention kept inside
+    each example (block-diagonal mask; flash-attention varlen when the model uses it). The
+    examples per step and the loss are unchanged; less padding is computed. Not for 'calm'."""
+    group_by_length: bool = False
+    """Unpacked training: batches of examples of similar length (sorted within megabatches of
+    50 global batches, the batches shuffled), so less padding is computed."""
+    mix: list[MixSource] = field(default_factory=list)
+    """Several training sources, each with its own format, columns, domain label and weight or
+    row cap (see `data.mix[i].*` below). When non-empty it replaces `train`."""
+    num_proc: int | None = opt(None, min=1)
+    """Processes for the tokenising `Dataset.map` (None: the CPU count for >= 20k rows, else 1)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (`train:`)."""
+
+    epochs: float = opt(1.0, min=0, min_exclusive=True)
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = opt(0, min=0)
+    """Optimizer steps to run; 0 derives them from epochs."""
+    batch_size: int = opt(8, min=1)
+    """Examples per micro-batch on each process."""
+    grad_accum: int = opt(1, min=1)
+    """Micro-batches per optimizer step; global batch = batch_size * grad_accum * processes."""
+    optimizer: str = opt("adamw", choices=("adamw", "sgd"))
+    """Optimizer."""
+    lr: float = opt(2e-4, min=0, min_exclusive=True)
+    """Peak learning rate."""
+    scheduler: str = opt("cosine", choices=("cosine", "linear", "constant"))
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int = opt(0, min=0)
+    """Linear warmup steps."""
+    weight_decay: float = opt(0.0, min=0)
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    momentum: float = opt(0.9, min=0, max=1)
+    """SGD momentum."""
+    max_grad_norm: float = opt(1.0, min=0)
+    """Clip the gradient norm to this (0 disables)."""
+    precision: str = opt("fp32", choices=("fp32", "bf16", "fp16"))
+    """Autocast precision on GPU; CPU always runs fp32."""
+    distributed: str = opt("ddp", choices=("ddp", "fsdp"))
+    """How several processes (`accelerate launch` / `torchrun`) share the work. 'ddp': each holds the
+    whole model, gradients are all-reduced. 'fsdp': FSDP2 (torch fully_shard) shards the frozen base
+    and the adapters over the processes per decoder block, for models that do not fit one device;
+    checkpoints and the saved adapter hold full tensors, and --resume works. One process: no effect."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing (non-reentrant) of every decoder block: activations are recomputed in
+    the backward instead of kept, trading about one extra forward for much less activation memory.
+    Same loss, auxiliary losses, routing statistics and gradients as without (every expert type)."""
+    seed: int = 0
+    """Seed of adapter init, data order and dropout."""
+    eval_every: int = opt(0, min=0)
+    """Validation loss every N optimizer steps (0: only at the end)."""
+    save_every: int = opt(0, min=0)
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    keep_checkpoints: int = opt(2, min=1)
+    """How many most recent checkpoints to keep."""
+    log_every: int = opt(10, min=1)
+    """Append a metrics.jsonl line every N optimizer steps."""
+    eval_before: bool = True
+    """Score the held-out split before training, for the before/after summary."""
+    stop_after: int = opt(0, min=0)
+    """Stop (as if interrupted) after N optimizer steps, keeping the schedule of the full run;
+    resume later with --resume. 0 disables."""
+    report_to: list[str] = opt(factory=list, choices=("tensorboard", "wandb", "mlflow"))
+    """Experiment trackers that also receive every metrics.jsonl row (loss, lr, grad norm, tokens/s,
+    validation loss, aux losses; for routed types the per-block routing entropy and expert load of
+    the step's last micro-batch), as in transformers' TrainingArguments.report_to. 'tensorboard'
+    needs the tensorboard package (the 'tensorboard' extra of moetune); 'wandb' and 'mlflow' need
+    their packages and their own login/tracking settings. Empty: metrics.jsonl (and curves.png) only."""
+    logging_dir: str | None = None
+    """TensorBoard event directory (None: <output_dir>/tensorboard)."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (`eval:`)."""
+
+    split: str = opt("test", choices=("validation", "test"))
+    """Held-out split scored for loss and exact match."""
+    generation: bool = True
+    """Score greedy generation exact match per domain."""
+    max_new_tokens: int = opt(24, min=1)
+    """Generation length limit for exact match."""
+    batch_size: int = opt(32, min=1)
+    """Batch size for evaluation."""
+    max_examples: int | None = opt(None, min=1)
+    """Score only the first N held-out rows."""
+    multiple_choice: list[str] = field(default_factory=list)
+    """Multiple-choice JSONL files (see `moetune data mmlu`) scored by answer-letter likelihood."""
+    mc_chat_template: bool | None = None
+    """Wrap multiple-choice prompts in the chat template (None: when the tokenizer has one)."""
+    mc_format: str = opt("letters", choices=("letters", "cloze"))
+    """Multiple-choice scoring: 'letters' (next-token log-prob of A-D after the listed options) or
+    'cloze' (log-likelihood per character of each answer text, options not shown; lighteval/SmolLM2
+    style). In cloze mode `mc_chat_template: null` means no chat template."""
+
+
+@dataclass
+class MergeConfig:
+    """Folding adapters into the base (`merge:`)."""
+
+    dequantize: bool = False
+    """Required (true) to merge into a 4-bit base: it is dequantised first."""
+    dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"))
+    """Dtype of the saved merged model."""
+
+
+@dataclass
+class ExportConfig:
+    """What `export` writes (`export:`)."""
+
+    kind: str = opt("adapter", choices=("adapter", "merged", "both"))
+    """'adapter': a PEFT adapter directory; 'merged': a full model; 'both'."""
+    dir: str | None = None
+    """Export directory (None: <output_dir>/export)."""

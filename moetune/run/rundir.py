@@ -1,0 +1,166 @@
+"""Guarding a run directory: never lose a run, never write one twice at once, fail before training.
+
+`moetune train` (stages.run_recipe) calls `open_run` before loading any model:
+- a write probe: an output_dir that cannot be created or written (read-only, not a directory,
+  no space left for a small file) is a RecipeError before anything trains;
+- a lock: `<output_dir>/.moetune.lock`, held with `fcntl.flock` for the whole run and naming its
+  holder (pid, host, start time). A second `moetune train` into the same directory refuses. The OS
+  drops the lock when its process dies, however it dies, so a killed run never leaves it stuck
+  (the file stays, harmlessly; only a live holder blocks);
+- an existing run (checkpoints, an adapter, MoLE experts, metrics or a train summary) without
+  `--resume` is refused, naming its last step; with `--overwrite` it is moved aside, intact, to
+  `<output_dir>.old-<UTC time>` and the new run starts in the emptied directory. Nothing is deleted.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from moetune.core.checkpoint import DONE
+from moetune.core.errors import RecipeError
+
+LOCK = ".moetune.lock"
+PROBE_BYTES = 1 << 20   # the write probe: 1 MiB, fsynced, then removed
+
+
+def _unwritable(key: str, path: Path, err: OSError) -> RecipeError:
+    return RecipeError(f"Recipe key '{key}' is {str(path)!r}, which cannot be written "
+                       f"({type(err).__name__}: {err.strerror or err}). Nothing was trained. Allowed: a directory "
+                       f"that can be created and written, with free space (e.g. {key}=runs/NAME).")
+
+
+def probe_write(path: str | Path, key: str = "output_dir") -> None:
+    """Create `path` if needed and write, fsync and remove a 1 MiB file in it; RecipeError if that fails."""
+    path = Path(path)
+    probe = path / f".moetune-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _unwritable(key, path, e) from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def _last_step(d: Path) -> int | None:
+    """The newest step the run in `d` recorded: its newest checkpoint, else its summary, else its metrics."""
+    steps = [int(p.name.split("-")[1]) for p in (d / "checkpoints").glob("step-*")
+             if (p / DONE).is_file() and p.name.split("-")[1].isdigit()]
+    if steps:
+        return max(steps)
+    try:
+        return int(json.loads((d / "summary.json").read_text())["train"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        return max((int(r["step"]) for r in rows if "step" in r), default=None)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def existing_run(d: str | Path) -> str | None:
+    """A one-line description of the run already in `d` (its last step and what it holds), or None."""
+    d = Path(d)
+    held = [name for name, there in (
+        ("checkpoints", any((d / "checkpoints").glob("step-*"))),
+        ("adapter", (d / "adapter").is_dir()),
+        ("MoLE experts", (d / "experts").is_dir()),
+        ("metrics", (d / "metrics.jsonl").is_file() and (d / "metrics.jsonl").stat().st_size > 0),
+        ("a train summary", "train" in _summary(d)),
+    ) if there]
+    if not held:
+        return None
+    step = _last_step(d)
+    return f"{'a run' if step is None else f'a run at step {step}'} ({', '.join(held)})"
+
+
+def _summary(d: Path) -> dict:
+    try:
+        s = json.loads((d / "summary.json").read_text())
+        return s if isinstance(s, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def move_aside(d: Path) -> Path:
+    """Move everything in `d` but the lock file into a new sibling `<d>.old-<UTC time>`; return it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside, n = d.parent / f"{d.name}.old-{stamp}", 1
+    while aside.exists():
+        aside, n = d.parent / f"{d.name}.old-{stamp}-{n}", n + 1
+    aside.mkdir()
+    for entry in d.iterdir():
+        if entry.name != LOCK:
+            os.replace(entry, aside / entry.name)
+    return aside
+
+
+@contextmanager
+def run_lock(d: str | Path):
+    """Hold `<d>/.moetune.lock` (flock, released by the OS if the process dies); RecipeError if a live
+    process holds it. Yields the lock file's path."""
+    path = Path(d) / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _unwritable("output_dir", Path(d), e) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise RecipeError(f"output_dir {str(d)!r} is in use by another moetune run ({holder}; lock file "
+                              f"{path}). Two runs must not write one directory. Allowed: wait for it to finish, "
+                              "or choose another output_dir=... . A killed run releases the lock by itself.") from None
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode() + b"\n", 0)
+        yield path
+    finally:
+        os.close(fd)   # closing the descriptor releases the flock
+
+
+def refuse_or_clear(d: Path, resume: bool, overwrite: bool) -> Path | None:
+    """No run in `d`, or --resume: nothing to do. A run and --overwrite: move it aside (returned).
+    A run and neither flag: RecipeError naming it and both ways forward."""
+    if resume and overwrite:
+        raise RecipeError("--resume and --overwrite contradict each other: --resume continues the run in output_dir, "
+                          "--overwrite starts a new one (moving the old one aside). Allowed: one of them.")
+    found = existing_run(d)
+    if found is None or resume:
+        return None
+    if overwrite:
+        return move_aside(d)
+    raise RecipeError(f"output_dir {str(d)!r} already holds {found}. Nothing was changed. Allowed: "
+                      f"`moetune train RECIPE --resume` to continue it from its newest checkpoint; "
+                      f"`--overwrite` to start over (the old run is moved aside to {d.name}.old-<UTC time>, "
+                      "not deleted); or another output_dir=... .")
+
+
+@contextmanager
+def open_run(d: str | Path, resume: bool = False, overwrite: bool = False, extra_dirs: tuple = (),
+             log=print):
+    """Probe, lock, then refuse or move aside (see the module docstring); held for the body of the `with`.
+    extra_dirs: (recipe key, directory) pairs also probed, e.g. ('export.dir', path)."""
+    d = Path(d)
+    probe_write(d)
+    for key, path in extra_dirs:
+        probe_write(path, key)
+    with run_lock(d):
+        aside = refuse_or_clear(d, resume, overwrite)
+        if aside is not None:
+            log(f"--overwrite: the previous run in {d} was moved to {aside}")
+        yield aside

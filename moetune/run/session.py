@@ -1,0 +1,88 @@
+"""One recipe's run: what its stages share (`Run`), and the model with its trained adapter.
+
+`Run` holds the recipe, the run directory, the device (or the accelerate `Accelerator`), the
+tokenizer and the data splits (each loaded once, when first asked for) and reads/updates
+summary.json. The commands (train, merge, eval, export) and the exports (collapse, multi-LoRA
+merge) all work on one.
+
+Run directory layout:
+    recipe.yaml        the resolved recipe
+    metrics.jsonl      training metrics, one JSON object per line
+    summary.json       {'before', 'after', 'train', 'merge', 'eval', 'export'}
+    checkpoints/       step-XXXXXXX/ full training state (resume)
+    adapter/           the trained adapter (PEFT LoRA files + moetune.json)
+    merged/            the merged model (merge stage)
+    eval.json          the last evaluation (with a "routing" report for routed adapters)
+    routing.png        routed adapters: mean gate weight, layer x expert, one panel per domain
+    export/            what `export` writes
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moetune import recipe as R
+from moetune.adapters.inject import expert_layers
+from moetune.adapters.io import load_adapter
+from moetune.core.checkpoint import write_json
+from moetune.core.ui import console
+from moetune.data.pipeline import load_splits
+from moetune.experts.mole import set_mask
+from moetune.models.load import load_model, load_tokenizer, pick_device
+
+
+class Run:
+    """What the stages of one recipe share: recipe, run directory, device, tokenizer, data."""
+
+    def __init__(self, recipe: R.Recipe, accelerator=None) -> None:
+        self.recipe = recipe
+        self.dir = Path(recipe.output_dir)
+        self.accelerator = accelerator
+        self.device = accelerator.device if accelerator is not None else pick_device(recipe.model)
+        self.main = accelerator is None or accelerator.is_main_process
+        self._tok = None
+        self._splits: dict = {}
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            console.print(msg)
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.recipe.model, log=self.log)
+        return self._tok
+
+    def splits(self, *need: str) -> dict:
+        missing = tuple(n for n in need if n not in self._splits)
+        if missing:
+            self._splits.update(load_splits(self.recipe.data, self.tokenizer, missing))
+        return self._splits
+
+    def held_out(self) -> list:
+        split = self.recipe.eval.split
+        examples = self.splits(split).get(split)
+        if not examples:
+            raise R.RecipeError(f"Recipe key 'eval.split' is {split!r} but data.{split} is not set.")
+        return examples
+
+    @property
+    def summary_path(self) -> Path:
+        return self.dir / "summary.json"
+
+    def summary(self) -> dict:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
+
+    def update_summary(self, **parts) -> None:
+        if self.main:
+            s = self.summary()
+            s.update(parts)
+            write_json(self.summary_path, s)
+
+
+def model_with_adapter(run: Run, adapter_dir: Path | None = None):
+    model = load_model(run.recipe.model, run.device, log=run.log)
+    load_adapter(model, adapter_dir or run.dir / "adapter")
+    if getattr(run.recipe.expert, "masked", None):  # MoLE --mask-experts: gates at 0, the rest renormalised
+        set_mask(expert_layers(model).values(), list(run.recipe.expert.masked))
+    return model

@@ -1,0 +1,89 @@
+"""Router initialisation fitted to clusters: `moetune cluster-heads --init-router` with any embedder.
+
+The clusters come from sentence embeddings (default `minilm`), a space the routers never see:
+each router reads its own projection's per-token input. So instead of copying centroids, every
+router's weight is FITTED: for the clustered training rows, take the base model's input to the
+wrapped projection, averaged over the prompt tokens (x_j (d_in,), row j), and solve the ridge
+regression of the centred one-hot cluster ids on them,
+
+    W = argmin_W sum_j |W x_j - y_j|^2 + lam |W|^2,   y_j = onehot(c_j) - 1/K   (K,)
+      = Y^T X (X^T X + lam I)^-1,                     lam = RIDGE * trace(X^T X) / d_in
+
+so a prompt's mean router logits W x_j are about 1 - 1/K for its cluster and -1/K for the others
+(gates e = 2.7 times larger for its own cluster at temperature 1). Least squares is the closed
+form, deterministic, cheap (one d_in x d_in solve per projection) and needs no learning rate; the
+centring makes the targets sum to zero per row, which the softmax ignores anyway. The fit is
+linear in x, so it holds exactly for sequence-level routing (`router.level: sequence`, which pools
+the same prompt tokens) and for per-token routing on average over a prompt's tokens.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from moetune.data.rows import IGNORE, Example, collate
+from moetune.experts.routing import prompt_mask
+
+RIDGE = 1e-3
+
+
+def sample_indices(n: int, max_rows: int | None, seed: int) -> list[int]:
+    """The rows `cluster.example_texts` keeps: all, or the same seeded sorted subsample."""
+    if max_rows and n > max_rows:
+        return sorted(random.Random(seed).sample(range(n), max_rows))
+    return list(range(n))
+
+
+@torch.no_grad()
+def pooled_inputs(model, examples: list[Example], names: list[str], pad_id: int, batch_size: int = 16
+                  ) -> dict[str, torch.Tensor]:
+    """name -> (n, d_in): each row's input to projection `name`, averaged over its prompt tokens."""
+    device = next(model.parameters()).device
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    ctx: dict = {}
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].float()                                          # (B, T, d_in)
+            m = ctx["pool"].to(x.dtype).unsqueeze(-1)                    # (B, T, 1)
+            store[name].append(((x * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu())  # (B, d_in)
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for s in range(0, len(examples), batch_size):
+            b = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad_id).items()}
+            ctx["pool"] = prompt_mask(b["labels"] != IGNORE, b["attention_mask"])  # (B, T)
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def fit_weight(x: torch.Tensor, labels: torch.Tensor, k: int, ridge: float = RIDGE) -> torch.Tensor:
+    """Ridge least squares W (K, d) with W x_j ~ onehot(labels_j) - 1/K, for x (n, d), labels (n,)."""
+    x = x.double()                                                       # (n, d)
+    y = torch.nn.functional.one_hot(labels.long(), k).double() - 1.0 / k  # (n, K)
+    g = x.t() @ x                                                        # (d, d)
+    lam = ridge * float(g.diagonal().sum()) / g.shape[0]
+    w_t = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), x.t() @ y)  # (d, K)
+    return w_t.t().float().contiguous()                                  # (K, d)
+
+
+def fit_router_file(model, examples: list[Example], labels, names: list[str], pad_id: int, path: Path) -> dict:
+    """Fit one router weight per projection in `names` and save them as 'weight.<name>' (K, d_in)
+    tensors in a safetensors file; return {name: training accuracy of argmax W x_j vs the cluster}."""
+    from safetensors.torch import save_file
+    lab = torch.as_tensor(labels).long()                                 # (n,)
+    k = int(lab.max()) + 1
+    xs = pooled_inputs(model, examples, names, pad_id)
+    weights, acc = {}, {}
+    for n in names:
+        w = fit_weight(xs[n], lab, k)                                    # (K, d_in)
+        weights[f"weight.{n}"] = w
+        acc[n] = float(((xs[n] @ w.t()).argmax(-1) == lab).float().mean())
+    save_file(weights, str(path))
+    return acc
