@@ -45,6 +45,14 @@ def expert_layers(model: nn.Module) -> dict[str, ExpertLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ExpertLayer)}
 
 
+def mask_experts(model: nn.Module, names: list[str]) -> None:
+    """--mask-experts: fix the gates of the experts named `names` at 0 (the others renormalised), through the
+    `set_mask` hook of the model's expert type (a RecipeError for a type whose experts cannot be masked)."""
+    layers = expert_layers(model)
+    cls = type(next(iter(layers.values()))) if layers else ExpertLayer
+    cls.set_mask(list(layers.values()), list(names))
+
+
 def routed_layers(model: nn.Module) -> dict[str, ExpertLayer]:
     """name -> expert layer, for the layers that route tokens through a `Router` (model order)."""
     return {n: m for n, m in expert_layers(model).items() if isinstance(getattr(m, "router", None), Router)}

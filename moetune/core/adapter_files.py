@@ -19,6 +19,11 @@ LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 WEIGHTS = "adapter_model.safetensors"
 
 
+def peft_scale(cfg: dict) -> float:
+    """The scale PEFT gives a LoRA adapter_config.json: lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)."""
+    return cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+
+
 def _weights(d: Path) -> Path:
     if not (d / WEIGHTS).is_file():
         raise RecipeError(f"{d} is not an adapter directory (no adapter_model.safetensors).")
@@ -44,7 +49,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict]:
         raw = {k: f.get_tensor(k) for k in f.keys()}
     if (d / "moetune.json").is_file():
         meta = json.loads((d / "moetune.json").read_text())
-        if meta["expert"]["type"] != "lora":
+        if not any(k.startswith(PEFT_PREFIX) for k in raw):  # moetune's own tensor names (not a PEFT file)
             return meta, raw
     else:
         meta = peft_meta(d, list(raw))
@@ -72,7 +77,12 @@ def peft_meta(d: Path, keys: list[str]) -> dict:
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise RecipeError(f"{d}: per-module rank_pattern/alpha_pattern are not supported.")
     modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_A", 1)[0] for k in keys if ".lora_A" in k})
-    expert = {"type": "lora", "rank": cfg["r"], "alpha": cfg["lora_alpha"], "dropout": cfg.get("lora_dropout", 0.0),
-              "target_modules": modules, "init_seed": None}
-    return {"format": "peft-lora", "expert": expert, "router": None,
+    return {"format": "peft-lora", "expert": peft_expert(cfg, modules), "router": None,
             "base_model": cfg.get("base_model_name_or_path"), "modules": modules}
+
+
+def peft_expert(cfg: dict, modules: list[str]) -> dict:
+    """The moetune `expert` settings (moetune.json) equal to a stock PEFT LoRA adapter_config.json `cfg`
+    adapting `modules`: expert type lora with PEFT's rank, alpha and dropout."""
+    return {"type": "lora", "rank": cfg["r"], "alpha": cfg["lora_alpha"], "dropout": cfg.get("lora_dropout", 0.0),
+            "target_modules": list(modules), "init_seed": None}

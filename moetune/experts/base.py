@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from moetune.core.errors import RecipeError
 from moetune.models.load import find_targets
 from moetune.recipe.experts import ExpertConfig
 from moetune.models.quant import dequantize
@@ -42,12 +43,20 @@ def dense_base_weight(base: nn.Module) -> torch.Tensor:
 class ExpertLayer(nn.Module, abc.ABC):
     """Wraps one frozen base projection. Subclasses: one file each, one paper each.
 
+    Everything type-specific is a hook of the layer class (below) or of its settings class
+    `config_cls` (the torch-free facts: mergeable, routed, collapsible, stock PEFT, model-card lines;
+    see moetune.recipe.experts), so the code above the experts layer never names a type.
+
     A type that wraps other modules than the projections chosen by `target_modules` (CALM: whole
     decoder blocks, plus a second model) defines a classmethod `inject_model(model, cfg) -> {name:
     layer}`, which `inject` calls instead of wrapping every target projection."""
 
     config_cls: ClassVar[type[ExpertConfig]] = ExpertConfig
-    mergeable: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False  # = config_cls.mergeable (set for every subclass)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.mergeable = cls.config_cls.mergeable
 
     def __init__(self, base: nn.Module, cfg: ExpertConfig, router: Any = None, name: str = "") -> None:
         super().__init__()
@@ -106,3 +115,44 @@ class ExpertLayer(nn.Module, abc.ABC):
     def import_config(cls, cfg: ExpertConfig, adapter_dir: Path) -> ExpertConfig:
         """The inverse of `export_config` when loading from `adapter_dir` (e.g. resolve relative paths)."""
         return cfg
+
+    # ------------------------------------------------ stock formats, collapse, masking, memory
+
+    @classmethod
+    def peft_export(cls, layers: dict[str, "ExpertLayer"]) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """The stock PEFT adapter these layers (name -> layer, one model) amount to: (adapter_config.json
+        without `base_model_name_or_path`, tensors keyed as PEFT saves them, 'base_model.model.<module>.<name>'),
+        or None when stock PEFT has no equivalent. `save_adapter` writes it for a `config_cls.stock_peft`
+        type; `moetune export --collapse` for the layers `collapse` returns."""
+        return None
+
+    def collapse(self, w: torch.Tensor) -> "ExpertLayer":
+        """The static layer equal to this routed layer with its gates fixed at w (N,) (the collapse rule
+        of a `config_cls.collapsible` type; its class has a `peft_export`)."""
+        raise RecipeError(f"{self.name}: expert type {self.cfg.type!r} has no collapse rule; `moetune export "
+                          "--collapse` is for the types that route tokens to low-rank or (IA)^3 experts.")
+
+    @classmethod
+    def set_mask(cls, layers, names: list[str]) -> None:
+        """Fix the gates of the experts named `names` at 0 in `layers` (a type with `config_cls.mask_key`)."""
+        raise RecipeError("--mask-experts applies to adapters whose experts can be masked (MoLE); this "
+                          f"adapter is a {cls.config_cls.__name__} adapter.")
+
+    @classmethod
+    def write_mask(cls, adapter_dir: Path, names: list[str]) -> None:
+        """Record `names` as masked in the saved adapter at `adapter_dir` (a type with `config_cls.mask_key`)."""
+        cls.set_mask([], names)
+
+    @classmethod
+    def lora_mixture(cls, layers: dict[str, "ExpertLayer"], place_gates: dict[str, torch.Tensor]
+                     ) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
+        """(expert adapter directories, expert names, {module: weights (N,)}) of a type that mixes trained
+        LoRAs (`config_cls.mixes_trained_loras`), from the mean gate of each gated place (place name ->
+        (N,)): what `merge-lora --method mole --gates-from` folds."""
+        raise RecipeError(f"expert type {cls.config_cls.__name__} does not mix trained LoRA adapters.")
+
+    @classmethod
+    def extra_frozen_bytes(cls, model: nn.Module, cfg: ExpertConfig, model_cfg, dtype_bytes: int) -> dict | None:
+        """Frozen bytes this type adds besides the base model's ({'quantized', 'float'}; CALM: its second
+        model), for `moetune validate`'s memory estimate; None when it adds none."""
+        return None

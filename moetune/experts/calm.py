@@ -29,6 +29,8 @@ composition is computation, not a weight delta). `rank`, `alpha` and `target_mod
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,7 @@ from moetune.experts.calm_align import load_aligner
 from moetune.experts.calm_bridge import AugmentingRunner, check_tokenizers, load_augmenting
 from moetune.models.layers import decoder_layers
 from moetune.models.load import is_projection
+from moetune.models.quant import frozen_bytes
 from moetune.recipe.experts import CALMConfig
 
 
@@ -76,7 +79,6 @@ class CALMLayer(ExpertLayer):
     """One frozen anchor decoder block followed by a trainable cross-attention over m_A's states."""
 
     config_cls = CALMConfig
-    mergeable = False
 
     def __init__(self, base: nn.Module, cfg: CALMConfig, runner: AugmentingRunner, aug_layer: int, d_aug: int,
                  name: str = "") -> None:
@@ -160,3 +162,13 @@ class CALMLayer(ExpertLayer):
         model.base_model.register_forward_pre_hook(runner.pre_hook, with_kwargs=True)
         model.calm_runner = runner                                       # plain attribute, not a submodule
         return layers
+
+    @classmethod
+    def extra_frozen_bytes(cls, model: nn.Module, cfg: CALMConfig, model_cfg, dtype_bytes: int) -> dict | None:
+        """m_A's frozen weights, 4-bit as `augmenting_quantization` says (the anchor's setting for 'anchor')."""
+        runner = getattr(model, "calm_runner", None)
+        if runner is None:
+            return None
+        aq = cfg.augmenting_quantization
+        quant = model_cfg.quantization if aq == "anchor" else aq
+        return frozen_bytes(runner.model, dataclasses.replace(model_cfg, quantization=quant), dtype_bytes)

@@ -17,7 +17,8 @@ scale s multiplies the (..., N) gates, not the (..., d_out) output: the same pro
 it saves a full pass over the output in the forward and another in the backward.
 B zeros make a fresh adapter an exact no-op. Per-token gates do not fold into one
 dense delta, so `delta_weight` is None (not mergeable); top-k routing still computes all
-heads densely, with zero gates for the unselected ones.
+heads densely, with zero gates for the unselected ones. At fixed gates w it is a LoRA of
+rank r with B' = sum_i w_i B_i (`collapse`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from moetune.experts.base import ExpertLayer
+from moetune.experts.lora import LoRALayer
 from moetune.experts.routing import Router, low_rank_and_gates
 from moetune.recipe.experts import HydraLoRAConfig
 
@@ -35,7 +37,6 @@ class HydraLoRALayer(ExpertLayer):
     """Shared A, N routed B heads around one frozen projection."""
 
     config_cls = HydraLoRAConfig
-    mergeable = False
 
     def __init__(self, base: nn.Module, cfg: HydraLoRAConfig, router=None, name: str = "") -> None:
         super().__init__(base, cfg, router, name)
@@ -60,3 +61,14 @@ class HydraLoRALayer(ExpertLayer):
 
     def routing_stats(self) -> dict | None:
         return self.router.stats()
+
+    @torch.no_grad()
+    def collapse(self, w: torch.Tensor) -> LoRALayer:
+        """Gates fixed at w (N,): s sum_i w_i B_i A x = s B' A x, B' = sum_i w_i B_i, a LoRA of rank r."""
+        return LoRALayer.from_factors(self.base, self.name, self.lora_A, hydra_b(self.lora_B, w), self.scale,
+                                      self.cfg.dropout)
+
+
+def hydra_b(lora_b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """B' = sum_i w_i B_i: lora_b (N, d_out, r), w (N,) -> (d_out, r)."""
+    return torch.einsum("n,nor->or", w.to(lora_b.dtype), lora_b)

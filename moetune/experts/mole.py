@@ -64,7 +64,7 @@ from moetune.core.recompute import recomputing
 from moetune.experts.base import ExpertLayer
 from moetune.experts.routing import Router, balance_loss, domain_loss, z_loss
 from moetune.models.load import is_projection
-from moetune.recipe.experts import MoLEConfig, check_experts, expert_names
+from moetune.recipe.experts import EXPERT_CONFIGS, MoLEConfig, check_experts, expert_names
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")
 
@@ -94,8 +94,8 @@ def _load(key: tuple) -> tuple[Expert, ...]:
     out = []
     for name, path, _stamp in key:
         meta, state = read_adapter(path)
-        e = meta["expert"]
-        out.append(Expert(name, path, e["alpha"] / e["rank"], meta.get("base_model"), state))
+        e = meta["expert"]  # a plain LoRA pair per module (check_experts): s from its settings class
+        out.append(Expert(name, path, EXPERT_CONFIGS[e["type"]].stored_lora_scale(e), meta.get("base_model"), state))
     return tuple(out)
 
 
@@ -196,7 +196,6 @@ class MoLELayer(ExpertLayer):
     """N frozen LoRA experts around one projection, mixed by the gate of its place."""
 
     config_cls = MoLEConfig
-    mergeable = False
 
     def __init__(self, base: nn.Module, cfg: MoLEConfig, router=None, name: str = "") -> None:
         super().__init__(base, cfg, router, name)
@@ -309,6 +308,23 @@ class MoLELayer(ExpertLayer):
     def import_config(cls, cfg: MoLEConfig, adapter_dir: Path) -> MoLEConfig:
         cfg.experts = [p if Path(p).is_absolute() else str(adapter_dir / p) for p in cfg.experts]
         return cfg
+
+    @classmethod
+    def set_mask(cls, layers, names: list[str]) -> None:
+        set_mask(layers, names)
+
+    @classmethod
+    def write_mask(cls, adapter_dir: Path, names: list[str]) -> None:
+        write_mask(adapter_dir, names)
+
+    @classmethod
+    def lora_mixture(cls, layers: dict[str, ExpertLayer], place_gates: dict[str, torch.Tensor]
+                     ) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
+        """Each wrapped module gets the mean gate of its gated place (the place's first layer names it)."""
+        mole = {n: m for n, m in layers.items() if isinstance(m, MoLELayer)}
+        first = next(iter(mole.values()))
+        weights = {n: place_gates[m._leader[0].name] for n, m in mole.items()}
+        return list(first.cfg.experts), expert_names(first.cfg), weights
 
 
 def set_mask(layers, names: list[str]) -> None:

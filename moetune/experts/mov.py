@@ -24,9 +24,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moetune.core.adapter_files import PEFT_PREFIX
 from moetune.experts.base import ExpertLayer
 from moetune.experts.routing import Router
 from moetune.models.load import matches_pattern
+from moetune.recipe import RouterConfig
 from moetune.recipe.experts import MoVConfig
 
 
@@ -34,7 +36,6 @@ class MoVLayer(ExpertLayer):
     """N routed (IA)^3 vectors scaling one frozen projection's input or output."""
 
     config_cls = MoVConfig
-    mergeable = False
 
     def __init__(self, base: nn.Module, cfg: MoVConfig, router=None, name: str = "") -> None:
         super().__init__(base, cfg, router, name)
@@ -67,3 +68,35 @@ class MoVLayer(ExpertLayer):
 
     def routing_stats(self) -> dict | None:
         return self.router.stats()
+
+    @torch.no_grad()
+    def collapse(self, w: torch.Tensor) -> "MoVLayer":
+        """Gates fixed at w (N,): h * l', l' = 1 + w @ (L - 1) (`mov_vector`): a one-expert MoV layer, whose
+        gate is exactly 1, i.e. (IA)^3 (`peft_export` writes it as a PEFT IA3 adapter)."""
+        cfg = MoVConfig(type="mov", num_experts=1, target_modules=[self.name],
+                        input_scaled_modules=list(self.cfg.input_scaled_modules))
+        with torch.random.fork_rng(devices=[]):
+            new = MoVLayer(self.base, cfg, RouterConfig(), name=self.name).to(self.ia3_l.device)
+        assert new.scale_input == self.scale_input, self.name
+        new.ia3_l.data = mov_vector(self.ia3_l, w).detach().clone()[None]   # (1, d)
+        return new
+
+    @classmethod
+    def peft_export(cls, layers: dict[str, ExpertLayer]) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """One-expert layers (a collapse) as PEFT's IA3: 'base_model.model.<module>.ia3_l', (1, d_in) on
+        `feedforward_modules` (input-scaled, the FFN intermediate), else (d_out, 1); None with N > 1."""
+        if any(m.ia3_l.shape[0] != 1 for m in layers.values()):
+            return None
+        tensors = {f"{PEFT_PREFIX}{n}.ia3_l": (m.ia3_l[0][None] if m.scale_input else m.ia3_l[0][:, None])
+                   .detach().float().cpu().contiguous() for n, m in layers.items()}
+        conv1d = any(type(m.base).__name__ == "Conv1D" for m in layers.values())
+        config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": sorted(layers),
+                  "feedforward_modules": sorted(n for n, m in layers.items() if m.scale_input),
+                  "fan_in_fan_out": conv1d, "exclude_modules": None, "modules_to_save": None,
+                  "init_ia3_weights": True, "inference_mode": True}
+        return config, tensors
+
+
+def mov_vector(ia3_l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """l' = 1 + w @ (L - 1) = sum_i w_i l_i (the gates sum to 1): ia3_l (N, d), w (N,) -> (d,)."""
+    return 1.0 + w.to(ia3_l.dtype) @ (ia3_l - 1.0)

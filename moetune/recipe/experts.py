@@ -9,11 +9,19 @@ validating and explaining a recipe (and `moetune --help`) never import torch. Th
 two tables agree (same keys, `REGISTRY[t].config_cls is EXPERT_CONFIGS[t]`, and
 `REGISTRY[t].mergeable == (t in MERGEABLE)`). A new expert type adds its config class and one
 entry here, its layer file and one entry in the registry.
+
+A settings class also states, as class attributes and methods, what its type does that the
+torch-free code above the schema must know: whether it merges (`mergeable`), routes tokens
+(`routed`), collapses to a stock adapter (`collapsible`), is saved as a stock PEFT adapter
+(`stock_peft`), which key --mask-experts sets (`mask_key`), its lines in `validate` and the model
+card, the error for merging it, and the experts it trains first (`per_domain_expert`). The
+commands, exports and the CLI read these and never name a type (tests/test_type_hooks.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from moetune.core.adapter_files import read_meta
 from moetune.core.errors import RecipeError
@@ -24,6 +32,11 @@ GRANULARITIES = ("matrix", "layer", "block", "network")
 
 def _error(msg: str) -> Exception:
     return RecipeError(msg)
+
+
+def lora_scale(alpha: float, rank: int) -> float:
+    """The adapter scale s = alpha / r (LoRA)."""
+    return alpha / rank
 
 
 @dataclass
@@ -45,9 +58,106 @@ class ExpertConfig:
     init_seed: int | None = None
     """Seed for adapter initialisation (None: use train.seed)."""
 
+    mergeable: ClassVar[bool] = False
+    """The adapter folds into the base weights (`merge` stage, `merge-lora`, export.kind merged/both)."""
+    routed: ClassVar[bool] = False
+    """Every token gets its own gates over the experts (a `Router`; the routing report covers it)."""
+    collapsible: ClassVar[bool] = False
+    """`moetune export --collapse` fixes the gates at their mean and writes a stock PEFT adapter."""
+    stock_peft: ClassVar[bool] = False
+    """The saved adapter directory is a stock PEFT adapter (`peft.PeftModel.from_pretrained` loads it)."""
+    mask_key: ClassVar[str | None] = None
+    """The list key under `expert:` that --mask-experts sets, for a type whose experts can be masked."""
+    mixes_trained_loras: ClassVar[bool] = False
+    """The experts are trained LoRA adapters mixed by learned gates (`merge-lora --method mole
+    --gates-from RUN` folds them at their mean gates)."""
+
+    def check_recipe(self, recipe) -> None:
+        """Recipe-level checks that need no model (called when a recipe is loaded)."""
+
+    def describe(self) -> str:
+        """The expert in one line of `moetune validate`."""
+        return f"{self.type} rank {self.rank} on {list(self.target_modules)}"
+
+    def card_line(self) -> str:
+        """The expert in the model card's `- Expert:` line."""
+        return f"{self.type}, rank {self.rank}, alpha {self.alpha}, targets {list(self.target_modules)}"
+
+    def how_to_load(self, sub: str) -> str:
+        """The model card's sentence on loading the adapter directory `sub` (without a merged model)."""
+        return (f"a {self.type} adapter (safetensors + moetune.json): load with "
+                f"`moetune.adapters.io.load_adapter(base, '{sub}')` or `moetune eval`")
+
+    def merge_refusal(self) -> RecipeError:
+        """The error for `merge` on this type (when it is not mergeable)."""
+        return RecipeError(f"Expert type {self.type!r} does not fold into the base weights, so 'merge' cannot run "
+                           "on it. Allowed: stages without 'merge', and export.kind 'adapter'.")
+
+    def masked_experts(self) -> list[str]:
+        """The experts whose gates are fixed at 0 (--mask-experts), for a type with `mask_key`."""
+        return list(getattr(self, self.mask_key)) if self.mask_key else []
+
+    def per_domain_expert(self) -> tuple[ExpertConfig, int, float | None] | None:
+        """(settings, optimizer steps (0: the recipe's), learning rate (None: the recipe's)) of the adapter
+        `moetune train` first trains on each domain of the data, before this type's own training; None
+        when it trains none (every type but MoLE with experts_from: per_domain)."""
+        return None
+
+    def use_trained_experts(self, dirs: list[str], names: list[str]) -> None:
+        """Point the settings at the adapters trained for `per_domain_expert` (one per domain, sorted)."""
+        raise _error(f"Expert type {self.type!r} trains no per-domain experts.")
+
+    @classmethod
+    def stored_lora_scale(cls, expert: dict) -> float | None:
+        """The scale s of a SAVED adapter of this type (its moetune.json `expert` entry) when its tensors
+        are one plain LoRA pair per module whose delta is s B A (what MoLE mixes and merge-lora --adapters
+        merges); None otherwise."""
+        return None
+
 
 @dataclass
-class HydraLoRAConfig(ExpertConfig):
+class LoRAConfig(ExpertConfig):
+    """LoRA settings (`expert:` with type lora; Hu et al. 2021)."""
+
+    mergeable = True
+    stock_peft = True
+
+    def how_to_load(self, sub: str) -> str:
+        return f"load the adapter with `peft.PeftModel.from_pretrained(base, '{sub}')` or `moetune eval`"
+
+    @classmethod
+    def stored_lora_scale(cls, expert: dict) -> float | None:
+        return lora_scale(expert["alpha"], expert["rank"])
+
+
+@dataclass
+class RoutedConfig(ExpertConfig):
+    """Settings shared by the types that route each token to its own mix of N experts and collapse
+    into a stock PEFT adapter at fixed gates (hydralora, molora, mov)."""
+
+    num_experts: int = opt(4, min=1)
+    """Number N of experts per wrapped projection (`moetune cluster-heads` can choose it from the data)."""
+
+    routed = True
+    collapsible = True
+    collapse_note: ClassVar[str] = "It writes a stock PEFT LoRA; then run `moetune merge-lora DIR --out MERGED`."
+    """What the collapsed export is and how it folds into the base (the merge error's last sentence)."""
+
+    def how_to_load(self, sub: str) -> str:
+        return (f"a routed {self.type} adapter (safetensors + moetune.json): load with "
+                f"`moetune.adapters.io.load_adapter(base, '{sub}')` or `moetune eval`; "
+                "`moetune export --collapse mean` turns it into a stock PEFT adapter")
+
+    def merge_refusal(self) -> RecipeError:
+        return RecipeError(f"Expert type {self.type!r} routes every token to its own mix of experts, which does not "
+                           "fold into the base weights, so 'merge' cannot run on it. First fix the gates at their "
+                           f"validation average with `moetune export RUN_DIR --collapse mean --out DIR`. "
+                           f"{self.collapse_note} DIR/collapse.json reports how close the collapsed adapter is to "
+                           "the routed one.")
+
+
+@dataclass
+class HydraLoRAConfig(RoutedConfig):
     """HydraLoRA settings (`expert:` with type hydralora)."""
 
     num_experts: int = opt(3, min=1)
@@ -55,7 +165,7 @@ class HydraLoRAConfig(ExpertConfig):
 
 
 @dataclass
-class MoLoRAConfig(ExpertConfig):
+class MoLoRAConfig(RoutedConfig):
     """MoLoRA settings (`expert:` with type molora)."""
 
     num_experts: int = opt(4, min=1)
@@ -63,8 +173,11 @@ class MoLoRAConfig(ExpertConfig):
 
 
 @dataclass
-class MoVConfig(ExpertConfig):
+class MoVConfig(RoutedConfig):
     """MoV settings (`expert:` with type mov)."""
+
+    collapse_note = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
+                     "(moetune's merge folds LoRA only).")
 
     target_modules: list[str] = opt(factory=lambda: ["k_proj", "v_proj", "down_proj"])
     """Which projections to wrap (same syntax as for LoRA). (IA)^3 places: attention keys and values
@@ -105,6 +218,33 @@ class MoLEConfig(ExpertConfig):
     """per_domain: optimizer steps of each domain LoRA (0: train.max_steps / train.epochs)."""
     expert_lr: float | None = opt(None, min=0, min_exclusive=True)
     """per_domain: learning rate of the domain LoRAs (None: train.lr)."""
+
+    routed = True
+    mask_key = "masked"
+    mixes_trained_loras = True
+
+    def how_to_load(self, sub: str) -> str:
+        return (f"a MoLE adapter (gates + copies of its LoRA experts, safetensors + moetune.json): load with "
+                f"`moetune.adapters.io.load_adapter(base, '{sub}')` or `moetune eval`; `moetune merge-lora --adapters "
+                "--method mole --gates-from RUN_DIR` folds its experts at their mean gates into one stock PEFT LoRA")
+
+    def merge_refusal(self) -> RecipeError:
+        return RecipeError("Expert type 'mole' mixes frozen LoRAs with per-token gates, which do not fold into the "
+                           "base weights, so 'merge' cannot run on it. Fix the gates at their mean over a split and "
+                           "merge: `moetune merge-lora --adapters --method mole --gates-from RUN_DIR --out DIR` "
+                           "(add --into-base for a full model).")
+
+    def per_domain_expert(self) -> tuple[ExpertConfig, int, float | None] | None:
+        """experts_from: per_domain: one LoRA per domain with this recipe's rank, alpha, dropout, target_modules
+        and init_seed, trained for expert_max_steps at expert_lr (moetune/commands/domain_experts.py)."""
+        if self.experts_from != "per_domain":
+            return None
+        lora = LoRAConfig(type="lora", rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          target_modules=list(self.target_modules), init_seed=self.init_seed)
+        return lora, self.expert_max_steps, self.expert_lr
+
+    def use_trained_experts(self, dirs: list[str], names: list[str]) -> None:
+        self.experts, self.names = list(dirs), list(names)
 
     def check_recipe(self, r) -> None:
         """Settings that contradict MoLE, and (when training) the expert directories themselves."""
@@ -174,9 +314,11 @@ def check_experts(cfg: MoLEConfig) -> list[tuple[str, str, dict]]:
     for name, path in zip(names, cfg.experts):
         resolved = str(Path(path).resolve())
         meta = read_meta(resolved)
-        if meta["expert"]["type"] != "lora":
-            raise _error(f"MoLE expert {name!r} ({resolved}) is a {meta['expert']['type']!r} adapter. Allowed: LoRA "
-                         "adapters (moetune runs of expert.type lora, or stock PEFT LoRA directories).")
+        etype = meta["expert"]["type"]
+        if etype not in EXPERT_CONFIGS or EXPERT_CONFIGS[etype].stored_lora_scale(meta["expert"]) is None:
+            raise _error(f"MoLE expert {name!r} ({resolved}) is a {etype!r} adapter whose tensors are not one plain "
+                         "LoRA pair per module. Allowed: LoRA adapters (moetune runs of expert.type lora, or stock "
+                         "PEFT LoRA directories).")
         out.append((name, resolved, meta))
     return out
 
@@ -223,6 +365,24 @@ class CALMConfig(ExpertConfig):
     m_A forward per batch covers all positions (a tree-masked input); generation re-runs m_A on the
     whole text at every step (no m_A cache), so align mode is slower than a shared tokenizer."""
 
+    def describe(self) -> str:
+        return f"calm with {self.augmenting_model}"
+
+    def card_line(self) -> str:
+        return (f"calm, augmenting model `{self.augmenting_model}`, {self.num_heads}-head cross-attention "
+                f"({len(self.anchor_layers) or self.num_compositions} compositions)")
+
+    def how_to_load(self, sub: str) -> str:
+        return (f"the CALM composition layers (safetensors + moetune.json naming the anchor and the augmenting "
+                f"model): `moetune.adapters.io.load_adapter(anchor, '{sub}')` loads the augmenting model too; or `moetune eval`")
+
+    def merge_refusal(self) -> RecipeError:
+        return RecipeError("Expert type 'calm' composes the anchor with a second model through cross-attention "
+                           "layers, which add computation rather than a weight delta, so 'merge' cannot run on it "
+                           "(and export.kind must be 'adapter'). Allowed: stages without 'merge', e.g. "
+                           "stages=[train,eval,export]; eval scores the composed model and export writes the "
+                           "composition adapter (safetensors + moetune.json naming both models).")
+
     def check_recipe(self, recipe) -> None:
         """Recipe-level checks that need no model (called by recipe._check_semantics)."""
         if not self.augmenting_model:
@@ -236,10 +396,13 @@ class CALMConfig(ExpertConfig):
         if len(set(self.anchor_layers)) != len(self.anchor_layers):
             raise RecipeError(f"Recipe key 'expert.anchor_layers' repeats a layer: {list(self.anchor_layers)}. "
                               "Allowed: distinct layer indices.")
+        if recipe.data.packing:
+            raise RecipeError("Recipe key 'data.packing' is true, but expert type 'calm' runs a second model on the "
+                              "same tokens with its own masks, which packing does not support. Allowed: false.")
 
 
 EXPERT_CONFIGS: dict[str, type[ExpertConfig]] = {
-    "lora": ExpertConfig,
+    "lora": LoRAConfig,
     "hydralora": HydraLoRAConfig,
     "molora": MoLoRAConfig,
     "mov": MoVConfig,
@@ -248,5 +411,5 @@ EXPERT_CONFIGS: dict[str, type[ExpertConfig]] = {
 }
 """expert.type -> its settings class (the keys of `moetune.experts.REGISTRY`, in the same order)."""
 
-MERGEABLE = frozenset({"lora"})
+MERGEABLE = frozenset(t for t, c in EXPERT_CONFIGS.items() if c.mergeable)
 """Expert types whose adapter folds into the base weights (their layer's `mergeable`)."""
