@@ -36,8 +36,8 @@ from moetune.core.ui import console, table
 from moetune.data.pipeline import load_examples, mix_config
 from moetune.data.rows import detect_format, to_messages
 from moetune.data.sources import source_rows
-from moetune.experts.base import base_dims
 from moetune.models.load import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
+from moetune.models.projection import dims as base_dims
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
 from moetune.recipe.experts import RoutedConfig
 from moetune.train.router_fit import fit_router_file, sample_indices

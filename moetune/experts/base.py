@@ -1,7 +1,8 @@
 """The one interface every expert type implements.
 
 An expert layer wraps one frozen base projection (``nn.Linear``, GPT-2 ``Conv1D`` or a
-bitsandbytes 4-bit linear) and adds a trainable delta. The training loop only ever
+bitsandbytes 4-bit linear; `moetune.models.projection` knows their dims, dense weight and bias)
+and adds a trainable delta. The training loop only ever
 sees this interface: it adds ``sum(aux_losses())`` over wrapped layers to the task
 loss and never knows which expert type it trains.
 """
@@ -17,27 +18,9 @@ from torch import nn
 
 from moetune.core.errors import RecipeError
 from moetune.models.load import find_targets
+from moetune.models.projection import dense_weight as dense_base_weight  # noqa: F401 (the dispatch's, for callers)
+from moetune.models.projection import dims as base_dims
 from moetune.recipe.experts import ExpertConfig
-from moetune.models.quant import dequantize
-
-
-def base_dims(base: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a wrapped projection: nn.Linear, transformers Conv1D, bnb Linear4bit."""
-    if hasattr(base, "in_features"):
-        return int(base.in_features), int(base.out_features)
-    if type(base).__name__ == "Conv1D":  # GPT-2: weight is (d_in, d_out), y = x @ W + b
-        return int(base.weight.shape[0]), int(base.weight.shape[1])
-    raise TypeError(f"cannot wrap {type(base).__name__}: not a linear projection")
-
-
-def dense_base_weight(base: nn.Module) -> torch.Tensor:
-    """The base projection as a dense (d_out, d_in) float tensor, dequantising 4-bit weights."""
-    w = base.weight
-    if type(base).__name__ == "Conv1D":
-        return w.data.t()
-    if w.__class__.__name__ == "Params4bit":
-        return dequantize(base)
-    return w.data
 
 
 class ExpertLayer(nn.Module, abc.ABC):

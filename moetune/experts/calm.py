@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetune.core.errors import RecipeError
-from moetune.experts.base import ExpertLayer, base_dims
+from moetune.experts.base import ExpertLayer
 from moetune.experts.calm_align import load_aligner
 from moetune.experts.calm_bridge import AugmentingRunner, check_tokenizers, load_augmenting
 from moetune.models.layers import decoder_layers
-from moetune.models.load import is_projection
+from moetune.models.projection import dims, is_projection
 from moetune.models.quant import frozen_bytes
 from moetune.recipe.experts import CALMConfig
 
@@ -72,7 +72,7 @@ def block_width(block: nn.Module) -> int:
     first = next((m for m in block.modules() if is_projection(m)), None)
     if first is None:
         raise TypeError(f"cannot find the width of decoder block {type(block).__name__}: no linear projection in it")
-    return base_dims(first)[0]
+    return dims(first)[0]
 
 
 class CALMLayer(ExpertLayer):

@@ -16,6 +16,7 @@ from torch import nn
 
 from moetune.core.adapter_files import LORA_KEYS, PEFT_PREFIX
 from moetune.experts.base import ExpertLayer
+from moetune.models import projection
 from moetune.recipe.experts import ExpertConfig, LoRAConfig
 
 
@@ -60,7 +61,7 @@ class LoRALayer(ExpertLayer):
         """PEFT's LoRA: `lora_A.weight` (r, d_in) and `lora_B.weight` (d_out, r) per module, lora_alpha = alpha,
         fan_in_fan_out for GPT-2's Conv1D."""
         cfg = next(iter(layers.values())).cfg
-        conv1d = any(type(layer.base).__name__ == "Conv1D" for layer in layers.values())
+        conv1d = any(projection.fan_in_fan_out(layer.base) for layer in layers.values())
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM",
             "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,

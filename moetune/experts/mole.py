@@ -63,7 +63,7 @@ from moetune.core.errors import RecipeError
 from moetune.core.recompute import recomputing
 from moetune.experts.base import ExpertLayer
 from moetune.experts.routing import Router, balance_loss, domain_loss, z_loss
-from moetune.models.load import is_projection
+from moetune.models.projection import is_projection
 from moetune.recipe.experts import EXPERT_CONFIGS, MoLEConfig, check_experts, expert_names
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")

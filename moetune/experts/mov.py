@@ -27,6 +27,7 @@ from torch import nn
 from moetune.core.adapter_files import PEFT_PREFIX
 from moetune.experts.base import ExpertLayer
 from moetune.experts.routing import Router
+from moetune.models import projection
 from moetune.models.load import matches_pattern
 from moetune.recipe import RouterConfig
 from moetune.recipe.experts import MoVConfig
@@ -89,7 +90,7 @@ class MoVLayer(ExpertLayer):
             return None
         tensors = {f"{PEFT_PREFIX}{n}.ia3_l": (m.ia3_l[0][None] if m.scale_input else m.ia3_l[0][:, None])
                    .detach().float().cpu().contiguous() for n, m in layers.items()}
-        conv1d = any(type(m.base).__name__ == "Conv1D" for m in layers.values())
+        conv1d = any(projection.fan_in_fan_out(m.base) for m in layers.values())
         config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": sorted(layers),
                   "feedforward_modules": sorted(n for n, m in layers.items() if m.scale_input),
                   "fan_in_fan_out": conv1d, "exclude_modules": None, "modules_to_save": None,
