@@ -17,6 +17,7 @@ def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -
     """Freeze `model`, replace every target projection by an expert layer; return name -> layer."""
     model.requires_grad_(False)
     cls = REGISTRY[expert.type]
+    expert = cls.for_model(model, expert)  # 'auto' targets resolved for this architecture
     whole_model = getattr(cls, "inject_model", None)  # types that pick their own modules (CALM: decoder blocks)
     names = [] if whole_model else cls.target_names(model, expert)
     gen_state = torch.random.get_rng_state()

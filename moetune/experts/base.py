@@ -18,6 +18,7 @@ from torch import nn
 
 from moetune.core.errors import RecipeError
 from moetune.models.load import find_targets
+from moetune.models.targets import resolve_auto
 from moetune.models.projection import dense_weight as dense_base_weight  # noqa: F401 (the dispatch's, for callers)
 from moetune.models.projection import dims as base_dims
 from moetune.recipe.experts import ExpertConfig
@@ -78,6 +79,15 @@ class ExpertLayer(nn.Module, abc.ABC):
         return {k: v for k, v in self.named_parameters() if not k.startswith("base.")}
 
     # ------------------------------------------------ hooks for types that span layers (MoLE)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cfg: ExpertConfig) -> ExpertConfig:
+        """The settings `inject` builds the layers from: a copy with `target_modules: auto` resolved for the
+        model's architecture (the type's `auto_targets`, moetune.models.targets); `cfg` itself when nothing
+        is 'auto'. A type with more per-architecture keys resolves them here too (MoV)."""
+        if "auto" not in cfg.target_modules:
+            return cfg
+        return dataclasses.replace(cfg, target_modules=resolve_auto(list(cfg.target_modules), model, cfg.auto_targets))
 
     @classmethod
     def target_names(cls, model: nn.Module, cfg: ExpertConfig) -> list[str]:

@@ -159,7 +159,8 @@ class CALMLayer(ExpertLayer):
             layer.to(device)                                             # composition tensors stay float32
             blocks[j] = layer
             layers[layer.name] = layer
-        model.base_model.register_forward_pre_hook(runner.pre_hook, with_kwargs=True)
+        stack = model.get_submodule(prefix.rpartition(".")[0])          # the module that runs the blocks:
+        stack.register_forward_pre_hook(runner.pre_hook, with_kwargs=True)  # base_model; OPT: model.decoder
         model.calm_runner = runner                                       # plain attribute, not a submodule
         return layers
 

@@ -33,7 +33,8 @@ follow the paper's NLP backbone (Flan-T5), where a `block` holds several `layer`
 Projections of one place have different output sizes (q vs k vs down_proj), so one W_g cannot
 read all of them; and they run one after another, so a gate built from all of them would not
 exist when the first one needs it. A shared place therefore computes G^j once per forward at
-its FIRST projection in forward order (q_proj, gate_proj, GPT-2 c_attn, ...), from that
+its FIRST projection in forward order (q_proj, gate_proj, GPT-2 c_attn, Phi-3 qkv_proj, ...: block
+index, then `models.targets.forward_rank`, not the order a model defines its modules in), from that
 projection's expert outputs, and the others reuse that very tensor (same autograd graph): one
 W_g^j per place, one gate per token per place, gradients from every projection of the place.
 
@@ -63,7 +64,9 @@ from moetune.core.errors import RecipeError
 from moetune.core.recompute import recomputing
 from moetune.experts.base import ExpertLayer
 from moetune.experts.routing import Router, balance_loss, domain_loss, z_loss
+from moetune.models.layers import layer_index
 from moetune.models.projection import is_projection
+from moetune.models.targets import forward_rank
 from moetune.recipe.experts import EXPERT_CONFIGS, MoLEConfig, check_experts, expert_names
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")
@@ -233,7 +236,8 @@ class MoLELayer(ExpertLayer):
         """Group the layers by gated place; the first layer of a place keeps its gate, the others drop
         theirs and read the first one's; the first place computes the balance loss over all places."""
         groups: dict[str, list[MoLELayer]] = {}
-        for layer in layers.values():
+        order = sorted(layers.values(), key=lambda m: (layer_index(m.name) or 0, forward_rank(m.name)))  # forward order
+        for layer in order:
             groups.setdefault(layer.place, []).append(layer)
         leaders = []
         for members in groups.values():

@@ -11,15 +11,18 @@ adapter, so fresh MoV leaves the model bit-for-bit unchanged). As in (IA)^3, h i
 - the OUTPUT of the attention key and value projections (k_proj, v_proj): d = d_out;
 - the FFN intermediate activation, i.e. the INPUT of the down projection (Llama
   down_proj, GPT-2 mlp.c_proj): d = d_in. `input_scaled_modules` names these.
+Both default to 'auto': these places on the model's architecture (moetune/models/targets.py).
 The router reads the wrapped projection's input x. Scaling is not additive, so this type
 overrides `forward` (one base pass); per-token gates do not fold into the weights, so it
 is not mergeable. `rank`, `alpha` and `dropout` are unused.
 
-GPT-2 fuses q, k and v into one `c_attn`; targeting it (target_modules: [c_attn,
-mlp.c_proj]) scales queries too, as PEFT's IA3 does on GPT-2. Llama-style models get
-exactly keys, values and the FFN intermediate.
+GPT-2 fuses q, k and v into one `c_attn` (NeoX `query_key_value`, Phi-3 `qkv_proj`); 'auto'
+targets it there, which scales queries too, as PEFT's IA3 does on GPT-2. Llama-style models and
+OPT get exactly keys, values and the FFN intermediate.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
@@ -29,6 +32,7 @@ from moetune.experts.base import ExpertLayer
 from moetune.experts.routing import Router
 from moetune.models import projection
 from moetune.models.load import matches_pattern
+from moetune.models.targets import resolve_auto
 from moetune.recipe import RouterConfig
 from moetune.recipe.experts import MoVConfig
 
@@ -44,6 +48,16 @@ class MoVLayer(ExpertLayer):
         d = self.d_in if self.scale_input else self.d_out
         self.ia3_l = nn.Parameter(torch.ones(cfg.num_experts, d))       # (N, d), l_i = 1
         self.router = Router(self.d_in, cfg.num_experts, router)        # W_g: (N, d_in)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cfg: MoVConfig) -> MoVConfig:
+        """'auto' in target_modules (keys, values, FFN down) and in input_scaled_modules (FFN down) resolved
+        for the model's architecture."""
+        cfg = super().for_model(model, cfg)
+        if "auto" not in cfg.input_scaled_modules:
+            return cfg
+        return dataclasses.replace(cfg, input_scaled_modules=resolve_auto(
+            list(cfg.input_scaled_modules), model, cfg.auto_input_scaled, "expert.input_scaled_modules"))
 
     def scaling(self, x: torch.Tensor) -> torch.Tensor:                 # (..., d_in) -> (..., d)
         """sum_i w_i(x) l_i, as 1 + w @ (L - 1) (exactly 1 while L is ones)."""

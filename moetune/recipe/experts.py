@@ -52,9 +52,11 @@ class ExpertConfig:
     dropout: float = opt(0.0, min=0, max=1)
     """Dropout on the adapter's input during training (0 disables it)."""
     target_modules: list[str] = opt(factory=lambda: ["all-linear"])
-    """Which projections to wrap: 'all-linear' (every linear layer but the output head),
-    exact module names ('q_proj' matches '...self_attn.q_proj'), shell globs
-    ('layers.1*.mlp.*') or regular expressions prefixed with 're:'."""
+    """Which projections to wrap: 'all-linear' (every linear layer but the output head), 'auto' (the
+    type's default places on the model's architecture, moetune/models/targets.py: all-linear for the
+    low-rank types, keys, values and the FFN down projection for mov), exact module names ('q_proj'
+    matches '...self_attn.q_proj'), shell globs ('layers.1*.mlp.*') or regular expressions prefixed
+    with 're:'."""
     init_seed: int | None = None
     """Seed for adapter initialisation (None: use train.seed)."""
 
@@ -68,6 +70,9 @@ class ExpertConfig:
     """The saved adapter directory is a stock PEFT adapter (`peft.PeftModel.from_pretrained` loads it)."""
     mask_key: ClassVar[str | None] = None
     """The list key under `expert:` that --mask-experts sets, for a type whose experts can be masked."""
+    auto_targets: ClassVar[tuple[tuple[str, ...], ...] | None] = None
+    """What `target_modules: auto` wraps: places, each a tuple of alternative roles of
+    moetune.models.targets (q, k, v, qkv, o, gate, up, gate_up, down); None: every linear layer."""
     mixes_trained_loras: ClassVar[bool] = False
     """The experts are trained LoRA adapters mixed by learned gates (`merge-lora --method mole
     --gates-from RUN` folds them at their mean gates)."""
@@ -178,15 +183,22 @@ class MoVConfig(RoutedConfig):
 
     collapse_note = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
                      "(moetune's merge folds LoRA only).")
+    auto_targets = (("k", "qkv"), ("v", "qkv"), ("down",))
+    auto_input_scaled: ClassVar[tuple[tuple[str, ...], ...]] = (("down",),)
+    """What `input_scaled_modules: auto` names: the FFN down projection, whose input is the intermediate."""
 
-    target_modules: list[str] = opt(factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    """Which projections to wrap (same syntax as for LoRA). (IA)^3 places: attention keys and values
-    (k_proj, v_proj) and the FFN down projection (down_proj; GPT-2: [c_attn, mlp.c_proj])."""
+    target_modules: list[str] = opt(factory=lambda: ["auto"])
+    """Which projections to wrap (same syntax as for LoRA). (IA)^3 places, what 'auto' picks for the
+    model's architecture: attention keys and values and the FFN down projection (Llama-style k_proj,
+    v_proj, down_proj; OPT k_proj, v_proj, fc2); where keys and values are one fused projection, that one
+    (GPT-2 attn.c_attn and mlp.c_proj; GPT-NeoX query_key_value and dense_4h_to_h; Phi-3 qkv_proj and
+    down_proj), which scales the queries too, as PEFT's IA3 does there."""
     num_experts: int = opt(4, min=1)
     """Number N of (IA)^3 vectors per wrapped projection (the paper uses 10-30)."""
-    input_scaled_modules: list[str] = opt(factory=lambda: ["down_proj", "mlp.c_proj"])
+    input_scaled_modules: list[str] = opt(factory=lambda: ["auto"])
     """Wrapped projections whose INPUT is scaled (the FFN intermediate activation); all other
-    wrapped projections have their OUTPUT scaled (keys, values). Same name syntax as target_modules."""
+    wrapped projections have their OUTPUT scaled (keys, values). Same name syntax as target_modules;
+    'auto': the architecture's FFN down projection (down_proj, GPT-2 mlp.c_proj, NeoX dense_4h_to_h, OPT fc2)."""
 
 
 @dataclass
