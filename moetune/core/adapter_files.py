@@ -71,7 +71,7 @@ def peft_meta(d: Path, keys: list[str]) -> dict:
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("peft_type") != "LORA":
         raise RecipeError(f"{d}: PEFT adapter type {cfg.get('peft_type')!r}; moetune imports LORA adapters only.")
-    for key in ("use_dora", "use_rslora"):
+    for key in ("use_dora",):
         if cfg.get(key):
             raise RecipeError(f"{d}: PEFT setting {key}=true is not supported by moetune's LoRA.")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
@@ -85,4 +85,4 @@ def peft_expert(cfg: dict, modules: list[str]) -> dict:
     """The moetune `expert` settings (moetune.json) equal to a stock PEFT LoRA adapter_config.json `cfg`
     adapting `modules`: expert type lora with PEFT's rank, alpha and dropout."""
     return {"type": "lora", "rank": cfg["r"], "alpha": cfg["lora_alpha"], "dropout": cfg.get("lora_dropout", 0.0),
-            "target_modules": list(modules), "init_seed": None}
+            "target_modules": list(modules), "init_seed": None, "use_rslora": bool(cfg.get("use_rslora", False))}

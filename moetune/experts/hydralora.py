@@ -2,7 +2,7 @@
 
 One shared down-projection A, N up-projection heads B_i, a per-token router:
 
-    y = W0 x + s * sum_i w_i(x) B_i A x,   w(x) = gates(W_g x),   s = alpha / r
+    y = W0 x + s * sum_i w_i(x) B_i A x,   w(x) = gates(W_g x),   s = alpha / r  (rsLoRA: alpha / sqrt(r))
     A: (r, d_in) random,  B: (N, d_out, r) zeros,  W_g: (N, d_in)
 
 Cost: `h = A x` is computed once (not once per head), in the same matmul as the
@@ -30,7 +30,7 @@ from torch import nn
 from moetune.experts.base import ExpertLayer
 from moetune.experts.lora import LoRALayer
 from moetune.experts.routing import Router, low_rank_and_gates
-from moetune.recipe.experts import HydraLoRAConfig
+from moetune.recipe.experts import HydraLoRAConfig, lora_scale
 
 
 class HydraLoRALayer(ExpertLayer):
@@ -41,7 +41,7 @@ class HydraLoRALayer(ExpertLayer):
     def __init__(self, base: nn.Module, cfg: HydraLoRAConfig, router=None, name: str = "") -> None:
         super().__init__(base, cfg, router, name)
         n, r = cfg.num_experts, cfg.rank
-        self.scale = cfg.alpha / r
+        self.scale = lora_scale(cfg.alpha, r, cfg.use_rslora)              # alpha / r, rsLoRA alpha / sqrt(r)
         self.lora_A = nn.Parameter(torch.empty(r, self.d_in))            # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(n, self.d_out, r))        # (N, d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))            # as LoRA / PEFT

@@ -2,6 +2,8 @@
 
     y = W0 x + s * B A x,     s = alpha / r,   A: (r, d_in) random,  B: (d_out, r) zeros
 
+rsLoRA (Kalajdzievski, 2023; `expert.use_rslora`): s = alpha / sqrt(r), PEFT's `use_rslora: true`.
+
 B starts at zero, so a fresh adapter leaves the model unchanged. The delta folds into
 the base as W = W0 + s * B A (see `delta_weight`), which is what `merge-lora` does.
 Parameter names match PEFT's (`lora_A.weight`, `lora_B.weight`) on export (`peft_export`).
@@ -17,7 +19,7 @@ from torch import nn
 from moetune.core.adapter_files import LORA_KEYS, PEFT_PREFIX
 from moetune.experts.base import ExpertLayer
 from moetune.models import projection
-from moetune.recipe.experts import ExpertConfig, LoRAConfig
+from moetune.recipe.experts import ExpertConfig, LoRAConfig, lora_scale
 
 
 class LoRALayer(ExpertLayer):
@@ -30,7 +32,7 @@ class LoRALayer(ExpertLayer):
             cfg = LoRAConfig(**dataclasses.asdict(cfg))
         super().__init__(base, cfg, router, name)
         r = cfg.rank
-        self.scale = cfg.alpha / r
+        self.scale = lora_scale(cfg.alpha, r, cfg.use_rslora)  # alpha / r; rsLoRA: alpha / sqrt(r)
         self.lora_A = nn.Parameter(torch.empty(r, self.d_in))   # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(self.d_out, r))  # (d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # PEFT's default init
@@ -39,8 +41,9 @@ class LoRALayer(ExpertLayer):
     @classmethod
     def from_factors(cls, base: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, scale: float,
                      dropout: float = 0.0) -> "LoRALayer":
-        """A LoRA layer with the given factors a (r, d_in), b (d_out, r) and scale s (lora_alpha = s r), e.g.
-        a routed layer collapsed at fixed gates. The random init is drawn from a forked RNG stream."""
+        """A plain LoRA layer with the given factors a (r, d_in), b (d_out, r) and scale s (lora_alpha = s r, PEFT's
+        scale without rsLoRA), e.g. a routed layer collapsed at fixed gates. The random init is drawn from a
+        forked RNG stream."""
         r = a.shape[0]
         cfg = LoRAConfig(type="lora", rank=r, alpha=scale * r, dropout=dropout, target_modules=[name])
         with torch.random.fork_rng(devices=[]):
@@ -67,7 +70,7 @@ class LoRALayer(ExpertLayer):
             "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
             "target_modules": sorted(layers), "bias": "none", "fan_in_fan_out": conv1d,
             "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
-            "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
+            "use_rslora": cfg.use_rslora, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
             "rank_pattern": {}, "alpha_pattern": {},
         }
         tensors = {f"{PEFT_PREFIX}{name}.{LORA_KEYS[k]}": v.detach().cpu().contiguous()

@@ -3,7 +3,7 @@ Parameter Efficient MoE for Instruction Tuning", arXiv 2309.05444).
 
 N full LoRA experts (A_i, B_i) of rank r each, mixed per token:
 
-    y = W0 x + s * sum_i w_i(x) B_i A_i x,   w(x) = gates(W_g x),   s = alpha / r
+    y = W0 x + s * sum_i w_i(x) B_i A_i x,   w(x) = gates(W_g x),   s = alpha / r  (rsLoRA: alpha / sqrt(r))
     A: (N, r, d_in) random,  B: (N, d_out, r) zeros,  W_g: (N, d_in)
 
 All experts run as two matmuls (no loop over experts; the first also yields the router
@@ -31,7 +31,7 @@ from torch import nn
 from moetune.experts.base import ExpertLayer
 from moetune.experts.lora import LoRALayer
 from moetune.experts.routing import Router, low_rank_and_gates
-from moetune.recipe.experts import MoLoRAConfig
+from moetune.recipe.experts import MoLoRAConfig, lora_scale
 
 
 class MoLoRALayer(ExpertLayer):
@@ -42,7 +42,7 @@ class MoLoRALayer(ExpertLayer):
     def __init__(self, base: nn.Module, cfg: MoLoRAConfig, router=None, name: str = "") -> None:
         super().__init__(base, cfg, router, name)
         n, r = cfg.num_experts, cfg.rank
-        self.scale = cfg.alpha / r
+        self.scale = lora_scale(cfg.alpha, r, cfg.use_rslora)              # alpha / r, rsLoRA alpha / sqrt(r)
         bound = 1.0 / math.sqrt(self.d_in)  # = PEFT's kaiming_uniform_(a=sqrt(5)) on each (r, d_in) A_i
         self.lora_A = nn.Parameter(torch.empty(n, r, self.d_in).uniform_(-bound, bound))  # (N, r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(n, self.d_out, r))        # (N, d_out, r)

@@ -19,6 +19,7 @@ commands, exports and the CLI read these and never name a type (tests/test_type_
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -34,9 +35,9 @@ def _error(msg: str) -> Exception:
     return RecipeError(msg)
 
 
-def lora_scale(alpha: float, rank: int) -> float:
-    """The adapter scale s = alpha / r (LoRA)."""
-    return alpha / rank
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The adapter scale s: alpha / r (LoRA), or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 @dataclass
@@ -48,7 +49,8 @@ class ExpertConfig:
     rank: int = opt(8, min=1)
     """Rank r of each low-rank adapter (LoRA: A is r x d_in, B is d_out x r)."""
     alpha: float = opt(16.0, min=0)
-    """Scaling numerator: the adapter output is multiplied by s = alpha / rank."""
+    """Scaling numerator: the adapter output is multiplied by s = alpha / rank (alpha / sqrt(rank)
+    with use_rslora)."""
     dropout: float = opt(0.0, min=0, max=1)
     """Dropout on the adapter's input during training (0 disables it)."""
     target_modules: list[str] = opt(factory=lambda: ["all-linear"])
@@ -59,6 +61,11 @@ class ExpertConfig:
     with 're:'."""
     init_seed: int | None = None
     """Seed for adapter initialisation (None: use train.seed)."""
+    use_rslora: bool = False
+    """rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"):
+    scale the adapter by s = alpha / sqrt(rank) instead of alpha / rank, so that large ranks learn as
+    fast as small ones. For the types with a low-rank scale: lora, hydralora, molora (s multiplies the
+    gates) and MoLE's per-domain LoRAs. Exported as PEFT's `use_rslora: true`."""
 
     mergeable: ClassVar[bool] = False
     """The adapter folds into the base weights (`merge` stage, `merge-lora`, export.kind merged/both)."""
@@ -73,20 +80,31 @@ class ExpertConfig:
     auto_targets: ClassVar[tuple[tuple[str, ...], ...] | None] = None
     """What `target_modules: auto` wraps: places, each a tuple of alternative roles of
     moetune.models.targets (q, k, v, qkv, o, gate, up, gate_up, down); None: every linear layer."""
+    scaled: ClassVar[bool] = True
+    """The type multiplies a low-rank delta by s = alpha / r, so `use_rslora` applies."""
     mixes_trained_loras: ClassVar[bool] = False
     """The experts are trained LoRA adapters mixed by learned gates (`merge-lora --method mole
     --gates-from RUN` folds them at their mean gates)."""
 
     def check_recipe(self, recipe) -> None:
         """Recipe-level checks that need no model (called when a recipe is loaded)."""
+        if self.use_rslora and not self.scaled:
+            raise _error(f"Recipe key 'expert.use_rslora' is true, but expert type {self.type!r} has no low-rank "
+                         "scale alpha / rank to change. Allowed: false (rsLoRA is for lora, hydralora, molora).")
+
+    def variants(self) -> list[str]:
+        """The variants of the method this expert uses, for `validate` and the model card ('rsLoRA', ...)."""
+        return ["rsLoRA (s = alpha / sqrt(r))"] if self.use_rslora and self.scaled else []
 
     def describe(self) -> str:
         """The expert in one line of `moetune validate`."""
-        return f"{self.type} rank {self.rank} on {list(self.target_modules)}"
+        extra = "".join(f", {v}" for v in self.variants())
+        return f"{self.type} rank {self.rank} on {list(self.target_modules)}{extra}"
 
     def card_line(self) -> str:
         """The expert in the model card's `- Expert:` line."""
-        return f"{self.type}, rank {self.rank}, alpha {self.alpha}, targets {list(self.target_modules)}"
+        extra = "".join(f", {v}" for v in self.variants())
+        return f"{self.type}, rank {self.rank}, alpha {self.alpha}, targets {list(self.target_modules)}{extra}"
 
     def how_to_load(self, sub: str) -> str:
         """The model card's sentence on loading the adapter directory `sub` (without a merged model)."""
@@ -132,7 +150,7 @@ class LoRAConfig(ExpertConfig):
 
     @classmethod
     def stored_lora_scale(cls, expert: dict) -> float | None:
-        return lora_scale(expert["alpha"], expert["rank"])
+        return lora_scale(expert["alpha"], expert["rank"], bool(expert.get("use_rslora", False)))
 
 
 @dataclass
@@ -183,6 +201,7 @@ class MoVConfig(RoutedConfig):
 
     collapse_note = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
                      "(moetune's merge folds LoRA only).")
+    scaled = False
     auto_targets = (("k", "qkv"), ("v", "qkv"), ("down",))
     auto_input_scaled: ClassVar[tuple[tuple[str, ...], ...]] = (("down",),)
     """What `input_scaled_modules: auto` names: the FFN down projection, whose input is the intermediate."""
@@ -252,7 +271,8 @@ class MoLEConfig(ExpertConfig):
         if self.experts_from != "per_domain":
             return None
         lora = LoRAConfig(type="lora", rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                          target_modules=list(self.target_modules), init_seed=self.init_seed)
+                          target_modules=list(self.target_modules), init_seed=self.init_seed,
+                          use_rslora=self.use_rslora)
         return lora, self.expert_max_steps, self.expert_lr
 
     def use_trained_experts(self, dirs: list[str], names: list[str]) -> None:
@@ -260,6 +280,7 @@ class MoLEConfig(ExpertConfig):
 
     def check_recipe(self, r) -> None:
         """Settings that contradict MoLE, and (when training) the expert directories themselves."""
+        super().check_recipe(r)
         rt = r.router
         if rt.type != "soft":
             raise _error(f"Recipe key 'router.type' is {rt.type!r}, but MoLE gates are soft. Allowed: 'soft'.")
@@ -341,6 +362,7 @@ class CALMConfig(ExpertConfig):
 
     target_modules: list[str] = opt(factory=list)
     """Unused by calm: the composition points are set by num_compositions or anchor_layers."""
+    scaled = False
     augmenting_model: str = ""
     """The augmenting model m_A (frozen): local model directory, hub id or built-in name. It is loaded
     on the anchor's device in the anchor's (compute) dtype, 4-bit as set by augmenting_quantization, and
@@ -397,6 +419,7 @@ class CALMConfig(ExpertConfig):
 
     def check_recipe(self, recipe) -> None:
         """Recipe-level checks that need no model (called by recipe._check_semantics)."""
+        super().check_recipe(recipe)
         if not self.augmenting_model:
             raise RecipeError("Recipe key 'expert.augmenting_model' is empty; expert type 'calm' composes the anchor "
                               "(model.path) with a second model. Allowed: a local model directory, hub id or built-in name.")

