@@ -21,6 +21,7 @@ from moetune.commands.stages import run_recipe
 from moetune.experts import config_class
 from moetune.export.collapse import collapse_layers, install, save_collapsed
 from moetune.export.merge import merge_into_base
+from moetune.models import projection
 from moetune.recipe import RecipeError, RouterConfig, load_recipe
 
 torch.set_num_threads(1)
@@ -71,9 +72,11 @@ def _stock_peft_adapter(path, tmp_path, **lora_kw):
 
 VARIANTS = {
     "rslora": ["expert.use_rslora=true", "expert.alpha=8"],
+    "dora": ["expert.use_dora=true"],
 }
 VARIANT_PEFT = {  # what adapter_config.json says
     "rslora": {"use_rslora": True, "use_dora": False, "init_lora_weights": True, "r": 4, "lora_alpha": 8},
+    "dora": {"use_rslora": False, "use_dora": True, "init_lora_weights": True, "r": 4, "lora_alpha": 16},
 }
 
 
@@ -153,3 +156,120 @@ def test_rslora_on_routed_types_trains_and_collapses_to_stock_peft(etype, tiny_l
 def test_rslora_is_refused_where_there_is_no_low_rank_scale():
     with pytest.raises(RecipeError, match="expert.use_rslora' is true, but expert type 'mov'"):
         load_recipe(None, ["expert.type=mov", "expert.use_rslora=true"])
+
+
+# ------------------------------------------------------------------ DoRA
+
+
+def _peft_twin(path, model, **lora_kw):
+    """A PEFT model with the same LoRA settings as moetune's injected `model` and its adapter tensors copied in."""
+    from peft import LoraConfig, get_peft_model
+    layers = expert_layers(model)
+    cfg = next(iter(layers.values())).cfg
+    twin = get_peft_model(_base(path), LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=sorted(layers),
+                                                  fan_in_fan_out="gpt2" in str(path), **lora_kw))
+    params = dict(twin.named_parameters())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for local, v in layer.adapter_state().items():
+                key = (f"base_model.model.{name}.{local}.default.weight" if local != "lora_magnitude_vector"
+                       else f"base_model.model.{name}.lora_magnitude_vector.default.weight")
+                params[key].copy_(v)
+    return twin, params
+
+
+def _grads(model, names) -> dict:
+    model.eval()  # no GPT-2 attention/residual dropout: the same function on both sides
+    x = _ids(model.config.vocab_size)
+    model.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+    return {k: p.grad.clone() for k, p in names.items()}
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_dora_equals_peft_dora_in_logits_and_gradients(arch, request):
+    """Same tensors in moetune's DoRA and PEFT's: same logits, same gradients of A, B and m (n detached in both)."""
+    path = request.getfixturevalue(arch)
+    model = _base(path)
+    ref = _logits(model)
+    layers = inject(model, config_class("lora")(type="lora", rank=4, alpha=8, use_dora=True))
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=0)             # fresh: m = n, B = 0
+    _randomise(model)
+    twin, params = _peft_twin(path, model, use_dora=True)
+    twin.eval()
+    torch.testing.assert_close(_logits(model), _logits(twin), **TOL)
+    ours = {f"{n}.{k}": p for n, layer in layers.items() for k, p in layer.adapter_state().items()}
+    mapping = {k: params[f"base_model.model.{k.rsplit('.', 1)[0]}.{k.rsplit('.', 1)[1]}.default.weight"] for k in ours}
+    g_ours, g_peft = _grads(model, ours), _grads(twin, mapping)
+    for k in ours:
+        torch.testing.assert_close(g_ours[k], g_peft[k], atol=1e-5, rtol=1e-4)
+    layer = next(iter(layers.values()))                                          # the formula itself
+    with torch.no_grad():
+        x = torch.randn(2, 3, layer.d_in)
+        w = projection.dense_weight(layer.base) + layer.scale * layer.lora_B @ layer.lora_A
+        g = layer.lora_magnitude_vector / w.norm(dim=1)
+        b = layer.base.bias if layer.base.bias is not None else 0
+        torch.testing.assert_close(layer.eval()(x), (x @ w.t()) * g + b, **TOL)
+
+
+def test_stock_peft_dora_adapter_imports(tiny_llama, tmp_path):
+    adapter, want = _stock_peft_adapter(tiny_llama, tmp_path, use_dora=True)
+    model = _base(tiny_llama)
+    meta = load_adapter(model, adapter)
+    assert meta["expert"]["use_dora"] is True
+    torch.testing.assert_close(_logits(model), want, **TOL)
+    torch.testing.assert_close(_logits(merge_into_base(model)), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+    """A tiny Llama whose widths are whole 64-blocks: bitsandbytes' own CPU dequantisation (which PEFT's DoRA
+    calls for n) is right only there (see moetune/models/quant.py); moetune's dequantisation is right at any width."""
+    from conftest import build_tokenizer
+    from transformers import LlamaConfig
+    tok = build_tokenizer(chat=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=0))
+    d = tmp_path_factory.mktemp("llama64")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_dora_on_a_4bit_base_trains_merges_and_loads_in_peft(llama64, tiny_data, tmp_path):
+    """n comes from the dequantised W0 (the dispatch's dense weight): a fresh DoRA is the 4-bit base exactly; the
+    trained adapter merges (dequantised) and stock PEFT loads it onto the same 4-bit base."""
+    from moetune.models.load import load_model
+    from moetune.recipe import ModelConfig
+    tiny_llama = llama64
+    cpu = torch.device("cpu")
+    q = load_model(ModelConfig(path=str(tiny_llama), quantization="nf4"), cpu)
+    ref = _logits(q)
+    inject(q, config_class("lora")(type="lora", rank=4, use_dora=True))
+    torch.testing.assert_close(_logits(q), ref, rtol=0, atol=0)
+    out = tmp_path / "run"
+    summary = run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, "model.quantization=nf4",
+                                                          "expert.use_dora=true", "merge.dequantize=true",
+                                                          "train.max_steps=3", "stages=[train,merge]",
+                                                          "train.eval_before=false")))
+    assert summary["merge"]["max_logit_diff"] < 1e-3
+    from peft import PeftModel
+    base = load_model(ModelConfig(path=str(tiny_llama), quantization="nf4"), cpu)
+    ours = load_model(ModelConfig(path=str(tiny_llama), quantization="nf4"), cpu)
+    load_adapter(ours, out / "adapter")
+    peft = PeftModel.from_pretrained(base, out / "adapter").eval()
+    torch.testing.assert_close(_logits(peft), _logits(ours), atol=1e-4, rtol=1e-4)
+
+
+def test_dora_adapters_are_refused_where_a_plain_low_rank_delta_is_needed(tiny_llama, tmp_path):
+    model = _base(tiny_llama)
+    inject(model, config_class("lora")(type="lora", rank=2, use_dora=True))
+    save_adapter(tmp_path / "d", model, config_class("lora")(type="lora", rank=2, use_dora=True), None, str(tiny_llama))
+    from moetune.export.multimerge import read_lora
+    with pytest.raises(RecipeError, match="merges LoRA adapters only"):
+        read_lora(tmp_path / "d")
+    with pytest.raises(RecipeError, match="not one plain LoRA pair per module"):
+        inject(_base(tiny_llama), config_class("mole")(type="mole", experts=[str(tmp_path / "d")]), RouterConfig())

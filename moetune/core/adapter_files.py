@@ -15,7 +15,8 @@ from safetensors import safe_open
 from moetune.core.errors import RecipeError
 
 PEFT_PREFIX = "base_model.model."
-LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"}
+"""moetune's local name of a LoRA tensor -> PEFT's (DoRA's magnitude m (d_out,) is `lora_magnitude_vector`)."""
 WEIGHTS = "adapter_model.safetensors"
 
 
@@ -71,9 +72,6 @@ def peft_meta(d: Path, keys: list[str]) -> dict:
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("peft_type") != "LORA":
         raise RecipeError(f"{d}: PEFT adapter type {cfg.get('peft_type')!r}; moetune imports LORA adapters only.")
-    for key in ("use_dora",):
-        if cfg.get(key):
-            raise RecipeError(f"{d}: PEFT setting {key}=true is not supported by moetune's LoRA.")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise RecipeError(f"{d}: per-module rank_pattern/alpha_pattern are not supported.")
     modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_A", 1)[0] for k in keys if ".lora_A" in k})
@@ -85,4 +83,5 @@ def peft_expert(cfg: dict, modules: list[str]) -> dict:
     """The moetune `expert` settings (moetune.json) equal to a stock PEFT LoRA adapter_config.json `cfg`
     adapting `modules`: expert type lora with PEFT's rank, alpha and dropout."""
     return {"type": "lora", "rank": cfg["r"], "alpha": cfg["lora_alpha"], "dropout": cfg.get("lora_dropout", 0.0),
-            "target_modules": list(modules), "init_seed": None, "use_rslora": bool(cfg.get("use_rslora", False))}
+            "target_modules": list(modules), "init_seed": None, "use_rslora": bool(cfg.get("use_rslora", False)),
+            "use_dora": bool(cfg.get("use_dora", False))}

@@ -58,9 +58,14 @@ class ExpertLayer(nn.Module, abc.ABC):
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
         """The adapter's additive contribution for input x."""
 
+    def change(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (..., d_in), (..., d_out) -> (..., d_out)
+        """What the layer adds to the base output y = W0 x + b: `delta(x)` for an additive type. A type whose
+        forward also rescales the base output overrides this and reads y (DoRA: (m/n - 1) (y - b) + (m/n) s B A x)."""
+        return self.delta(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
         y = self.base(x)
-        return y + self.delta(x).to(y.dtype)
+        return y + self.change(x, y).to(y.dtype)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward, already weighted by the recipe."""

@@ -142,14 +142,26 @@ class ExpertConfig:
 class LoRAConfig(ExpertConfig):
     """LoRA settings (`expert:` with type lora; Hu et al. 2021)."""
 
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): each output row of
+    W' = W0 + s B A is split into a trained magnitude m (d_out,) and its direction, W' -> (m / n) W',
+    n = ||W0 + s B A||_row (a constant in the backward pass). Costs a dense copy of each wrapped weight
+    per forward (dequantised on a 4-bit base). Merges (diag(m/n)(W0 + s B A)) and exports as PEFT's
+    `use_dora: true`."""
+
     mergeable = True
     stock_peft = True
+
+    def variants(self) -> list[str]:
+        return super().variants() + (["DoRA"] if self.use_dora else [])
 
     def how_to_load(self, sub: str) -> str:
         return f"load the adapter with `peft.PeftModel.from_pretrained(base, '{sub}')` or `moetune eval`"
 
     @classmethod
     def stored_lora_scale(cls, expert: dict) -> float | None:
+        if expert.get("use_dora"):  # a magnitude rescales W0 too: not a low-rank delta
+            return None
         return lora_scale(expert["alpha"], expert["rank"], bool(expert.get("use_rslora", False)))
 
 
