@@ -73,10 +73,15 @@ def _stock_peft_adapter(path, tmp_path, **lora_kw):
 VARIANTS = {
     "rslora": ["expert.use_rslora=true", "expert.alpha=8"],
     "dora": ["expert.use_dora=true"],
+    "pissa": ["expert.init=pissa"],
+    "olora": ["expert.init=olora"],
 }
 VARIANT_PEFT = {  # what adapter_config.json says
     "rslora": {"use_rslora": True, "use_dora": False, "init_lora_weights": True, "r": 4, "lora_alpha": 8},
     "dora": {"use_rslora": False, "use_dora": True, "init_lora_weights": True, "r": 4, "lora_alpha": 16},
+    # PiSSA / OLoRA: the rank-2r LoRA on the original base, A' = [A; A0], B' = [B, -B0], lora_alpha doubled
+    "pissa": {"use_rslora": False, "use_dora": False, "init_lora_weights": True, "r": 8, "lora_alpha": 32},
+    "olora": {"use_rslora": False, "use_dora": False, "init_lora_weights": True, "r": 8, "lora_alpha": 32},
 }
 
 
@@ -273,3 +278,86 @@ def test_dora_adapters_are_refused_where_a_plain_low_rank_delta_is_needed(tiny_l
         read_lora(tmp_path / "d")
     with pytest.raises(RecipeError, match="not one plain LoRA pair per module"):
         inject(_base(tiny_llama), config_class("mole")(type="mole", experts=[str(tmp_path / "d")]), RouterConfig())
+
+
+# ------------------------------------------------------------------ PiSSA and OLoRA
+
+
+@pytest.mark.parametrize("init,arch", [("pissa", "tiny_llama"), ("pissa", "tiny_gpt2"), ("olora", "tiny_llama")])
+def test_principal_init_equals_peft_in_factors_logits_and_gradients(init, arch, request):
+    """moetune keeps W0 and subtracts s B0 A0; PEFT replaces W0 by W_res = W0 - s B0 A0. Same factors, the same
+    function (fresh: exactly the base for moetune), the same gradients. (PEFT's OLoRA ignores fan_in_fan_out,
+    so it is compared on Llama only; moetune's works on GPT-2's Conv1D too, see the end-to-end test.)"""
+    from peft import LoraConfig, get_peft_model
+    path = request.getfixturevalue(arch)
+    model = _base(path)
+    ref = _logits(model)
+    layers = inject(model, config_class("lora")(type="lora", rank=4, alpha=8, init=init))
+    torch.testing.assert_close(_logits(model), ref, rtol=0, atol=0)             # exactly the base when fresh
+    twin = get_peft_model(_base(path), LoraConfig(r=4, lora_alpha=8, target_modules=sorted(layers),
+                                                  init_lora_weights=init, fan_in_fan_out=arch == "tiny_gpt2"))
+    params = dict(twin.named_parameters())
+    for name, layer in layers.items():
+        for local in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, local), params[f"base_model.model.{name}.{local}.default.weight"],
+                                       atol=1e-5, rtol=1e-5)
+    if init == "pissa":                                                          # s B0 A0 = the rank-r SVD truncation
+        layer = next(iter(layers.values()))
+        u, sv, vh = torch.linalg.svd(projection.dense_weight(layer.base), full_matrices=False)
+        torch.testing.assert_close(layer.scale * layer.lora_B0 @ layer.lora_A0, u[:, :4] * sv[:4] @ vh[:4],
+                                   atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(twin.eval()), ref, atol=1e-4, rtol=1e-4)  # PEFT: W_res + s B0 A0 ~ W0
+    _randomise(model)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for local in ("lora_A", "lora_B"):
+                params[f"base_model.model.{name}.{local}.default.weight"].copy_(getattr(layer, local))
+    torch.testing.assert_close(_logits(model), _logits(twin), atol=1e-4, rtol=1e-4)
+    ours = {f"{n}.{k}": p for n, layer in layers.items() for k, p in layer.adapter_state().items()}
+    mapping = {k: params[f"base_model.model.{k.rsplit('.', 1)[0]}.{k.rsplit('.', 1)[1]}.default.weight"] for k in ours}
+    g_ours, g_peft = _grads(model, ours), _grads(twin, mapping)
+    for k in ours:
+        torch.testing.assert_close(g_ours[k], g_peft[k], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_init_saves_the_rank_2r_form_and_stock_pissa_adapters_import(init, tiny_llama, tmp_path):
+    model = _base(tiny_llama)
+    cfg = config_class("lora")(type="lora", rank=4, alpha=8, init=init, use_rslora=True)
+    inject(model, cfg)
+    _randomise(model)
+    ours = _logits(model)
+    save_adapter(tmp_path / "a", model, cfg, None, str(tiny_llama))
+    meta = json.loads((tmp_path / "a" / "moetune.json").read_text())
+    assert (meta["expert"]["rank"], meta["expert"]["init"]) == (8, "default")
+    assert meta["expert"]["alpha"] == pytest.approx(8 * math.sqrt(2))             # rsLoRA: s = alpha / sqrt(r) kept
+    assert meta["expert"]["converted_from"] == {"init": init, "rank": 4, "alpha": 8}
+    torch.testing.assert_close(_logits(_peft(tiny_llama, tmp_path / "a")), ours, **TOL)   # onto the ORIGINAL base
+    again = _base(tiny_llama)
+    load_adapter(again, tmp_path / "a")                                          # a plain rank-8 LoRA: no SVD
+    torch.testing.assert_close(_logits(again), ours, **TOL)
+    torch.testing.assert_close(_logits(merge_into_base(again)), ours, atol=1e-4, rtol=1e-4)
+    # A stock PEFT adapter saved WITHOUT the conversion (init_lora_weights: 'pissa'/'olora', trained against
+    # W_res): moetune recomputes A0, B0 from the base at load, as PEFT does.
+    adapter, want = _stock_peft_adapter(tiny_llama, tmp_path, init_lora_weights=init)
+    assert json.loads((adapter / "adapter_config.json").read_text())["init_lora_weights"] == init
+    imported = _base(tiny_llama)
+    assert load_adapter(imported, adapter)["expert"]["init"] == init
+    torch.testing.assert_close(_logits(imported), want, atol=1e-4, rtol=1e-4)
+
+
+def test_principal_init_refusals(tiny_llama):
+    with pytest.raises(RecipeError, match="'expert.init' \\('pissa'\\) and 'expert.use_dora'"):
+        load_recipe(None, ["expert.init=pissa", "expert.use_dora=true"])
+    with pytest.raises(RecipeError, match="'expert.rank' is 64, more than"):
+        inject(_base(tiny_llama), config_class("lora")(type="lora", rank=64, init="pissa"))
+
+
+@pytest.mark.parametrize("variant", ["expert.init=pissa", "expert.use_dora=true"])
+def test_validate_counts_the_variants_on_the_meta_device(variant, tiny_llama, tiny_data, tmp_path):
+    from moetune.commands.validate import estimate
+    plain = estimate(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, tmp_path / "r", "stages=[train]")))
+    est = estimate(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, tmp_path / "r", variant, "stages=[train]")))
+    d_out = sum(m.out_features for n, m in _base(tiny_llama).named_modules()
+                if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert est["trainable"] - plain["trainable"] == (0 if "init" in variant else d_out)   # DoRA's m: one per row

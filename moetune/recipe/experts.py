@@ -148,19 +148,39 @@ class LoRAConfig(ExpertConfig):
     n = ||W0 + s B A||_row (a constant in the backward pass). Costs a dense copy of each wrapped weight
     per forward (dequantised on a 4-bit base). Merges (diag(m/n)(W0 + s B A)) and exports as PEFT's
     `use_dora: true`."""
+    init: str = opt("default", choices=("default", "pissa", "olora"))
+    """How A and B start. 'default': A random (PEFT's kaiming-uniform), B = 0. 'pissa' (Meng et al. 2024,
+    "PiSSA: Principal Singular Values and Singular Vectors Adaptation"): s B0 A0 is the rank-r SVD
+    truncation of W0; 'olora' (Buyukakyuz 2024, "OLoRA: Orthonormal Low-Rank Adaptation"): B0 A0 is the
+    first r columns/rows of W0's QR decomposition (PEFT's `init_lora_weights` values). Training is
+    PiSSA's/OLoRA's, y = W_res x + s B A x with W_res = W0 - s B0 A0, computed on the unchanged base as
+    W0 x + s (B A - B0 A0) x; the adapter is saved, merged and exported as the equivalent plain LoRA of
+    rank 2r on the ORIGINAL base (A' = [A; A0], B' = [B, -B0]), which stock PEFT loads as is. Costs one
+    SVD (QR) of every wrapped weight when the adapter is created."""
 
     mergeable = True
     stock_peft = True
 
     def variants(self) -> list[str]:
-        return super().variants() + (["DoRA"] if self.use_dora else [])
+        out = super().variants() + (["DoRA"] if self.use_dora else [])
+        if self.init != "default":
+            paper = {"pissa": "PiSSA", "olora": "OLoRA"}[self.init]
+            out.append(f"{paper} init (saved as a rank-{2 * self.rank} LoRA on the original base)")
+        return out
+
+    def check_recipe(self, recipe) -> None:
+        super().check_recipe(recipe)
+        if self.init != "default" and self.use_dora:
+            raise _error(f"Recipe keys 'expert.init' ({self.init!r}) and 'expert.use_dora' (true) are both set; "
+                         "moetune does not combine a principal-component init with DoRA's magnitude. Allowed: "
+                         "expert.init=default with use_dora, or use_dora=false with pissa/olora.")
 
     def how_to_load(self, sub: str) -> str:
         return f"load the adapter with `peft.PeftModel.from_pretrained(base, '{sub}')` or `moetune eval`"
 
     @classmethod
     def stored_lora_scale(cls, expert: dict) -> float | None:
-        if expert.get("use_dora"):  # a magnitude rescales W0 too: not a low-rank delta
+        if expert.get("use_dora") or expert.get("init", "default") != "default":  # m rescales W0 / B0 A0 subtracted
             return None
         return lora_scale(expert["alpha"], expert["rank"], bool(expert.get("use_rslora", False)))
 
