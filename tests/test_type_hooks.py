@@ -118,6 +118,7 @@ def test_hooks_agree_with_the_flags_of_the_settings_class(etype):
     assert _overrides(layer, "peft_export") is (cfg.stock_peft or etype == "mov")  # mov: its collapsed IA3 form
     assert _overrides(layer, "set_mask") is (cfg.mask_key is not None)
     assert _overrides(layer, "lora_mixture") is cfg.mixes_trained_loras
+    assert _overrides(layer, "lora_plus_parameters") is (cfg.lora_plus and not cfg.mixes_trained_loras)  # MoLE: its LoRAs
     if cfg.mask_key is not None:
         assert cfg.mask_key in {f.name for f in dataclasses.fields(cfg)}
     if cfg.collapsible:

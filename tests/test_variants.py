@@ -75,6 +75,7 @@ VARIANTS = {
     "dora": ["expert.use_dora=true"],
     "pissa": ["expert.init=pissa"],
     "olora": ["expert.init=olora"],
+    "loraplus": ["train.lora_plus_ratio=16"],
 }
 VARIANT_PEFT = {  # what adapter_config.json says
     "rslora": {"use_rslora": True, "use_dora": False, "init_lora_weights": True, "r": 4, "lora_alpha": 8},
@@ -82,6 +83,7 @@ VARIANT_PEFT = {  # what adapter_config.json says
     # PiSSA / OLoRA: the rank-2r LoRA on the original base, A' = [A; A0], B' = [B, -B0], lora_alpha doubled
     "pissa": {"use_rslora": False, "use_dora": False, "init_lora_weights": True, "r": 8, "lora_alpha": 32},
     "olora": {"use_rslora": False, "use_dora": False, "init_lora_weights": True, "r": 8, "lora_alpha": 32},
+    "loraplus": {"use_rslora": False, "use_dora": False, "init_lora_weights": True, "r": 4, "lora_alpha": 16},
 }
 
 
@@ -361,3 +363,59 @@ def test_validate_counts_the_variants_on_the_meta_device(variant, tiny_llama, ti
     d_out = sum(m.out_features for n, m in _base(tiny_llama).named_modules()
                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
     assert est["trainable"] - plain["trainable"] == (0 if "init" in variant else d_out)   # DoRA's m: one per row
+
+
+# ------------------------------------------------------------------ LoRA+
+
+
+def _lr_by_param(model, recipe) -> dict[int, float]:
+    from moetune.train.loop import param_groups
+    groups = param_groups(model, trainable_parameters(model), recipe)
+    if not isinstance(groups[0], dict):
+        return {id(p): recipe.train.lr for p in groups}
+    return {id(p): g.get("lr", recipe.train.lr) for g in groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("etype", ["lora", "hydralora", "molora"])
+def test_lora_plus_puts_the_b_matrices_in_a_faster_group(etype, tiny_llama):
+    rc = load_recipe(None, [f"expert.type={etype}", "train.lr=1e-3", "train.lora_plus_ratio=16",
+                            "router.lr_multiplier=2"])
+    model = _base(tiny_llama)
+    layers = inject(model, rc.expert, rc.router)
+    lr = _lr_by_param(model, rc)
+    for layer in layers.values():
+        assert lr[id(layer.lora_B)] == pytest.approx(16e-3) and lr[id(layer.lora_A)] == pytest.approx(1e-3)
+        if etype != "lora":
+            assert lr[id(layer.router.weight)] == pytest.approx(2e-3)           # the router keeps its own group
+    plain = load_recipe(None, [f"expert.type={etype}", "train.lr=1e-3"])
+    assert set(_lr_by_param(model, plain).values()) == {1e-3}
+
+
+@pytest.mark.parametrize("etype", ["lora", "hydralora"])
+def test_lora_plus_first_sgd_step_moves_b_ratio_times_further(etype, tiny_llama, tiny_data, tmp_path):
+    """Step 1 from B = 0: A gets no gradient (dL/dA = s B^T ...), B moves by -lr * ratio * g. With plain SGD and a
+    constant schedule the B tensors of a ratio-16 run are exactly 16 times those of a ratio-1 run."""
+    from safetensors.torch import load_file
+    states = {}
+    for ratio in (1, 16):
+        out = tmp_path / f"r{ratio}"
+        run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, out, f"expert.type={etype}",
+                                                    "expert.num_experts=2", f"train.lora_plus_ratio={ratio}",
+                                                    "train.optimizer=sgd", "train.momentum=0", "train.scheduler=constant",
+                                                    "train.max_grad_norm=0", "train.max_steps=1", "stages=[train]",
+                                                    "train.eval_before=false") if etype != "lora" else
+                                   tiny_overrides(tiny_llama, tiny_data, out, f"train.lora_plus_ratio={ratio}",
+                                                  "train.optimizer=sgd", "train.momentum=0", "train.scheduler=constant",
+                                                  "train.max_grad_norm=0", "train.max_steps=1", "stages=[train]",
+                                                  "train.eval_before=false")))
+        states[ratio] = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b_keys = [k for k in states[1] if "lora_B" in k]
+    assert b_keys and all(states[1][k].abs().max() > 0 for k in b_keys)
+    for k, v in states[1].items():
+        want = 16 * v if "lora_B" in k else v
+        torch.testing.assert_close(states[16][k], want, rtol=1e-6, atol=0)
+
+
+def test_lora_plus_is_refused_where_there_are_no_b_matrices():
+    with pytest.raises(RecipeError, match="'train.lora_plus_ratio' is 16.0, but expert type 'mov' trains no B"):
+        load_recipe(None, ["expert.type=mov", "train.lora_plus_ratio=16"])

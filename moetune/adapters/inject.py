@@ -63,6 +63,17 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in expert_layers(model).values() for p in layer.adapter_state().values()]
 
 
+def lora_plus_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters LoRA+ trains faster (every layer's `lora_plus_parameters`: the B matrices), each once."""
+    seen, out = set(), []
+    for layer in expert_layers(model).values():
+        for p in layer.lora_plus_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
 def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     """Sum each named auxiliary loss over all expert layers (already weighted)."""
     total: dict[str, torch.Tensor] = {}

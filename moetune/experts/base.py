@@ -71,6 +71,10 @@ class ExpertLayer(nn.Module, abc.ABC):
         """Auxiliary losses of the last forward, already weighted by the recipe."""
         return {}
 
+    def lora_plus_parameters(self) -> list[nn.Parameter]:
+        """The parameters LoRA+ trains at lr * train.lora_plus_ratio (the B matrices; `config_cls.lora_plus`)."""
+        return []
+
     def routing_stats(self) -> dict | None:
         """Gate statistics of the last forward (routed types), for the routing report."""
         return None

@@ -48,6 +48,9 @@ class HydraLoRALayer(ExpertLayer):
         self.router = Router(self.d_in, n, router)                       # W_g: (N, d_in)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
+    def lora_plus_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_B]
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
         h, w = low_rank_and_gates(x, self.lora_A, self.router, self.drop)  # (..., r), (..., N)
         w = w * self.scale                                               # (..., N), s folded into the gates

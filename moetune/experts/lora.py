@@ -98,6 +98,9 @@ class LoRALayer(ExpertLayer):
             out = out - (x @ self.lora_A0.t()) @ self.lora_B0.t()
         return out * self.scale
 
+    def lora_plus_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_B]
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """forward(x) - W0 x - b."""
         if self.cfg.use_dora:

@@ -49,6 +49,9 @@ class MoLoRALayer(ExpertLayer):
         self.router = Router(self.d_in, n, router)                       # W_g: (N, d_in)
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
+    def lora_plus_parameters(self) -> list[nn.Parameter]:
+        return [self.lora_B]
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:                    # (..., d_in) -> (..., d_out)
         n, d_out, r = self.lora_B.shape
         a_cat = self.lora_A.reshape(n * r, self.d_in)                    # (N*r, d_in)

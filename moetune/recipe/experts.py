@@ -82,6 +82,8 @@ class ExpertConfig:
     moetune.models.targets (q, k, v, qkv, o, gate, up, gate_up, down); None: every linear layer."""
     scaled: ClassVar[bool] = True
     """The type multiplies a low-rank delta by s = alpha / r, so `use_rslora` applies."""
+    lora_plus: ClassVar[bool] = True
+    """The type trains B matrices (layer hook `lora_plus_parameters`), so `train.lora_plus_ratio` applies."""
     mixes_trained_loras: ClassVar[bool] = False
     """The experts are trained LoRA adapters mixed by learned gates (`merge-lora --method mole
     --gates-from RUN` folds them at their mean gates)."""
@@ -91,6 +93,10 @@ class ExpertConfig:
         if self.use_rslora and not self.scaled:
             raise _error(f"Recipe key 'expert.use_rslora' is true, but expert type {self.type!r} has no low-rank "
                          "scale alpha / rank to change. Allowed: false (rsLoRA is for lora, hydralora, molora).")
+        if recipe.train.lora_plus_ratio != 1.0 and not self.lora_plus:
+            raise _error(f"Recipe key 'train.lora_plus_ratio' is {recipe.train.lora_plus_ratio}, but expert type "
+                         f"{self.type!r} trains no B matrices. Allowed: 1 (LoRA+ is for lora, hydralora, molora and "
+                         "MoLE's per-domain LoRAs).")
 
     def variants(self) -> list[str]:
         """The variants of the method this expert uses, for `validate` and the model card ('rsLoRA', ...)."""
@@ -234,6 +240,7 @@ class MoVConfig(RoutedConfig):
     collapse_note = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
                      "(moetune's merge folds LoRA only).")
     scaled = False
+    lora_plus = False
     auto_targets = (("k", "qkv"), ("v", "qkv"), ("down",))
     auto_input_scaled: ClassVar[tuple[tuple[str, ...], ...]] = (("down",),)
     """What `input_scaled_modules: auto` names: the FFN down projection, whose input is the intermediate."""
@@ -331,6 +338,10 @@ class MoLEConfig(ExpertConfig):
         if self.names and len(self.names) != len(self.experts):
             raise _error(f"Recipe key 'expert.names' has {len(self.names)} names for {len(self.experts)} experts. "
                          "Allowed: one name per entry of expert.experts, or an empty list.")
+        if r.train.lora_plus_ratio != 1.0 and self.experts_from != "per_domain":
+            raise _error(f"Recipe key 'train.lora_plus_ratio' is {r.train.lora_plus_ratio}, but MoLE trains only its "
+                         "gates; LoRA+ acts on the LoRAs it trains with experts_from: per_domain. Allowed: 1, or "
+                         "expert.experts_from=per_domain.")
         if self.experts_from == "per_domain":
             if self.experts:
                 raise _error("Recipe key 'expert.experts' is set together with expert.experts_from='per_domain', "
@@ -395,6 +406,7 @@ class CALMConfig(ExpertConfig):
     target_modules: list[str] = opt(factory=list)
     """Unused by calm: the composition points are set by num_compositions or anchor_layers."""
     scaled = False
+    lora_plus = False
     augmenting_model: str = ""
     """The augmenting model m_A (frozen): local model directory, hub id or built-in name. It is loaded
     on the anchor's device in the anchor's (compute) dtype, 4-bit as set by augmenting_quantization, and
