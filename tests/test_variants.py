@@ -77,6 +77,8 @@ VARIANTS = {
     "olora": ["expert.init=olora"],
     "loraplus": ["train.lora_plus_ratio=16"],
 }
+VARIANT_CARD = {"rslora": "rsLoRA (s = alpha / sqrt(r))", "dora": "DoRA", "pissa": "PiSSA init (saved as a rank-8 LoRA",
+                "olora": "OLoRA init", "loraplus": "targets ['all-linear']"}  # LoRA+ is a train: setting
 VARIANT_PEFT = {  # what adapter_config.json says
     "rslora": {"use_rslora": True, "use_dora": False, "init_lora_weights": True, "r": 4, "lora_alpha": 8},
     "dora": {"use_rslora": False, "use_dora": True, "init_lora_weights": True, "r": 4, "lora_alpha": 16},
@@ -108,6 +110,8 @@ def test_variant_trains_merges_and_exports_for_stock_peft(variant, arch, request
     torch.testing.assert_close(_logits(merged), ours, atol=1e-4, rtol=1e-4)
     card = (out / "export" / "README.md").read_text()
     assert "PeftModel.from_pretrained" in card
+    line = next(x for x in card.splitlines() if x.startswith("- Expert: lora"))
+    assert VARIANT_CARD[variant] in line, line
 
 
 # ------------------------------------------------------------------ rsLoRA
@@ -419,3 +423,30 @@ def test_lora_plus_first_sgd_step_moves_b_ratio_times_further(etype, tiny_llama,
 def test_lora_plus_is_refused_where_there_are_no_b_matrices():
     with pytest.raises(RecipeError, match="'train.lora_plus_ratio' is 16.0, but expert type 'mov' trains no B"):
         load_recipe(None, ["expert.type=mov", "train.lora_plus_ratio=16"])
+
+
+@pytest.mark.parametrize("variant", [["expert.init=pissa"], ["expert.use_dora=true", "train.lora_plus_ratio=4"]])
+def test_variant_resumes_to_the_uninterrupted_adapter(variant, tiny_llama, tiny_data, tmp_path):
+    """A stop and --resume gives the uninterrupted run's adapter (PiSSA: A0, B0 recomputed from the same base;
+    DoRA's magnitude and LoRA+'s param groups restored with the optimizer)."""
+    from safetensors.torch import load_file
+    common = (*variant, "train.max_steps=4", "train.save_every=2", "stages=[train]", "train.eval_before=false")
+    run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, tmp_path / "full", *common)))
+    split = tiny_overrides(tiny_llama, tiny_data, tmp_path / "split", *common)
+    assert run_recipe(load_recipe(None, [*split, "train.stop_after=2"]))["train"]["stopped"]
+    run_recipe(load_recipe(None, split), resume=True)
+    full, resumed = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "full",
+                                                                                           tmp_path / "split"))
+    assert set(full) == set(resumed)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=1e-5)
+
+
+def test_explain_documents_the_variants():
+    from moetune.recipe import explain
+    text = explain()
+    for key, doc in [("expert.use_rslora = False", "rsLoRA (Kalajdzievski 2023"),
+                     ("expert.use_dora = False", "DoRA (Liu et al. 2024"),
+                     ("expert.init = 'default'  [one of 'default', 'pissa', 'olora']", "'pissa' (Meng et al. 2024"),
+                     ("train.lora_plus_ratio = 1.0", "LoRA+ (Hayou, Ghosh, Yu 2024")]:
+        assert key in text and doc in text.split(key, 1)[1].splitlines()[1], key

@@ -117,6 +117,8 @@ def _doc_for(key: str) -> str:
     for p in parts[:-1]:
         cls = schema_keys(cls).get(p) or ExpertConfig
     doc = field_docs(cls).get(parts[-1], "")
+    if not doc and parts[0] == "expert":  # a key of one type's settings (expert.use_dora, expert.num_experts, ...)
+        doc = next((d for c in EXPERT_CONFIGS.values() if (d := field_docs(c).get(parts[-1]))), "")
     return f"({parts[-1]}: {doc})" if doc else ""
 
 
