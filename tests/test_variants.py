@@ -450,3 +450,34 @@ def test_explain_documents_the_variants():
                      ("expert.init = 'default'  [one of 'default', 'pissa', 'olora']", "'pissa' (Meng et al. 2024"),
                      ("train.lora_plus_ratio = 1.0", "LoRA+ (Hayou, Ghosh, Yu 2024")]:
         assert key in text and doc in text.split(key, 1)[1].splitlines()[1], key
+
+
+# ------------------------------------------------------------------ CUDA (runs where a GPU is present)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA half of the variants needs a CUDA GPU")
+@pytest.mark.parametrize("variant", [["expert.use_dora=true", "train.lora_plus_ratio=4"],
+                                     ["expert.init=pissa", "expert.use_rslora=true"]])
+def test_cuda_variants_on_a_4bit_base_train_merge_and_load_in_peft(variant, llama64, tiny_data, tmp_path):
+    """On CUDA (bitsandbytes' CUDA kernels, bfloat16 compute): DoRA's n from the dequantised 4-bit W0 and PiSSA's
+    SVD of it; each trains, merges (dequantised) and stock PEFT loads the adapter onto the same 4-bit base."""
+    from peft import PeftModel
+    from moetune.models.load import load_model
+    from moetune.recipe import ModelConfig
+    out = tmp_path / "run"
+    s = run_recipe(load_recipe(None, tiny_overrides(llama64, tiny_data, out, *variant, "model.device=cuda",
+                                                    "model.quantization=nf4", "merge.dequantize=true", "train.lr=1e-2",
+                                                    "train.max_steps=6", "stages=[train,merge]",
+                                                    "train.eval_before=false")))
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line and '"split"' not in line]
+    assert losses[-1] < losses[0] and s["merge"]["max_logit_diff"] < 0.5
+    cuda = torch.device("cuda")
+    ours = load_model(ModelConfig(path=str(llama64), quantization="nf4", device="cuda"), cuda)
+    load_adapter(ours, out / "adapter")
+    peft = PeftModel.from_pretrained(load_model(ModelConfig(path=str(llama64), quantization="nf4", device="cuda"), cuda),
+                                     out / "adapter").eval()
+    ids = _ids(ours.config.vocab_size).to(cuda)
+    with torch.no_grad():
+        torch.testing.assert_close(peft(ids).logits.float(), ours(ids).logits.float(), atol=5e-2, rtol=5e-2)
