@@ -230,11 +230,11 @@ def detect(columns: list[str], cfg: DataConfig) -> Format:
     for fmt in FORMATS.values():
         if fmt.detect(columns, cfg):
             return fmt
-    wanted = "; ".join(f"{' and '.join(repr(getattr(cfg, f)) for f in fmt.required)} ({name})"
+    wanted = ", ".join(f"{name} {' and '.join(repr(getattr(cfg, f)) for f in fmt.required)}"
                        for name, fmt in FORMATS.items())
-    raise DataError(f"cannot tell the format: no column set of a known format ({wanted}); the columns are "
-                    f"{', '.join(map(str, columns)) or 'none'}. Set data.format and the field names "
-                    f"(data.{', data.'.join(dict.fromkeys(f for fmt in FORMATS.values() for f in fmt.fields))}).")
+    raise DataError(f"cannot tell the format from the columns ({', '.join(map(str, columns)) or 'none'}): {wanted}. "
+                    "Set data.format, or the data.*_field naming the column that holds it (e.g. "
+                    "data.instruction_field: question).")
 
 
 def to_messages(row: dict, loc: str, cfg: DataConfig, fmt: str) -> list[dict]:

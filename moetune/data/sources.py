@@ -6,7 +6,8 @@ from the local HF cache (moetune runs with HF_DATASETS_OFFLINE=1 unless told oth
 
 - `read_file(path)` is the one reader of a file's rows: it streams (row, location) pairs exactly
   as written (no column is added to a row that lacks it, a null stays a null), decoding text as
-  UTF-8 and naming the file, line and byte of anything it cannot read.
+  UTF-8 (a leading byte-order mark is skipped) and naming the file, line and byte of anything it
+  cannot read.
 - `load_source(spec)` gives the rows as an Arrow `datasets.Dataset`: JSON lines and parquet go
   through `datasets.load_dataset` (pyarrow's fast readers, cached by `datasets`), .json and .csv
   through `read_file`, because their exact line numbers and all-text csv cells matter more than
@@ -60,7 +61,7 @@ def read_file(path: str | Path) -> Iterator[tuple[dict, str]]:
 
 
 def _jsonl(p: Path):
-    with p.open(encoding="utf-8") as f:
+    with p.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is skipped
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -75,7 +76,7 @@ def _jsonl(p: Path):
 
 def _json(p: Path):
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{p} line {e.lineno}: not valid JSON ({e.msg}).") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -88,7 +89,7 @@ def _json(p: Path):
 
 def _csv(p: Path):
     # csv.reader's line_num, not a row count: quoted fields may span lines (multi-line answers).
-    with p.open(encoding="utf-8", newline="") as f:
+    with p.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, [])
         start = reader.line_num + 1
