@@ -24,6 +24,7 @@ torch.set_num_threads(1)
 
 # ChatML plus OpenAI tool calls ({type, function: {name, arguments}}) and the 'tool' role.
 TOOL_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\nTools: ' + (tools | tojson) + '<|im_end|>\n' }}{% endif %}"
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
     "{% if m.content is defined and m.content %}{{ m.content }}{% endif %}"
     "{% if m.tool_calls is defined %}{% for c in m.tool_calls %}"
@@ -235,10 +236,46 @@ def test_tool_messages_a_template_cannot_render_name_the_row(tmp_path, tok, plai
     with pytest.raises(DataError, match=r"t.jsonl line 2: the chat template of this tokenizer does not render tool "
                                         r"calls \(the call to 'get_weather'"):
         load_examples(str(p), dropping, cfg(tmp_path))
-    with pytest.raises(DataError, match="t.jsonl line 2: tool calls and tool results need a chat template"):
+    with pytest.raises(DataError, match="t.jsonl line 2: tool definitions, calls and results need a chat template"):
         load_examples(str(p), plain_tok, cfg(tmp_path))
     es = load_examples(str(p), plain_tok, cfg(tmp_path, skip_bad_rows=True))
     assert len(es) == 1 and es.info["bad_rows"] == 1
+
+
+def _tool(name: str, arg: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": f"{name} tool",
+                                             "parameters": {"type": "object", "properties": {arg: {"type": "string"}},
+                                                            "required": [arg]}}}
+
+
+def test_tools_column_goes_to_the_template_untrained(tmp_path, tool_tok):
+    weather, search = _tool("get_weather", "city"), _tool("search", "query")
+    rows = [{"messages": TOOLS_CHAT, "tools": [weather]},
+            {"messages": TOOLS_CHAT, "tools": json.dumps([weather])},        # the list as JSON text
+            {"messages": TOOLS_CHAT[:1] + [{"role": "assistant", "content": "No."}], "tools": [search]},
+            {"messages": TOOLS_CHAT[:1] + [{"role": "assistant", "content": "No."}]}]
+    p = tmp_path / "tools.json"
+    p.write_text(json.dumps(rows[::2] + [rows[3]]))  # .json: Arrow unifies the two schemas' properties
+    q = write_jsonl(tmp_path / "tools.jsonl", rows[1:2])
+    a, c, d = load_examples(str(p), tool_tok, cfg(tmp_path, max_length=2048))
+    (b,) = load_examples(str(q), tool_tok, cfg(tmp_path, max_length=2048))
+    assert a.input_ids == b.input_ids
+    assert tool_tok.decode(a.input_ids) == tool_tok.apply_chat_template(TOOLS_CHAT, tools=[weather], tokenize=False)
+    text_c = tool_tok.decode(c.input_ids)
+    assert text_c == tool_tok.apply_chat_template(rows[2]["messages"], tools=[search], tokenize=False)
+    assert "city" not in text_c and "null" not in text_c    # no key of the other row's schema leaks in
+    assert "Tools:" not in tool_tok.decode(d.input_ids)
+    assert not any("Tools:" in r or "get_weather tool" in r for r in trained_text(tool_tok, a))
+    # a template that ignores `tools` is caught, naming the row
+    ignoring = build_tokenizer(chat=True)
+    ignoring.chat_template = TOOL_TEMPLATE.replace("{% if tools %}", "{% if false %}")
+    with pytest.raises(DataError, match=r"tools.json item 1 \(counting from 1\): the chat template of this "
+                                        r"tokenizer does not render tool definitions \(the 'tools' column; "
+                                        r"'get_weather' is not"):
+        load_examples(str(p), ignoring, cfg(tmp_path))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": TOOLS_CHAT, "tools": "get_weather"}])
+    with pytest.raises(DataError, match=r"bad.jsonl line 1: 'tools' is text but not JSON"):
+        load_examples(str(bad), tool_tok, cfg(tmp_path))
 
 
 def test_tool_message_shapes_are_checked(tmp_path, tool_tok):
@@ -347,7 +384,8 @@ def test_a_column_of_mixed_kinds_names_the_row(tmp_path, tok):
                                         r".*k.json item 1 \(counting from 1\)\. A column must hold one kind of value "
                                         r"in every row \(e.g. quote numbers"):
         load_examples(str(p), tok, cfg(tmp_path))
-    q = write_jsonl(tmp_path / "k.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "d", "response": [1]}])
+    q = write_jsonl(tmp_path / "k.jsonl", [{"instruction": "a", "response": "b"},
+                                           {"instruction": "d", "response": [1]}])
     with pytest.raises(DataError, match=r"k.jsonl line 2: 'response' must be text, got list"):
         load_examples(str(q), tok, cfg(tmp_path))
 

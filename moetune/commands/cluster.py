@@ -66,7 +66,8 @@ def example_texts(cfg: DataConfig, with_response: bool = False, max_rows: int | 
         n = len(src.ds)
         mine = None if keep is None else [i - start for i in keep if start <= i < start + n]
         for row, msgs in iter_messages(part, src, mine):
-            prompt = [m["content"] for m in msgs[:-1] if m["role"] in ("user", "prompt")] or [msgs[-1].get("content", "")]
+            prompt = ([m["content"] for m in msgs[:-1] if m["role"] in ("user", "prompt")]
+                      or [msgs[-1].get("content") or ""])
             texts.append("\n".join(prompt + ([msgs[-1].get("content") or ""] if with_response else [])))
             domains.append(part.domain if part.domain is not None else row.get(part.cfg.domain_field))
         start += n

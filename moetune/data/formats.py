@@ -18,6 +18,7 @@ Messages are dicts with a role:
   `"train": False` (context: an assistant turn inside a conversational prompt);
 - 'prompt' and 'completion': raw text, never templated; a completion is trained, a prompt not.
 The last message is the one generation is scored on (its content is the exact-match reference).
+A chat row's tool definitions (the `tools` column) ride on the list: `Messages.tools`.
 """
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ ROW = "\x00ROW\x00"  # a row location not known yet (written inside a batched ma
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 RAW_ROLES = ("prompt", "completion")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class Messages(list):
+    """A message list with the row's tool definitions, for the chat template's `tools` (None: none)."""
+
+    tools: list | None = None
 
 
 @dataclass(frozen=True)
@@ -167,8 +174,25 @@ def _instruction(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
     return [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
 
 
+def _with_tools(msgs: list[dict], row: dict, loc: str, cfg: DataConfig) -> Messages:
+    """`msgs` with the row's tool definitions: a list of objects (or that list as JSON text), or none."""
+    out = Messages(msgs)
+    tools = row.get(cfg.tools_field)
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise DataError(f"{loc}: {cfg.tools_field!r} is text but not JSON: {tools!r:.80}.") from None
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"{loc}: {cfg.tools_field!r} must be a list of tool definitions (JSON schema objects), got "
+                        f"{tools!r:.120}.")
+    out.tools = _no_nulls(tools) or None
+    return out
+
+
 def _chat(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
-    return _last_assistant(chat_messages(_nonempty_list(row, "messages_field", loc, cfg), loc), loc, "message")
+    msgs = _last_assistant(chat_messages(_nonempty_list(row, "messages_field", loc, cfg), loc), loc, "message")
+    return _with_tools(msgs, row, loc, cfg)
 
 
 def _sharegpt(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
@@ -192,8 +216,8 @@ def _prompt_completion(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
     if isinstance(p, list) and isinstance(c, list) and c:
         prompt = [{**m, "train": False} if m["role"] == "assistant" else m
                   for m in chat_messages(p, loc, f"{cfg.prompt_field} message")]
-        return prompt + _last_assistant(chat_messages(c, loc, f"{cfg.completion_field} message"), loc,
-                                        f"{cfg.completion_field} message")
+        return _with_tools(prompt + _last_assistant(chat_messages(c, loc, f"{cfg.completion_field} message"), loc,
+                                                    f"{cfg.completion_field} message"), row, loc, cfg)
     raise DataError(f"{loc}: {cfg.prompt_field!r} and {cfg.completion_field!r} must both be text (plain) or both "
                     f"lists of messages (conversational, the completion not empty); got {type(p).__name__} and "
                     f"{type(c).__name__}.")
@@ -208,7 +232,7 @@ def _text_row(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("chat", ("messages_field",), ("messages_field",), _chat,
+    Format("chat", ("messages_field", "tools_field"), ("messages_field",), _chat,
            "OpenAI messages: {messages: [{role: system|user|assistant|tool, content}, ...]}; assistant turns "
            "trained (tool_calls too, where the chat template renders them)"),
     Format("sharegpt", ("conversations_field",), ("conversations_field",), _sharegpt,
@@ -216,9 +240,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("instruction", ("instruction_field", "input_field", "response_field"), ("instruction_field",),
            _instruction, "{instruction, response[, input]} (Alpaca's instruction/input/output too); the "
            "response trained", aliases={"response_field": ("output",)}),
-    Format("prompt_completion", ("prompt_field", "completion_field"), ("prompt_field", "completion_field"),
-           _prompt_completion, "TRL's {prompt, completion}: two texts (no template) or two message lists; the "
-           "completion trained"),
+    Format("prompt_completion", ("prompt_field", "completion_field", "tools_field"),
+           ("prompt_field", "completion_field"), _prompt_completion,
+           "TRL's {prompt, completion}: two texts (no template) or two message lists; the completion trained"),
     Format("text", ("text_field",), ("text_field",), _text_row, "{text}: a plain completion, every token trained"),
 )}
 

@@ -53,11 +53,11 @@ class Encoder:
             return [{"role": "system", "content": self.cfg.system_prompt}] + msgs
         return msgs
 
-    def _render(self, msgs: list[dict], gen: bool) -> str:
+    def _render(self, msgs: list[dict], gen: bool, tools: list | None = None) -> str:
         if self.chat:
             msgs = [{k: v for k, v in m.items() if k != "train"} if "train" in m else m for m in msgs]
             try:
-                return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+                return self.tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
             except Exception as e:  # noqa: BLE001 - jinja's errors and the template's own raise_exception
                 raise DataError(f"the chat template cannot render this conversation ({type(e).__name__}: "
                                 f"{str(e)[:200]}).") from None
@@ -81,10 +81,10 @@ class Encoder:
         out[-1] = (text if text.endswith(eos) else text + eos, trained)
         return out
 
-    def _check_tools(self, msgs: list[dict]) -> None:
-        if self.chat or not any(m["role"] == "tool" or m.get("tool_calls") for m in msgs):
+    def _check_tools(self, msgs: list[dict], tools: list | None) -> None:
+        if self.chat or not (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in msgs)):
             return
-        raise DataError("tool calls and tool results need a chat template that renders them, and the plain "
+        raise DataError("tool definitions, calls and results need a chat template that renders them, and the plain "
                         "template has none (data.template is 'plain', or the tokenizer has no chat template). "
                         "Use a model whose chat template renders 'tool_calls' and the 'tool' role, or drop those "
                         "turns.")
@@ -109,7 +109,8 @@ class Encoder:
         completion text is kept as it is, the completion trained."""
         if msgs[0]["role"] in RAW_ROLES:
             return self._raw(msgs)
-        self._check_tools(msgs)
+        tools = getattr(msgs, "tools", None)  # formats.Messages: the row's tool definitions
+        self._check_tools(msgs, tools)
         msgs = self._with_system(msgs)
         pieces: list[tuple[str, bool]] = []
         done = ""
@@ -117,8 +118,8 @@ class Encoder:
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt = self._render(msgs[:i], gen=True)
-            full = self._render(msgs[: i + 1], gen=False)
+            prompt = self._render(msgs[:i], gen=True, tools=tools)
+            full = self._render(msgs[: i + 1], gen=False, tools=tools)
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise RecipeError("The chat template does not render conversations as growing prefixes; "
                                   "set data.template=plain.")
@@ -131,6 +132,13 @@ class Encoder:
                     self._rendered(t, prompt[len(done):])
                 self._rendered(m, full[len(prompt):])
             done = full
+        for t in tools or ():  # definitions come before the first answer (a call names its tool too)
+            name = (t.get("function") or t).get("name")
+            if isinstance(name, str) and name not in pieces[0][0]:
+                raise DataError(f"the chat template of this tokenizer does not render tool definitions (the "
+                                f"'{self.cfg.tools_field}' column; {name!r} is not in the rendered prompt). Use a "
+                                "model whose chat template renders `tools`, or put the definitions in the system "
+                                "message.")
         return pieces
 
     def _ids_many(self, texts: list[str], add: bool) -> list[list[int]]:

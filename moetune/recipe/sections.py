@@ -114,7 +114,8 @@ class MixSource:
     """This source's format (see `data.format`)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column names of this source where they differ from the data section's: keys instruction,
-    input, response, messages, conversations, prompt, completion, text, domain (each `data.<key>_field`);
+    input, response, messages, tools, conversations, prompt, completion, text, domain (each
+    `data.<key>_field`);
     e.g. {instruction: question, response: answer}."""
     domain: str | None = None
     """Domain label of every row of this source (None: its domain column, else 'all')."""
@@ -161,6 +162,10 @@ class DataConfig:
     """Column holding the target answer in instruction format."""
     messages_field: str = "messages"
     """Column holding the conversation in chat format."""
+    tools_field: str = "tools"
+    """Column holding a row's tool definitions (a list of JSON schemas, or that list as JSON text), given
+    to the chat template as `tools` in chat and conversational prompt_completion rows (TRL's `tools`
+    column); rows without it have none. The template must render them (checked per row)."""
     conversations_field: str = "conversations"
     """Column holding the conversation in sharegpt format."""
     prompt_field: str = "prompt"
