@@ -358,6 +358,8 @@ def test_locations_count_from_one_everywhere(tmp_path, tok):
             load_examples(str(tmp_path / name), tok, cfg(tmp_path))
     assert [loc.split("/")[-1] for _, loc in read_file(tmp_path / "r.json")] == [
         f"r.json item {i} (counting from 1)" for i in (1, 2, 3)]
+    assert [(r["instruction"], loc.split("/")[-1]) for r, loc in read_file(tmp_path / "saved")] == [
+        (r["instruction"], f"saved row {i} (counting from 1)") for i, r in enumerate(rows[::-1], 1)]
 
 
 def test_bad_json_prints_no_datasets_or_pyarrow_line(tmp_path, tok):

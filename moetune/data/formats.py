@@ -19,6 +19,10 @@ Messages are dicts with a role:
 - 'prompt' and 'completion': raw text, never templated; a completion is trained, a prompt not.
 The last message is the one generation is scored on (its content is the exact-match reference).
 A chat row's tool definitions (the `tools` column) ride on the list: `Messages.tools`.
+
+One row gives one token sequence. A format with several per row (TRL's prompt/chosen/rejected)
+would name them (e.g. `sequences = ("chosen", "rejected")`) and return one message list per name;
+the pipeline would encode each with the same `Encoder` into its own columns (`chosen_input_ids`, ...).
 """
 from __future__ import annotations
 

@@ -49,10 +49,15 @@ COUNTING = "counting from 1"
 # ------------------------------------------------------------------ the reader
 
 def read_file(path: str | Path) -> Iterator[tuple[dict, str]]:
-    """(row, location) of every row of one file, streamed in file order (see the module docstring)."""
+    """(row, location) of every row of one file (or save_to_disk directory), streamed in order (see the
+    module docstring)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"Data file {str(p)!r} does not exist.")
+    if p.is_dir():  # a save_to_disk directory
+        src = _disk(p)
+        yield from ((row, f"{p} row {i} ({COUNTING})") for i, row in enumerate(src.ds, 1))
+        return
     _check_suffix(p)
     try:
         yield from READERS[p.suffix.lower()](p)
