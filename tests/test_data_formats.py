@@ -17,7 +17,8 @@ from conftest import CHATML, build_tokenizer, cli, make_rows, write_jsonl
 from moetune.data import formats
 from moetune.data.pipeline import NOT_TOKEN_FIELDS, cache_key, load_examples
 from moetune.data.rows import IGNORE, DataError, Encoder
-from moetune.data.sources import iter_sources, read_file
+from moetune.data.read import read_file
+from moetune.data.sources import iter_sources
 from moetune.recipe import FORMATS, MIX_COLUMNS, DataConfig, MixSource
 
 torch.set_num_threads(1)

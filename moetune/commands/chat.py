@@ -26,8 +26,8 @@ from moetune.adapters.inject import expert_layers
 from moetune.adapters.io import load_adapter, read_adapter
 from moetune.core.errors import DataError
 from moetune.core.ui import console, simple_progress
+from moetune.data.read import read_file
 from moetune.data.rows import Encoder
-from moetune.data.sources import read_file
 from moetune.eval.evaluate import eos_ids
 from moetune.eval.generation import RoutingRecorder, Sampling, generate_batch, routing_lines
 from moetune.experts.mole import set_mask

@@ -1,34 +1,25 @@
-"""Data sources: the one file reader, a source read into Arrow, and the sources a recipe names.
+"""Data sources: a source read into Arrow, and the sources a recipe names.
 
 A source is a local file (.jsonl, .json, .csv, .parquet, .arrow), a glob of such files, a
 directory of shards, a `save_to_disk` directory, or a hub dataset id 'owner/name' resolved
 from the local HF cache (moetune runs with HF_DATASETS_OFFLINE=1 unless told otherwise).
 
-- `read_file(path)` is the one reader of a file's rows: it streams (row, location) pairs exactly
-  as written (no column is added to a row that lacks it, a null stays a null), decoding text as
-  UTF-8 (a leading byte-order mark is skipped) and naming the file, line and byte of anything it
-  cannot read.
 - `load_source(spec)` gives the rows as an Arrow `datasets.Dataset`: JSON lines and parquet go
   through `datasets.load_dataset` (pyarrow's fast readers, cached by `datasets`), .json and .csv
-  through `read_file`, because their exact line numbers and all-text csv cells matter more than
-  speed there. Every source also gets an `identity`: what the tokenised cache is keyed on (paths,
-  sizes and mtimes; the dataset fingerprint of hub and save_to_disk data). Arrow gives every row
-  every column (None where a row lacks one), so messages about a bad row are written from the row
-  as `read_file` reads it (`Source.raw`): "'response' is null" and "missing key 'response'" differ.
+  through the one reader (`moetune.data.read`), because their exact line numbers and all-text csv
+  cells matter more than speed there. Every source also gets an `identity`: what the tokenised
+  cache is keyed on (paths, sizes and mtimes; the dataset fingerprint of hub and save_to_disk
+  data). Arrow gives every row every column (None where a row lacks one), so a message about a
+  bad row is written from the row as the reader reads it (`Source.raw`): "'response' is null"
+  and "missing key 'response'" differ.
 - `iter_sources(cfg, splits)` is the one loop over what a recipe's data keys name: `data.train`
   (or each `data.mix` source, read with its own format, columns and domain), `data.validation`,
-  `data.test`.
-
-Locations count from 1: 'line N' is the line of a .jsonl or .csv file, 'item N' the Nth element of
-a .json list, 'row N' the Nth row of a parquet, Arrow, save_to_disk or hub source.
+  `data.test`; `check_rows` and `iter_messages` read a source's rows through its format.
 """
 from __future__ import annotations
 
-import codecs
-import csv
 import dataclasses
 import glob
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -40,124 +31,9 @@ import datasets
 
 from moetune.core.errors import DataError
 from moetune.data import formats
+from moetune.data.read import (COUNTING, SUFFIXES, arrow_file, check_suffix, first_bad_byte, not_utf8, open_disk,
+                               read_file)
 from moetune.recipe import DataConfig, MixSource
-
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
-COUNTING = "counting from 1"
-
-
-# ------------------------------------------------------------------ the reader
-
-def read_file(path: str | Path) -> Iterator[tuple[dict, str]]:
-    """(row, location) of every row of one file (or save_to_disk directory), streamed in order (see the
-    module docstring)."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"Data file {str(p)!r} does not exist.")
-    if p.is_dir():  # a save_to_disk directory
-        src = _disk(p)
-        yield from ((row, f"{p} row {i} ({COUNTING})") for i, row in enumerate(src.ds, 1))
-        return
-    _check_suffix(p)
-    try:
-        yield from READERS[p.suffix.lower()](p)
-    except UnicodeDecodeError:
-        raise not_utf8(p) from None
-
-
-def _jsonl(p: Path):
-    with p.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is skipped
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p} line {i}: not valid JSON ({e.msg}).") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{p} line {i}: each line must be a JSON object, got {type(row).__name__}.")
-            yield row, f"{p} line {i}"
-
-
-def _json(p: Path):
-    try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p} line {e.lineno}: not valid JSON ({e.msg}).") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"{p}: expected a JSON list of rows (or {{'data': [...]}}).")
-    for i, row in enumerate(data, 1):
-        yield row, f"{p} item {i} ({COUNTING})"
-
-
-def _csv(p: Path):
-    # csv.reader's line_num, not a row count: quoted fields may span lines (multi-line answers).
-    with p.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        start = reader.line_num + 1
-        for rec in reader:
-            if rec:  # blank lines are skipped, as csv.DictReader does
-                row: dict = dict(zip(header, rec))
-                row.update({k: None for k in header[len(rec):]})
-                if len(rec) > len(header):
-                    row[None] = rec[len(header):]
-                yield row, f"{p} line {start}"
-            start = reader.line_num + 1
-
-
-def _parquet(p: Path):
-    import pyarrow.parquet as pq
-    n = 0
-    try:
-        batches = pq.ParquetFile(p).iter_batches(batch_size=1000)
-        for batch in batches:
-            for row in batch.to_pylist():
-                n += 1
-                yield row, f"{p} row {n} ({COUNTING})"
-    except OSError as e:  # pyarrow's ArrowInvalid is an OSError subclass too
-        raise DataError(f"{p}: not a readable parquet file ({str(e)[:200]}).") from None
-
-
-def _arrow(p: Path):
-    ds = _arrow_file(p)
-    for n, row in enumerate(ds, 1):
-        yield row, f"{p} row {n} ({COUNTING})"
-
-
-READERS = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet, ".arrow": _arrow}
-
-
-def first_bad_byte(path: Path) -> tuple[int, int, int] | None:
-    """(line, byte offset, byte) of the first byte of `path` that is not UTF-8, or None."""
-    offset = 0
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):  # b'\n' never occurs inside a UTF-8 sequence: lines decode alone
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return n, offset + e.start, raw[e.start]
-            offset += len(raw)
-    return None
-
-
-def not_utf8(path: Path) -> DataError:
-    """The error for a file that is not UTF-8 text, naming its first undecodable byte."""
-    bad = first_bad_byte(path)
-    where = f" line {bad[0]} (byte {bad[1]}: 0x{bad[2]:02x})" if bad else ""
-    return DataError(
-        f"{path}{where}: not UTF-8 text. moetune reads data files as UTF-8; this one was saved in another "
-        "encoding (Windows-1252 and Latin-1 are common). Re-encode it to UTF-8, e.g. "
-        f"`iconv -f cp1252 -t utf-8 {path} > {path.with_name(path.stem + '-utf8' + path.suffix)}` (with the "
-        "encoding it was written in), and point the data key at the new file.")
-
-
-def _check_suffix(p: Path) -> None:
-    if p.suffix.lower() not in SUFFIXES:
-        raise DataError(f"Data file {str(p)!r}: unsupported type {p.suffix.lower()!r}. Allowed: "
-                        f"{', '.join(SUFFIXES)}, a glob or directory of them, a datasets directory or a hub id.")
 
 
 # ------------------------------------------------------------------ a source as Arrow
@@ -281,19 +157,12 @@ def _layout_error(path: Path, rows: list[dict], locs: list[str], e: Exception) -
             "the same kinds of values.")
 
 
-def _arrow_file(path: Path) -> datasets.Dataset:
-    try:
-        return datasets.Dataset.from_file(str(path))
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"{path}: not an Arrow file written by `datasets` ({str(e)[:200]}).") from None
-
-
 def _read_into_arrow(path: Path) -> datasets.Dataset:
     suffix = path.suffix.lower()
     if suffix in (".json", ".csv"):
         return _from_rows(path)
     if suffix == ".arrow":
-        return _arrow_file(path)
+        return arrow_file(path)
     if path.stat().st_size == 0:
         return datasets.Dataset.from_dict({})
     try:
@@ -341,12 +210,7 @@ def _hub(spec: str, subset: str | None, split: str, revision: str | None) -> Sou
 
 
 def _disk(p: Path) -> Source:
-    try:
-        ds = datasets.load_from_disk(str(p))
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"{p}: not a datasets save_to_disk directory ({e}).") from None
-    if isinstance(ds, datasets.DatasetDict):
-        raise DataError(f"{p}: holds several splits ({', '.join(ds)}); point to one split's directory.")
+    ds = open_disk(p)
     state = json.loads((p / "state.json").read_text()) if (p / "state.json").exists() else {}
     return Source(ds, ["disk", str(p.resolve()), state.get("_fingerprint"), [_stat(f) for f in sorted(p.iterdir())]],
                   name=str(p))
@@ -363,7 +227,7 @@ def load_source(spec: str, subset: str | None = None, split: str = "train", revi
         return _disk(p)
     files = [p] if p.is_file() else _files_of(spec)
     for f in files:
-        _check_suffix(f)
+        check_suffix(f)
     parts, spans, start = [], [], 0
     for f in files:
         ds = _read_into_arrow(f)
@@ -430,19 +294,19 @@ def format_of(src: Source, cfg: DataConfig) -> tuple[formats.Format, DataConfig]
 
 
 def name_errors(src: Source, fmt: formats.Format, cfg: DataConfig, errors: dict[int, str],
-                placeholder: str = "") -> list[str]:
+                placeholder: str = formats.ROW) -> list[str]:
     """The messages of bad rows {index: message found on the Arrow row}, written from each row as the
-    reader reads it (its own keys, nulls) where the format rejects that too; `placeholder` in a
-    message found on the Arrow row is replaced by the row's location."""
+    reader reads it (its own keys, nulls) where the format rejects that too; else the Arrow row's
+    message, its `placeholder` replaced by the row's location."""
     raw = src.raw(errors)
     out = []
     for i, msg in errors.items():
         row, loc = raw[i]
         try:
             fmt.to_messages(row, loc, cfg)
+            out.append(msg.replace(placeholder, loc))
         except DataError as e:
-            msg = str(e)
-        out.append(msg.replace(placeholder, loc) if placeholder else msg)
+            out.append(str(e))
     return out
 
 
@@ -454,10 +318,10 @@ def check_rows(part: Part) -> tuple[int, int]:
     bad = 0
     for i, row in src.rows():
         try:
-            fmt.to_messages(row, "", cfg)
+            fmt.to_messages(row, formats.ROW, cfg)
         except DataError as e:
             if not cfg.skip_bad_rows:
-                raise DataError(name_errors(src, fmt, cfg, {i: str(e)})[0]) from None
+                raise DataError(name_errors(src, fmt, cfg, {i: str(e)}, formats.ROW)[0]) from None
             bad += 1
     return len(src.ds), bad
 
@@ -473,6 +337,6 @@ def iter_messages(part: Part, src: Source | None = None, indices: Iterable[int] 
         if want is not None and i not in want:
             continue
         try:
-            yield row, fmt.to_messages(row, "", cfg)
+            yield row, fmt.to_messages(row, formats.ROW, cfg)
         except DataError as e:
-            raise DataError(name_errors(src, fmt, cfg, {i: str(e)})[0]) from None
+            raise DataError(name_errors(src, fmt, cfg, {i: str(e)}, formats.ROW)[0]) from None
