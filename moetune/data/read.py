@@ -77,8 +77,7 @@ def _csv(p: Path):
         start = reader.line_num + 1
         for rec in reader:
             if rec:  # blank lines are skipped, as csv.DictReader does
-                row: dict = dict(zip(header, rec))
-                row.update({k: None for k in header[len(rec):]})
+                row: dict = dict(zip(header, rec))  # a short row lacks its last columns' keys
                 if len(rec) > len(header):
                     row[None] = rec[len(header):]
                 yield row, f"{p} line {start}"
