@@ -54,7 +54,6 @@ class Format:
     fields: tuple[str, ...]
     required: tuple[str, ...]
     read: Callable[[dict, str, DataConfig], list[dict]]
-    doc: str
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # field -> columns read when its own is absent
 
     def detect(self, columns: list[str], cfg: DataConfig) -> bool:
@@ -63,11 +62,12 @@ class Format:
     def resolve(self, columns: list[str], cfg: DataConfig) -> DataConfig:
         """`cfg` with each aliased field that is at its default and has no column of its own pointing at the
         first alias column the source has (Alpaca's `output` for `response`)."""
-        default = DataConfig()
-        changes = {}
+        default, changes = DataConfig(), {}
         for f, names in self.aliases.items():
-            if getattr(cfg, f) == getattr(default, f) and getattr(cfg, f) not in columns:
-                changes.update({f: n for n in reversed(names) if n in columns})
+            own = getattr(cfg, f)
+            found = next((n for n in names if n in columns), None)
+            if own == getattr(default, f) and own not in columns and found:
+                changes[f] = found
         return dataclasses.replace(cfg, **changes) if changes else cfg
 
     def to_messages(self, row: dict, loc: str, cfg: DataConfig) -> list[dict]:
@@ -235,19 +235,19 @@ def _text_row(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
     return [{"role": "completion", "content": text}]
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("chat", ("messages_field", "tools_field"), ("messages_field",), _chat,
-           "OpenAI messages: {messages: [{role: system|user|assistant|tool, content}, ...]}; assistant turns "
-           "trained (tool_calls too, where the chat template renders them)"),
-    Format("sharegpt", ("conversations_field",), ("conversations_field",), _sharegpt,
-           "{conversations: [{from: system|human|gpt, value}, ...]}; gpt turns trained"),
+FORMATS: dict[str, Format] = {f.name: f for f in (  # in detection order
+    # OpenAI messages, tool turns too; assistant turns trained
+    Format("chat", ("messages_field", "tools_field"), ("messages_field",), _chat),
+    # {conversations: [{from: system|human|gpt, value}, ...]}; gpt turns trained
+    Format("sharegpt", ("conversations_field",), ("conversations_field",), _sharegpt),
+    # {instruction, response[, input]}, Alpaca's instruction/input/output too; the response trained
     Format("instruction", ("instruction_field", "input_field", "response_field"), ("instruction_field",),
-           _instruction, "{instruction, response[, input]} (Alpaca's instruction/input/output too); the "
-           "response trained", aliases={"response_field": ("output",)}),
+           _instruction, aliases={"response_field": ("output",)}),
+    # TRL's {prompt, completion}: two texts (no template) or two message lists; the completion trained
     Format("prompt_completion", ("prompt_field", "completion_field", "tools_field"),
-           ("prompt_field", "completion_field"), _prompt_completion,
-           "TRL's {prompt, completion}: two texts (no template) or two message lists; the completion trained"),
-    Format("text", ("text_field",), ("text_field",), _text_row, "{text}: a plain completion, every token trained"),
+           ("prompt_field", "completion_field"), _prompt_completion),
+    # {text}: a plain completion, every token trained
+    Format("text", ("text_field",), ("text_field",), _text_row),
 )}
 
 
