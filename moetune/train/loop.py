@@ -26,7 +26,7 @@ from moetune.core.ui import TrainProgress
 from moetune.data.packing import length_grouped, pack
 from moetune.data.pipeline import ExampleSet, shuffled, take
 from moetune.data.rows import Example, collate
-from moetune.experts.routing import router_parameters, routing_context, scheduled_temperature, set_temperature
+from moetune.experts.routing import router_parameters, scheduled_temperature, set_temperature
 from moetune.recipe import Recipe, TrainConfig
 from moetune.train import fsdp
 from moetune.train.activation_checkpointing import enable_checkpointing
@@ -242,12 +242,14 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
                 exs = [rows[i] for i in mb]
                 batch = {k: v.to(accelerator.device) for k, v in make_batch(exs).items()}
                 doms = token_domains(exs, dom_index, batch["attention_mask"], batch.get("example_index"))  # (B, T)
+                if doms is not None:
+                    batch["token_domain"] = doms  # reaches the routers through the loss's routing context
                 window_tokens += int(batch["attention_mask"].sum()) * world
                 sync = j == len(mbs) - 1
                 ctx = accelerator.no_sync(lm) if not sync else nullcontext()
                 if sharded:
                     fsdp.set_gradient_sync(model, sync)
-                with ctx, accelerator.autocast(), routing_context(token_domain=doms):
+                with ctx, accelerator.autocast():
                     s, _, aux = lm(**batch)
                     # DDP averages gradients over processes: scale so the sum over the global batch is exact.
                     loss = s * world / max(n_global, 1) + sum(aux.values(), torch.zeros((), device=accelerator.device)) / len(mbs)
