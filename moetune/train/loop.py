@@ -10,7 +10,6 @@ batch compute the same update. Only the main process writes checkpoints and logs
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 import random
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetune.adapters.inject import adapter_state_dict, load_adapter_state_dict, trainable_parameters
+from moetune.adapters.inject import trainable_parameters
 from moetune.core.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
 from moetune.core.errors import RecipeError
 from moetune.core.ui import TrainProgress
@@ -28,10 +27,10 @@ from moetune.data.pipeline import ExampleSet, shuffled, take
 from moetune.data.rows import Example, collate
 from moetune.experts.routing import router_parameters, scheduled_temperature, set_temperature
 from moetune.recipe import Recipe, TrainConfig
-from moetune.train import fsdp
 from moetune.train.activation_checkpointing import enable_checkpointing
 from moetune.train.loggers import TrainLoggers
 from moetune.train.loss import CausalLMLoss
+from moetune.train.strategy import make_strategy
 
 # transformers (a heavy import) is imported inside the function that uses it.
 
@@ -179,18 +178,14 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
         raise RecipeError("No trainable parameters: the expert wrapped nothing.")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    sharded = cfg.distributed == "fsdp" and world > 1
-    if sharded:
-        fsdp.shard_model(model)  # replaces the parameters by sharded DTensors: collect them after this
+    strategy = make_strategy(cfg.distributed, accelerator)  # one process, DDP or FSDP
+    strategy.shard(model)  # FSDP replaces the parameters by sharded DTensors: collect them after this
     params = trainable_parameters(model)
     optimizer = build_optimizer(param_groups(model, params, recipe), cfg)
     dom_index = domain_indices(recipe, train_ex)
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
     lm = CausalLMLoss(model)
-    if sharded:  # FSDP2 does its own gradient reduction: no DDP wrapper
-        optimizer = accelerator.prepare(optimizer)
-    else:
-        lm, optimizer = accelerator.prepare(lm, optimizer)
+    lm, optimizer = strategy.prepare(lm, optimizer)
     metrics = TrainLoggers(recipe, run_dir, model, enabled=accelerator.is_main_process)  # metrics.jsonl + report_to
 
     start = 0
@@ -203,22 +198,17 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
         if state["position"].get("global_batch") != plan.global_batch:  # checked before anything is applied
             raise RecipeError("--resume: the global batch differs from the checkpoint's "
                               f"({state['position'].get('global_batch')} vs {plan.global_batch}).")
-        if sharded:
-            fsdp.load_full_adapter_state(model, state["adapter"])
-            optimizer.load_state_dict(fsdp.shard_optimizer_state(optimizer, state["optimizer"]))
-        else:
-            load_adapter_state_dict(model, state["adapter"])
-            optimizer.load_state_dict(state["optimizer"])
+        strategy.load_state(model, optimizer, state["adapter"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(*state["rng"])
         start = state["step"]
         metrics.log({"event": "resume", "step": start, "checkpoint": str(ckpt), "skipped_damaged": damaged})
 
     def checkpoint(step: int) -> None:
-        adapter = fsdp.full_adapter_state(model) if sharded else None        # collectives: every process
-        opt_state = fsdp.FullOptimizerState(optimizer) if sharded else optimizer
+        adapter = strategy.adapter_state(model)            # collectives under FSDP: every process calls them
+        opt_state = strategy.optimizer_state(optimizer)
         if accelerator.is_main_process:
-            save_checkpoint(run_dir, step, adapter or adapter_state_dict(model), opt_state, scheduler,
+            save_checkpoint(run_dir, step, adapter, opt_state, scheduler,
                             {"step": step, "global_batch": plan.global_batch, "epoch": step / plan.steps_per_epoch,
                              "examples_seen": step * plan.global_batch}, keep=cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -245,11 +235,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
                 if doms is not None:
                     batch["token_domain"] = doms  # reaches the routers through the loss's routing context
                 window_tokens += int(batch["attention_mask"].sum()) * world
-                sync = j == len(mbs) - 1
-                ctx = accelerator.no_sync(lm) if not sync else nullcontext()
-                if sharded:
-                    fsdp.set_gradient_sync(model, sync)
-                with ctx, accelerator.autocast():
+                with strategy.sync(lm, model, j == len(mbs) - 1), accelerator.autocast():
                     s, _, aux = lm(**batch)
                     # DDP averages gradients over processes: scale so the sum over the global batch is exact.
                     loss = s * world / max(n_global, 1) + sum(aux.values(), torch.zeros((), device=accelerator.device)) / len(mbs)
@@ -269,7 +255,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
             if done % cfg.log_every == 0 or done == end:
                 metrics.log({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": last_loss,
                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1),
-                             "grad_norm": float(fsdp.full(grad_norm)) if grad_norm is not None else None,
+                             "grad_norm": strategy.value(grad_norm) if grad_norm is not None else None,
                              **({"aux": aux_sum} if aux_sum else {})}, mask=batch["attention_mask"])
                 window_tokens, window_t0 = 0, time.perf_counter()
             if val_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < end:
@@ -282,8 +268,7 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     if val_ex:
         val = _val(model, val_ex, recipe, pad_id, accelerator)
         metrics.log({"step": end, "split": "validation", "val_loss": val})
-    if sharded:
-        fsdp.gather_adapters(model)  # full adapter tensors on every process: the caller saves them
+    strategy.finish(model)  # FSDP: full adapter tensors on every process, so the caller can save them
     metrics.close()  # trackers closed, curves.png drawn from metrics.jsonl
     model.eval()
     return {"steps": end, "total_steps": plan.total_steps, "final_train_loss": last_loss, "val_loss": val,
