@@ -14,9 +14,13 @@ from moetune.experts.context import (RoutingContext, batch_context, batch_routin
                                      generation_routing, prompt_mask, routing_context, use_context)
 
 
+def empty(ctx: RoutingContext) -> bool:
+    return all(getattr(ctx, f.name) is None for f in dataclasses.fields(ctx))
+
+
 def test_nesting_inherits_overrides_and_restores():
     pool, dom = torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.long)
-    assert current_context() == RoutingContext()
+    assert empty(current_context())
     with routing_context(token_domain=dom):
         with routing_context(pool_mask=pool, token_domain=None) as inner:
             assert inner.pool_mask is pool and inner.token_domain is dom   # None inherits the outer value
@@ -27,7 +31,7 @@ def test_nesting_inherits_overrides_and_restores():
                 assert current_context().token_domain is None               # use_context: exactly this one
                 raise RuntimeError("boom")
         assert current_context().token_domain is dom and current_context().pool_mask is None
-    assert current_context() == RoutingContext()
+    assert empty(current_context())
     with pytest.raises(dataclasses.FrozenInstanceError):
         current_context().pool_mask = pool
 
@@ -38,7 +42,7 @@ def test_another_thread_sees_its_own_context():
         t = threading.Thread(target=lambda: seen.setdefault("ctx", current_context()))
         t.start()
         t.join()
-    assert seen["ctx"] == RoutingContext()
+    assert empty(seen["ctx"])
 
 
 def test_batch_context_pools_each_packed_segments_prompt():
@@ -54,4 +58,4 @@ def test_batch_context_pools_each_packed_segments_prompt():
             assert inner.token_domain is not None and torch.equal(inner.pool_mask, ctx.pool_mask)
     with generation_routing(mask) as gen:
         assert gen.cache == {} and torch.equal(gen.pool_mask, mask.bool()) and gen.segment_ids is None
-    assert current_context() == RoutingContext()
+    assert empty(current_context())

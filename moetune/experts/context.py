@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 import torch
@@ -27,9 +27,10 @@ import torch
 from moetune.data.rows import IGNORE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RoutingContext:
-    """Per-forward facts about the batch that routers read (all optional; None: not known / not used)."""
+    """Per-forward facts about the batch that routers read (all optional; None: not known / not used).
+    Compared by identity (its fields are tensors)."""
 
     pool_mask: torch.Tensor | None = None
     """(B, T) bool. Tokens whose mean router logits give a sequence's gates (`router.level: sequence`):
@@ -48,11 +49,16 @@ class RoutingContext:
 
     def over(self, outer: RoutingContext) -> RoutingContext:
         """This context entered inside `outer`: fields left None take the outer value."""
-        return replace(outer, **{f.name: getattr(self, f.name) for f in fields(self)
-                                 if getattr(self, f.name) is not None})
+        if outer is _EMPTY:
+            return self
+        return RoutingContext(**{k: getattr(outer, k) if getattr(self, k) is None else getattr(self, k) for k in _FIELDS})
 
 
-_CURRENT: ContextVar[RoutingContext] = ContextVar("moetune_routing_context", default=RoutingContext())
+_EMPTY = RoutingContext()
+_FIELDS = tuple(f.name for f in fields(RoutingContext))
+
+
+_CURRENT: ContextVar[RoutingContext] = ContextVar("moetune_routing_context", default=_EMPTY)
 
 
 def current_context() -> RoutingContext:

@@ -31,8 +31,7 @@ from torch import nn
 
 from moetune.core.errors import RecipeError
 from moetune.core.recompute import recomputing
-from moetune.experts.context import (RoutingContext, batch_routing, current_context, generation_routing,  # noqa: F401
-                                     prompt_mask, routing_context)
+from moetune.experts.context import current_context, prompt_mask, routing_context  # noqa: F401 (the last two re-exported)
 from moetune.recipe import RouterConfig
 
 
