@@ -32,6 +32,8 @@ CASES = {
     "molora_top2": (dict(type="molora", rank=2, alpha=4, num_experts=4),
                     RouterConfig(type="top_k", top_k=2, temperature=0.7, **SWITCH)),
     "mov": (dict(type="mov", num_experts=3), RouterConfig(**{**SWITCH, "balance_loss": "cv2"})),
+    # the recompute runs after the loss left its routing context: it must pool the same prompt tokens
+    "molora_sequence": (dict(type="molora", rank=2, alpha=4, num_experts=3), RouterConfig(level="sequence", **SWITCH)),
 }
 
 

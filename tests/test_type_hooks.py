@@ -31,7 +31,9 @@ EXPERTS_LAYER = moetune.LAYERS["experts"]
 # The one allowed literal: `merge-lora --method mole`, a merge method named after its paper (it reads the
 # gates of a run whose type says `mixes_trained_loras`; the method is not a type check).
 ALLOWED = {("export/multimerge.py", "mole")}
-SHARED_EXPERT_MODULES = {"moetune.experts", "moetune.experts.base", "moetune.experts.routing"}
+# One type's modules: the module of each registered layer class, and its helpers (named after it: calm_bridge).
+TYPE_MODULES = {c.__module__ for c in REGISTRY.values()} | {
+    f"moetune.experts.{p.stem}" for p in (ROOT / "experts").glob("*.py") if p.stem.split("_")[0] in REGISTRY}
 
 
 def _above_experts() -> list[Path]:
@@ -80,9 +82,14 @@ def type_leaks(path: Path, rel: str | None = None) -> list[str]:
                 and node.args and "expert" in ast.unparse(node.args[0])):
             bad.append(f"{rel}:{node.lineno} reads a type-specific key: {ast.unparse(node)}")
         for m in _expert_modules(node):
-            if m not in SHARED_EXPERT_MODULES:
+            if m in TYPE_MODULES:
                 bad.append(f"{rel}:{node.lineno} imports one type's module {m}")
     return bad
+
+
+def test_type_modules_are_the_registered_layers_and_their_helpers():
+    assert {"moetune.experts.lora", "moetune.experts.mole", "moetune.experts.calm_bridge"} <= TYPE_MODULES
+    assert not {"moetune.experts.base", "moetune.experts.routing"} & TYPE_MODULES
 
 
 def test_leak_finder_finds_each_kind_of_leak(tmp_path):

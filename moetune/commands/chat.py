@@ -26,7 +26,8 @@ from moetune.adapters.inject import mask_experts
 from moetune.adapters.io import load_adapter, read_adapter
 from moetune.core.errors import DataError
 from moetune.core.ui import console, simple_progress
-from moetune.data.rows import Encoder, read_rows
+from moetune.data.read import read_file
+from moetune.data.rows import Encoder
 from moetune.eval.evaluate import eos_ids
 from moetune.eval.generation import RoutingRecorder, Sampling, generate_batch, routing_lines
 from moetune.models.load import load_model, load_tokenizer, pick_device
@@ -245,7 +246,7 @@ def chat_loop(m: Loaded, sampling: Sampling, inp: TextIO | None = None, out: Tex
 def read_prompts(path: Path) -> list[tuple[dict, list[dict]]]:
     """(row, messages ending with a user turn) per row of a JSONL file: a `prompt` string, or a
     `messages` list (a trailing assistant turn is dropped: its reply is what gets generated)."""
-    rows = read_rows(path)
+    rows = list(read_file(path))
     if not rows:
         raise DataError(f"{path}: no rows.")
     out = []

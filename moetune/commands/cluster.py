@@ -33,9 +33,8 @@ from safetensors.torch import save_file
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
 from moetune.core.ui import console, table
-from moetune.data.pipeline import load_examples, mix_config
-from moetune.data.rows import detect_format, to_messages
-from moetune.data.sources import source_rows
+from moetune.data.pipeline import load_examples
+from moetune.data.sources import iter_messages, iter_sources
 from moetune.models.load import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
 from moetune.models.projection import dims as base_dims
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
@@ -56,21 +55,23 @@ def example_texts(cfg: DataConfig, with_response: bool = False, max_rows: int | 
     """(texts, domains or None) of the training rows; a seeded subsample of `max_rows` rows.
 
     With `data.mix`, every row of every source (before weights and row caps), each read with its
-    own format and columns; a source's `domain` labels its rows."""
-    sources = [(mix_config(cfg, src), src.domain) for src in cfg.mix] if cfg.mix else [(cfg, None)]
-    rows = []  # (row, location, the source's settings, its format, its domain label)
-    for c, label in sources:
-        got = source_rows(c.train, c)
-        fmt = detect_format(got, c)
-        rows += [(row, loc, c, fmt, label) for row, loc in got]
-    if max_rows and len(rows) > max_rows:
-        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), max_rows))]
-    texts = []
-    for row, loc, c, fmt, _ in rows:
-        msgs = to_messages(row, loc, c, fmt)
-        parts = [m["content"] for m in msgs[:-1] if m["role"] == "user"] or [msgs[-1]["content"]]
-        texts.append("\n".join(parts + ([msgs[-1]["content"]] if with_response else [])))
-    domains = [label if label is not None else row.get(c.domain_field) for row, _, c, _, label in rows]
+    own format and columns; a source's `domain` labels its rows. Rows are streamed: only the texts
+    of the rows kept are held."""
+    parts = [(part, part.load()) for part in iter_sources(cfg, ("train",))]
+    total = sum(len(src.ds) for _, src in parts)
+    keep = None
+    if max_rows and total > max_rows:
+        keep = sorted(random.Random(seed).sample(range(total), max_rows))
+    texts, domains, start = [], [], 0
+    for part, src in parts:
+        n = len(src.ds)
+        mine = None if keep is None else [i - start for i in keep if start <= i < start + n]
+        for row, msgs in iter_messages(part, src, mine):
+            prompt = ([m["content"] for m in msgs[:-1] if m["role"] in ("user", "prompt")]
+                      or [msgs[-1].get("content") or ""])
+            texts.append("\n".join(prompt + ([msgs[-1].get("content") or ""] if with_response else [])))
+            domains.append(part.domain if part.domain is not None else row.get(part.cfg.domain_field))
+        start += n
     if all(d is None for d in domains):
         return texts, None
     return texts, [str(d) if d is not None else "all" for d in domains]

@@ -14,12 +14,9 @@ from __future__ import annotations
 import torch
 
 from moetune.adapters.inject import count_parameters, inject
-from moetune.core.errors import DataError
 from moetune.core.ui import console, table
+from moetune.data.sources import check_rows, iter_sources
 from moetune.experts import REGISTRY
-from moetune.data.pipeline import mix_config
-from moetune.data.rows import detect_format, to_messages
-from moetune.data.sources import source_rows
 from moetune.models.load import attn_implementation, load_config, pick_device
 from moetune.models.load import base_dtype
 from moetune.models.quant import check_backend, check_quantizable, frozen_bytes
@@ -60,24 +57,12 @@ def estimate(recipe: Recipe) -> dict:
 
 
 def check_data(recipe: Recipe) -> dict[str, int]:
-    """Read every data file named by the recipe and check each row's shape (no tokenizer)."""
+    """Read every data source named by the recipe and check each row's shape (no tokenizer): rows per
+    recipe key ('train', 'mix[i]', 'validation', 'test'), bad rows skipped (data.skip_bad_rows) not counted."""
     counts = {}
-    jobs = [(f"mix[{i}]", "train", mix_config(recipe.data, s)) for i, s in enumerate(recipe.data.mix)]
-    for key in ("train", "validation", "test"):
-        if getattr(recipe.data, key) and not (key == "train" and recipe.data.mix):
-            jobs.append((key, key, recipe.data))
-    for name, split, cfg in jobs:
-        rows = source_rows(getattr(cfg, split), cfg, split)
-        fmt = detect_format(rows, cfg)
-        bad = 0
-        for row, loc in rows:
-            try:
-                to_messages(row, loc, cfg, fmt)
-            except DataError:
-                if not cfg.skip_bad_rows:
-                    raise
-                bad += 1
-        counts[name] = len(rows) - bad
+    for part in iter_sources(recipe.data, ("train", "validation", "test")):
+        rows, bad = check_rows(part)
+        counts[part.key] = rows - bad
     return counts
 
 

@@ -5,9 +5,11 @@ dataset with the columns input_ids / labels / prompt_ids (int32 lists), referenc
 length, truncated (cut by max_length) and n_targets (labelled tokens after the first, the count the loss is normalised
 by). It is saved under `<cache>/<fingerprint>/`, where the fingerprint hashes everything
 that changes the tokens: the source's identity (paths, sizes, mtimes or dataset
-fingerprint), the data settings that shape rows and templates, the tokenizer (its full
+fingerprint), the data settings (every `DataConfig` field but the few of `NOT_TOKEN_FIELDS`,
+so a new setting is keyed unless it is listed there with its reason), the tokenizer (its full
 serialisation, special tokens and chat template) and this pipeline's version. A second run
-opens the cache memory-mapped without reading the source.
+opens the cache memory-mapped without reading the source. The rows become messages through
+their format (`moetune.data.formats`) and tokens through `moetune.data.rows.Encoder`.
 
 `ExampleSet` is a read-only sequence of `Example`s over such a dataset (and an index
 array): indexing reads one row, `take` a batch, slicing makes a view. The training loop
@@ -28,21 +30,31 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from moetune.data.rows import IGNORE, DataError, Encoder, Example, format_of_keys, to_messages
-from moetune.data.sources import Source, load_source
+from moetune.core.errors import DataError
+from moetune.data.formats import ROW, Format
+from moetune.data.rows import IGNORE, Encoder, Example
+from moetune.data.sources import Source, format_of, iter_sources, load_source, name_errors
 from moetune.recipe import DataConfig
 
-VERSION = 2
-ROW = "\x00ROW\x00"  # placeholder for the row location in error texts written inside `map`
-TOKEN_KEYS = ("format", "instruction_field", "input_field", "response_field", "messages_field",
-              "conversations_field", "text_field", "domain_field", "template", "system_prompt", "max_length",
-              "mask_history", "skip_bad_rows")
+VERSION = 3
+NOT_TOKEN_FIELDS = {
+    "train": "the source's identity (resolved path, size, mtime; a dataset fingerprint) is keyed instead",
+    "validation": "as train", "test": "as train",
+    "hub_subset": "part of a hub source's identity", "hub_split": "as hub_subset", "hub_revision": "as hub_subset",
+    "validation_split": "carves the cached rows", "max_train_examples": "takes from the cached rows",
+    "seed": "orders the cached rows", "mix": "each source is cached on its own, with its own settings",
+    "cache_dir": "where the cache is, not what it holds", "packing": "batches the cached rows",
+    "group_by_length": "batches the cached rows", "num_proc": "the same tokens in any number of processes",
+}
+"""The DataConfig fields that do not shape a source's tokens, and why; every other field is in the cache
+key (`token_settings`), so a new field is keyed unless it is named here."""
 FEATURES = datasets.Features({
     "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
     "prompt_ids": datasets.Sequence(datasets.Value("int32")), "reference": datasets.Value("string"),
     "domain": datasets.Value("string"), "length": datasets.Value("int32"), "n_targets": datasets.Value("int32"),
     "truncated": datasets.Value("bool"), "error": datasets.Value("string")})
 datasets.utils.logging.set_verbosity_error()
+PLACEHOLDER = [{"role": "completion", "content": "x"}]  # stands in for a bad row until it is dropped
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -74,29 +86,37 @@ def tokenizer_fingerprint(tok) -> str:
     return fp
 
 
-def _fingerprint(src: Source, tok, cfg: DataConfig, domain: str | None) -> str:
-    key = {"v": VERSION, "source": src.identity, "data": {k: getattr(cfg, k) for k in TOKEN_KEYS}, "domain": domain,
-           "tokenizer": tokenizer_fingerprint(tok)}
+def token_settings(cfg: DataConfig) -> dict:
+    """The data settings that shape tokens: every DataConfig field but those of NOT_TOKEN_FIELDS."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_TOKEN_FIELDS}
+
+
+def cache_key(identity: list, tokenizer_fp: str, cfg: DataConfig, domain: str | None) -> str:
+    """The cache entry of a source: its identity, the token-shaping settings, the domain label, the
+    tokenizer and this pipeline's version."""
+    key = {"v": VERSION, "source": identity, "data": token_settings(cfg), "domain": domain, "tokenizer": tokenizer_fp}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _encode_fn(tok, cfg: DataConfig, fmt: str, domain: str | None):
+def _encode_fn(tok, cfg: DataConfig, fmt: Format, domain: str | None):
     enc = Encoder(tok, cfg)
 
     def fn(batch: dict) -> dict:
         rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
-        msgs, domains, errors = [], [], []
+        msgs, pieces, domains, errors = [], [], [], []
         for row in rows:
             try:
-                m, err = to_messages(row, ROW, cfg, fmt), ""
+                m = fmt.to_messages(row, ROW, cfg)
+                p, err = enc.segments(m), ""
             except DataError as e:
-                m, err = [{"role": "completion", "content": "x"}], str(e)
+                m, p, err = PLACEHOLDER, enc.segments(PLACEHOLDER), str(e) if ROW in str(e) else f"{ROW}: {e}"
             msgs.append(m)
+            pieces.append(p)
             errors.append(err)
             domains.append(domain or str(row.get(cfg.domain_field) or "all"))
         out = {k: [] for k in FEATURES}
         full: list[int] = []
-        for e, err, n in zip(enc.encode_batch(msgs, domains, full), errors, full):
+        for e, err, n in zip(enc.encode_batch(msgs, domains, full, pieces), errors, full):
             out["input_ids"].append(e.input_ids)
             out["labels"].append(e.labels)
             out["prompt_ids"].append(e.prompt_ids)
@@ -112,17 +132,20 @@ def _encode_fn(tok, cfg: DataConfig, fmt: str, domain: str | None):
 
 def _tokenize(src: Source, tok, cfg: DataConfig, domain: str | None, work: Path) -> tuple[datasets.Dataset, dict]:
     ds = src.ds
-    fmt = cfg.format if cfg.format != "auto" else format_of_keys(ds.column_names, cfg, src.locate(0))
+    fmt, cfg = format_of(src, cfg)
     n = len(ds)
     num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if n >= 20_000 else 1)
-    out = ds.map(_encode_fn(tok, cfg, fmt, domain), batched=True, batch_size=1000, remove_columns=ds.column_names,
-                 features=FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising",
-                 cache_file_name=str(work / "tokens.arrow"))  # not beside the source: deleted once saved
+    try:
+        out = ds.map(_encode_fn(tok, cfg, fmt, domain), batched=True, batch_size=1000, remove_columns=ds.column_names,
+                     features=FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising",
+                     cache_file_name=str(work / "tokens.arrow"))  # not beside the source: deleted once saved
+    except UnicodeDecodeError:
+        raise src.not_utf8() from None
     errors = out.data.column("error").to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(errors != "")
-    info = {"rows": n, "bad_rows": int(len(bad)), "bad_examples": [], "format": fmt}
+    info = {"rows": n, "bad_rows": int(len(bad)), "bad_examples": [], "format": fmt.name}
     if len(bad):
-        named = [errors[i].replace(ROW, src.locate(int(i))) for i in bad[:5]]
+        named = name_errors(src, fmt, cfg, {int(i): str(errors[i]) for i in bad[:5]}, ROW)
         if not cfg.skip_bad_rows:
             raise DataError(named[0] + (f" ({len(bad)} bad rows in all; data.skip_bad_rows: true skips and "
                                         "counts them.)" if len(bad) > 1 else ""))
@@ -141,7 +164,7 @@ def tokenized(spec: str, tok, cfg: DataConfig, split: str = "train", domain: str
         src = load_source(spec, cfg.hub_subset, hub_split, cfg.hub_revision)
         if len(src.ds) == 0:
             raise DataError(f"Data file {spec!r} has no rows.")
-        path = cache_root(cfg) / _fingerprint(src, tok, cfg, domain)
+        path = cache_root(cfg) / cache_key(src.identity, tokenizer_fingerprint(tok), cfg, domain)
         if (path / "moetune.json").exists():
             try:
                 return datasets.load_from_disk(str(path / "data")), json.loads((path / "moetune.json").read_text())
@@ -151,7 +174,11 @@ def tokenized(spec: str, tok, cfg: DataConfig, split: str = "train", domain: str
             datasets.enable_progress_bars()
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         (tmp / "map").mkdir(parents=True)
-        ds, info = _tokenize(src, tok, cfg, domain, tmp / "map")
+        try:
+            ds, info = _tokenize(src, tok, cfg, domain, tmp / "map")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-built entry of our own
+            raise
         info["source"] = spec
         ds.save_to_disk(str(tmp / "data"))
         del ds
@@ -215,11 +242,6 @@ def load_examples(path: str, tokenizer, cfg: DataConfig, split: str = "train") -
     return ExampleSet(ds, info=info)
 
 
-FIELD_OF = {"instruction": "instruction_field", "input": "input_field", "response": "response_field",
-            "messages": "messages_field", "conversations": "conversations_field", "text": "text_field",
-            "domain": "domain_field"}
-
-
 def mix_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
     """Rows taken from each source: as is, or the total shared out by weight (largest remainders)."""
     if not weights:
@@ -232,18 +254,11 @@ def mix_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
     return counts.tolist()
 
 
-def mix_config(cfg: DataConfig, src) -> DataConfig:
-    """The data settings one `data.mix` source is read with (its format, columns and hub keys)."""
-    return dataclasses.replace(cfg, train=src.path, format=src.format, hub_subset=src.hub_subset,
-                               hub_split=src.hub_split, hub_revision=src.hub_revision, mix=[],
-                               **{FIELD_OF[k]: v for k, v in src.columns.items()})
-
-
 def load_mix(cfg: DataConfig, tokenizer) -> ExampleSet:
     """The `data.mix` sources, each tokenised (and cached) on its own, as one ExampleSet."""
     parts, infos = [], []
-    for src in cfg.mix:
-        ds, info = tokenized(src.path, tokenizer, mix_config(cfg, src), "train", src.domain)
+    for part in iter_sources(cfg, ("train",)):
+        ds, info = tokenized(part.spec, tokenizer, part.cfg, part.split, part.domain)
         parts.append(ds)
         infos.append(info)
     sizes = [min(len(d), s.max_rows or len(d)) for d, s in zip(parts, cfg.mix)]

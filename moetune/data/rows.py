@@ -1,32 +1,26 @@
-"""Reading instruction and chat data, applying templates, masking prompts out of the loss.
+"""Examples: message lists rendered through a template into token ids with trained-only labels.
 
-This module is the per-row logic; `moetune.data.sources` reads whole sources into Arrow and
-`moetune.data.pipeline` tokenises them once (batched `Dataset.map`, cached on disk). Formats:
-- instruction: `{"instruction", "response"[, "input", "domain"]}` (Alpaca's `output` too)
-- chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
-- sharegpt: `{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`
-- text: `{"text": str}`, a plain completion trained on every token
-All become a message list. With a chat template (the tokenizer's own) the text is the
-rendered conversation; without one the documented plain template is
+`moetune.data.formats` turns a row into a message list; `Encoder` renders it. With a chat template
+(the tokenizer's own) the text is the rendered conversation; without one the documented plain
+template is
 
     ### Instruction:\n{user text}\n\n### Response:\n{assistant text}<eos>
 
-(system text, when present, goes first followed by a blank line). Loss is computed
-only on assistant tokens: every other label is -100.
+(system text, when present, goes first followed by a blank line). Loss is computed only on
+assistant tokens (every other label is -100); raw 'prompt' / 'completion' messages (the text and
+plain prompt_completion formats) are tokenised as they are, the completion trained.
+`moetune.data.pipeline` runs this batched over a whole source and caches the result.
 """
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from moetune.core.errors import DataError, RecipeError
+from moetune.data.formats import RAW_ROLES
 from moetune.recipe import DataConfig
 
-# datasets and pyarrow (heavy imports, needed only for those input formats) are imported inside the readers.
 PLAIN_USER = "### Instruction:\n{text}\n\n### Response:\n"
 IGNORE = -100
 
@@ -38,145 +32,6 @@ class Example:
     prompt_ids: list[int]      # the prompt up to the last assistant turn, for generation
     reference: str             # the last assistant turn, for exact match
     domain: str
-
-
-# ------------------------------------------------------------------ reading rows
-
-def read_rows(path: str | Path) -> list[tuple[dict, str]]:
-    """Rows of a data source with a location string ('file line N') for each."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"Data file {str(p)!r} does not exist.")
-    if p.is_dir():
-        import datasets
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except Exception as e:
-            raise DataError(f"{p}: not a datasets save_to_disk directory ({e}).") from None
-        if isinstance(ds, datasets.DatasetDict):
-            raise DataError(f"{p}: holds several splits ({', '.join(ds)}); point to one split's directory.")
-        return [(dict(r), f"{p} row {i}") for i, r in enumerate(ds)]
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with p.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p} line {i}: not valid JSON ({e.msg}).") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{p} line {i}: each line must be a JSON object, got {type(row).__name__}.")
-                rows.append((row, f"{p} line {i}"))
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p} line {e.lineno}: not valid JSON ({e.msg}).") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(f"{p}: expected a JSON list of rows (or {{'data': [...]}}).")
-        return [(r, f"{p} item {i}") for i, r in enumerate(data)]
-    if suffix == ".csv":
-        # csv.reader's line_num, not a row count: quoted fields may span lines (multi-line answers).
-        with p.open(encoding="utf-8", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, [])
-            rows, start = [], reader.line_num + 1
-            for rec in reader:
-                if rec:  # blank lines are skipped, as csv.DictReader does
-                    row: dict = dict(zip(header, rec))
-                    row.update({k: None for k in header[len(rec):]})
-                    if len(rec) > len(header):
-                        row[None] = rec[len(header):]
-                    rows.append((row, f"{p} line {start}"))
-                start = reader.line_num + 1
-            return rows
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-        return [(r, f"{p} row {i}") for i, r in enumerate(pq.read_table(p).to_pylist())]
-    raise DataError(f"Data file {str(p)!r}: unsupported type {suffix!r}. Allowed: .jsonl, .json, .csv, "
-                    ".parquet or a datasets directory.")
-
-
-def to_messages(row: dict, loc: str, cfg: DataConfig, fmt: str) -> list[dict]:
-    """A row as a message list ending with the assistant turn to learn/score."""
-    if not isinstance(row, dict):
-        raise DataError(f"{loc}: a row must be an object, got {type(row).__name__}.")
-    if fmt == "chat":
-        msgs = row.get(cfg.messages_field)
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{loc}: missing or empty '{cfg.messages_field}' list (row keys: {', '.join(row)}).")
-        for j, m in enumerate(msgs):
-            if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                    or not isinstance(m.get("content"), str)):
-                raise DataError(f"{loc}: message {j} must be {{'role': system|user|assistant, 'content': str}}, "
-                                f"got {m!r:.120}.")
-        if msgs[-1]["role"] != "assistant":
-            raise DataError(f"{loc}: the last message must be the assistant's (it is '{msgs[-1]['role']}').")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    if fmt == "sharegpt":
-        return _sharegpt(row, loc, cfg)
-    if fmt == "text":
-        text = row.get(cfg.text_field)
-        if not isinstance(text, str) or not text:
-            raise DataError(f"{loc}: missing or empty text column '{cfg.text_field}' (row keys: "
-                            f"{', '.join(map(str, row))}). Set data.text_field to the right column.")
-        return [{"role": "completion", "content": text}]
-    if cfg.response_field not in row and cfg.response_field == "response" and "output" in row:
-        row = {**row, "response": row["output"]}  # Alpaca's instruction/input/output
-    for key in (cfg.instruction_field, cfg.response_field):
-        if key not in row or row[key] is None:
-            raise DataError(f"{loc}: missing key '{key}' (row keys: {', '.join(map(str, row))}). "
-                            f"Set data.instruction_field / data.response_field to the right columns.")
-        if not isinstance(row[key], (str, int, float)):
-            raise DataError(f"{loc}: '{key}' must be text, got {type(row[key]).__name__}.")
-    text = str(row[cfg.instruction_field])
-    extra = row.get(cfg.input_field)
-    if extra:
-        text = f"{text}\n\n{extra}"
-    return [{"role": "user", "content": text}, {"role": "assistant", "content": str(row[cfg.response_field])}]
-
-
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-def _sharegpt(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
-    turns = row.get(cfg.conversations_field)
-    if not isinstance(turns, list) or not turns:
-        raise DataError(f"{loc}: missing or empty '{cfg.conversations_field}' list (row keys: {', '.join(row)}).")
-    msgs = []
-    for j, t in enumerate(turns):
-        if (not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str)):
-            raise DataError(f"{loc}: turn {j} must be {{'from': system|human|gpt, 'value': str}}, got {t!r:.120}.")
-        msgs.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
-    if msgs[-1]["role"] != "assistant":
-        raise DataError(f"{loc}: the last turn must be the assistant's ('gpt'; it is '{turns[-1]['from']}').")
-    return msgs
-
-
-def detect_format(rows: list[tuple[dict, str]], cfg: DataConfig) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    if not rows:
-        raise DataError("No rows to read.")
-    row, loc = rows[0]
-    return format_of_keys(list(row) if isinstance(row, dict) else [], cfg, loc)
-
-
-def format_of_keys(keys: list, cfg: DataConfig, loc: str) -> str:
-    """The format a row with these columns is in (data.format 'auto')."""
-    for fmt, key in (("chat", cfg.messages_field), ("sharegpt", cfg.conversations_field),
-                     ("instruction", cfg.instruction_field), ("text", cfg.text_field)):
-        if key in keys:
-            return fmt
-    raise DataError(f"{loc}: cannot tell the format: no '{cfg.messages_field}', '{cfg.conversations_field}', "
-                    f"'{cfg.instruction_field}' nor '{cfg.text_field}' key (row keys: {', '.join(map(str, keys))}). "
-                    "Set data.format and the field names.")
 
 
 # ------------------------------------------------------------------ templates
@@ -198,9 +53,14 @@ class Encoder:
             return [{"role": "system", "content": self.cfg.system_prompt}] + msgs
         return msgs
 
-    def _render(self, msgs: list[dict], gen: bool) -> str:
+    def _render(self, msgs: list[dict], gen: bool, tools: list | None = None) -> str:
         if self.chat:
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            msgs = [{k: v for k, v in m.items() if k != "train"} if "train" in m else m for m in msgs]
+            try:
+                return self.tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
+            except Exception as e:  # noqa: BLE001 - jinja's errors and the template's own raise_exception
+                raise DataError(f"the chat template cannot render this conversation ({type(e).__name__}: "
+                                f"{str(e)[:200]}).") from None
         text = ""
         for m in msgs:
             if m["role"] == "system":
@@ -211,13 +71,46 @@ class Encoder:
                 text += m["content"] + (self.tok.eos_token or "") + "\n\n"
         return text[:-2] if (msgs[-1]["role"] == "assistant" and not gen) else text
 
+    def _raw(self, msgs: list[dict]) -> list[tuple[str, bool]]:
+        """Raw 'prompt' / 'completion' text as it is, the completion trained and ending with EOS."""
+        if any(m["role"] not in RAW_ROLES for m in msgs):
+            raise DataError("raw 'prompt'/'completion' text cannot be mixed with chat messages.")
+        eos = self.tok.eos_token or ""
+        out = [(m["content"], m["role"] == "completion") for m in msgs]
+        text, trained = out[-1]
+        out[-1] = (text if text.endswith(eos) else text + eos, trained)
+        return out
+
+    def _check_tools(self, msgs: list[dict], tools: list | None) -> None:
+        if self.chat or not (tools or any(m["role"] == "tool" or m.get("tool_calls") for m in msgs)):
+            return
+        raise DataError("tool definitions, calls and results need a chat template that renders them, and the plain "
+                        "template has none (data.template is 'plain', or the tokenizer has no chat template). "
+                        "Use a model whose chat template renders 'tool_calls' and the 'tool' role, or drop those "
+                        "turns.")
+
+    @staticmethod
+    def _rendered(m: dict, piece: str) -> None:
+        """Raise unless the template rendered `m`'s tool calls (their names) or tool result into `piece`."""
+        for call in m.get("tool_calls") or ():
+            name = (call.get("function") or call)["name"]
+            if name not in piece:
+                raise DataError(f"the chat template of this tokenizer does not render tool calls (the call to "
+                                f"{name!r} is not in the rendered text). Use a model whose chat template renders "
+                                "'tool_calls' and the 'tool' role, or drop those turns.")
+        if m["role"] == "tool" and m["content"].strip() and m["content"].strip() not in piece:
+            raise DataError("the chat template of this tokenizer does not render 'tool' messages (a tool result "
+                            "is not in the rendered text). Use a model whose chat template renders 'tool_calls' "
+                            "and the 'tool' role, or drop those turns.")
+
     def segments(self, msgs: list[dict]) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, is_trained) pieces: assistant turns are trained
-        (only the last one with data.mask_history); a 'completion' (text format) is trained whole."""
-        if msgs[0]["role"] == "completion":
-            eos = self.tok.eos_token or ""
-            text = msgs[0]["content"]
-            return [(text if text.endswith(eos) else text + eos, True)]
+        (only the last one with data.mask_history; never one marked "train": False); raw prompt /
+        completion text is kept as it is, the completion trained."""
+        if msgs[0]["role"] in RAW_ROLES:
+            return self._raw(msgs)
+        tools = getattr(msgs, "tools", None)  # formats.Messages: the row's tool definitions
+        self._check_tools(msgs, tools)
         msgs = self._with_system(msgs)
         pieces: list[tuple[str, bool]] = []
         done = ""
@@ -225,13 +118,27 @@ class Encoder:
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt = self._render(msgs[:i], gen=True)
-            full = self._render(msgs[: i + 1], gen=False)
+            prompt = self._render(msgs[:i], gen=True, tools=tools)
+            full = self._render(msgs[: i + 1], gen=False, tools=tools)
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise RecipeError("The chat template does not render conversations as growing prefixes; "
                                   "set data.template=plain.")
-            pieces += [(prompt[len(done):], False), (full[len(prompt):], i == last or not self.cfg.mask_history)]
+            trained = m.get("train", True) and (i == last or not self.cfg.mask_history)
+            pieces += [(prompt[len(done):], False), (full[len(prompt):], trained)]
+            if self.chat:
+                for t in reversed(msgs[:i]):  # the tool results since the previous assistant turn
+                    if t["role"] == "assistant":
+                        break
+                    self._rendered(t, prompt[len(done):])
+                self._rendered(m, full[len(prompt):])
             done = full
+        for t in tools or ():  # definitions come before the first answer (a call names its tool too)
+            name = (t.get("function") or t).get("name")
+            if isinstance(name, str) and name not in pieces[0][0]:
+                raise DataError(f"the chat template of this tokenizer does not render tool definitions (the "
+                                f"'{self.cfg.tools_field}' column; {name!r} is not in the rendered prompt). Use a "
+                                "model whose chat template renders `tools`, or put the definitions in the system "
+                                "message.")
         return pieces
 
     def _ids_many(self, texts: list[str], add: bool) -> list[list[int]]:
@@ -250,11 +157,12 @@ class Encoder:
     def encode(self, msgs: list[dict], domain: str = "all") -> Example:
         return self.encode_batch([msgs], [domain])[0]
 
-    def encode_batch(self, convs: list[list[dict]], domains: list[str],
-                     full_lengths: list[int] | None = None) -> list[Example]:
+    def encode_batch(self, convs: list[list[dict]], domains: list[str], full_lengths: list[int] | None = None,
+                     pieces: list[list[tuple[str, bool]]] | None = None) -> list[Example]:
         """Examples of many conversations, tokenised with two batched tokenizer calls
-        (`full_lengths`, when given, receives each token count before max_length cuts it)."""
-        pieces = [self.segments(m) for m in convs]
+        (`full_lengths`, when given, receives each token count before max_length cuts it;
+        `pieces`, when given, are the conversations' `segments`)."""
+        pieces = [self.segments(m) for m in convs] if pieces is None else pieces
         # The plain template has no special tokens of its own: let the tokenizer add BOS once.
         firsts = iter(self._ids_many([p[0][0] for p in pieces], add=not self.chat))
         rests = iter(self._ids_many([t for p in pieces for t, _ in p[1:]], add=False))
@@ -275,7 +183,7 @@ class Encoder:
                 labels.append(eos)
             if full_lengths is not None:
                 full_lengths.append(len(ids))
-            out.append(Example(ids[:n], labels[:n], prompt_ids[:n], msgs[-1]["content"], domain))
+            out.append(Example(ids[:n], labels[:n], prompt_ids[:n], msgs[-1].get("content") or "", domain))
         return out
 
 

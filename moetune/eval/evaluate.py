@@ -9,7 +9,7 @@ import torch
 from moetune.core.ui import simple_progress
 from moetune.data.rows import Example, collate
 from moetune.eval.mmlu import load_mc_rows, score_multiple_choice
-from moetune.experts.routing import routing_context
+from moetune.experts.context import generation_routing
 from moetune.train.loss import per_example_loss
 
 
@@ -56,7 +56,7 @@ def generate_ids(model, ids: torch.Tensor, mask: torch.Tensor, device, **kwargs)
     """model.generate on left-padded prompts ids, mask (B, T) -> (B, T + new), inside the routing context
     that sequence-level routers (router.level) need: they pool the prompt once and keep its gates for the
     new tokens. The one place moetune generates (exact match, `generate`, `chat`)."""
-    with routing_context(pool_mask=mask.bool().to(device), cache={}):
+    with generation_routing(mask.to(device)):
         return model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
 
 

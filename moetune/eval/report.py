@@ -30,8 +30,9 @@ import torch
 
 from moetune.adapters.inject import routed_layers
 from moetune.core.ui import table
-from moetune.data.rows import IGNORE, Example, collate
-from moetune.experts.routing import dead_experts, domain_expert_mi, prompt_mask, routing_context
+from moetune.data.rows import Example, collate
+from moetune.experts.context import batch_routing
+from moetune.experts.routing import dead_experts, domain_expert_mi
 from moetune.models.layers import layer_index
 from moetune.train.loss import plain_head, target_logits
 
@@ -134,8 +135,7 @@ def collect_gates(model, examples: list[Example], pad_id: int, batch_size: int, 
             b = collate(chunk, pad_id)
             ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)   # (B, T)
             none = torch.zeros_like(ids[:, 1:], dtype=torch.bool)                   # (B, T-1): no head output
-            pool = prompt_mask(b["labels"] != IGNORE, b["attention_mask"]).to(device)  # (B, T)
-            with routing_context(pool_mask=pool):                                   # router.level: sequence
+            with batch_routing(b["labels"].to(device), mask):                       # router.level: sequence
                 target_logits(model, ids, mask, none, sliced)
             w = hooks.take(tuple(ids.shape)).cpu()                                  # (L, B, T, N)
             dom = torch.tensor([index[e.domain] for e in chunk])                    # (B,)

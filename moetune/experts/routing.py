@@ -22,7 +22,6 @@ Losses (see METHODS.md, "Auxiliary losses"):
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn
 
 from moetune.core.errors import RecipeError
 from moetune.core.recompute import recomputing
+from moetune.experts.context import current_context, prompt_mask, routing_context  # noqa: F401 (the last two re-exported)
 from moetune.recipe import RouterConfig
 
 
@@ -188,7 +188,7 @@ class Router(nn.Module):
         """(probs (B, T, N), token domains (B, T)) for the domain loss, or None outside a batch with
         domains. `detached_logits()` recomputes this router's logits (B, T, N) from the DETACHED layer
         input, so that loss trains the router only and never the adapters of earlier layers."""
-        dom = _CTX.get("token_domain")
+        dom = current_context().token_domain
         if dom is None:
             return None
         logits = self.pool(detached_logits(), use_cache=False)           # (B, T, N)
@@ -217,67 +217,26 @@ class Router(nn.Module):
         return None if self._last is None else stats(self._last[2].detach())
 
 
-# ---------------------------------------------------------------- routing context, sequence gates
-
-_CTX: dict = {}
-
-
-@contextmanager
-def routing_context(**fields):
-    """Set routing context fields for the forwards inside the block (nested blocks merge, inner wins):
-
-    pool_mask (B, T) bool    tokens whose mean router logits give a sequence's gates (`router.level:
-                             sequence`); the loss sets it to each sequence's prompt (`prompt_mask`)
-    segment_ids (B, T) long  packed batches: which sequence of the row each token belongs to
-    token_domain (B, T) long domain index of each token (-1: none), for `router.domain_loss_weight`
-    cache dict               generation: the first forward (the prompt) stores each router's
-                             sequence logits here, the later one-token forwards reuse them"""
-    old = dict(_CTX)
-    _CTX.update({k: v for k, v in fields.items() if v is not None})
-    try:
-        yield _CTX
-    finally:
-        _CTX.clear()
-        _CTX.update(old)
-
-
-def prompt_mask(targets: torch.Tensor, attention_mask: torch.Tensor,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T) bool: real tokens before the first target token of their sequence (segment).
-
-    targets (B, T) bool marks tokens in the loss (labels != -100). Pooling only these tokens keeps
-    sequence routing causal: no gate depends on the answer it helps to predict. A row's first token
-    is never a target (nothing predicts it; packing masks each example's first label the same way),
-    so a text-format example pools its first token, packed or not."""
-    targets = targets.clone()
-    targets[:, 0] = False
-    t = targets.long()                                                   # (B, T)
-    before = t.cumsum(1) - t                                             # (B, T): targets strictly before
-    if segment_ids is not None:  # count only the targets of the token's own segment
-        seg = segment_ids.long()
-        first = torch.full((t.shape[0], int(seg.max()) + 1), t.shape[1] ** 2, dtype=torch.long, device=t.device)
-        first = first.scatter_reduce(1, seg, before, "amin")             # (B, S): count at segment start
-        before = before - first.gather(1, seg)
-    return (before == 0) & ~targets & attention_mask.bool()
-
+# ---------------------------------------------------------------- sequence gates
 
 def sequence_logits(logits: torch.Tensor, router: nn.Module | None) -> torch.Tensor:
     """Per-token logits (B, T, N) -> each sequence's mean logits over its pool tokens, repeated at
     all its tokens (B, T, N). W_g is linear, so this equals W_g applied to the mean input.
 
-    Uses the context's pool_mask and segment_ids; without a pool_mask every position of this
-    forward counts. In generation (context `cache`), the first call per router pools the prompt
-    and the later calls (one new token each) reuse that row. A segment with no pool token gets
-    logits 0 (uniform gates)."""
-    cache = _CTX.get("cache")
+    Uses the routing context's pool_mask and segment_ids (moetune.experts.context); without a
+    pool_mask every position of this forward counts. In generation (context `cache`), the first call
+    per router pools the prompt and the later calls (one new token each) reuse that row. A segment
+    with no pool token gets logits 0 (uniform gates)."""
+    ctx = current_context()
+    cache = ctx.cache
     if cache is not None and router is not None and id(router) in cache:
         row = cache[id(router)]                                          # (B, N)
         return row.unsqueeze(1).expand(-1, logits.shape[1], -1)
     b, t, n = logits.shape
-    pool = _CTX.get("pool_mask")
+    pool = ctx.pool_mask
     if pool is None or tuple(pool.shape) != (b, t):
         pool = torch.ones(b, t, dtype=torch.bool, device=logits.device)
-    seg = _CTX.get("segment_ids")
+    seg = ctx.segment_ids
     seg = torch.zeros(b, t, dtype=torch.long, device=logits.device) if seg is None else seg.long()
     oh = F.one_hot(seg, int(seg.max()) + 1).float() * pool.unsqueeze(-1).float()  # (B, T, S)
     num = torch.einsum("bts,btn->bsn", oh, logits)                        # (B, S, N)

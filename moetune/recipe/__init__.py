@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moetune.core.errors import RecipeError
 from moetune.core.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
 from moetune.recipe.experts import EXPERT_CONFIGS, ExpertConfig, LoRAConfig
-from moetune.recipe.sections import (MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
+from moetune.recipe.sections import (FORMATS, MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
                                      MixSource, ModelConfig, RouterConfig, TrainConfig)
 
 

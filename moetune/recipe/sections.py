@@ -5,12 +5,13 @@ in `recipe`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from moetune.core.schema import opt
 
 STAGES = ("train", "merge", "eval", "export")
-MIX_COLUMNS = ("instruction", "input", "response", "messages", "conversations", "text", "domain")
+FORMATS = ("auto", "chat", "sharegpt", "instruction", "prompt_completion", "text")
+"""`data.format` choices: 'auto' and the entries of moetune.data.formats.FORMATS (a test keeps them equal)."""
 
 
 @dataclass
@@ -109,12 +110,13 @@ class MixSource:
 
     path: str = ""
     """A file, glob, directory, save_to_disk directory or hub id, as for `data.train`."""
-    format: str = opt("auto", choices=("auto", "instruction", "chat", "sharegpt", "text"))
+    format: str = opt("auto", choices=FORMATS)
     """This source's format (see `data.format`)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column names of this source where they differ from the data section's: keys instruction,
-    input, response, messages, conversations, text, domain; e.g. {instruction: question,
-    response: answer}."""
+    input, response, messages, tools, conversations, prompt, completion, text, domain (each
+    `data.<key>_field`);
+    e.g. {instruction: question, response: answer}."""
     domain: str | None = None
     """Domain label of every row of this source (None: its domain column, else 'all')."""
     weight: float | None = opt(None, min=0, min_exclusive=True)
@@ -144,11 +146,14 @@ class DataConfig:
     """Validation data (periodic loss during training); None: carve `validation_split` off train."""
     test: str | None = "data/default/test.jsonl"
     """Held-out test data, scored before and after training when eval.split is 'test'."""
-    format: str = opt("auto", choices=("auto", "instruction", "chat", "sharegpt", "text"))
+    format: str = opt("auto", choices=FORMATS)
     """'instruction': rows with instruction/response fields (Alpaca's instruction/input/output
-    too); 'chat': rows with an OpenAI messages list of {role, content}; 'sharegpt': a
-    conversations list of {from: system|human|gpt, value}; 'text': plain completion, loss on
-    every token; 'auto' decides from the columns (messages, conversations, instruction, text)."""
+    too); 'chat': rows with an OpenAI messages list of {role, content} (role 'tool' and an
+    assistant's 'tool_calls' too, rendered by the tokenizer's chat template); 'sharegpt': a
+    conversations list of {from: system|human|gpt, value}; 'prompt_completion': TRL's prompt and
+    completion columns, both text (raw, no template) or both message lists (chat template), loss on
+    the completion only; 'text': plain completion, loss on every token; 'auto' decides from the
+    columns (messages, conversations, instruction, prompt and completion, text, in that order)."""
     instruction_field: str = "instruction"
     """Column holding the prompt in instruction format."""
     input_field: str = "input"
@@ -157,8 +162,16 @@ class DataConfig:
     """Column holding the target answer in instruction format."""
     messages_field: str = "messages"
     """Column holding the conversation in chat format."""
+    tools_field: str = "tools"
+    """Column holding a row's tool definitions (a list of JSON schemas, or that list as JSON text), given
+    to the chat template as `tools` in chat and conversational prompt_completion rows (TRL's `tools`
+    column); rows without it have none. The template must render them (checked per row)."""
     conversations_field: str = "conversations"
     """Column holding the conversation in sharegpt format."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt in prompt_completion format (text, or a list of messages)."""
+    completion_field: str = "completion"
+    """Column holding the completion in prompt_completion format (text, or a list of messages)."""
     text_field: str = "text"
     """Column holding the text in text (completion) format."""
     domain_field: str = "domain"
@@ -204,6 +217,10 @@ class DataConfig:
     row cap (see `data.mix[i].*` below). When non-empty it replaces `train`."""
     num_proc: int | None = opt(None, min=1)
     """Processes for the tokenising `Dataset.map` (None: the CPU count for >= 20k rows, else 1)."""
+
+
+MIX_COLUMNS = tuple(f.name[: -len("_field")] for f in fields(DataConfig) if f.name.endswith("_field"))
+"""Keys of `data.mix[i].columns`: each names the column of a `data.<key>_field`."""
 
 
 @dataclass

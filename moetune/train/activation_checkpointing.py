@@ -9,7 +9,10 @@ names and module hooks are unchanged (only an instance attribute is set), so ada
 dicts and DDP/FSDP wrappers see the same model.
 
 The recompute runs inside `recompute.recomputing_context()`, so routers keep the state of the
-original forward (aux losses counted once, routing statistics recorded once; see recompute.py).
+original forward (aux losses counted once, routing statistics recorded once; see recompute.py), and
+inside the routing context of the original forward (moetune.experts.context), captured when the
+block runs: the backward comes after the loss has left its context, maybe on autograd's own thread,
+and a sequence-level router must pool the same prompt tokens again.
 RNG state is restored for the recompute (torch's default), so dropout and router jitter draw the
 same numbers twice. Checkpointing applies only in training mode with gradients enabled;
 evaluation and generation run the blocks unchanged.
@@ -17,18 +20,33 @@ evaluation and generation run the blocks unchanged.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moetune.core.recompute import checkpoint_contexts
+from moetune.experts.context import current_context, use_context
 from moetune.models.layers import decoder_layers
+
+
+@contextmanager
+def _recompute(inner, routing):
+    """The recompute's context: `inner` (the recompute flag) and the forward's routing context."""
+    with inner, use_context(routing):
+        yield
+
+
+def _contexts():
+    """`context_fn` for torch.utils.checkpoint, called as the block runs: (forward context, recompute context)."""
+    forward, inner = checkpoint_contexts()
+    return forward, _recompute(inner, current_context())
 
 
 def _checkpointed(block: nn.Module, forward, *args, **kwargs):
     if block.training and torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=checkpoint_contexts, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
     return forward(*args, **kwargs)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from moetune.adapters.inject import aux_losses
 from moetune.data.rows import IGNORE
-from moetune.experts.routing import prompt_mask, routing_context
+from moetune.experts.context import batch_routing
 
 
 def plain_head(model: nn.Module) -> bool:
@@ -53,15 +53,14 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                example_index: torch.Tensor | None = None):
+                example_index: torch.Tensor | None = None, token_domain: torch.Tensor | None = None):
         """segment_ids (B, T): packed rows, for sequence-level routing (`router.level`) per segment; a packed
-        batch's example_index (B, T, -1 on padding) gives them. position_ids (B, T): packed rows (no mask)."""
-        if segment_ids is None and example_index is not None:
-            segment_ids = example_index + 1  # padding (-1) becomes a segment of its own, 0
+        batch's example_index (B, T, -1 on padding) gives them. position_ids (B, T): packed rows (no mask).
+        token_domain (B, T): each token's domain for `router.domain_loss_weight` (train.step). All of them
+        reach the routers through the routing context (moetune.experts.context), entered here."""
         target = labels[:, 1:]                                               # (B, T-1)
         keep = target != IGNORE                                              # (B, T-1)
-        pool = prompt_mask(labels != IGNORE, attention_mask, segment_ids)    # (B, T) for sequence routing
-        with routing_context(pool_mask=pool, segment_ids=segment_ids):
+        with batch_routing(labels, attention_mask, segment_ids, example_index, token_domain):
             logits = target_logits(self.model, input_ids, attention_mask, keep, self.sliced, position_ids)
         loss_sum = F.cross_entropy(logits.float(), target[keep], reduction="sum")
         return loss_sum, keep.sum(), aux_losses(self.model)
@@ -72,8 +71,7 @@ def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
     """(loss sum per example (B,), target tokens per example (B,)) for evaluation."""
     target = batch["labels"][:, 1:]                                          # (B, T-1)
     keep = target != IGNORE                                                  # (B, T-1)
-    pool = prompt_mask(batch["labels"] != IGNORE, batch["attention_mask"], batch.get("segment_ids"))  # (B, T)
-    with routing_context(pool_mask=pool, segment_ids=batch.get("segment_ids")):
+    with batch_routing(batch["labels"], batch["attention_mask"], batch.get("segment_ids")):
         logits = target_logits(model, batch["input_ids"], batch["attention_mask"], keep, plain_head(model))
     tok = F.cross_entropy(logits.float(), target[keep], reduction="none")    # (N,)
     rows = keep.nonzero()[:, 0]                                              # (N,) example of each token

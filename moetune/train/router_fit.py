@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from moetune.data.rows import IGNORE, Example, collate
-from moetune.experts.routing import prompt_mask
+from moetune.experts.context import prompt_mask
 
 RIDGE = 1e-3
 
