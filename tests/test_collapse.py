@@ -13,7 +13,8 @@ from moetune.adapters.inject import routed_layers
 from moetune.adapters.io import load_adapter
 from moetune.eval.report import collect_gates, mean_gates
 from moetune.experts import config_class
-from moetune.export.collapse import collapse_layers, install, kl_by_domain, molora_ab, save_collapsed
+from moetune.experts.molora import molora_ab
+from moetune.export.collapse import collapse_layers, install, kl_by_domain, save_collapsed
 from moetune.export.merge import merge_into_base
 from moetune.recipe import DataConfig, RecipeError, RouterConfig, load_recipe
 

@@ -17,6 +17,7 @@ def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -
     """Freeze `model`, replace every target projection by an expert layer; return name -> layer."""
     model.requires_grad_(False)
     cls = REGISTRY[expert.type]
+    expert = cls.for_model(model, expert)  # 'auto' targets resolved for this architecture
     whole_model = getattr(cls, "inject_model", None)  # types that pick their own modules (CALM: decoder blocks)
     names = [] if whole_model else cls.target_names(model, expert)
     gen_state = torch.random.get_rng_state()
@@ -45,6 +46,14 @@ def expert_layers(model: nn.Module) -> dict[str, ExpertLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ExpertLayer)}
 
 
+def mask_experts(model: nn.Module, names: list[str]) -> None:
+    """--mask-experts: fix the gates of the experts named `names` at 0 (the others renormalised), through the
+    `set_mask` hook of the model's expert type (a RecipeError for a type whose experts cannot be masked)."""
+    layers = expert_layers(model)
+    cls = type(next(iter(layers.values()))) if layers else ExpertLayer
+    cls.set_mask(list(layers.values()), list(names))
+
+
 def routed_layers(model: nn.Module) -> dict[str, ExpertLayer]:
     """name -> expert layer, for the layers that route tokens through a `Router` (model order)."""
     return {n: m for n, m in expert_layers(model).items() if isinstance(getattr(m, "router", None), Router)}
@@ -52,6 +61,17 @@ def routed_layers(model: nn.Module) -> dict[str, ExpertLayer]:
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in expert_layers(model).values() for p in layer.adapter_state().values()]
+
+
+def lora_plus_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters LoRA+ trains faster (every layer's `lora_plus_parameters`: the B matrices), each once."""
+    seen, out = set(), []
+    for layer in expert_layers(model).values():
+        for p in layer.lora_plus_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,8 +1,9 @@
 """Saving and loading adapters: stock PEFT LoRA directories plus moetune's small JSON config.
 
 A moetune adapter directory holds
-- `adapter_model.safetensors` and `adapter_config.json` in PEFT's LoRA format (for
-  mergeable LoRA adapters), which `peft.PeftModel.from_pretrained` loads as is;
+- `adapter_model.safetensors` and `adapter_config.json` in stock PEFT format for a type saved that way
+  (`stock_peft` on its settings class: LoRA and its variants; the tensors and config fields come from
+  the layer class's `peft_export`), which `peft.PeftModel.from_pretrained` loads as is;
 - `moetune.json`: expert and router settings, base model and wrapped module names, so
   that moetune reloads any expert type (routed types keep their own tensors in
   `adapter_model.safetensors` under moetune names; PEFT cannot load those).
@@ -18,47 +19,41 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moetune.adapters.inject import adapter_state_dict, expert_layers, inject, load_adapter_state_dict
-from moetune.core.adapter_files import LORA_KEYS, PEFT_PREFIX, read_adapter
+from moetune.core.adapter_files import read_adapter
 from moetune.core.checkpoint import atomic_dir
 from moetune.experts import REGISTRY, ExpertConfig, config_class
 from moetune.models.load import stock_base_name
 from moetune.recipe import RouterConfig
 
 
-def _peft_config(model: nn.Module, expert: ExpertConfig, base_name: str, names: list[str]) -> dict:
-    conv1d = any(type(layer.base).__name__ == "Conv1D" for layer in expert_layers(model).values())
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": stock_base_name(base_name),
-        "r": expert.rank, "lora_alpha": expert.alpha, "lora_dropout": expert.dropout,
-        "target_modules": sorted(names), "bias": "none", "fan_in_fan_out": conv1d,
-        "modules_to_save": None, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {},
-    }
-
-
 def save_adapter(out_dir: str | Path, model: nn.Module, expert: ExpertConfig, router: RouterConfig | None,
                  base_name: str, extra: dict | None = None) -> Path:
-    """Write the adapter of an injected model atomically (PEFT files for LoRA + moetune.json)."""
+    """Write the adapter of an injected model atomically: a stock PEFT adapter for a type saved in PEFT's format
+    (`config_cls.stock_peft`: its layers' `peft_export`), else the adapter tensors under moetune's names; and
+    moetune.json."""
     layers = expert_layers(model)
     names = list(layers)
-    state = adapter_state_dict(model)
+    cls = REGISTRY[expert.type]
     meta = {"format": "moetune-adapter/1", "expert": dataclasses.asdict(expert),
             "router": dataclasses.asdict(router) if router else None, "base_model": base_name,
             "modules": names, **(extra or {})}
+    peft = cls.peft_export(layers) if cls.config_cls.stock_peft else None
     with atomic_dir(out_dir) as tmp:
-        if expert.type == "lora":
-            peft = {}
-            for key, t in state.items():
-                module, _, local = key.rpartition(".")
-                peft[f"{PEFT_PREFIX}{module}.{LORA_KEYS[local]}"] = t
-            save_file(peft, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (tmp / "adapter_config.json").write_text(json.dumps(_peft_config(model, expert, base_name, names), indent=2))
+        if peft is not None:
+            write_peft(tmp, *peft, base_name)
         else:
-            save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        meta["expert"] = REGISTRY[expert.type].export_config(expert, tmp)  # MoLE copies its experts in here
+            save_file(adapter_state_dict(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        meta["expert"] = cls.export_config(expert, tmp)  # MoLE copies its experts in here
         (tmp / "moetune.json").write_text(json.dumps(meta, indent=2))
     return Path(out_dir)
+
+
+def write_peft(directory: Path, config: dict, tensors: dict, base_name: str | None) -> None:
+    """adapter_model.safetensors and adapter_config.json of a stock PEFT adapter in `directory` (the caller
+    makes it atomic); `base_model_name_or_path` names the base as stock loaders find it."""
+    config = {"base_model_name_or_path": stock_base_name(base_name) if base_name else None, **config}
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
 def expert_from_meta(meta: dict) -> ExpertConfig:

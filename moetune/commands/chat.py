@@ -22,7 +22,7 @@ from typing import TextIO
 import torch
 
 from moetune import recipe as R
-from moetune.adapters.inject import expert_layers
+from moetune.adapters.inject import mask_experts
 from moetune.adapters.io import load_adapter, read_adapter
 from moetune.core.errors import DataError
 from moetune.core.ui import console, simple_progress
@@ -30,7 +30,6 @@ from moetune.data.read import read_file
 from moetune.data.rows import Encoder
 from moetune.eval.evaluate import eos_ids
 from moetune.eval.generation import RoutingRecorder, Sampling, generate_batch, routing_lines
-from moetune.experts.mole import set_mask
 from moetune.models.load import load_model, load_tokenizer, pick_device
 
 HELP = "commands: /reset (forget the conversation), /exit (quit); an empty line is ignored"
@@ -114,7 +113,7 @@ def _finish(rc: R.Recipe, adapter: Path | None, label: str, mask: list[str] | No
     if adapter is not None:
         expert_type = load_adapter(model, adapter)["expert"]["type"]
     if mask:
-        set_mask(expert_layers(model).values(), mask)
+        mask_experts(model, mask)
     model.eval()
     tok = load_tokenizer(rc.model, log=quiet)
     rec = RoutingRecorder(model)

@@ -35,9 +35,10 @@ from moetune.core.errors import RecipeError
 from moetune.core.ui import console, table
 from moetune.data.pipeline import load_examples
 from moetune.data.sources import iter_messages, iter_sources
-from moetune.experts.base import base_dims
 from moetune.models.load import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
+from moetune.models.projection import dims as base_dims
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
+from moetune.recipe.experts import RoutedConfig
 from moetune.train.router_fit import fit_router_file, sample_indices
 
 # sklearn, matplotlib and transformers (heavy imports) are imported inside the functions that use them.
@@ -214,7 +215,7 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
     """Embed, scan K, print the table, write the new recipe (+ plot, centroids, JSON); return the report."""
     recipe_path = Path(recipe_path)
     rc = load_recipe(recipe_path, overrides)
-    if not hasattr(rc.expert, "num_experts"):
+    if not isinstance(rc.expert, RoutedConfig):  # the types with expert.num_experts
         raise RecipeError(f"Recipe key 'expert.type' is {rc.expert.type!r}, which has one adapter and no "
                           "expert.num_experts to choose. Allowed: a routed type, hydralora, molora or mov "
                           f"(e.g. `moetune cluster-heads {recipe_path} expert.type=hydralora`).")

@@ -27,7 +27,6 @@ from typing import Callable
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
 from moetune.recipe import Recipe, RouterConfig
-from moetune.recipe.experts import ExpertConfig
 
 
 def domain_dir(domain: str) -> str:
@@ -36,13 +35,15 @@ def domain_dir(domain: str) -> str:
 
 
 def domain_recipe(rc: Recipe, domain: str) -> Recipe:
-    """The LoRA recipe of one domain, derived from a MoLE recipe (see the module docstring)."""
-    e = rc.expert
-    lora = ExpertConfig(type="lora", rank=e.rank, alpha=e.alpha, dropout=e.dropout,
-                        target_modules=list(e.target_modules), init_seed=e.init_seed)
-    train = dataclasses.replace(rc.train, max_steps=e.expert_max_steps or rc.train.max_steps,
-                                lr=e.expert_lr or rc.train.lr, stop_after=0, eval_before=False)
-    return dataclasses.replace(rc, expert=lora, router=RouterConfig(), train=train, stages=["train"],
+    """The recipe of one domain's expert, derived from a recipe whose expert type trains per-domain experts
+    first (`ExpertConfig.per_domain_expert`; see the module docstring)."""
+    plan = rc.expert.per_domain_expert()
+    if plan is None:
+        raise RecipeError(f"Expert type {rc.expert.type!r} trains no per-domain experts.")
+    expert, steps, lr = plan
+    train = dataclasses.replace(rc.train, max_steps=steps or rc.train.max_steps, lr=lr or rc.train.lr,
+                                stop_after=0, eval_before=False)
+    return dataclasses.replace(rc, expert=expert, router=RouterConfig(), train=train, stages=["train"],
                                output_dir=str(Path(rc.output_dir) / "experts" / domain_dir(domain)))
 
 
@@ -69,8 +70,7 @@ def train_domain_experts(run, resume: bool, stage_train: Callable) -> dict:
             result = stage_train(sub)
         info[d] = {"adapter": str(adapter), "rows": len(sub._splits["train"]),
                    **{k: result.get(k) for k in ("steps", "final_train_loss", "val_loss")}}
-    rc.expert.experts = [info[d]["adapter"] for d in domains]
-    rc.expert.names = list(domains)
+    rc.expert.use_trained_experts([info[d]["adapter"] for d in domains], list(domains))
     if run.main:
         write_json(run.dir / "experts" / "experts.json", info)
     return info

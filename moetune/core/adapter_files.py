@@ -15,8 +15,17 @@ from safetensors import safe_open
 from moetune.core.errors import RecipeError
 
 PEFT_PREFIX = "base_model.model."
-LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+LORA_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"}
+"""moetune's local name of a LoRA tensor -> PEFT's (DoRA's magnitude m (d_out,) is `lora_magnitude_vector`)."""
 WEIGHTS = "adapter_model.safetensors"
+PEFT_INITS = {"gaussian": "default", "pissa": "pissa", "olora": "olora"}
+"""PEFT's init_lora_weights strings moetune imports -> `expert.init` (true/false: 'default'). A 'pissa' or 'olora'
+adapter was saved against W_res = W0 - s B0 A0, which PEFT (and moetune) recompute from the base at load."""
+
+
+def peft_scale(cfg: dict) -> float:
+    """The scale PEFT gives a LoRA adapter_config.json: lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)."""
+    return cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
 
 
 def _weights(d: Path) -> Path:
@@ -44,7 +53,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict]:
         raw = {k: f.get_tensor(k) for k in f.keys()}
     if (d / "moetune.json").is_file():
         meta = json.loads((d / "moetune.json").read_text())
-        if meta["expert"]["type"] != "lora":
+        if not any(k.startswith(PEFT_PREFIX) for k in raw):  # moetune's own tensor names (not a PEFT file)
             return meta, raw
     else:
         meta = peft_meta(d, list(raw))
@@ -66,13 +75,21 @@ def peft_meta(d: Path, keys: list[str]) -> dict:
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("peft_type") != "LORA":
         raise RecipeError(f"{d}: PEFT adapter type {cfg.get('peft_type')!r}; moetune imports LORA adapters only.")
-    for key in ("use_dora", "use_rslora"):
-        if cfg.get(key):
-            raise RecipeError(f"{d}: PEFT setting {key}=true is not supported by moetune's LoRA.")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise RecipeError(f"{d}: per-module rank_pattern/alpha_pattern are not supported.")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init not in PEFT_INITS:
+        raise RecipeError(f"{d}: PEFT init_lora_weights={init!r} is not supported. Allowed: true, false, 'gaussian' "
+                          "(any trained LoRA), 'pissa', 'olora' (the base becomes W0 - s B0 A0 as in PEFT).")
     modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_A", 1)[0] for k in keys if ".lora_A" in k})
-    expert = {"type": "lora", "rank": cfg["r"], "alpha": cfg["lora_alpha"], "dropout": cfg.get("lora_dropout", 0.0),
-              "target_modules": modules, "init_seed": None}
-    return {"format": "peft-lora", "expert": expert, "router": None,
+    return {"format": "peft-lora", "expert": peft_expert(cfg, modules), "router": None,
             "base_model": cfg.get("base_model_name_or_path"), "modules": modules}
+
+
+def peft_expert(cfg: dict, modules: list[str]) -> dict:
+    """The moetune `expert` settings (moetune.json) equal to a stock PEFT LoRA adapter_config.json `cfg`
+    adapting `modules`: expert type lora with PEFT's rank, alpha and dropout."""
+    init = cfg.get("init_lora_weights", True)
+    return {"type": "lora", "rank": cfg["r"], "alpha": cfg["lora_alpha"], "dropout": cfg.get("lora_dropout", 0.0),
+            "target_modules": list(modules), "init_seed": None, "use_rslora": bool(cfg.get("use_rslora", False)),
+            "use_dora": bool(cfg.get("use_dora", False)), "init": PEFT_INITS.get(init, "default")}

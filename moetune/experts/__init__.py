@@ -3,7 +3,9 @@ holds the gates, routers and routing losses the routed types share.
 
 Adding a type: write its settings class in `moetune/recipe/experts.py` (the torch-free recipe
 schema, with one line in its `EXPERT_CONFIGS`), its module here (an `ExpertLayer` subclass whose
-`config_cls` is that class), add one line to `REGISTRY`, add one recipe under `recipes/`.
+`config_cls` is that class), add one line to `REGISTRY`, add one recipe under `recipes/`, and its
+tests. Everything type-specific is a class attribute or method of those two classes (see the
+README's "Adding an expert type"); the code above this package never names a type.
 The registry depends on the schema, never the reverse (see `moetune.recipe.experts`).
 """
 from __future__ import annotations

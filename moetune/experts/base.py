@@ -1,7 +1,8 @@
 """The one interface every expert type implements.
 
 An expert layer wraps one frozen base projection (``nn.Linear``, GPT-2 ``Conv1D`` or a
-bitsandbytes 4-bit linear) and adds a trainable delta. The training loop only ever
+bitsandbytes 4-bit linear; `moetune.models.projection` knows their dims, dense weight and bias)
+and adds a trainable delta. The training loop only ever
 sees this interface: it adds ``sum(aux_losses())`` over wrapped layers to the task
 loss and never knows which expert type it trains.
 """
@@ -15,39 +16,31 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from moetune.core.errors import RecipeError
 from moetune.models.load import find_targets
+from moetune.models.targets import resolve_auto
+from moetune.models.projection import dense_weight as dense_base_weight  # noqa: F401 (the dispatch's, for callers)
+from moetune.models.projection import dims as base_dims
 from moetune.recipe.experts import ExpertConfig
-from moetune.models.quant import dequantize
-
-
-def base_dims(base: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a wrapped projection: nn.Linear, transformers Conv1D, bnb Linear4bit."""
-    if hasattr(base, "in_features"):
-        return int(base.in_features), int(base.out_features)
-    if type(base).__name__ == "Conv1D":  # GPT-2: weight is (d_in, d_out), y = x @ W + b
-        return int(base.weight.shape[0]), int(base.weight.shape[1])
-    raise TypeError(f"cannot wrap {type(base).__name__}: not a linear projection")
-
-
-def dense_base_weight(base: nn.Module) -> torch.Tensor:
-    """The base projection as a dense (d_out, d_in) float tensor, dequantising 4-bit weights."""
-    w = base.weight
-    if type(base).__name__ == "Conv1D":
-        return w.data.t()
-    if w.__class__.__name__ == "Params4bit":
-        return dequantize(base)
-    return w.data
 
 
 class ExpertLayer(nn.Module, abc.ABC):
     """Wraps one frozen base projection. Subclasses: one file each, one paper each.
+
+    Everything type-specific is a hook of the layer class (below) or of its settings class
+    `config_cls` (the torch-free facts: mergeable, routed, collapsible, stock PEFT, model-card lines;
+    see moetune.recipe.experts), so the code above the experts layer never names a type.
 
     A type that wraps other modules than the projections chosen by `target_modules` (CALM: whole
     decoder blocks, plus a second model) defines a classmethod `inject_model(model, cfg) -> {name:
     layer}`, which `inject` calls instead of wrapping every target projection."""
 
     config_cls: ClassVar[type[ExpertConfig]] = ExpertConfig
-    mergeable: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False  # = config_cls.mergeable (set for every subclass)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.mergeable = cls.config_cls.mergeable
 
     def __init__(self, base: nn.Module, cfg: ExpertConfig, router: Any = None, name: str = "") -> None:
         super().__init__()
@@ -65,13 +58,22 @@ class ExpertLayer(nn.Module, abc.ABC):
     def delta(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
         """The adapter's additive contribution for input x."""
 
+    def change(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (..., d_in), (..., d_out) -> (..., d_out)
+        """What the layer adds to the base output y = W0 x + b: `delta(x)` for an additive type. A type whose
+        forward also rescales the base output overrides this and reads y (DoRA: (m/n - 1) (y - b) + (m/n) s B A x)."""
+        return self.delta(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
         y = self.base(x)
-        return y + self.delta(x).to(y.dtype)
+        return y + self.change(x, y).to(y.dtype)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Auxiliary losses of the last forward, already weighted by the recipe."""
         return {}
+
+    def lora_plus_parameters(self) -> list[nn.Parameter]:
+        """The parameters LoRA+ trains at lr * train.lora_plus_ratio (the B matrices; `config_cls.lora_plus`)."""
+        return []
 
     def routing_stats(self) -> dict | None:
         """Gate statistics of the last forward (routed types), for the routing report."""
@@ -86,6 +88,15 @@ class ExpertLayer(nn.Module, abc.ABC):
         return {k: v for k, v in self.named_parameters() if not k.startswith("base.")}
 
     # ------------------------------------------------ hooks for types that span layers (MoLE)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cfg: ExpertConfig) -> ExpertConfig:
+        """The settings `inject` builds the layers from: a copy with `target_modules: auto` resolved for the
+        model's architecture (the type's `auto_targets`, moetune.models.targets); `cfg` itself when nothing
+        is 'auto'. A type with more per-architecture keys resolves them here too (MoV)."""
+        if "auto" not in cfg.target_modules:
+            return cfg
+        return dataclasses.replace(cfg, target_modules=resolve_auto(list(cfg.target_modules), model, cfg.auto_targets))
 
     @classmethod
     def target_names(cls, model: nn.Module, cfg: ExpertConfig) -> list[str]:
@@ -106,3 +117,44 @@ class ExpertLayer(nn.Module, abc.ABC):
     def import_config(cls, cfg: ExpertConfig, adapter_dir: Path) -> ExpertConfig:
         """The inverse of `export_config` when loading from `adapter_dir` (e.g. resolve relative paths)."""
         return cfg
+
+    # ------------------------------------------------ stock formats, collapse, masking, memory
+
+    @classmethod
+    def peft_export(cls, layers: dict[str, "ExpertLayer"]) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """The stock PEFT adapter these layers (name -> layer, one model) amount to: (adapter_config.json
+        without `base_model_name_or_path`, tensors keyed as PEFT saves them, 'base_model.model.<module>.<name>'),
+        or None when stock PEFT has no equivalent. `save_adapter` writes it for a `config_cls.stock_peft`
+        type; `moetune export --collapse` for the layers `collapse` returns."""
+        return None
+
+    def collapse(self, w: torch.Tensor) -> "ExpertLayer":
+        """The static layer equal to this routed layer with its gates fixed at w (N,) (the collapse rule
+        of a `config_cls.collapsible` type; its class has a `peft_export`)."""
+        raise RecipeError(f"{self.name}: expert type {self.cfg.type!r} has no collapse rule; `moetune export "
+                          "--collapse` is for the types that route tokens to low-rank or (IA)^3 experts.")
+
+    @classmethod
+    def set_mask(cls, layers, names: list[str]) -> None:
+        """Fix the gates of the experts named `names` at 0 in `layers` (a type with `config_cls.mask_key`)."""
+        raise RecipeError("--mask-experts applies to adapters whose experts can be masked (MoLE); this "
+                          f"adapter is a {cls.config_cls.__name__} adapter.")
+
+    @classmethod
+    def write_mask(cls, adapter_dir: Path, names: list[str]) -> None:
+        """Record `names` as masked in the saved adapter at `adapter_dir` (a type with `config_cls.mask_key`)."""
+        cls.set_mask([], names)
+
+    @classmethod
+    def lora_mixture(cls, layers: dict[str, "ExpertLayer"], place_gates: dict[str, torch.Tensor]
+                     ) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
+        """(expert adapter directories, expert names, {module: weights (N,)}) of a type that mixes trained
+        LoRAs (`config_cls.mixes_trained_loras`), from the mean gate of each gated place (place name ->
+        (N,)): what `merge-lora --method mole --gates-from` folds."""
+        raise RecipeError(f"expert type {cls.config_cls.__name__} does not mix trained LoRA adapters.")
+
+    @classmethod
+    def extra_frozen_bytes(cls, model: nn.Module, cfg: ExpertConfig, model_cfg, dtype_bytes: int) -> dict | None:
+        """Frozen bytes this type adds besides the base model's ({'quantized', 'float'}; CALM: its second
+        model), for `moetune validate`'s memory estimate; None when it adds none."""
+        return None

@@ -29,16 +29,19 @@ composition is computation, not a weight delta). `rank`, `alpha` and `target_mod
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moetune.core.errors import RecipeError
-from moetune.experts.base import ExpertLayer, base_dims
+from moetune.experts.base import ExpertLayer
 from moetune.experts.calm_align import load_aligner
 from moetune.experts.calm_bridge import AugmentingRunner, check_tokenizers, load_augmenting
 from moetune.models.layers import decoder_layers
-from moetune.models.load import is_projection
+from moetune.models.projection import dims, is_projection
+from moetune.models.quant import frozen_bytes
 from moetune.recipe.experts import CALMConfig
 
 
@@ -69,14 +72,13 @@ def block_width(block: nn.Module) -> int:
     first = next((m for m in block.modules() if is_projection(m)), None)
     if first is None:
         raise TypeError(f"cannot find the width of decoder block {type(block).__name__}: no linear projection in it")
-    return base_dims(first)[0]
+    return dims(first)[0]
 
 
 class CALMLayer(ExpertLayer):
     """One frozen anchor decoder block followed by a trainable cross-attention over m_A's states."""
 
     config_cls = CALMConfig
-    mergeable = False
 
     def __init__(self, base: nn.Module, cfg: CALMConfig, runner: AugmentingRunner, aug_layer: int, d_aug: int,
                  name: str = "") -> None:
@@ -157,6 +159,17 @@ class CALMLayer(ExpertLayer):
             layer.to(device)                                             # composition tensors stay float32
             blocks[j] = layer
             layers[layer.name] = layer
-        model.base_model.register_forward_pre_hook(runner.pre_hook, with_kwargs=True)
+        stack = model.get_submodule(prefix.rpartition(".")[0])          # the module that runs the blocks:
+        stack.register_forward_pre_hook(runner.pre_hook, with_kwargs=True)  # base_model; OPT: model.decoder
         model.calm_runner = runner                                       # plain attribute, not a submodule
         return layers
+
+    @classmethod
+    def extra_frozen_bytes(cls, model: nn.Module, cfg: CALMConfig, model_cfg, dtype_bytes: int) -> dict | None:
+        """m_A's frozen weights, 4-bit as `augmenting_quantization` says (the anchor's setting for 'anchor')."""
+        runner = getattr(model, "calm_runner", None)
+        if runner is None:
+            return None
+        aq = cfg.augmenting_quantization
+        quant = model_cfg.quantization if aq == "anchor" else aq
+        return frozen_bytes(runner.model, dataclasses.replace(model_cfg, quantization=quant), dtype_bytes)

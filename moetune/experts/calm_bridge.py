@@ -2,8 +2,8 @@
 
 Bansal et al. (2024), "LLM Augmented LLMs: Expanding Capabilities through Composition": m_A
 runs once per input, without gradients, and only its hidden states at the composed layers are
-kept. Here a forward pre-hook on the anchor's decoder stack (`anchor.base_model`, which both
-`anchor(...)` and the sliced-head loss call) runs m_A's decoder stack (its output head is never
+kept. Here a forward pre-hook on the anchor's decoder stack (the module that holds the decoder blocks:
+`anchor.base_model`, which both `anchor(...)` and the sliced-head loss call; OPT's `model.decoder`) runs m_A's decoder stack (its output head is never
 run) on the same token ids, attention mask and position ids, and forward hooks on m_A's chosen
 decoder layers keep their outputs:
 

@@ -33,7 +33,8 @@ follow the paper's NLP backbone (Flan-T5), where a `block` holds several `layer`
 Projections of one place have different output sizes (q vs k vs down_proj), so one W_g cannot
 read all of them; and they run one after another, so a gate built from all of them would not
 exist when the first one needs it. A shared place therefore computes G^j once per forward at
-its FIRST projection in forward order (q_proj, gate_proj, GPT-2 c_attn, ...), from that
+its FIRST projection in forward order (q_proj, gate_proj, GPT-2 c_attn, Phi-3 qkv_proj, ...: block
+index, then `models.targets.forward_rank`, not the order a model defines its modules in), from that
 projection's expert outputs, and the others reuse that very tensor (same autograd graph): one
 W_g^j per place, one gate per token per place, gradients from every projection of the place.
 
@@ -63,8 +64,10 @@ from moetune.core.errors import RecipeError
 from moetune.core.recompute import recomputing
 from moetune.experts.base import ExpertLayer
 from moetune.experts.routing import Router, balance_loss, domain_loss, z_loss
-from moetune.models.load import is_projection
-from moetune.recipe.experts import MoLEConfig, check_experts, expert_names
+from moetune.models.layers import layer_index
+from moetune.models.projection import is_projection
+from moetune.models.targets import forward_rank
+from moetune.recipe.experts import EXPERT_CONFIGS, MoLEConfig, check_experts, expert_names
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "moetune.json")
 
@@ -94,8 +97,8 @@ def _load(key: tuple) -> tuple[Expert, ...]:
     out = []
     for name, path, _stamp in key:
         meta, state = read_adapter(path)
-        e = meta["expert"]
-        out.append(Expert(name, path, e["alpha"] / e["rank"], meta.get("base_model"), state))
+        e = meta["expert"]  # a plain LoRA pair per module (check_experts): s from its settings class
+        out.append(Expert(name, path, EXPERT_CONFIGS[e["type"]].stored_lora_scale(e), meta.get("base_model"), state))
     return tuple(out)
 
 
@@ -196,7 +199,6 @@ class MoLELayer(ExpertLayer):
     """N frozen LoRA experts around one projection, mixed by the gate of its place."""
 
     config_cls = MoLEConfig
-    mergeable = False
 
     def __init__(self, base: nn.Module, cfg: MoLEConfig, router=None, name: str = "") -> None:
         super().__init__(base, cfg, router, name)
@@ -234,7 +236,8 @@ class MoLELayer(ExpertLayer):
         """Group the layers by gated place; the first layer of a place keeps its gate, the others drop
         theirs and read the first one's; the first place computes the balance loss over all places."""
         groups: dict[str, list[MoLELayer]] = {}
-        for layer in layers.values():
+        order = sorted(layers.values(), key=lambda m: (layer_index(m.name) or 0, forward_rank(m.name)))  # forward order
+        for layer in order:
             groups.setdefault(layer.place, []).append(layer)
         leaders = []
         for members in groups.values():
@@ -309,6 +312,23 @@ class MoLELayer(ExpertLayer):
     def import_config(cls, cfg: MoLEConfig, adapter_dir: Path) -> MoLEConfig:
         cfg.experts = [p if Path(p).is_absolute() else str(adapter_dir / p) for p in cfg.experts]
         return cfg
+
+    @classmethod
+    def set_mask(cls, layers, names: list[str]) -> None:
+        set_mask(layers, names)
+
+    @classmethod
+    def write_mask(cls, adapter_dir: Path, names: list[str]) -> None:
+        write_mask(adapter_dir, names)
+
+    @classmethod
+    def lora_mixture(cls, layers: dict[str, ExpertLayer], place_gates: dict[str, torch.Tensor]
+                     ) -> tuple[list[str], list[str], dict[str, torch.Tensor]]:
+        """Each wrapped module gets the mean gate of its gated place (the place's first layer names it)."""
+        mole = {n: m for n, m in layers.items() if isinstance(m, MoLELayer)}
+        first = next(iter(mole.values()))
+        weights = {n: place_gates[m._leader[0].name] for n, m in mole.items()}
+        return list(first.cfg.experts), expert_names(first.cfg), weights
 
 
 def set_mask(layers, names: list[str]) -> None:

@@ -2,7 +2,9 @@
 
 A routed layer mixes its experts with per-token gates w(x) (N,). Replacing w(x) by a constant
 w-bar (the mean gate over the real tokens of the validation split, overall or per domain, see
-`moetune.eval.report`) turns each type into a static PEFT adapter:
+`moetune.eval.report`) turns each type into a static PEFT adapter. Each type owns its rule (its
+layer's `collapse(w)`, written out by the collapsed layers' `peft_export`); this module averages
+the gates, measures fidelity and writes the files. The rules:
 
     HydraLoRA  s * sum_i w_i B_i A x = s * B' A x,        B' = sum_i w_i B_i  (d_out, r):  LoRA, rank r
     MoLoRA     s * sum_i w_i B_i A_i x = s * B_cat A_cat x, A_cat = [A_1; ...; A_N]  (N r, d_in),
@@ -25,84 +27,30 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from moetune.adapters.inject import routed_layers
-from moetune.adapters.io import save_adapter
-from moetune.core.adapter_files import PEFT_PREFIX
+from moetune.adapters.io import save_adapter, write_peft
+from moetune.core.adapter_files import peft_scale
 from moetune.core.checkpoint import atomic_dir
 from moetune.core.errors import RecipeError
 from moetune.core.ui import console, table
 from moetune.data.rows import IGNORE, collate
 from moetune.eval.evaluate import exact_match, loss_by_domain
 from moetune.eval.report import collect_gates, domain_gates, mean_gates
-from moetune.experts.lora import LoRALayer
-from moetune.experts.mov import MoVLayer
-from moetune.models.load import stock_base_name
-from moetune.recipe import RouterConfig
-from moetune.recipe.experts import ExpertConfig, MoVConfig
+from moetune.recipe.experts import EXPERT_CONFIGS
 from moetune.run.session import model_with_adapter
 from moetune.train.loss import plain_head, target_logits
 
 MODES = ("mean", "per-domain")
 
-# ------------------------------------------------------------------ the math (pure tensor functions)
-
-
-def hydra_b(lora_b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """B' = sum_i w_i B_i: lora_b (N, d_out, r), w (N,) -> (d_out, r)."""
-    return torch.einsum("n,nor->or", w.to(lora_b.dtype), lora_b)
-
-
-def molora_ab(lora_a: torch.Tensor, lora_b: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A_cat (N r, d_in), B_cat (d_out, N r)) from lora_a (N, r, d_in), lora_b (N, d_out, r), w (N,);
-    column block i of B_cat is w_i B_i, so B_cat A_cat = sum_i w_i B_i A_i."""
-    n, r, d_in = lora_a.shape
-    b = lora_b * w.to(lora_b.dtype)[:, None, None]                  # (N, d_out, r)
-    return lora_a.reshape(n * r, d_in), b.permute(1, 0, 2).reshape(lora_b.shape[1], n * r)
-
-
-def mov_vector(ia3_l: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """l' = 1 + w @ (L - 1) = sum_i w_i l_i (the gates sum to 1): ia3_l (N, d), w (N,) -> (d,)."""
-    return 1.0 + w.to(ia3_l.dtype) @ (ia3_l - 1.0)
-
-
 # ------------------------------------------------------------------ collapsed layers
-
-
-def _lora_layer(layer, rank: int, alpha: float, a: torch.Tensor, b: torch.Tensor) -> LoRALayer:
-    cfg = ExpertConfig(type="lora", rank=rank, alpha=alpha, dropout=layer.cfg.dropout, target_modules=[layer.name])
-    with torch.random.fork_rng(devices=[]):                          # LoRALayer's init draws random numbers
-        new = LoRALayer(layer.base, cfg, name=layer.name)
-    new.lora_A.data = a.detach().clone().to(layer.lora_A.device)
-    new.lora_B.data = b.detach().clone().to(layer.lora_B.device)
-    return new
-
-
-def _ia3_layer(layer: MoVLayer, vec: torch.Tensor) -> MoVLayer:
-    """A one-expert MoV layer: its router's gate is exactly 1, so it scales by `vec`, i.e. (IA)^3."""
-    cfg = MoVConfig(type="mov", num_experts=1, target_modules=[layer.name],
-                    input_scaled_modules=list(layer.cfg.input_scaled_modules))
-    with torch.random.fork_rng(devices=[]):
-        new = MoVLayer(layer.base, cfg, RouterConfig(), name=layer.name).to(layer.ia3_l.device)
-    assert new.scale_input == layer.scale_input, layer.name
-    new.ia3_l.data = vec.detach().clone()[None]                     # (1, d)
-    return new
 
 
 @torch.no_grad()
 def collapse_layer(layer, w: torch.Tensor) -> nn.Module:
-    """The static layer equal to routed `layer` with its gates fixed at w (N,)."""
-    kind = layer.cfg.type
-    if kind == "hydralora":
-        return _lora_layer(layer, layer.cfg.rank, layer.cfg.alpha, layer.lora_A, hydra_b(layer.lora_B, w))
-    if kind == "molora":
-        n = layer.lora_A.shape[0]                                    # rank N r, lora_alpha = s * N r = N alpha
-        return _lora_layer(layer, n * layer.cfg.rank, n * layer.cfg.alpha, *molora_ab(layer.lora_A, layer.lora_B, w))
-    if kind == "mov":
-        return _ia3_layer(layer, mov_vector(layer.ia3_l, w))
-    raise RecipeError(f"expert type {kind!r} has no collapse rule (hydralora, molora, mov).")
+    """The static layer equal to routed `layer` with its gates fixed at w (N,): its type's collapse rule."""
+    return layer.collapse(w)
 
 
 def collapse_layers(routed: dict, gates: torch.Tensor) -> dict[str, nn.Module]:
@@ -176,34 +124,25 @@ def fidelity(model, routed: dict, collapsed: dict, examples, tokenizer, recipe, 
 # ------------------------------------------------------------------ writing
 
 
-def save_ia3(out_dir: str | Path, layers: dict[str, MoVLayer], base_name: str, extra: dict | None = None) -> Path:
-    """A stock PEFT IA3 adapter (peft.PeftModel.from_pretrained loads it) from one-expert MoV layers:
-    keys 'base_model.model.<module>.ia3_l', (1, d_in) on feedforward (input-scaled) modules, else (d_out, 1)."""
-    tensors = {f"{PEFT_PREFIX}{n}.ia3_l": (m.ia3_l[0][None] if m.scale_input else m.ia3_l[0][:, None])
-               .detach().float().cpu().contiguous() for n, m in layers.items()}
-    conv1d = any(type(m.base).__name__ == "Conv1D" for m in layers.values())
-    config = {"peft_type": "IA3", "task_type": "CAUSAL_LM", "base_model_name_or_path": stock_base_name(base_name),
-              "target_modules": sorted(layers),
-              "feedforward_modules": sorted(n for n, m in layers.items() if m.scale_input),
-              "fan_in_fan_out": conv1d, "exclude_modules": None, "modules_to_save": None,
-              "init_ia3_weights": True, "inference_mode": True}
-    with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if extra:
-            (tmp / "moetune_collapse.json").write_text(json.dumps(extra, indent=2))
-    return Path(out_dir)
-
-
 def save_collapsed(out_dir: Path, model: nn.Module, layers: dict[str, nn.Module], base_name: str, extra: dict) -> dict:
-    """Write one collapsed adapter (LoRA via adapters.save_adapter, IA3 via save_ia3); returns its PEFT settings."""
+    """Write one collapsed adapter, a stock PEFT adapter (`peft_export` of the collapsed layers' type); returns its
+    PEFT settings. A type moetune saves in PEFT's format anyway (a LoRA) goes through `adapters.io.save_adapter`,
+    with moetune.json, so moetune reloads it; any other (IA3) is written with moetune_collapse.json beside it."""
     first = next(iter(layers.values()))
-    if isinstance(first, MoVLayer):
-        save_ia3(out_dir, layers, base_name, extra)
-        return {"peft_type": "IA3"}
-    install(model, layers)
-    save_adapter(out_dir, model, first.cfg, None, base_name, extra={"collapsed_from": extra})
-    return {"peft_type": "LORA", "r": first.cfg.rank, "lora_alpha": first.cfg.alpha, "scale": first.scale}
+    cls = type(first)
+    config, tensors = cls.peft_export(layers)
+    if cls.config_cls.stock_peft:
+        install(model, layers)
+        save_adapter(out_dir, model, first.cfg, None, base_name, extra={"collapsed_from": extra})
+    else:
+        with atomic_dir(out_dir) as tmp:
+            write_peft(tmp, config, tensors, base_name)
+            if extra:
+                (tmp / "moetune_collapse.json").write_text(json.dumps(extra, indent=2))
+    out = {"peft_type": config["peft_type"]}
+    if "r" in config:
+        out.update(r=config["r"], lora_alpha=config["lora_alpha"], scale=peft_scale(config))
+    return out
 
 
 def _dir_names(keys: list[str]) -> dict[str, str]:
@@ -225,9 +164,10 @@ def export_collapsed(run, mode: str, out: Path | None = None) -> dict:
                           "data.validation or data.validation_split > 0.")
     model = model_with_adapter(run)
     routed = routed_layers(model)
-    if not routed:
-        raise RecipeError(f"{run.dir / 'adapter'} has no routed layers (expert type {rc.expert.type!r}); "
-                          "--collapse is for hydralora, molora and mov. Use `moetune export` as is.")
+    if not routed or not rc.expert.collapsible:
+        kinds = ", ".join(t for t, c in EXPERT_CONFIGS.items() if c.collapsible)
+        raise RecipeError(f"{run.dir / 'adapter'} has no routed layers with a collapse rule (expert type "
+                          f"{rc.expert.type!r}); --collapse is for {kinds}. Use `moetune export` as is.")
     pad, bs = run.tokenizer.pad_token_id, rc.eval.batch_size
     sums = collect_gates(model, val, pad, bs, run.device)
     if mode == "mean":

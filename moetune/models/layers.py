@@ -12,11 +12,14 @@ from torch import nn
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, list) of the decoder blocks of a HF causal LM (`model.layers`, GPT-2 `transformer.h`, ...)."""
+    """(qualified name, list) of the decoder blocks of a HF causal LM (`model.layers`, GPT-2 `transformer.h`,
+    OPT `model.decoder.layers`, ...)."""
     body = model.base_model
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     depth = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     lists = [m for m in body.children() if isinstance(m, nn.ModuleList)]
+    if not lists:  # one level down (OPT: model.decoder.layers)
+        lists = [m for c in body.children() for m in c.children() if isinstance(m, nn.ModuleList)]
     exact = [m for m in lists if len(m) == depth]
     if len(exact) != 1 and len(lists) != 1:
         raise TypeError(f"cannot find the decoder layers of {type(model).__name__}: {len(lists)} module lists "

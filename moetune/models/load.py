@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moetune.core.errors import RecipeError
+from moetune.models.projection import is_projection
 from moetune.models.quant import bnb_config, check_quantizable, prepare_4bit
 from moetune.recipe import ModelConfig
 
@@ -239,11 +240,6 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None, log=print, 
 
 
 # ---------------------------------------------------------------- target modules
-
-def is_projection(m: nn.Module) -> bool:
-    """A linear projection an adapter can wrap: nn.Linear, GPT-2 Conv1D, bnb 4/8-bit linears."""
-    return isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "Linear4bit", "Linear8bitLt")
-
 
 def matches_pattern(name: str, pattern: str) -> bool:
     """Whether module `name` matches one `target_modules` pattern: an exact name or dotted suffix, a shell

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moetune.core.errors import RecipeError
 from moetune.core.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
-from moetune.recipe.experts import EXPERT_CONFIGS, MERGEABLE, ExpertConfig
+from moetune.recipe.experts import EXPERT_CONFIGS, ExpertConfig, LoRAConfig
 from moetune.recipe.sections import (FORMATS, MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
                                      MixSource, ModelConfig, RouterConfig, TrainConfig)
 
@@ -30,7 +30,7 @@ class Recipe:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """Base model."""
-    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    expert: ExpertConfig = field(default_factory=LoRAConfig)
     """Expert type and its settings."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """Router of mixture types."""
@@ -100,7 +100,7 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         key = getattr(e, "full_key", None) or "?"
         raise RecipeError(f"Recipe key '{key}' has a bad value {getattr(e, 'value', None)!r}: "
                           f"{getattr(e, 'msg', str(e)).splitlines()[0]}. {_doc_for(key)}") from None
-    if "stages" not in data and recipe.expert.type not in MERGEABLE:
+    if "stages" not in data and not recipe.expert.mergeable:
         recipe.stages = [s for s in recipe.stages if s != "merge"]  # the default, minus what cannot run
     for key, f, value in walk(recipe):
         if not check_value(f, value):
@@ -117,6 +117,8 @@ def _doc_for(key: str) -> str:
     for p in parts[:-1]:
         cls = schema_keys(cls).get(p) or ExpertConfig
     doc = field_docs(cls).get(parts[-1], "")
+    if not doc and parts[0] == "expert":  # a key of one type's settings (expert.use_dora, expert.num_experts, ...)
+        doc = next((d for c in EXPERT_CONFIGS.values() if (d := field_docs(c).get(parts[-1]))), "")
     return f"({parts[-1]}: {doc})" if doc else ""
 
 
@@ -128,26 +130,21 @@ def _check_semantics(r: Recipe) -> None:
                               f"{r.model.quantization!r}) but 'merge.dequantize' is false. A LoRA cannot be folded "
                               "into 4-bit weights: set merge.dequantize=true (the base is dequantised first and "
                               "the max logit difference reported) or drop 'merge' from stages.")
-    if r.export.kind in ("merged", "both") and r.expert.type not in MERGEABLE:
+    if r.export.kind in ("merged", "both") and not r.expert.mergeable:
         raise RecipeError(f"Recipe key 'export.kind' is {r.export.kind!r}, but expert type {r.expert.type!r} "
                           "does not fold into the base. Allowed: 'adapter'.")
-    if "merge" in r.stages and r.expert.type not in MERGEABLE:
-        raise not_mergeable(r.expert.type)  # at load and `validate` time, not after training
+    if "merge" in r.stages and not r.expert.mergeable:
+        raise r.expert.merge_refusal()  # at load and `validate` time, not after training
     if r.router.type == "top_k" and hasattr(r.expert, "num_experts") and r.router.top_k > r.expert.num_experts:
         raise RecipeError(f"Recipe key 'router.top_k' is {r.router.top_k}, more than expert.num_experts "
                           f"({r.expert.num_experts}). Allowed: 1..{r.expert.num_experts}.")
-    check_expert = getattr(r.expert, "check_recipe", None)
-    if check_expert is not None:  # type-specific checks, e.g. calm's augmenting model and layer lists
-        check_expert(r)
+    r.expert.check_recipe(r)  # type-specific checks, e.g. calm's augmenting model and layer lists
     if len(set(r.stages)) != len(r.stages):
         raise RecipeError(f"Recipe key 'stages' repeats a stage: {r.stages}. Allowed: each of {', '.join(STAGES)} once.")
     if r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
         raise RecipeError(f"Recipe key 'router.init_centroids' names {r.router.init_centroids!r}, which does not "
                           f"exist (working directory: {Path.cwd()}). Allowed: a centroid file written by "
                           "`moetune cluster-heads --init-router`, or null.")
-    if r.data.packing and r.expert.type == "calm":
-        raise RecipeError("Recipe key 'data.packing' is true, but expert type 'calm' runs a second model on the "
-                          "same tokens with its own masks, which packing does not support. Allowed: false.")
     if r.data.packing and r.data.group_by_length:
         raise RecipeError("Recipe keys 'data.packing' and 'data.group_by_length' are both true; length grouping "
                           "is for unpacked training. Allowed: at most one of them true.")
@@ -178,26 +175,9 @@ def _check_semantics(r: Recipe) -> None:
 
 
 def not_mergeable(expert_type: str) -> RecipeError:
-    """The error for merging a routed adapter (per-token gates do not fold into the base weights) or a
-    CALM composition (cross-attention over a second model is computation, not a weight delta)."""
-    if expert_type == "calm":
-        return RecipeError("Expert type 'calm' composes the anchor with a second model through cross-attention "
-                           "layers, which add computation rather than a weight delta, so 'merge' cannot run on it "
-                           "(and export.kind must be 'adapter'). Allowed: stages without 'merge', e.g. "
-                           "stages=[train,eval,export]; eval scores the composed model and export writes the "
-                           "composition adapter (safetensors + moetune.json naming both models).")
-    if expert_type == "mole":
-        return RecipeError("Expert type 'mole' mixes frozen LoRAs with per-token gates, which do not fold into the "
-                           "base weights, so 'merge' cannot run on it. Fix the gates at their mean over a split and "
-                           "merge: `moetune merge-lora --adapters --method mole --gates-from RUN_DIR --out DIR` "
-                           "(add --into-base for a full model).")
-    then = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
-            "(moetune's merge folds LoRA only)." if expert_type == "mov" else
-            "It writes a stock PEFT LoRA; then run `moetune merge-lora DIR --out MERGED`.")
-    return RecipeError(f"Expert type {expert_type!r} routes every token to its own mix of experts, which does not "
-                       "fold into the base weights, so 'merge' cannot run on it. First fix the gates at their "
-                       f"validation average with `moetune export RUN_DIR --collapse mean --out DIR`. {then} "
-                       "DIR/collapse.json reports how close the collapsed adapter is to the routed one.")
+    """The error for merging an adapter of `expert_type`, which does not fold into the base weights
+    (its settings class words it: `ExpertConfig.merge_refusal`)."""
+    return EXPERT_CONFIGS[expert_type](type=expert_type).merge_refusal()
 
 
 def parse_overrides(overrides: list[str]) -> dict:

@@ -9,11 +9,20 @@ validating and explaining a recipe (and `moetune --help`) never import torch. Th
 two tables agree (same keys, `REGISTRY[t].config_cls is EXPERT_CONFIGS[t]`, and
 `REGISTRY[t].mergeable == (t in MERGEABLE)`). A new expert type adds its config class and one
 entry here, its layer file and one entry in the registry.
+
+A settings class also states, as class attributes and methods, what its type does that the
+torch-free code above the schema must know: whether it merges (`mergeable`), routes tokens
+(`routed`), collapses to a stock adapter (`collapsible`), is saved as a stock PEFT adapter
+(`stock_peft`), which key --mask-experts sets (`mask_key`), its lines in `validate` and the model
+card, the error for merging it, and the experts it trains first (`per_domain_expert`). The
+commands, exports and the CLI read these and never name a type (tests/test_type_hooks.py).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from moetune.core.adapter_files import read_meta
 from moetune.core.errors import RecipeError
@@ -26,6 +35,11 @@ def _error(msg: str) -> Exception:
     return RecipeError(msg)
 
 
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The adapter scale s: alpha / r (LoRA), or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
 @dataclass
 class ExpertConfig:
     """Settings shared by every expert type (``expert:`` in a recipe)."""
@@ -35,19 +49,176 @@ class ExpertConfig:
     rank: int = opt(8, min=1)
     """Rank r of each low-rank adapter (LoRA: A is r x d_in, B is d_out x r)."""
     alpha: float = opt(16.0, min=0)
-    """Scaling numerator: the adapter output is multiplied by s = alpha / rank."""
+    """Scaling numerator: the adapter output is multiplied by s = alpha / rank (alpha / sqrt(rank)
+    with use_rslora)."""
     dropout: float = opt(0.0, min=0, max=1)
     """Dropout on the adapter's input during training (0 disables it)."""
     target_modules: list[str] = opt(factory=lambda: ["all-linear"])
-    """Which projections to wrap: 'all-linear' (every linear layer but the output head),
-    exact module names ('q_proj' matches '...self_attn.q_proj'), shell globs
-    ('layers.1*.mlp.*') or regular expressions prefixed with 're:'."""
+    """Which projections to wrap: 'all-linear' (every linear layer but the output head), 'auto' (the
+    type's default places on the model's architecture, moetune/models/targets.py: all-linear for the
+    low-rank types, keys, values and the FFN down projection for mov), exact module names ('q_proj'
+    matches '...self_attn.q_proj'), shell globs ('layers.1*.mlp.*') or regular expressions prefixed
+    with 're:'."""
     init_seed: int | None = None
     """Seed for adapter initialisation (None: use train.seed)."""
+    use_rslora: bool = False
+    """rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"):
+    scale the adapter by s = alpha / sqrt(rank) instead of alpha / rank, so that large ranks learn as
+    fast as small ones. For the types with a low-rank scale: lora, hydralora, molora (s multiplies the
+    gates) and MoLE's per-domain LoRAs. Exported as PEFT's `use_rslora: true`."""
+
+    mergeable: ClassVar[bool] = False
+    """The adapter folds into the base weights (`merge` stage, `merge-lora`, export.kind merged/both)."""
+    routed: ClassVar[bool] = False
+    """Every token gets its own gates over the experts (a `Router`; the routing report covers it)."""
+    collapsible: ClassVar[bool] = False
+    """`moetune export --collapse` fixes the gates at their mean and writes a stock PEFT adapter."""
+    stock_peft: ClassVar[bool] = False
+    """The saved adapter directory is a stock PEFT adapter (`peft.PeftModel.from_pretrained` loads it)."""
+    mask_key: ClassVar[str | None] = None
+    """The list key under `expert:` that --mask-experts sets, for a type whose experts can be masked."""
+    auto_targets: ClassVar[tuple[tuple[str, ...], ...] | None] = None
+    """What `target_modules: auto` wraps: places, each a tuple of alternative roles of
+    moetune.models.targets (q, k, v, qkv, o, gate, up, gate_up, down); None: every linear layer."""
+    scaled: ClassVar[bool] = True
+    """The type multiplies a low-rank delta by s = alpha / r, so `use_rslora` applies."""
+    lora_plus: ClassVar[bool] = True
+    """The type trains B matrices (layer hook `lora_plus_parameters`), so `train.lora_plus_ratio` applies."""
+    mixes_trained_loras: ClassVar[bool] = False
+    """The experts are trained LoRA adapters mixed by learned gates (`merge-lora --method mole
+    --gates-from RUN` folds them at their mean gates)."""
+
+    def check_recipe(self, recipe) -> None:
+        """Recipe-level checks that need no model (called when a recipe is loaded)."""
+        if self.use_rslora and not self.scaled:
+            raise _error(f"Recipe key 'expert.use_rslora' is true, but expert type {self.type!r} has no low-rank "
+                         "scale alpha / rank to change. Allowed: false (rsLoRA is for lora, hydralora, molora).")
+        if recipe.train.lora_plus_ratio != 1.0 and not self.lora_plus:
+            raise _error(f"Recipe key 'train.lora_plus_ratio' is {recipe.train.lora_plus_ratio}, but expert type "
+                         f"{self.type!r} trains no B matrices. Allowed: 1 (LoRA+ is for lora, hydralora, molora and "
+                         "MoLE's per-domain LoRAs).")
+
+    def variants(self) -> list[str]:
+        """The variants of the method this expert uses, for `validate` and the model card ('rsLoRA', ...)."""
+        return ["rsLoRA (s = alpha / sqrt(r))"] if self.use_rslora and self.scaled else []
+
+    def describe(self) -> str:
+        """The expert in one line of `moetune validate`."""
+        extra = "".join(f", {v}" for v in self.variants())
+        return f"{self.type} rank {self.rank} on {list(self.target_modules)}{extra}"
+
+    def card_line(self) -> str:
+        """The expert in the model card's `- Expert:` line."""
+        extra = "".join(f", {v}" for v in self.variants())
+        return f"{self.type}, rank {self.rank}, alpha {self.alpha}, targets {list(self.target_modules)}{extra}"
+
+    def how_to_load(self, sub: str) -> str:
+        """The model card's sentence on loading the adapter directory `sub` (without a merged model)."""
+        return (f"a {self.type} adapter (safetensors + moetune.json): load with "
+                f"`moetune.adapters.io.load_adapter(base, '{sub}')` or `moetune eval`")
+
+    def merge_refusal(self) -> RecipeError:
+        """The error for `merge` on this type (when it is not mergeable)."""
+        return RecipeError(f"Expert type {self.type!r} does not fold into the base weights, so 'merge' cannot run "
+                           "on it. Allowed: stages without 'merge', and export.kind 'adapter'.")
+
+    def masked_experts(self) -> list[str]:
+        """The experts whose gates are fixed at 0 (--mask-experts), for a type with `mask_key`."""
+        return list(getattr(self, self.mask_key)) if self.mask_key else []
+
+    def per_domain_expert(self) -> tuple[ExpertConfig, int, float | None] | None:
+        """(settings, optimizer steps (0: the recipe's), learning rate (None: the recipe's)) of the adapter
+        `moetune train` first trains on each domain of the data, before this type's own training; None
+        when it trains none (every type but MoLE with experts_from: per_domain)."""
+        return None
+
+    def use_trained_experts(self, dirs: list[str], names: list[str]) -> None:
+        """Point the settings at the adapters trained for `per_domain_expert` (one per domain, sorted)."""
+        raise _error(f"Expert type {self.type!r} trains no per-domain experts.")
+
+    @classmethod
+    def stored_lora_scale(cls, expert: dict) -> float | None:
+        """The scale s of a SAVED adapter of this type (its moetune.json `expert` entry) when its tensors
+        are one plain LoRA pair per module whose delta is s B A (what MoLE mixes and merge-lora --adapters
+        merges); None otherwise."""
+        return None
 
 
 @dataclass
-class HydraLoRAConfig(ExpertConfig):
+class LoRAConfig(ExpertConfig):
+    """LoRA settings (`expert:` with type lora; Hu et al. 2021)."""
+
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"): each output row of
+    W' = W0 + s B A is split into a trained magnitude m (d_out,) and its direction, W' -> (m / n) W',
+    n = ||W0 + s B A||_row (a constant in the backward pass). Costs a dense copy of each wrapped weight
+    per forward (dequantised on a 4-bit base). Merges (diag(m/n)(W0 + s B A)) and exports as PEFT's
+    `use_dora: true`."""
+    init: str = opt("default", choices=("default", "pissa", "olora"))
+    """How A and B start. 'default': A random (PEFT's kaiming-uniform), B = 0. 'pissa' (Meng et al. 2024,
+    "PiSSA: Principal Singular Values and Singular Vectors Adaptation"): s B0 A0 is the rank-r SVD
+    truncation of W0; 'olora' (Buyukakyuz 2024, "OLoRA: Orthonormal Low-Rank Adaptation"): B0 A0 is the
+    first r columns/rows of W0's QR decomposition (PEFT's `init_lora_weights` values). Training is
+    PiSSA's/OLoRA's, y = W_res x + s B A x with W_res = W0 - s B0 A0, computed on the unchanged base as
+    W0 x + s (B A - B0 A0) x; the adapter is saved, merged and exported as the equivalent plain LoRA of
+    rank 2r on the ORIGINAL base (A' = [A; A0], B' = [B, -B0]), which stock PEFT loads as is. Costs one
+    SVD (QR) of every wrapped weight when the adapter is created."""
+
+    mergeable = True
+    stock_peft = True
+
+    def variants(self) -> list[str]:
+        out = super().variants() + (["DoRA"] if self.use_dora else [])
+        if self.init != "default":
+            paper = {"pissa": "PiSSA", "olora": "OLoRA"}[self.init]
+            out.append(f"{paper} init (saved as a rank-{2 * self.rank} LoRA on the original base)")
+        return out
+
+    def check_recipe(self, recipe) -> None:
+        super().check_recipe(recipe)
+        if self.init != "default" and self.use_dora:
+            raise _error(f"Recipe keys 'expert.init' ({self.init!r}) and 'expert.use_dora' (true) are both set; "
+                         "moetune does not combine a principal-component init with DoRA's magnitude. Allowed: "
+                         "expert.init=default with use_dora, or use_dora=false with pissa/olora.")
+
+    def how_to_load(self, sub: str) -> str:
+        return f"load the adapter with `peft.PeftModel.from_pretrained(base, '{sub}')` or `moetune eval`"
+
+    @classmethod
+    def stored_lora_scale(cls, expert: dict) -> float | None:
+        if expert.get("use_dora") or expert.get("init", "default") != "default":  # m rescales W0 / B0 A0 subtracted
+            return None
+        return lora_scale(expert["alpha"], expert["rank"], bool(expert.get("use_rslora", False)))
+
+
+@dataclass
+class RoutedConfig(ExpertConfig):
+    """Settings shared by the types that route each token to its own mix of N experts and collapse
+    into a stock PEFT adapter at fixed gates (hydralora, molora, mov)."""
+
+    num_experts: int = opt(4, min=1)
+    """Number N of experts per wrapped projection (`moetune cluster-heads` can choose it from the data)."""
+
+    routed = True
+    collapsible = True
+    collapse_note: ClassVar[str] = "It writes a stock PEFT LoRA; then run `moetune merge-lora DIR --out MERGED`."
+    """What the collapsed export is and how it folds into the base (the merge error's last sentence)."""
+
+    def how_to_load(self, sub: str) -> str:
+        return (f"a routed {self.type} adapter (safetensors + moetune.json): load with "
+                f"`moetune.adapters.io.load_adapter(base, '{sub}')` or `moetune eval`; "
+                "`moetune export --collapse mean` turns it into a stock PEFT adapter")
+
+    def merge_refusal(self) -> RecipeError:
+        return RecipeError(f"Expert type {self.type!r} routes every token to its own mix of experts, which does not "
+                           "fold into the base weights, so 'merge' cannot run on it. First fix the gates at their "
+                           f"validation average with `moetune export RUN_DIR --collapse mean --out DIR`. "
+                           f"{self.collapse_note} DIR/collapse.json reports how close the collapsed adapter is to "
+                           "the routed one.")
+
+
+@dataclass
+class HydraLoRAConfig(RoutedConfig):
     """HydraLoRA settings (`expert:` with type hydralora)."""
 
     num_experts: int = opt(3, min=1)
@@ -55,7 +226,7 @@ class HydraLoRAConfig(ExpertConfig):
 
 
 @dataclass
-class MoLoRAConfig(ExpertConfig):
+class MoLoRAConfig(RoutedConfig):
     """MoLoRA settings (`expert:` with type molora)."""
 
     num_experts: int = opt(4, min=1)
@@ -63,17 +234,29 @@ class MoLoRAConfig(ExpertConfig):
 
 
 @dataclass
-class MoVConfig(ExpertConfig):
+class MoVConfig(RoutedConfig):
     """MoV settings (`expert:` with type mov)."""
 
-    target_modules: list[str] = opt(factory=lambda: ["k_proj", "v_proj", "down_proj"])
-    """Which projections to wrap (same syntax as for LoRA). (IA)^3 places: attention keys and values
-    (k_proj, v_proj) and the FFN down projection (down_proj; GPT-2: [c_attn, mlp.c_proj])."""
+    collapse_note = ("It writes a stock PEFT IA3 adapter, which peft's `merge_and_unload()` folds into the base "
+                     "(moetune's merge folds LoRA only).")
+    scaled = False
+    lora_plus = False
+    auto_targets = (("k", "qkv"), ("v", "qkv"), ("down",))
+    auto_input_scaled: ClassVar[tuple[tuple[str, ...], ...]] = (("down",),)
+    """What `input_scaled_modules: auto` names: the FFN down projection, whose input is the intermediate."""
+
+    target_modules: list[str] = opt(factory=lambda: ["auto"])
+    """Which projections to wrap (same syntax as for LoRA). (IA)^3 places, what 'auto' picks for the
+    model's architecture: attention keys and values and the FFN down projection (Llama-style k_proj,
+    v_proj, down_proj; OPT k_proj, v_proj, fc2); where keys and values are one fused projection, that one
+    (GPT-2 attn.c_attn and mlp.c_proj; GPT-NeoX query_key_value and dense_4h_to_h; Phi-3 qkv_proj and
+    down_proj), which scales the queries too, as PEFT's IA3 does there."""
     num_experts: int = opt(4, min=1)
     """Number N of (IA)^3 vectors per wrapped projection (the paper uses 10-30)."""
-    input_scaled_modules: list[str] = opt(factory=lambda: ["down_proj", "mlp.c_proj"])
+    input_scaled_modules: list[str] = opt(factory=lambda: ["auto"])
     """Wrapped projections whose INPUT is scaled (the FFN intermediate activation); all other
-    wrapped projections have their OUTPUT scaled (keys, values). Same name syntax as target_modules."""
+    wrapped projections have their OUTPUT scaled (keys, values). Same name syntax as target_modules;
+    'auto': the architecture's FFN down projection (down_proj, GPT-2 mlp.c_proj, NeoX dense_4h_to_h, OPT fc2)."""
 
 
 @dataclass
@@ -106,8 +289,37 @@ class MoLEConfig(ExpertConfig):
     expert_lr: float | None = opt(None, min=0, min_exclusive=True)
     """per_domain: learning rate of the domain LoRAs (None: train.lr)."""
 
+    routed = True
+    mask_key = "masked"
+    mixes_trained_loras = True
+
+    def how_to_load(self, sub: str) -> str:
+        return (f"a MoLE adapter (gates + copies of its LoRA experts, safetensors + moetune.json): load with "
+                f"`moetune.adapters.io.load_adapter(base, '{sub}')` or `moetune eval`; `moetune merge-lora --adapters "
+                "--method mole --gates-from RUN_DIR` folds its experts at their mean gates into one stock PEFT LoRA")
+
+    def merge_refusal(self) -> RecipeError:
+        return RecipeError("Expert type 'mole' mixes frozen LoRAs with per-token gates, which do not fold into the "
+                           "base weights, so 'merge' cannot run on it. Fix the gates at their mean over a split and "
+                           "merge: `moetune merge-lora --adapters --method mole --gates-from RUN_DIR --out DIR` "
+                           "(add --into-base for a full model).")
+
+    def per_domain_expert(self) -> tuple[ExpertConfig, int, float | None] | None:
+        """experts_from: per_domain: one LoRA per domain with this recipe's rank, alpha, dropout, target_modules
+        and init_seed, trained for expert_max_steps at expert_lr (moetune/commands/domain_experts.py)."""
+        if self.experts_from != "per_domain":
+            return None
+        lora = LoRAConfig(type="lora", rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                          target_modules=list(self.target_modules), init_seed=self.init_seed,
+                          use_rslora=self.use_rslora)
+        return lora, self.expert_max_steps, self.expert_lr
+
+    def use_trained_experts(self, dirs: list[str], names: list[str]) -> None:
+        self.experts, self.names = list(dirs), list(names)
+
     def check_recipe(self, r) -> None:
         """Settings that contradict MoLE, and (when training) the expert directories themselves."""
+        super().check_recipe(r)
         rt = r.router
         if rt.type != "soft":
             raise _error(f"Recipe key 'router.type' is {rt.type!r}, but MoLE gates are soft. Allowed: 'soft'.")
@@ -126,6 +338,10 @@ class MoLEConfig(ExpertConfig):
         if self.names and len(self.names) != len(self.experts):
             raise _error(f"Recipe key 'expert.names' has {len(self.names)} names for {len(self.experts)} experts. "
                          "Allowed: one name per entry of expert.experts, or an empty list.")
+        if r.train.lora_plus_ratio != 1.0 and self.experts_from != "per_domain":
+            raise _error(f"Recipe key 'train.lora_plus_ratio' is {r.train.lora_plus_ratio}, but MoLE trains only its "
+                         "gates; LoRA+ acts on the LoRAs it trains with experts_from: per_domain. Allowed: 1, or "
+                         "expert.experts_from=per_domain.")
         if self.experts_from == "per_domain":
             if self.experts:
                 raise _error("Recipe key 'expert.experts' is set together with expert.experts_from='per_domain', "
@@ -174,9 +390,11 @@ def check_experts(cfg: MoLEConfig) -> list[tuple[str, str, dict]]:
     for name, path in zip(names, cfg.experts):
         resolved = str(Path(path).resolve())
         meta = read_meta(resolved)
-        if meta["expert"]["type"] != "lora":
-            raise _error(f"MoLE expert {name!r} ({resolved}) is a {meta['expert']['type']!r} adapter. Allowed: LoRA "
-                         "adapters (moetune runs of expert.type lora, or stock PEFT LoRA directories).")
+        etype = meta["expert"]["type"]
+        if etype not in EXPERT_CONFIGS or EXPERT_CONFIGS[etype].stored_lora_scale(meta["expert"]) is None:
+            raise _error(f"MoLE expert {name!r} ({resolved}) is a {etype!r} adapter whose tensors are not one plain "
+                         "LoRA pair per module. Allowed: LoRA adapters (moetune runs of expert.type lora, or stock "
+                         "PEFT LoRA directories).")
         out.append((name, resolved, meta))
     return out
 
@@ -187,6 +405,8 @@ class CALMConfig(ExpertConfig):
 
     target_modules: list[str] = opt(factory=list)
     """Unused by calm: the composition points are set by num_compositions or anchor_layers."""
+    scaled = False
+    lora_plus = False
     augmenting_model: str = ""
     """The augmenting model m_A (frozen): local model directory, hub id or built-in name. It is loaded
     on the anchor's device in the anchor's (compute) dtype, 4-bit as set by augmenting_quantization, and
@@ -223,8 +443,27 @@ class CALMConfig(ExpertConfig):
     m_A forward per batch covers all positions (a tree-masked input); generation re-runs m_A on the
     whole text at every step (no m_A cache), so align mode is slower than a shared tokenizer."""
 
+    def describe(self) -> str:
+        return f"calm with {self.augmenting_model}"
+
+    def card_line(self) -> str:
+        return (f"calm, augmenting model `{self.augmenting_model}`, {self.num_heads}-head cross-attention "
+                f"({len(self.anchor_layers) or self.num_compositions} compositions)")
+
+    def how_to_load(self, sub: str) -> str:
+        return (f"the CALM composition layers (safetensors + moetune.json naming the anchor and the augmenting "
+                f"model): `moetune.adapters.io.load_adapter(anchor, '{sub}')` loads the augmenting model too; or `moetune eval`")
+
+    def merge_refusal(self) -> RecipeError:
+        return RecipeError("Expert type 'calm' composes the anchor with a second model through cross-attention "
+                           "layers, which add computation rather than a weight delta, so 'merge' cannot run on it "
+                           "(and export.kind must be 'adapter'). Allowed: stages without 'merge', e.g. "
+                           "stages=[train,eval,export]; eval scores the composed model and export writes the "
+                           "composition adapter (safetensors + moetune.json naming both models).")
+
     def check_recipe(self, recipe) -> None:
         """Recipe-level checks that need no model (called by recipe._check_semantics)."""
+        super().check_recipe(recipe)
         if not self.augmenting_model:
             raise RecipeError("Recipe key 'expert.augmenting_model' is empty; expert type 'calm' composes the anchor "
                               "(model.path) with a second model. Allowed: a local model directory, hub id or built-in name.")
@@ -236,10 +475,13 @@ class CALMConfig(ExpertConfig):
         if len(set(self.anchor_layers)) != len(self.anchor_layers):
             raise RecipeError(f"Recipe key 'expert.anchor_layers' repeats a layer: {list(self.anchor_layers)}. "
                               "Allowed: distinct layer indices.")
+        if recipe.data.packing:
+            raise RecipeError("Recipe key 'data.packing' is true, but expert type 'calm' runs a second model on the "
+                              "same tokens with its own masks, which packing does not support. Allowed: false.")
 
 
 EXPERT_CONFIGS: dict[str, type[ExpertConfig]] = {
-    "lora": ExpertConfig,
+    "lora": LoRAConfig,
     "hydralora": HydraLoRAConfig,
     "molora": MoLoRAConfig,
     "mov": MoVConfig,
@@ -248,5 +490,5 @@ EXPERT_CONFIGS: dict[str, type[ExpertConfig]] = {
 }
 """expert.type -> its settings class (the keys of `moetune.experts.REGISTRY`, in the same order)."""
 
-MERGEABLE = frozenset({"lora"})
+MERGEABLE = frozenset(t for t, c in EXPERT_CONFIGS.items() if c.mergeable)
 """Expert types whose adapter folds into the base weights (their layer's `mergeable`)."""

@@ -247,6 +247,12 @@ class TrainConfig:
     """Decoupled weight decay (AdamW) or L2 (SGD)."""
     momentum: float = opt(0.9, min=0, max=1)
     """SGD momentum."""
+    lora_plus_ratio: float = opt(1.0, min=0, min_exclusive=True)
+    """LoRA+ (Hayou, Ghosh, Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): the B
+    matrices train at lr * lora_plus_ratio, A (and everything else but the routers, see
+    router.lr_multiplier) at lr; the paper suggests ratios around 2^4. 1: plain LoRA. For the types
+    with B matrices: lora (any variant), hydralora (the B heads), molora (every expert's B) and MoLE's
+    per-domain LoRAs. Only the optimizer changes (axolotl's `loraplus_lr_ratio`)."""
     max_grad_norm: float = opt(1.0, min=0)
     """Clip the gradient norm to this (0 disables)."""
     precision: str = opt("fp32", choices=("fp32", "bf16", "fp16"))

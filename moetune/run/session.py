@@ -22,12 +22,11 @@ import json
 from pathlib import Path
 
 from moetune import recipe as R
-from moetune.adapters.inject import expert_layers
+from moetune.adapters.inject import mask_experts
 from moetune.adapters.io import load_adapter
 from moetune.core.checkpoint import write_json
 from moetune.core.ui import console
 from moetune.data.pipeline import load_splits
-from moetune.experts.mole import set_mask
 from moetune.models.load import load_model, load_tokenizer, pick_device
 
 
@@ -83,6 +82,7 @@ class Run:
 def model_with_adapter(run: Run, adapter_dir: Path | None = None):
     model = load_model(run.recipe.model, run.device, log=run.log)
     load_adapter(model, adapter_dir or run.dir / "adapter")
-    if getattr(run.recipe.expert, "masked", None):  # MoLE --mask-experts: gates at 0, the rest renormalised
-        set_mask(expert_layers(model).values(), list(run.recipe.expert.masked))
+    masked = run.recipe.expert.masked_experts()
+    if masked:  # --mask-experts (MoLE): gates at 0, the rest renormalised
+        mask_experts(model, masked)
     return model

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetune.adapters.inject import trainable_parameters
+from moetune.adapters.inject import lora_plus_parameters, trainable_parameters
 from moetune.core.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
 from moetune.core.errors import RecipeError
 from moetune.core.ui import TrainProgress
@@ -46,16 +46,24 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def param_groups(model, params: list, recipe: Recipe) -> list:
     """`params` as optimizer param groups: one group, or, when router.lr_multiplier != 1 or
-    router.weight_decay is set, the router parameters in a second group with lr = train.lr *
-    lr_multiplier and their own weight decay (the schedule scales both groups alike)."""
+    router.weight_decay is set, the router parameters in a group with lr = train.lr *
+    lr_multiplier and their own weight decay, and with train.lora_plus_ratio != 1 (LoRA+) the B
+    matrices (`lora_plus_parameters`) in a group with lr = train.lr * lora_plus_ratio (the schedule
+    scales every group alike)."""
     rc, cfg = recipe.router, recipe.train
     routers = {id(p) for p in router_parameters(model)}
     mine = [p for p in params if id(p) in routers]
-    if not mine or (rc.lr_multiplier == 1.0 and rc.weight_decay is None):
+    if rc.lr_multiplier == 1.0 and rc.weight_decay is None:
+        mine = []
+    fast_ids = {id(p) for p in lora_plus_parameters(model)} if cfg.lora_plus_ratio != 1.0 else set()
+    fast = [p for p in params if id(p) in fast_ids and id(p) not in routers]
+    if not mine and not fast:
         return params
     wd = cfg.weight_decay if rc.weight_decay is None else rc.weight_decay
-    rest = [p for p in params if id(p) not in routers]
-    return ([{"params": rest}] if rest else []) + [{"params": mine, "lr": cfg.lr * rc.lr_multiplier, "weight_decay": wd}]
+    grouped = {id(p) for p in mine + fast}
+    rest = [p for p in params if id(p) not in grouped]
+    return (([{"params": rest}] if rest else []) + ([{"params": fast, "lr": cfg.lr * cfg.lora_plus_ratio}] if fast else [])
+            + ([{"params": mine, "lr": cfg.lr * rc.lr_multiplier, "weight_decay": wd}] if mine else []))
 
 
 def domain_indices(recipe: Recipe, examples: list[Example]) -> dict[str, int] | None:
