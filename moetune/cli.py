@@ -18,12 +18,12 @@ from typing import List, Optional
 
 import typer
 
-from moetune.core.adapter_files import read_adapter
+from moetune.core.adapter_files import find_adapter_dir, read_meta
 from moetune.core.errors import RecipeError
 from moetune.core.ui import console
 from moetune.data.datagen import write_splits
 from moetune.recipe import explain as explain_text
-from moetune.recipe import load_recipe
+from moetune.recipe import anchor_path, load_recipe, load_run_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune mixtures of parameter-efficient experts on Hugging Face causal LMs, "
@@ -42,11 +42,14 @@ def _recipe(path: Optional[Path], overrides: Optional[List[str]]):
 
 
 def _run_dir_recipe(run_dir: Path, overrides: Optional[List[str]]):
-    """The resolved recipe saved in a run directory, with overrides."""
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        raise RecipeError(f"{run_dir} is not a moetune run directory (no recipe.yaml). Pass the run's output_dir.")
-    return _recipe(path, [f"output_dir={run_dir}", *(overrides or [])])
+    """The resolved recipe saved in a run directory, with overrides (its paths found from any working directory)."""
+    return load_run_recipe(run_dir, overrides or [])
+
+
+def _is_run(d: Path) -> bool:
+    """A run directory (what `train` writes into output_dir): recipe.yaml beside summary.json. An export has a
+    recipe.yaml but no summary.json."""
+    return (d / "recipe.yaml").is_file() and (d / "summary.json").is_file()
 
 
 @app.command()
@@ -155,25 +158,37 @@ def merge_lora(source: Optional[Path] = typer.Argument(None, help="Run directory
         return
     if source is None:
         raise RecipeError("merge-lora needs SOURCE (a run or adapter directory), or --adapters A B ...")
-    if (source / "recipe.yaml").is_file():
-        run, adapter = Run(_run_dir_recipe(source, overrides)), source / "adapter"
+    if _is_run(source):  # the run's own adapter: the merge is recorded in its summary.json
+        run, adapter = Run(_run_dir_recipe(source, overrides)), None
     else:
-        run, adapter = _bare_adapter_run(source, base, overrides), source
+        adapter = find_adapter_dir(source)
+        if adapter is None:
+            raise RecipeError(f"{source} holds no adapter (adapter_model.safetensors, here or in adapter/). Pass a "
+                              "run directory, or an adapter, export or collapsed export directory.")
+        run = _bare_adapter_run(adapter, base, overrides)
     stage_merge(run, adapter_dir=adapter, out_dir=out)
 
 
 def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[List[str]]):
-    """A Run that merges a bare adapter directory into `base` (default: the base it names)."""
+    """A Run that merges a bare adapter directory into `base` (default: the base it names) and writes into no
+    run directory (summary.json untouched, no data read). The template and system prompt are those of a
+    recipe.yaml in the adapter directory or its parent (a run, an export), for the merged model's chat."""
     from moetune.run.session import Run
-    meta, _ = read_adapter(adapter)
-    base = base or meta.get("base_model")
+    meta = read_meta(adapter)
+    where = Path(os.path.abspath(adapter))
+    base = base or anchor_path(meta.get("base_model"), [where, *where.parents, Path.cwd()])
     if not base:
         raise RecipeError(f"{adapter}: the adapter names no base model; pass --base MODEL.")
     q = meta.get("base_quantization")  # trained on a 4-bit base: merge into that base, dequantised
     quant = ([f"model.quantization={q['quantization']}", f"model.double_quantization={q['double_quantization']}",
               "merge.dequantize=true"] if q else [])
-    return Run(_recipe(None, [f"model.path={base}", "data.test=null", "eval.split=validation",
-                              "stages=[merge]", *quant, *(overrides or [])]))
+    rc = _recipe(None, [f"model.path={base}", "data.test=null", "eval.split=validation", "stages=[merge]", *quant,
+                        *(overrides or [])])
+    beside = next((d for d in (adapter, adapter.parent) if (d / "recipe.yaml").is_file()), None)
+    if beside is not None:
+        trained = load_run_recipe(beside)
+        rc.data.template, rc.data.system_prompt = trained.data.template, trained.data.system_prompt
+    return Run(rc, record=False)
 
 
 def _merge_many(source, rest, out, base, method, weights, density, seed, rank, gates_from, split, into_base):

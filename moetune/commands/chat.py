@@ -23,7 +23,8 @@ import torch
 
 from moetune import recipe as R
 from moetune.adapters.inject import mask_experts
-from moetune.adapters.io import load_adapter, read_adapter
+from moetune.adapters.io import load_adapter
+from moetune.core.adapter_files import find_adapter_dir, read_meta
 from moetune.core.errors import DataError
 from moetune.core.ui import console, simple_progress
 from moetune.data.read import read_file
@@ -56,13 +57,6 @@ def _find_recipe(source: Path) -> Path | None:
     return None
 
 
-def _adapter_dir(source: Path) -> Path | None:
-    for d in (source, source / "adapter"):
-        if (d / "adapter_model.safetensors").is_file():
-            return d
-    return None
-
-
 def _merged_dir(source: Path) -> Path | None:
     for d in (source, source / "merged"):
         if (d / "config.json").is_file():
@@ -74,29 +68,34 @@ def load_source(source: Path | None, base: bool = False, mask_experts: list[str]
                 overrides: list[str] | None = None, device: str | None = None) -> Loaded:
     """Load SOURCE (see the module docstring) for generation; RecipeError when it is none of those."""
     extra = list(overrides or []) + ([f"model.device={device}"] if device else [])
+    if source is not None and "=" in str(source) and not Path(source).exists():  # `chat --base model.path=X`
+        source, extra = None, [str(source), *extra]
     if source is None:
         if not base:
             raise R.RecipeError("chat/generate need SOURCE (a run, export, adapter or merged model directory), "
                                 "or --base alone for the default base model.")
-        rc = R.load_recipe(None, ["data.test=null", "eval.split=validation", *extra])
+        rc = R.load_recipe(None, ["data.test=null", "eval.split=validation", *extra], check_files=False)
         return _finish(rc, None, f"base model {rc.model.path}", mask_experts)
     source = Path(source)
     if not source.is_dir():
         raise R.RecipeError(f"{source} is not a directory. Pass a run directory (the recipe's output_dir), an "
                             "export, adapter or merged model directory.")
     found = _find_recipe(source)
-    adapter = _adapter_dir(source)
+    adapter = find_adapter_dir(source)
     merged = _merged_dir(source) if adapter is None else None
     if adapter is None and merged is None:
         raise R.RecipeError(f"{source} holds neither an adapter (adapter_model.safetensors, here or in adapter/) nor "
                             "a model (config.json). Pass a run, export, adapter or merged model directory.")
     if found is not None:
-        rc = R.load_recipe(found, [f"output_dir={found.parent}", *extra])
+        rc = R.load_run_recipe(found.parent, extra)   # data paths are neither read nor checked here
     else:
-        model_path = read_adapter(adapter)[0].get("base_model") if adapter else str(merged)
+        model_path = read_meta(adapter).get("base_model") if adapter else str(merged)
         if not model_path:
             raise R.RecipeError(f"{adapter}: the adapter names no base model; pass model.path=MODEL.")
-        rc = R.load_recipe(None, [f"model.path={model_path}", "data.test=null", "eval.split=validation", *extra])
+        where = Path(os.path.abspath(adapter or merged))
+        model_path = R.anchor_path(model_path, [where, *where.parents, Path.cwd()])
+        rc = R.load_recipe(None, [f"model.path={model_path}", "data.test=null", "eval.split=validation", *extra],
+                           check_files=False)
     if base:
         return _finish(rc, None, f"base model {rc.model.path} (without the adapter of {source})", mask_experts)
     if merged is not None:

@@ -16,7 +16,7 @@ from moetune.core.adapter_files import read_meta
 from moetune.core.checkpoint import atomic_dir, write_json
 from moetune.core.ui import console, table
 from moetune.data.pipeline import data_summary
-from moetune.data.rows import collate
+from moetune.data.rows import Encoder, collate
 from moetune.eval.evaluate import evaluate, multiple_choice
 from moetune.eval.report import eval_routing, print_report
 from moetune.experts import REGISTRY
@@ -78,26 +78,48 @@ def _check_mergeable(adapter_dir: Path) -> None:
         raise not_mergeable(expert_type)
 
 
+PROBE = [("What is 2 + 3?", "5"), ("Name the colour of a clear sky.", "Blue."),
+         ("Write one word that rhymes with cat.", "Hat")]
+"""Conversations whose logits the merged model must reproduce when the run has no data loaded (merge-lora)."""
+
+
+def _probe(run: Run) -> list:
+    """Up to 8 examples to compare the merged model with the adapter model on: the data the run has loaded
+    already (the merge stage after training), else `PROBE` in the recipe's template. No data file is read."""
+    loaded = run.loaded_examples()
+    if loaded:
+        return loaded[:8]
+    enc = Encoder(run.tokenizer, run.recipe.data)
+    return [enc.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in PROBE]
+
+
 def stage_merge(run: Run, adapter_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+    """Fold the run's adapter (or `adapter_dir`) into the base and save the model to `out_dir` (default
+    <run>/merged). summary.json records the merge only when the run has a run directory (`Run.record`)."""
     rc = run.recipe
-    _check_mergeable(adapter_dir or run.dir / "adapter")
-    model = model_with_adapter(run, adapter_dir)
-    probe = run.held_out()[:8]
-    batch = {k: v.to(run.device) for k, v in collate(probe, run.tokenizer.pad_token_id).items()}
+    adapter = Path(adapter_dir or run.dir / "adapter")
+    meta = read_meta(adapter)
+    _check_mergeable(adapter)
+    model = model_with_adapter(run, adapter)
+    batch = {k: v.to(run.device) for k, v in collate(_probe(run), run.tokenizer.pad_token_id).items()}
     with torch.no_grad():
         ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     dtype = DTYPES[rc.merge.dtype]
     merge_into_base(model, dtype)
     diff = max_logit_diff(model, ref, batch)
     out = Path(out_dir or run.dir / "merged")
-    note = (f"Merged {adapter_dir or run.dir / 'adapter'} into {rc.model.path}"
+    note = (f"Merged {adapter} into {rc.model.path}"
             f"{' (4-bit base dequantised)' if rc.model.quantization != 'none' else ''}; "
             f"max |logit difference| vs the adapter model: {diff:.3g}\n")
-    save_merged(model, run.tokenizer, out, dtype, note)
+    info = {"adapter": str(adapter), "expert_type": meta["expert"]["type"], "base_model": rc.model.path,
+            "max_logit_diff": diff, "dtype": rc.merge.dtype, "template": rc.data.template,
+            "system_prompt": rc.data.system_prompt}
+    save_merged(model, run.tokenizer, out, dtype, note, info)
     res = {"dir": str(out), "max_logit_diff": diff, "dtype": rc.merge.dtype,
            "dequantized": rc.model.quantization != "none"}
     run.update_summary(merge=res)
-    run.log(f"Merged model saved to {out} (max |logit diff| vs adapter model {diff:.2e})")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    run.log(f"Merged model saved to {out} ({size / 1e6:,.0f} MB; max |logit diff| vs adapter model {diff:.2e})")
     return res
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,8 +86,9 @@ def _expert_class(data: dict) -> type[ExpertConfig]:
     return EXPERT_CONFIGS[etype]
 
 
-def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
-    """Build and validate a Recipe from a plain dict (already merged with overrides)."""
+def recipe_from_dict(data: dict, source: str = "recipe", check_files: bool = True) -> Recipe:
+    """Build and validate a Recipe from a plain dict (already merged with overrides); check_files=False skips
+    the checks that the data and centroid files exist."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}.")
     expert_cls = _expert_class(data)
@@ -106,7 +109,7 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         if not check_value(f, value):
             raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}. "
                               f"{_doc_for(key)}")
-    _check_semantics(recipe)
+    _check_semantics(recipe, check_files)
     return recipe
 
 
@@ -122,8 +125,8 @@ def _doc_for(key: str) -> str:
     return f"({parts[-1]}: {doc})" if doc else ""
 
 
-def _check_semantics(r: Recipe) -> None:
-    """Contradictory settings that no single field can catch."""
+def _check_semantics(r: Recipe, check_files: bool = True) -> None:
+    """Contradictory settings that no single field can catch; with check_files, the input files exist."""
     if r.model.quantization != "none":
         if "merge" in r.stages and not r.merge.dequantize:
             raise RecipeError("Recipe stages include 'merge' with a 4-bit base (model.quantization="
@@ -141,7 +144,7 @@ def _check_semantics(r: Recipe) -> None:
     r.expert.check_recipe(r)  # type-specific checks, e.g. calm's augmenting model and layer lists
     if len(set(r.stages)) != len(r.stages):
         raise RecipeError(f"Recipe key 'stages' repeats a stage: {r.stages}. Allowed: each of {', '.join(STAGES)} once.")
-    if r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
+    if check_files and r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
         raise RecipeError(f"Recipe key 'router.init_centroids' names {r.router.init_centroids!r}, which does not "
                           f"exist (working directory: {Path.cwd()}). Allowed: a centroid file written by "
                           "`moetune cluster-heads --init-router`, or null.")
@@ -166,7 +169,7 @@ def _check_semantics(r: Recipe) -> None:
             continue
         hub_or_glob = path and (any(c in path for c in "*?[") or (
             path.count("/") == 1 and not path.startswith(".") and Path(path).suffix == ""))
-        if path and "train" in r.stages and not hub_or_glob and not Path(path).exists():
+        if check_files and path and "train" in r.stages and not hub_or_glob and not Path(path).exists():
             if key == "test" and r.eval.split != "test":
                 continue
             raise RecipeError(f"Recipe key 'data.{key}' names {path!r}, which does not exist "
@@ -191,8 +194,62 @@ def parse_overrides(overrides: list[str]) -> dict:
         raise RecipeError(f"Could not parse overrides {overrides}: {e}") from None
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe (or the defaults when path is None) and apply overrides."""
+INPUT_PATHS = (("model", "path"), ("data", "train"), ("data", "validation"), ("data", "test"),
+               ("router", "init_centroids"), ("eval", "multiple_choice"))
+"""(section, key) of the recipe keys that name files or directories moetune reads (besides data.mix[i].path
+and each expert type's `path_keys`): `anchor_paths` makes them absolute."""
+
+
+def anchor_path(value, bases: list[Path]):
+    """A relative path that exists against one of `bases` (the first that has it; a glob that matches), made
+    absolute; anything else (absolute, a hub id, a built-in model name, a missing file, not a string) as is."""
+    if isinstance(value, list):
+        return [anchor_path(v, bases) for v in value]
+    if not isinstance(value, str) or not value or "${" in value:
+        return value
+    if value.startswith("~"):
+        return os.path.expanduser(value) if os.path.exists(os.path.expanduser(value)) else value
+    if os.path.isabs(value):
+        return value
+    pattern = any(c in value for c in "*?[")
+    for base in bases:
+        candidate = os.path.join(base, value)
+        if os.path.exists(candidate) or (pattern and glob.glob(candidate)):
+            return os.path.abspath(candidate)
+    return value
+
+
+def anchor_paths(data: dict, bases: list[Path]) -> dict:
+    """Make the input paths of a recipe dict (`INPUT_PATHS`, data.mix[i].path, the expert type's `path_keys`)
+    absolute, in place: a recipe read from a run directory then finds its data and models from any working
+    directory. `bases`: where relative paths are looked up, in order (a recipe file: the working directory;
+    a run's recipe.yaml: the run directory and its parents, then the working directory)."""
+    if not isinstance(data, dict):
+        return data
+    for section, key in INPUT_PATHS:
+        sec = data.get(section)
+        if isinstance(sec, dict) and key in sec:
+            sec[key] = anchor_path(sec[key], bases)
+    mix = (data.get("data") or {}).get("mix") if isinstance(data.get("data"), dict) else None
+    for src in mix if isinstance(mix, list) else []:
+        if isinstance(src, dict) and "path" in src:
+            src["path"] = anchor_path(src["path"], bases)
+    expert = data.get("expert")
+    if isinstance(expert, dict) and expert.get("type", "lora") in EXPERT_CONFIGS:
+        for key in EXPERT_CONFIGS[expert.get("type", "lora")].path_keys:
+            if key in expert:
+                expert[key] = anchor_path(expert[key], bases)
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, base_dirs: list[Path] | None = None,
+                check_files: bool = True) -> Recipe:
+    """Load a YAML recipe (or the defaults when path is None) and apply overrides.
+
+    Relative input paths (`anchor_paths`) become absolute: the file's against `base_dirs` (default: the working
+    directory), the overrides' against the working directory. check_files=False skips the checks that data files
+    and centroid files exist, for commands that read neither (chat, generate, merge-lora: see `load_run_recipe`)."""
+    cwd = [Path.cwd()]
     base = OmegaConf.create({})
     if path is not None:
         p = Path(path)
@@ -210,12 +267,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not OmegaConf.is_dict(base):  # e.g. a YAML list: merging it below would raise TypeError
             raise RecipeError(f"Recipe file {str(p)!r}: a recipe must be a YAML mapping of sections "
                               "(model:, expert:, data:, train:, ...), got a list.")
-    merged = OmegaConf.merge(base, OmegaConf.create(parse_overrides(overrides or [])))
+    file_part = anchor_paths(OmegaConf.to_container(base, resolve=False), base_dirs or cwd)
+    merged = OmegaConf.merge(OmegaConf.create(file_part),
+                             OmegaConf.create(anchor_paths(parse_overrides(overrides or []), cwd)))
     try:
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
         raise RecipeError(f"Recipe {path}: {e}") from None
-    return recipe_from_dict(data or {}, source=str(path))
+    return recipe_from_dict(data or {}, source=str(path), check_files=check_files)
+
+
+def load_run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe saved in a run (or export) directory, with `output_dir` set to it, plus overrides. Its relative
+    paths (runs written before paths were recorded absolute) are looked up from the run directory and its parents,
+    then the working directory; files are not checked (a command that reads data fails when it reads them)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError(f"{run_dir} is not a moetune run directory (no recipe.yaml). Pass the run's output_dir.")
+    where = Path(os.path.abspath(run_dir))
+    return load_recipe(path, [f"output_dir={run_dir}", *(overrides or [])],
+                       base_dirs=[where, *where.parents, Path.cwd()], check_files=False)
 
 
 def to_yaml(recipe: Recipe) -> str:

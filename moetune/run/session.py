@@ -33,8 +33,10 @@ from moetune.models.load import load_model, load_tokenizer, pick_device
 class Run:
     """What the stages of one recipe share: recipe, run directory, device, tokenizer, data."""
 
-    def __init__(self, recipe: R.Recipe, accelerator=None) -> None:
+    def __init__(self, recipe: R.Recipe, accelerator=None, record: bool = True) -> None:
+        """record=False: a run of no run directory (merge-lora on a bare adapter): summary.json is never written."""
         self.recipe = recipe
+        self.record = record
         self.dir = Path(recipe.output_dir)
         self.accelerator = accelerator
         self.device = accelerator.device if accelerator is not None else pick_device(recipe.model)
@@ -72,8 +74,15 @@ class Run:
     def summary(self) -> dict:
         return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
 
+    def loaded_examples(self) -> list:
+        """The examples of a split loaded already (the held-out split first), without reading any data: [] if none."""
+        for name in (self.recipe.eval.split, "validation", "test", "train"):
+            if self._splits.get(name):
+                return self._splits[name]
+        return []
+
     def update_summary(self, **parts) -> None:
-        if self.main:
+        if self.main and self.record:
             s = self.summary()
             s.update(parts)
             write_json(self.summary_path, s)

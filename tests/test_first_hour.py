@@ -1,0 +1,205 @@
+"""Issue 28, "a newcomer's first hour": a user's own data in their own directory, outside the repository,
+through the README's commands. One test (or a few) per bug; each failed before its fix.
+
+The user's directory holds relative paths only: `tiny-llama` (the model), `alpaca.json` (40 Alpaca rows)
+and `chats.jsonl` (20 ShareGPT rows). Commands then run from the user's directory or from somewhere else,
+beside a sentinel run `runs/default` whose files must never change.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import moetune  # noqa: F401  (before transformers: moetune runs offline, HF_HUB_OFFLINE=1)
+from conftest import cli, make_rows
+from moetune.adapters.io import load_adapter
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+torch.set_num_threads(1)
+
+RECIPE = """\
+# my own data
+model:
+  path: tiny-llama
+  device: cpu
+expert:
+  rank: 4
+data:
+  train: alpaca.json
+  validation: null
+  validation_split: 0.1
+  test: chats.jsonl
+train:
+  max_steps: {steps}
+  batch_size: 4
+  lr: 5.0e-3
+  log_every: 1
+eval:
+  split: validation
+  max_new_tokens: 4
+  batch_size: 8
+output_dir: runs/mine
+stages: [train, eval, export]
+"""
+
+
+def write_user_dir(d: Path, tiny_llama: Path, steps: int = 6) -> Path:
+    """The newcomer's directory: a model link, Alpaca JSON, ShareGPT JSONL and a recipe, all relative."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tiny-llama").symlink_to(tiny_llama)
+    rows = make_rows(40, 1)
+    (d / "alpaca.json").write_text(json.dumps([{"instruction": r["instruction"], "input": "", "output": r["response"]}
+                                               for r in rows], indent=1))
+    (d / "chats.jsonl").write_text("".join(json.dumps({"conversations": [
+        {"from": "human", "value": r["instruction"]}, {"from": "gpt", "value": r["response"]}]}) + "\n"
+        for r in make_rows(20, 5)))
+    (d / "my.yaml").write_text(RECIPE.format(steps=steps))
+    return d
+
+
+def write_sentinel(root: Path) -> dict[str, str]:
+    """A finished-looking run `root/runs/default` (what a clone of the repository may hold); its checksums."""
+    d = root / "runs" / "default"
+    (d / "adapter").mkdir(parents=True)
+    (d / "recipe.yaml").write_text("output_dir: runs/default\n")
+    (d / "summary.json").write_text(json.dumps({"merge": {"dir": "runs/default/merged"}, "train": {"steps": 3}}))
+    (d / "adapter" / "moetune.json").write_text("{}")
+    return checksums(d)
+
+
+def checksums(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def user(tiny_llama, tmp_path_factory):
+    """The user's directory with one trained run, `runs/mine` (trained from inside the directory)."""
+    d = write_user_dir(tmp_path_factory.mktemp("newcomer") / "work", tiny_llama)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(d)
+        assert cli(mp, "train", "my.yaml") in (0, None)
+    return d
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """Another working directory, holding a sentinel run runs/default; yields (cwd, sentinel checksums)."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    sums = write_sentinel(cwd)
+    monkeypatch.chdir(cwd)
+    return cwd, sums
+
+
+def _logits(model, vocab: int) -> torch.Tensor:
+    x = torch.randint(5, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(x).logits
+
+
+# ------------------------------------------------------------------ bug 1: merge-lora on a bare adapter
+
+
+def test_merge_lora_on_a_bare_adapter_writes_into_no_run(user, elsewhere, monkeypatch, capsys):
+    cwd, sums = elsewhere
+    run = user / "runs" / "mine"
+    run_files = checksums(run)
+    ref = AutoModelForCausalLM.from_pretrained(user / "tiny-llama")
+    load_adapter(ref, run / "adapter")
+    want = _logits(ref.eval(), ref.config.vocab_size)
+    # the run's adapter/, its export (kind adapter: the adapter files and a recipe.yaml) and a copy elsewhere
+    shutil.copytree(run / "adapter", cwd / "copied-adapter")
+    for i, source in enumerate([run / "adapter", run / "export", cwd / "copied-adapter"]):
+        capsys.readouterr()
+        assert cli(monkeypatch, "merge-lora", source, "--out", f"m{i}") in (0, None), capsys.readouterr().err
+        merged = AutoModelForCausalLM.from_pretrained(cwd / f"m{i}").eval()
+        torch.testing.assert_close(_logits(merged, merged.config.vocab_size), want, atol=1e-4, rtol=1e-4)
+    assert checksums(cwd / "runs" / "default") == sums          # the sentinel run: untouched
+    assert checksums(run) == run_files                          # the source run: untouched (no summary entry)
+    assert not (run / "export" / "summary.json").exists()
+    assert sorted(p.name for p in cwd.iterdir()) == ["copied-adapter", "m0", "m1", "m2", "runs"]
+
+
+def test_merge_lora_from_a_repository_root_leaves_its_runs_default_alone(user, tiny_data, elsewhere, monkeypatch):
+    """The reported case: run from a clone's root (runs/default and data/default there), the bare adapter's merge
+    rewrote runs/default/summary.json's `merge` entry."""
+    cwd, sums = elsewhere
+    (cwd / "data" / "default").mkdir(parents=True)
+    for split, path in tiny_data.items():
+        shutil.copy(path, cwd / "data" / "default" / f"{split}.jsonl")
+    source = user / "runs" / "mine" / "adapter"
+    assert cli(monkeypatch, "merge-lora", source, "--out", "m", "--base", user / "tiny-llama") in (0, None)
+    assert (cwd / "m" / "model.safetensors").is_file()
+    assert checksums(cwd / "runs" / "default") == sums
+
+
+def test_merge_lora_on_a_run_records_the_merge_in_that_run_only(user, elsewhere, tmp_path, monkeypatch):
+    cwd, sums = elsewhere
+    run = tmp_path / "copy-of-mine"
+    shutil.copytree(user / "runs" / "mine", run)
+    assert cli(monkeypatch, "merge-lora", run, "--out", "merged-copy") in (0, None)
+    merge = json.loads((run / "summary.json").read_text())["merge"]
+    assert merge["dir"] == "merged-copy" and merge["max_logit_diff"] < 1e-4
+    assert checksums(cwd / "runs" / "default") == sums
+
+
+# ------------------------------------------------------------------ bug 4: commands that read no data, from anywhere
+
+
+def test_a_run_records_absolute_paths_and_evaluates_from_anywhere(user, elsewhere, tmp_path, monkeypatch):
+    cwd, sums = elsewhere
+    import yaml
+    saved = yaml.safe_load((user / "runs" / "mine" / "recipe.yaml").read_text())
+    assert saved["data"]["train"] == str(user / "alpaca.json") and saved["data"]["test"] == str(user / "chats.jsonl")
+    assert saved["model"]["path"] == str(user / "tiny-llama")
+    meta = json.loads((user / "runs" / "mine" / "adapter" / "moetune.json").read_text())
+    assert meta["base_model"] == str(user / "tiny-llama")
+    run = tmp_path / "mine"
+    shutil.copytree(user / "runs" / "mine", run)
+    assert cli(monkeypatch, "eval", run) in (0, None)             # reads the data by its recorded absolute path
+    assert json.loads((run / "eval.json").read_text())["scores"]["n"] == 4
+    assert checksums(cwd / "runs" / "default") == sums
+
+
+def _legacy_copy(user: Path, dest: Path) -> Path:
+    """A copy of the run whose recipe.yaml names its data and model relative to the user's directory, as runs
+    written before paths were recorded absolute did; the data files are gone (moved, deleted)."""
+    shutil.copytree(user / "runs" / "mine", dest)
+    text = (dest / "recipe.yaml").read_text().replace(str(user) + "/", "")
+    assert "alpaca.json" in text and str(user) not in text
+    (dest / "recipe.yaml").write_text(text.replace("alpaca.json", "gone.json").replace("chats.jsonl", "gone.jsonl"))
+    return dest
+
+
+def test_commands_that_read_no_data_do_not_check_it(user, elsewhere, tmp_path, monkeypatch, capsys):
+    cwd, sums = elsewhere
+    run = _legacy_copy(user, user / "runs" / "legacy")   # its model 'tiny-llama' is found from the run's parents
+    try:
+        prompts = cwd / "p.jsonl"
+        prompts.write_text(json.dumps({"prompt": "Shout red"}) + "\n")
+        assert cli(monkeypatch, "generate", run, "--prompts", prompts, "--out", "o.jsonl",
+                   "--max-new-tokens", "3") in (0, None), capsys.readouterr().err
+        assert len((cwd / "o.jsonl").read_text().splitlines()) == 1
+        for args in ([run], [run, "--base"], ["--base", f"model.path={user / 'tiny-llama'}"]):
+            monkeypatch.setattr("sys.stdin", io.StringIO("Shout red\n"))
+            capsys.readouterr()
+            assert cli(monkeypatch, "chat", *args, "--max-new-tokens", "3") in (0, None), capsys.readouterr().err
+            assert "bot> " in capsys.readouterr().out
+        assert cli(monkeypatch, "merge-lora", run, "--out", "merged") in (0, None), capsys.readouterr().err
+        monkeypatch.setattr("sys.stdin", io.StringIO("Shout red\n"))
+        assert cli(monkeypatch, "chat", cwd / "merged", "--max-new-tokens", "3") in (0, None)
+        assert "bot> " in capsys.readouterr().out
+        # eval reads the data, so it is the one that names the missing file
+        assert cli(monkeypatch, "eval", run) == 2
+        assert "gone.json" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(run)
+    assert checksums(cwd / "runs" / "default") == sums
