@@ -56,12 +56,16 @@ def _is_run(d: Path) -> bool:
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overrides: Optional[List[str]] = OVERRIDES,
           resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds a run: "
-                                         "the old run is moved aside to <output_dir>.old-<UTC time>, not deleted.")):
+                                         "the old run is moved aside to <output_dir>.old-<UTC time>, not deleted."),
+          allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: continue although the "
+                                             "recipe changes what training computes (train.max_steps, train.lr, "
+                                             "...); the run's old recipe.yaml is kept beside the new one.")):
     """Run the recipe's stages (train, merge, eval, export) in order.
 
     An output_dir that already holds a run is refused unless --resume or --overwrite is given."""
+    rc = _recipe(recipe, overrides)
     from moetune.commands.stages import run_recipe
-    run_recipe(_recipe(recipe, overrides), resume=resume, overwrite=overwrite)
+    run_recipe(rc, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
 
 
 @app.command()

@@ -203,3 +203,76 @@ def test_commands_that_read_no_data_do_not_check_it(user, elsewhere, tmp_path, m
     finally:
         shutil.rmtree(run)
     assert checksums(cwd / "runs" / "default") == sums
+
+
+# ------------------------------------------------------------------ bug 2: --resume on a finished run, seconds, changes
+
+
+def _strict_json(path: Path) -> dict:
+    """JSON as the standard says: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise ValueError(f"{path} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.fixture
+def fresh_user(tiny_llama, tmp_path, monkeypatch):
+    """A user's directory of its own (no run yet), as the working directory."""
+    d = write_user_dir(tmp_path / "work", tiny_llama)
+    monkeypatch.chdir(d)
+    return d
+
+
+def test_resume_on_a_finished_run_keeps_its_summary(fresh_user, monkeypatch, capsys):
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]") in (0, None)
+    run = fresh_user / "runs" / "mine"
+    first = _strict_json(run / "summary.json")["train"]
+    capsys.readouterr()
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]", "--resume") in (0, None)
+    out = " ".join(capsys.readouterr().err.split())        # moetune's log goes to stderr
+    assert "step 6 of 6" in out and "nothing to train" in out
+    again = _strict_json(run / "summary.json")["train"]
+    assert again["final_train_loss"] == first["final_train_loss"] and again["steps"] == 6
+    assert again["seconds"] >= first["seconds"]
+    assert again["val_loss"] == pytest.approx(first["val_loss"], abs=1e-6)
+
+
+def test_a_resumed_run_reports_the_seconds_of_both_stretches(fresh_user, monkeypatch):
+    import time
+    from moetune.train import step as step_mod
+    real = step_mod.TrainStep.__call__
+
+    def slow(self, *a, **k):                      # the first stretch takes at least 3 x 0.4 s
+        time.sleep(0.4)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", slow)
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]", "train.stop_after=3") in (0, None)
+    monkeypatch.setattr(step_mod.TrainStep, "__call__", real)
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]", "--resume") in (0, None)
+    t = _strict_json(fresh_user / "runs" / "mine" / "summary.json")["train"]
+    assert t["steps"] == 6 and t["resumed_from"] == 3
+    assert t["seconds"] >= 1.2                    # both stretches, not the last one only
+
+
+def test_a_changed_recipe_on_resume_is_named_and_refused(fresh_user, monkeypatch, capsys):
+    run = fresh_user / "runs" / "mine"
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]", "train.stop_after=3") in (0, None)
+    saved = (run / "recipe.yaml").read_text()
+    files = checksums(run)
+    capsys.readouterr()
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]", "--resume", "train.max_steps=8") == 2
+    msg = " ".join(capsys.readouterr().err.split())
+    assert "train.max_steps: 6 -> 8" in msg and "--allow-changes" in msg and "Traceback" not in msg
+    assert checksums(run) == files                                  # refused before anything was written
+    # a change that training does not see is named and accepted; the old recipe is kept beside the new one
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]", "--resume", "train.save_every=2") in (0, None)
+    assert "train.save_every: 0 -> 2" in " ".join(capsys.readouterr().err.split())
+    kept = [p for p in run.glob("recipe.before-*.yaml")]
+    assert len(kept) == 1 and kept[0].read_text() == saved
+    assert "save_every: 2" in (run / "recipe.yaml").read_text()
+    # --allow-changes continues with the new values
+    assert cli(monkeypatch, "train", "my.yaml", "--resume", "train.max_steps=8", "--allow-changes",
+               "stages=[train]") in (0, None)
+    assert _strict_json(run / "summary.json")["train"]["steps"] == 8
+    assert "max_steps: 8" in (run / "recipe.yaml").read_text()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from moetune.models.load import DTYPES, load_model
 from moetune.models.quant import describe
 from moetune.recipe import not_mergeable
 from moetune.recipe.experts import EXPERT_CONFIGS
-from moetune.run.rundir import open_run, refuse_or_clear
+from moetune.run.rundir import check_resume_recipe, keep_old_recipe, open_run, refuse_or_clear
 from moetune.run.session import Run, model_with_adapter
 from moetune.train.loggers import check_trackers
 from moetune.train.loop import train
@@ -54,9 +53,7 @@ def stage_train(run: Run, resume: bool = False) -> dict:
         run.log("Scoring the held-out split before training ...")
         run.update_summary(before=evaluate(model, run.tokenizer, run.held_out(), rc, run.device))
     acc.wait_for_everyone()
-    t0 = time.time()
     result = train(rc, model, run.tokenizer, splits, acc, run.dir, resume=resume, console=console)
-    result["seconds"] = round(time.time() - t0, 1)
     result["trainable_parameters"] = trainable
     result["data"] = data_summary(splits)
     for name, d in result["data"].items():
@@ -228,11 +225,13 @@ def print_summary(run: Run) -> None:
         console.print(f"multiple choice {path}: accuracy {mc['accuracy']:.4f} (n={mc['n']})")
 
 
-def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict:
     """Run the recipe's stages in order; returns summary.json's content.
 
     The main process first guards output_dir (rundir.open_run: write probe, lock, an existing run is
-    refused without `resume`, moved aside with `overwrite`) and holds its lock until the stages end."""
+    refused without `resume`, moved aside with `overwrite`) and holds its lock until the stages end.
+    Continuing a run (`resume`, or stages without train), a recipe that differs from the run's recipe.yaml
+    in what training computes is refused unless `allow_changes` (rundir.check_resume_recipe)."""
     from accelerate import Accelerator
     if "merge" in recipe.stages and not recipe.expert.mergeable:
         raise not_mergeable(recipe.expert.type)  # before training, not after
@@ -244,11 +243,16 @@ def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False) 
     if not run.main:  # the main process guards output_dir; the others refuse a run without --resume too
         if "train" in recipe.stages and not overwrite:
             refuse_or_clear(run.dir, resume, False)
+        if resume:
+            check_resume_recipe(run.dir, recipe, allow_changes, log=lambda msg: None)
         return _run_stages(run, resume)
     if "train" not in recipe.stages and not overwrite:
         resume = True  # stages without train (eval, export) work on the run that is there
     extra = (("export.dir", Path(recipe.export.dir).parent),) if recipe.export.dir and "export" in recipe.stages else ()
     with open_run(run.dir, resume=resume, overwrite=overwrite, extra_dirs=extra, log=run.log):
+        changed = check_resume_recipe(run.dir, recipe, allow_changes, log=run.log) if resume else []
+        if changed:
+            run.log(f"The run's previous recipe is kept as {keep_old_recipe(run.dir)}")
         return _run_stages(run, resume)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -64,13 +65,24 @@ def atomic_dir(final: str | Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def finite(obj):
+    """`obj` with every NaN or infinite float replaced by None (JSON has no NaN: a file holding one is not JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + rename); NaN and infinities are written as null."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+        json.dump(finite(obj), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 

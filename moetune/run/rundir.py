@@ -23,6 +23,7 @@ from pathlib import Path
 
 from moetune.core.checkpoint import DONE
 from moetune.core.errors import RecipeError
+from moetune.recipe import Recipe, changes_training, load_run_recipe, recipe_changes
 
 LOCK = ".moetune.lock"
 PROBE_BYTES = 1 << 20   # the write probe: 1 MiB, fsynced, then removed
@@ -148,6 +149,54 @@ def refuse_or_clear(d: Path, resume: bool, overwrite: bool) -> Path | None:
                       f"`moetune train RECIPE --resume` to continue it from its newest checkpoint; "
                       f"`--overwrite` to start over (the old run is moved aside to {d.name}.old-<UTC time>, "
                       "not deleted); or another output_dir=... .")
+
+
+def check_resume_recipe(d: str | Path, recipe: Recipe, allow_changes: bool, log=print) -> list[tuple]:
+    """On --resume: compare `recipe` with the run's recipe.yaml. No difference: nothing to do. Differences that
+    change what training computes (`recipe.changes_training`) are a RecipeError naming them, unless
+    `allow_changes`; the others are named and accepted. Returns the differences; when there are any, the main
+    process keeps the old recipe.yaml as recipe.before-<UTC time>.yaml (`keep_old_recipe`)."""
+    d = Path(d)
+    if not (d / "recipe.yaml").is_file():
+        return []
+    try:
+        old = load_run_recipe(d)
+    except RecipeError as e:
+        raise RecipeError(f"--resume: the recipe.yaml of the run in {d} no longer loads ({e}). Allowed: fix it, or "
+                          "start a new run (another output_dir=..., or --overwrite).") from None
+    old.output_dir = recipe.output_dir
+    changes = recipe_changes(old, recipe)
+    if not changes:
+        return []
+    text = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changes)
+    training = [k for k, _, _ in changes if changes_training(k)]
+    if training and not allow_changes:
+        raise RecipeError(
+            f"--resume: the recipe differs from the one the run in {str(d)!r} was trained with (its recipe.yaml): "
+            f"{text}. {', '.join(training)} change{'s' if len(training) == 1 else ''} what training computes, so "
+            "the resumed run would match a fresh run of neither recipe. Nothing was changed. Allowed: resume with "
+            f"the run's own recipe (`moetune train {d / 'recipe.yaml'} --resume`, adding only keys training does "
+            "not see, such as eval.*, export.*, train.save_every); add --allow-changes to continue with the new "
+            "values anyway (the old recipe is kept as recipe.before-<UTC time>.yaml); or start a new run "
+            "(another output_dir=..., or --overwrite).")
+    log(f"--resume: recipe changes against {d / 'recipe.yaml'}: {text}"
+        + (" (--allow-changes: training continues with the new values)" if training else ""))
+    return changes
+
+
+def _show(value) -> str:
+    return "null" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def keep_old_recipe(d: str | Path) -> Path:
+    """Copy `<d>/recipe.yaml` to a new `<d>/recipe.before-<UTC time>.yaml` (before a resumed run rewrites it)."""
+    d = Path(d)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    kept, n = d / f"recipe.before-{stamp}.yaml", 1
+    while kept.exists():
+        kept, n = d / f"recipe.before-{stamp}-{n}.yaml", n + 1
+    kept.write_text((d / "recipe.yaml").read_text())
+    return kept
 
 
 @contextmanager
