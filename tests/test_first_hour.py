@@ -276,3 +276,33 @@ def test_a_changed_recipe_on_resume_is_named_and_refused(fresh_user, monkeypatch
                "stages=[train]") in (0, None)
     assert _strict_json(run / "summary.json")["train"]["steps"] == 8
     assert "max_steps: 8" in (run / "recipe.yaml").read_text()
+
+
+# ------------------------------------------------------------------ bug 3: eval on another split scores "before" there too
+
+
+def test_eval_on_another_file_scores_before_and_after_on_the_same_rows(user, tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+    from moetune.data.pipeline import load_examples
+    from moetune.eval.evaluate import loss_by_domain
+    from moetune.recipe import DataConfig
+    run = tmp_path / "mine"
+    shutil.copytree(user / "runs" / "mine", run)
+    monkeypatch.chdir(user)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"instruction": r["instruction"], "output": r["response"]} for r in make_rows(12, 9)]))
+    assert json.loads((run / "summary.json").read_text())["before"]["n"] == 4      # validation, 10% of 40 rows
+    capsys.readouterr()
+    assert cli(monkeypatch, "eval", run, f"data.test={other}", "eval.split=test") in (0, None)
+    assert "scoring the model before training on them too" in " ".join(capsys.readouterr().err.split())
+    s = json.loads((run / "summary.json").read_text())
+    assert s["before"]["n"] == s["after"]["n"] == 12
+    assert s["before"]["held_out"] == s["after"]["held_out"] == {"split": "test", "source": str(other), "examples": 12}
+    base = AutoModelForCausalLM.from_pretrained(user / "tiny-llama").eval()
+    examples = load_examples(str(other), AutoTokenizer.from_pretrained(user / "tiny-llama"), DataConfig())
+    want = loss_by_domain(base, examples, base.config.pad_token_id, 8, "cpu")["loss"]
+    assert s["before"]["loss"] == pytest.approx(want, rel=1e-5)    # "before" = the untrained model on these rows
+    # the same split again: the pair matches already, nothing is rescored
+    assert cli(monkeypatch, "eval", run, f"data.test={other}", "eval.split=test") in (0, None)
+    assert "before training on them too" not in capsys.readouterr().err
+    assert json.loads((run / "summary.json").read_text())["before"] == s["before"]

@@ -51,7 +51,8 @@ def stage_train(run: Run, resume: bool = False) -> dict:
         shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
     if rc.train.eval_before and run.main and not (resume and "before" in run.summary()):
         run.log("Scoring the held-out split before training ...")
-        run.update_summary(before=evaluate(model, run.tokenizer, run.held_out(), rc, run.device))
+        before = evaluate(model, run.tokenizer, run.held_out(), rc, run.device)
+        run.update_summary(before={**before, "held_out": run.held_out_tag()})
     acc.wait_for_everyone()
     result = train(rc, model, run.tokenizer, splits, acc, run.dir, resume=resume, console=console)
     result["trainable_parameters"] = trainable
@@ -128,12 +129,31 @@ def _eval_model(run: Run, use_merged: bool):
     return model_with_adapter(run), "adapter"
 
 
+def _rescore_before(run: Run) -> None:
+    """When summary.json's 'before' was scored on other rows than the held-out split now (another split, file
+    or eval.max_examples), score the model as training started (the fresh adapter) on these rows, so that
+    before and after compare the same examples. No 'before' (train.eval_before off): none is added."""
+    before, tag = run.summary().get("before"), run.held_out_tag()
+    if before is None or before.get("held_out") == tag:
+        return
+    was = before.get("held_out") or {"source": "rows not recorded", "examples": before.get("n")}
+    run.log(f"'before' in summary.json was scored on {was['source']} ({was['examples']} examples); this "
+            f"evaluation is on {tag['source']} ({tag['examples']} examples), so scoring the model before "
+            "training on them too ...")
+    fresh = model_with_adapter(run, fresh=True)
+    scores = evaluate(fresh, run.tokenizer, run.held_out(), run.recipe, run.device)
+    del fresh
+    run.update_summary(before={**scores, "held_out": tag})
+
+
 def stage_eval(run: Run, use_merged: bool = True) -> dict:
     rc = run.recipe
+    _rescore_before(run)
     model, which = _eval_model(run, use_merged)
     run.log(f"Evaluating the {which} model on the {rc.eval.split} split ...")
     after = evaluate(model, run.tokenizer, run.held_out(), rc, run.device)
     after["model"] = which
+    after["held_out"] = run.held_out_tag()
     if rc.expert.masked_experts():
         after["masked_experts"] = rc.expert.masked_experts()
     result = {"split": rc.eval.split, "model": which, "scores": after}

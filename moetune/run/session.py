@@ -67,6 +67,16 @@ class Run:
             raise R.RecipeError(f"Recipe key 'eval.split' is {split!r} but data.{split} is not set.")
         return examples
 
+    def held_out_tag(self) -> dict:
+        """What the held-out scores are on: the split, its source and the number of examples scored. 'before'
+        and 'after' in summary.json carry it, so that a pair on different rows is never shown as one."""
+        rc = self.recipe
+        source = getattr(rc.data, rc.eval.split) or (
+            f"data.train less its validation_split {rc.data.validation_split} (seed {rc.data.seed})")
+        n = len(self.held_out())
+        return {"split": rc.eval.split, "source": source,
+                "examples": min(n, rc.eval.max_examples) if rc.eval.max_examples else n}
+
     @property
     def summary_path(self) -> Path:
         return self.dir / "summary.json"
@@ -88,9 +98,11 @@ class Run:
             write_json(self.summary_path, s)
 
 
-def model_with_adapter(run: Run, adapter_dir: Path | None = None):
+def model_with_adapter(run: Run, adapter_dir: Path | None = None, fresh: bool = False):
+    """The base model with the run's adapter (or `adapter_dir`); fresh=True: the adapter as initialised before
+    training (train.seed), i.e. the model the run's 'before' scores describe."""
     model = load_model(run.recipe.model, run.device, log=run.log)
-    load_adapter(model, adapter_dir or run.dir / "adapter")
+    load_adapter(model, adapter_dir or run.dir / "adapter", fresh_seed=run.recipe.train.seed if fresh else None)
     masked = run.recipe.expert.masked_experts()
     if masked:  # --mask-experts (MoLE): gates at 0, the rest renormalised
         mask_experts(model, masked)
