@@ -75,8 +75,9 @@ def write_sentinel(root: Path) -> dict[str, str]:
 
 
 def checksums(d: Path) -> dict[str, str]:
+    """sha256 of every file under `d` but the run lock (which names the last command that held it)."""
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(d.rglob("*")) if p.is_file()}
+            for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".moetune.lock"}
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +307,32 @@ def test_eval_on_another_file_scores_before_and_after_on_the_same_rows(user, tmp
     assert cli(monkeypatch, "eval", run, f"data.test={other}", "eval.split=test") in (0, None)
     assert "before training on them too" not in capsys.readouterr().err
     assert json.loads((run / "summary.json").read_text())["before"] == s["before"]
+
+
+# ------------------------------------------------------------------ bug 5: validate refuses what train refuses; no debris
+
+
+def test_validate_refuses_a_test_split_without_test_data(fresh_user, monkeypatch, capsys):
+    for command in ("validate", "train"):
+        capsys.readouterr()
+        assert cli(monkeypatch, command, "my.yaml", "eval.split=test", "data.test=null") == 2
+        msg = " ".join(capsys.readouterr().err.split())
+        assert "Recipe key 'eval.split' is 'test'" in msg and "data.test" in msg and "eval.split=validation" in msg
+    assert not (fresh_user / "runs").exists()                    # train refused before making anything
+    # stages that score nothing on the test split need no test data
+    assert cli(monkeypatch, "validate", "my.yaml", "eval.split=test", "data.test=null", "stages=[train]",
+               "train.eval_before=false") in (0, None)
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_directory(fresh_user, monkeypatch, capsys):
+    rows = json.loads((fresh_user / "alpaca.json").read_text())
+    del rows[7]["output"]
+    (fresh_user / "bad.json").write_text(json.dumps(rows))
+    assert cli(monkeypatch, "train", "my.yaml", "data.train=bad.json") == 2
+    assert "bad.json" in capsys.readouterr().err
+    assert not (fresh_user / "runs").exists()                    # neither runs/mine nor the runs/ it created
+    # a directory that was there before stays, with what it held
+    (fresh_user / "runs" / "mine").mkdir(parents=True)
+    (fresh_user / "runs" / "mine" / "notes.txt").write_text("mine")
+    assert cli(monkeypatch, "train", "my.yaml", "data.train=bad.json") == 2
+    assert sorted(p.name for p in (fresh_user / "runs" / "mine").iterdir()) == ["notes.txt"]

@@ -25,7 +25,8 @@ from moetune.models.load import DTYPES, load_model
 from moetune.models.quant import describe
 from moetune.recipe import not_mergeable
 from moetune.recipe.experts import EXPERT_CONFIGS
-from moetune.run.rundir import check_resume_recipe, keep_old_recipe, open_run, refuse_or_clear
+from moetune.run.rundir import (before_start, check_resume_recipe, forget_failed_start, keep_old_recipe, open_run,
+                                refuse_or_clear)
 from moetune.run.session import Run, model_with_adapter
 from moetune.train.loggers import check_trackers
 from moetune.train.loop import train
@@ -269,11 +270,16 @@ def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False, 
     if "train" not in recipe.stages and not overwrite:
         resume = True  # stages without train (eval, export) work on the run that is there
     extra = (("export.dir", Path(recipe.export.dir).parent),) if recipe.export.dir and "export" in recipe.stages else ()
-    with open_run(run.dir, resume=resume, overwrite=overwrite, extra_dirs=extra, log=run.log):
-        changed = check_resume_recipe(run.dir, recipe, allow_changes, log=run.log) if resume else []
-        if changed:
-            run.log(f"The run's previous recipe is kept as {keep_old_recipe(run.dir)}")
-        return _run_stages(run, resume)
+    held, created = before_start(run.dir)
+    try:
+        with open_run(run.dir, resume=resume, overwrite=overwrite, extra_dirs=extra, log=run.log):
+            changed = check_resume_recipe(run.dir, recipe, allow_changes, log=run.log) if resume else []
+            if changed:
+                run.log(f"The run's previous recipe is kept as {keep_old_recipe(run.dir)}")
+            return _run_stages(run, resume)
+    except BaseException:  # failed or stopped before any training output: leave no run directory behind
+        forget_failed_start(run.dir, held, created, log=run.log)
+        raise
 
 
 def _run_stages(run: Run, resume: bool) -> dict:

@@ -142,6 +142,7 @@ def _check_semantics(r: Recipe, check_files: bool = True) -> None:
         raise RecipeError(f"Recipe key 'router.top_k' is {r.router.top_k}, more than expert.num_experts "
                           f"({r.expert.num_experts}). Allowed: 1..{r.expert.num_experts}.")
     r.expert.check_recipe(r)  # type-specific checks, e.g. calm's augmenting model and layer lists
+    _check_held_out(r)
     if len(set(r.stages)) != len(r.stages):
         raise RecipeError(f"Recipe key 'stages' repeats a stage: {r.stages}. Allowed: each of {', '.join(STAGES)} once.")
     if check_files and r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
@@ -175,6 +176,27 @@ def _check_semantics(r: Recipe, check_files: bool = True) -> None:
             raise RecipeError(f"Recipe key 'data.{key}' names {path!r}, which does not exist "
                               f"(working directory: {Path.cwd()}). Allowed: an existing .jsonl/.json/.csv/"
                               ".parquet file or a datasets directory" + ("" if key == "train" else ", or null") + ".")
+
+
+def scores_held_out(r: Recipe) -> bool:
+    """Whether the stages score the held-out split (eval.split): the eval stage, or train's 'before' scores."""
+    return "eval" in r.stages or ("train" in r.stages and bool(r.train.eval_before))
+
+
+def _check_held_out(r: Recipe) -> None:
+    """The held-out split the stages score has data (what `train` would otherwise find out after loading the model)."""
+    if not scores_held_out(r):
+        return
+    why = "the eval stage" if "eval" in r.stages else "train.eval_before (the 'before' scores)"
+    if r.eval.split == "test" and not r.data.test:
+        raise RecipeError(f"Recipe key 'eval.split' is 'test' but 'data.test' is null, and {why} scores that split. "
+                          "Allowed: data.test=FILE (held-out rows), or eval.split=validation (data.validation, or the "
+                          "part of data.train that data.validation_split holds out).")
+    if r.eval.split == "validation" and not r.data.validation and r.data.validation_split == 0:
+        raise RecipeError(f"Recipe key 'eval.split' is 'validation' but 'data.validation' is null and "
+                          f"'data.validation_split' is 0, so there is no validation split for {why} to score. "
+                          "Allowed: data.validation=FILE, data.validation_split > 0 (e.g. 0.05), or eval.split=test "
+                          "with data.test=FILE.")
 
 
 def not_mergeable(expert_type: str) -> RecipeError:

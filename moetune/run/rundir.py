@@ -151,6 +151,43 @@ def refuse_or_clear(d: Path, resume: bool, overwrite: bool) -> Path | None:
                       "not deleted); or another output_dir=... .")
 
 
+STARTED = ("recipe.yaml", "summary.json", "metrics.jsonl", LOCK)
+"""What a run writes into output_dir before its first checkpoint (see `forget_failed_start`)."""
+
+
+def before_start(d: str | Path) -> tuple[set[str] | None, Path | None]:
+    """What `forget_failed_start` needs to know of `d` before a run starts: the names it holds (None: it does not
+    exist) and the topmost of it and its parents that does not exist yet (None: it exists)."""
+    d = Path(os.path.abspath(d))
+    if d.is_dir():
+        return {p.name for p in d.iterdir()}, None
+    top = d
+    while not top.parent.exists():
+        top = top.parent
+    return None, top
+
+
+def forget_failed_start(d: str | Path, held: set[str] | None, created: Path | None, log=print) -> bool:
+    """After a run failed or was stopped: when it wrote no training output (`existing_run` is None), remove the
+    files it wrote at its start (`STARTED`, those not there before) and the directories it created, if that
+    leaves them empty. A directory that held something before keeps it. True when the directory went."""
+    d = Path(os.path.abspath(d))
+    if not d.is_dir() or existing_run(d) is not None:
+        return False
+    for name in STARTED:
+        if held is None or name not in held:
+            (d / name).unlink(missing_ok=True)
+    if created is None or any(d.iterdir()):
+        return False
+    while True:
+        d.rmdir()
+        if d == created or any(d.parent.iterdir()):
+            break
+        d = d.parent
+    log(f"Nothing was trained; the run directory {created} made for it was removed.")
+    return True
+
+
 def check_resume_recipe(d: str | Path, recipe: Recipe, allow_changes: bool, log=print) -> list[tuple]:
     """On --resume: compare `recipe` with the run's recipe.yaml. No difference: nothing to do. Differences that
     change what training computes (`recipe.changes_training`) are a RecipeError naming them, unless
