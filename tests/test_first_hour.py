@@ -336,3 +336,35 @@ def test_a_run_that_fails_before_training_leaves_no_run_directory(fresh_user, mo
     (fresh_user / "runs" / "mine" / "notes.txt").write_text("mine")
     assert cli(monkeypatch, "train", "my.yaml", "data.train=bad.json") == 2
     assert sorted(p.name for p in (fresh_user / "runs" / "mine").iterdir()) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------ bug 7: output files respect the umask
+
+
+@pytest.fixture
+def umask_007():
+    old = os.umask(0o007)
+    yield
+    os.umask(old)
+
+
+def test_outputs_respect_the_umask(fresh_user, umask_007, monkeypatch):
+    def modes(paths):
+        got = {str(p.relative_to(fresh_user)): oct(p.stat().st_mode & 0o777) for p in paths}
+        return got, {k: oct(0o770 if (fresh_user / k).is_dir() else 0o660) for k in got}   # what open()/mkdir() give
+
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train,merge,eval,export]", "train.save_every=3") in (0, None)
+    run = fresh_user / "runs" / "mine"
+    prompts = fresh_user / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Shout red"}) + "\n")
+    assert cli(monkeypatch, "generate", run, "--prompts", prompts, "--out", "answers.jsonl",
+               "--max-new-tokens", "2") in (0, None)
+    paths = [*run.rglob("*"), fresh_user / "answers.jsonl"]
+    for sub in ("merged", "export", "adapter", "checkpoints/step-0000003", "summary.json", "eval.json",
+                "curves.png", "merged/model.safetensors", "adapter/adapter_model.safetensors"):
+        assert run / sub in paths
+    got, want = modes(paths)
+    assert got == want
+    assert cli(monkeypatch, "merge-lora", run / "adapter", "--out", "merged-elsewhere") in (0, None)
+    got, want = modes([fresh_user / "merged-elsewhere", *(fresh_user / "merged-elsewhere").rglob("*")])
+    assert got == want

@@ -26,6 +26,7 @@ from moetune.adapters.inject import mask_experts
 from moetune.adapters.io import load_adapter
 from moetune.core.adapter_files import find_adapter_dir, read_meta
 from moetune.core.errors import DataError
+from moetune.core.files import ordinary_mode
 from moetune.core.ui import console, simple_progress
 from moetune.data.read import read_file
 from moetune.data.rows import Encoder
@@ -294,6 +295,7 @@ def generate_file(m: Loaded, prompts: Path, out: Path, sampling: Sampling, batch
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for (row, _), text in zip(items, texts):
                 f.write(json.dumps({**row, field_name: text}, ensure_ascii=False) + "\n")
+        ordinary_mode(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

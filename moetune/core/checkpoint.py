@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from moetune.core.files import ordinary_mode, ordinary_modes
+
 DONE = "COMPLETE"
 MANIFEST = "MANIFEST.json"   # {file: {bytes, sha256}}, written after the files, before DONE
 
@@ -42,7 +44,8 @@ def _fsync_tree(root: Path) -> None:
 
 @contextmanager
 def atomic_dir(final: str | Path):
-    """Yield a temp dir beside `final`; on success flush it to disk and swap it into place (old copy
+    """Yield a temp dir beside `final`; on success give it and its files the modes ordinary writes get
+    (`ordinary_modes`: the umask, not mkdtemp's 0700), flush it to disk and swap it into place (old copy
     removed after). A failure anywhere (disk full, read-only) removes the temp dir and leaves `final`
     as it was: an existing copy is put back, a new one never appears half-written."""
     final = Path(final)
@@ -51,6 +54,7 @@ def atomic_dir(final: str | Path):
     old = None
     try:
         yield tmp
+        ordinary_modes(tmp)
         _fsync_tree(tmp)
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -84,6 +88,7 @@ def write_json(path: str | Path, obj) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(finite(obj), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
+    ordinary_mode(tmp)
     os.replace(tmp, path)
 
 

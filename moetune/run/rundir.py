@@ -114,7 +114,7 @@ def run_lock(d: str | Path):
     process holds it. Yields the lock file's path."""
     path = Path(d) / LOCK
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as open() gives
     except OSError as e:
         raise _unwritable("output_dir", Path(d), e) from None
     try:
