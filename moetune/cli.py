@@ -228,13 +228,12 @@ def export(run_dir: Path = typer.Argument(..., help="Run directory."),
                                                       "names masked in the exported adapter (gates 0, rest renormalised)."),
            overrides: Optional[List[str]] = OVERRIDES):
     """Write a PEFT adapter directory and/or merged model with the recipe and a model card."""
-    from moetune.commands.stages import stage_export
+    from moetune.commands.stages import stage_collapse, stage_export
     from moetune.run.session import Run
     if collapse:
-        from moetune.export.collapse import export_collapsed
         if kind:
             raise RecipeError("--collapse writes stock PEFT adapters; it does not combine with --kind.")
-        export_collapsed(Run(_run_dir_recipe(run_dir, overrides)), collapse, out)
+        stage_collapse(Run(_run_dir_recipe(run_dir, overrides)), collapse, out)
         return
     extra = [f"export.kind={kind}"] if kind else []
     rc = _run_dir_recipe(run_dir, [*extra, *_mask(run_dir, overrides, mask_experts)])

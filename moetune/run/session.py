@@ -71,8 +71,7 @@ class Run:
         """What the held-out scores are on: the split, its source and the number of examples scored. 'before'
         and 'after' in summary.json carry it, so that a pair on different rows is never shown as one."""
         rc = self.recipe
-        source = getattr(rc.data, rc.eval.split) or (
-            f"data.train less its validation_split {rc.data.validation_split} (seed {rc.data.seed})")
+        source = held_out_source(rc)
         n = len(self.held_out())
         return {"split": rc.eval.split, "source": source,
                 "examples": min(n, rc.eval.max_examples) if rc.eval.max_examples else n}
@@ -96,6 +95,13 @@ class Run:
             s = self.summary()
             s.update(parts)
             write_json(self.summary_path, s)
+
+
+def held_out_source(rc: R.Recipe) -> str:
+    """Where the held-out split (eval.split) comes from, in words: its file, or the part of the training data
+    that data.validation_split holds out."""
+    return getattr(rc.data, rc.eval.split) or (
+        f"data.train less its validation_split {rc.data.validation_split} (seed {rc.data.seed})")
 
 
 def model_with_adapter(run: Run, adapter_dir: Path | None = None, fresh: bool = False):
