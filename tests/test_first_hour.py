@@ -382,3 +382,17 @@ def test_export_card_follows_a_collapsed_export(fresh_user, monkeypatch):
     assert cli(monkeypatch, "export", "runs/mine", "--collapse", "mean") in (0, None)
     text = card.read_text()
     assert "No collapsed export yet" not in text and "collapsed-mean" in text and "| mean | 1 |" in text
+
+
+# ------------------------------------------------------------------ papercuts: time and disk
+
+
+def test_stages_decide_the_before_scores_and_the_default_merges_nothing(fresh_user, monkeypatch):
+    from moetune.recipe import Recipe
+    assert Recipe().stages == ["train", "eval", "export"]          # a merged model (538 MB for SmolLM2) is asked for
+    assert cli(monkeypatch, "validate", "my.yaml", "eval.split=test", "data.test=null", "stages=[train]") in (0, None)
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]") in (0, None)
+    s = json.loads((fresh_user / "runs" / "mine" / "summary.json").read_text())
+    assert "before" not in s and s["train"]["steps"] == 6          # stages=[train] scores nothing
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]", "train.eval_before=true", "--overwrite") in (0, None)
+    assert json.loads((fresh_user / "runs" / "mine" / "summary.json").read_text())["before"]["n"] == 4

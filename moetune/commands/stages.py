@@ -51,7 +51,7 @@ def stage_train(run: Run, resume: bool = False) -> dict:
         (run.dir / "metrics.jsonl").unlink(missing_ok=True)
         write_json(run.summary_path, {})
         shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
-    if rc.train.eval_before and run.main and not (resume and "before" in run.summary()):
+    if R.scores_before(rc) and run.main and not (resume and "before" in run.summary()):
         run.log("Scoring the held-out split before training ...")
         before = evaluate(model, run.tokenizer, run.held_out(), rc, run.device)
         run.update_summary(before={**before, "held_out": run.held_out_tag()})

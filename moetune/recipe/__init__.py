@@ -48,9 +48,11 @@ class Recipe:
     """Export."""
     output_dir: str = "runs/default"
     """Run directory: checkpoints, metrics.jsonl, summary.json, adapter, merged model, export."""
-    stages: list[str] = opt(factory=lambda: ["train", "merge", "eval", "export"], choices=STAGES)
-    """Stages `moetune train` runs, in this order. When a recipe does not set it, an expert type that does
-    not fold into the base (every type but lora) runs the default without 'merge'."""
+    stages: list[str] = opt(factory=lambda: ["train", "eval", "export"], choices=STAGES)
+    """Stages `moetune train` runs, in this order: train, merge (fold a LoRA into the base and save the full
+    model to <output_dir>/merged: as large as the base in merge.dtype, e.g. 538 MB for SmolLM2-135M in float32;
+    later, `moetune merge-lora RUN --out DIR` does the same), eval (the merged model when 'merge' ran, else
+    base + adapter), export. The default has no 'merge'; recipes/default.yaml asks for it."""
 
 
 def _suggest(key: str, options, prefix: str = "") -> str:
@@ -103,8 +105,6 @@ def recipe_from_dict(data: dict, source: str = "recipe", check_files: bool = Tru
         key = getattr(e, "full_key", None) or "?"
         raise RecipeError(f"Recipe key '{key}' has a bad value {getattr(e, 'value', None)!r}: "
                           f"{getattr(e, 'msg', str(e)).splitlines()[0]}. {_doc_for(key)}") from None
-    if "stages" not in data and not recipe.expert.mergeable:
-        recipe.stages = [s for s in recipe.stages if s != "merge"]  # the default, minus what cannot run
     for key, f, value in walk(recipe):
         if not check_value(f, value):
             raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}. "
@@ -178,9 +178,15 @@ def _check_semantics(r: Recipe, check_files: bool = True) -> None:
                               ".parquet file or a datasets directory" + ("" if key == "train" else ", or null") + ".")
 
 
+def scores_before(r: Recipe) -> bool:
+    """Whether training first scores the held-out split (the summary's 'before'): train.eval_before, whose
+    default (None) follows the stages: only when they include 'eval'."""
+    return "eval" in r.stages if r.train.eval_before is None else r.train.eval_before
+
+
 def scores_held_out(r: Recipe) -> bool:
     """Whether the stages score the held-out split (eval.split): the eval stage, or train's 'before' scores."""
-    return "eval" in r.stages or ("train" in r.stages and bool(r.train.eval_before))
+    return "eval" in r.stages or ("train" in r.stages and scores_before(r))
 
 
 def _check_held_out(r: Recipe) -> None:
