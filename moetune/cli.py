@@ -71,8 +71,9 @@ def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."), override
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overrides: Optional[List[str]] = OVERRIDES):
     """Check a recipe without loading weights; print trainable parameters and a memory estimate."""
+    rc = _recipe(recipe, overrides)
     from moetune.commands.validate import report
-    report(_recipe(recipe, overrides))
+    report(rc)
 
 
 @app.command()
@@ -111,9 +112,10 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory (the recipe
              mask_experts: Optional[str] = typer.Option(None, "--mask-experts", help="MoLE: comma-separated expert "
                                                         "names whose gates are fixed at 0 (the others renormalised).")):
     """Evaluate a trained run: loss, exact match per domain, multiple choice; writes eval.json."""
+    rc = _run_dir_recipe(run_dir, _mask(run_dir, overrides, mask_experts))
     from moetune.commands.stages import stage_eval
     from moetune.run.session import Run
-    stage_eval(Run(_run_dir_recipe(run_dir, _mask(run_dir, overrides, mask_experts))), use_merged=merged)
+    stage_eval(Run(rc), use_merged=merged)
 
 
 def _mask(run_dir: Path, overrides: Optional[List[str]], mask: Optional[str]) -> List[str]:
@@ -155,29 +157,29 @@ def merge_lora(source: Optional[Path] = typer.Argument(None, help="Run directory
                overrides: Optional[List[str]] = OVERRIDES):
     """Fold a LoRA adapter into its base model and save a full model (safetensors); or, with --adapters,
     merge several LoRAs into one PEFT LoRA adapter."""
-    from moetune.commands.stages import stage_merge
-    from moetune.run.session import Run
     if adapters:
         _merge_many(source, overrides, out, base, method, weights, density, seed, rank, gates_from, split, into_base)
         return
     if source is None:
         raise RecipeError("merge-lora needs SOURCE (a run or adapter directory), or --adapters A B ...")
     if _is_run(source):  # the run's own adapter: the merge is recorded in its summary.json
-        run, adapter = Run(_run_dir_recipe(source, overrides)), None
+        rc, adapter, record = _run_dir_recipe(source, overrides), None, True
     else:
         adapter = find_adapter_dir(source)
         if adapter is None:
             raise RecipeError(f"{source} holds no adapter (adapter_model.safetensors, here or in adapter/). Pass a "
                               "run directory, or an adapter, export or collapsed export directory.")
-        run = _bare_adapter_run(adapter, base, overrides)
-    stage_merge(run, adapter_dir=adapter, out_dir=out)
-
-
-def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[List[str]]):
-    """A Run that merges a bare adapter directory into `base` (default: the base it names) and writes into no
-    run directory (summary.json untouched, no data read). The template and system prompt are those of a
-    recipe.yaml in the adapter directory or its parent (a run, an export), for the merged model's chat."""
+        rc, record = _bare_adapter_recipe(adapter, base, overrides), False
+    from moetune.commands.stages import stage_merge
     from moetune.run.session import Run
+    stage_merge(Run(rc, record=record), adapter_dir=adapter, out_dir=out)
+
+
+def _bare_adapter_recipe(adapter: Path, base: Optional[str], overrides: Optional[List[str]]):
+    """The recipe that merges a bare adapter directory into `base` (default: the base it names); its Run is made
+    with record=False, so it writes into no run directory (summary.json untouched, no data read). The template
+    and system prompt are those of a recipe.yaml in the adapter directory or its parent (a run, an export), for
+    the merged model's chat."""
     meta = read_meta(adapter)
     where = Path(os.path.abspath(adapter))
     base = base or anchor_path(meta.get("base_model"), [where, *where.parents, Path.cwd()])
@@ -192,7 +194,7 @@ def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[Li
     if beside is not None:
         trained = load_run_recipe(beside)
         rc.data.template, rc.data.system_prompt = trained.data.template, trained.data.system_prompt
-    return Run(rc, record=False)
+    return rc
 
 
 def _merge_many(source, rest, out, base, method, weights, density, seed, rank, gates_from, split, into_base):
@@ -210,8 +212,10 @@ def _merge_many(source, rest, out, base, method, weights, density, seed, rank, g
         e = info["svd_relative_error"]
         typer.echo(f"SVD re-factorisation to rank {info['rank']}: relative error mean {e['mean']:.3g}, max {e['max']:.3g}")
     if into_base:
+        from moetune.run.session import Run
         try:
-            stage_merge(_bare_adapter_run(target, base, overrides), adapter_dir=target, out_dir=out)
+            stage_merge(Run(_bare_adapter_recipe(target, base, overrides), record=False), adapter_dir=target,
+                        out_dir=out)
             (out / "merge.json").write_text(json.dumps(info, indent=2))
         finally:
             shutil.rmtree(target, ignore_errors=True)
@@ -228,15 +232,15 @@ def export(run_dir: Path = typer.Argument(..., help="Run directory."),
                                                       "names masked in the exported adapter (gates 0, rest renormalised)."),
            overrides: Optional[List[str]] = OVERRIDES):
     """Write a PEFT adapter directory and/or merged model with the recipe and a model card."""
+    if collapse and kind:
+        raise RecipeError("--collapse writes stock PEFT adapters; it does not combine with --kind.")
+    extra = [f"export.kind={kind}"] if kind else []
+    rc = _run_dir_recipe(run_dir, overrides if collapse else [*extra, *_mask(run_dir, overrides, mask_experts)])
     from moetune.commands.stages import stage_collapse, stage_export
     from moetune.run.session import Run
     if collapse:
-        if kind:
-            raise RecipeError("--collapse writes stock PEFT adapters; it does not combine with --kind.")
-        stage_collapse(Run(_run_dir_recipe(run_dir, overrides)), collapse, out)
+        stage_collapse(Run(rc), collapse, out)
         return
-    extra = [f"export.kind={kind}"] if kind else []
-    rc = _run_dir_recipe(run_dir, [*extra, *_mask(run_dir, overrides, mask_experts)])
     stage_export(Run(rc), kind=rc.export.kind, out=out)
 
 
@@ -349,8 +353,9 @@ def data_inspect(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
                  as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
                  examples: int = typer.Option(2, "--examples", help="Examples rendered per split.")):
     """Rows per split and domain, token lengths, rows cut by max_length, examples with trained tokens marked."""
+    rc = _recipe(recipe, overrides)
     from moetune.commands.inspect_data import run
-    run(_recipe(recipe, overrides), as_json, examples)
+    run(rc, as_json, examples)
 
 
 @data_app.command("mmlu")

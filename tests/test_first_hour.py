@@ -396,3 +396,23 @@ def test_stages_decide_the_before_scores_and_the_default_merges_nothing(fresh_us
     assert "before" not in s and s["train"]["steps"] == 6          # stages=[train] scores nothing
     assert cli(monkeypatch, "train", "my.yaml", "stages=[train]", "train.eval_before=true", "--overwrite") in (0, None)
     assert json.loads((fresh_user / "runs" / "mine" / "summary.json").read_text())["before"]["n"] == 4
+
+
+def test_a_recipe_typo_is_reported_before_torch_is_imported(user):
+    """Every command that loads a recipe checks it first: a typo costs no torch import (seconds)."""
+    import subprocess
+    import sys
+    run = user / "runs" / "mine"
+    commands = [["validate", "my.yaml"], ["train", "my.yaml"], ["data", "inspect", "my.yaml"], ["eval", str(run)],
+                ["export", str(run)], ["merge-lora", str(run), "--out", "m"]]
+    code = ("import json, sys\nfrom moetune.cli import main\nout = []\n"
+            f"for argv in {commands!r}:\n"
+            "    sys.argv = ['moetune', *argv, 'train.learning_rate=1']\n"
+            "    try:\n        main()\n        code = 0\n    except SystemExit as e:\n        code = e.code\n"
+            "    out.append([argv[0], code, sorted(m for m in ('torch', 'transformers') if m in sys.modules)])\n"
+            "print(json.dumps(out))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    res = subprocess.run([sys.executable, "-c", code], cwd=user, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1]) == [[c[0], 2, []] for c in commands]
+    assert res.stderr.count("Unknown recipe key 'train.learning_rate'") == len(commands)

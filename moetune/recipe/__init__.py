@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moetune.core.errors import RecipeError
 from moetune.core.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
 from moetune.recipe.experts import EXPERT_CONFIGS, ExpertConfig, LoRAConfig
+from moetune.recipe.paths import INPUT_PATHS, anchor_path, anchor_paths  # noqa: F401
 from moetune.recipe.sections import (FORMATS, MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
                                      MixSource, ModelConfig, RouterConfig, TrainConfig)
 
@@ -222,54 +222,6 @@ def parse_overrides(overrides: list[str]) -> dict:
         raise RecipeError(f"Could not parse overrides {overrides}: {e}") from None
 
 
-INPUT_PATHS = (("model", "path"), ("data", "train"), ("data", "validation"), ("data", "test"),
-               ("router", "init_centroids"), ("eval", "multiple_choice"))
-"""(section, key) of the recipe keys that name files or directories moetune reads (besides data.mix[i].path
-and each expert type's `path_keys`): `anchor_paths` makes them absolute."""
-
-
-def anchor_path(value, bases: list[Path]):
-    """A relative path that exists against one of `bases` (the first that has it; a glob that matches), made
-    absolute; anything else (absolute, a hub id, a built-in model name, a missing file, not a string) as is."""
-    if isinstance(value, list):
-        return [anchor_path(v, bases) for v in value]
-    if not isinstance(value, str) or not value or "${" in value:
-        return value
-    if value.startswith("~"):
-        return os.path.expanduser(value) if os.path.exists(os.path.expanduser(value)) else value
-    if os.path.isabs(value):
-        return value
-    pattern = any(c in value for c in "*?[")
-    for base in bases:
-        candidate = os.path.join(base, value)
-        if os.path.exists(candidate) or (pattern and glob.glob(candidate)):
-            return os.path.abspath(candidate)
-    return value
-
-
-def anchor_paths(data: dict, bases: list[Path]) -> dict:
-    """Make the input paths of a recipe dict (`INPUT_PATHS`, data.mix[i].path, the expert type's `path_keys`)
-    absolute, in place: a recipe read from a run directory then finds its data and models from any working
-    directory. `bases`: where relative paths are looked up, in order (a recipe file: the working directory;
-    a run's recipe.yaml: the run directory and its parents, then the working directory)."""
-    if not isinstance(data, dict):
-        return data
-    for section, key in INPUT_PATHS:
-        sec = data.get(section)
-        if isinstance(sec, dict) and key in sec:
-            sec[key] = anchor_path(sec[key], bases)
-    mix = (data.get("data") or {}).get("mix") if isinstance(data.get("data"), dict) else None
-    for src in mix if isinstance(mix, list) else []:
-        if isinstance(src, dict) and "path" in src:
-            src["path"] = anchor_path(src["path"], bases)
-    expert = data.get("expert")
-    if isinstance(expert, dict) and expert.get("type", "lora") in EXPERT_CONFIGS:
-        for key in EXPERT_CONFIGS[expert.get("type", "lora")].path_keys:
-            if key in expert:
-                expert[key] = anchor_path(expert[key], bases)
-    return data
-
-
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None, base_dirs: list[Path] | None = None,
                 check_files: bool = True) -> Recipe:
     """Load a YAML recipe (or the defaults when path is None) and apply overrides.
@@ -325,37 +277,6 @@ def to_yaml(recipe: Recipe) -> str:
 
 def to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
-
-
-RESUME_NEUTRAL = ("output_dir", "stages", "eval.", "merge.", "export.", "model.device", "model.attn_implementation",
-                  "model.trust_remote_code", "data.test", "data.cache_dir", "data.num_proc", "train.eval_before",
-                  "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.log_every",
-                  "train.stop_after", "train.report_to", "train.logging_dir", "train.gradient_checkpointing",
-                  "train.distributed")
-"""Recipe keys (a trailing '.': a whole section) that a resumed run may change without training differently
-from a fresh run: where and how often it writes and logs, what is scored and exported, the device, and
-the settings that compute the same update another way (activation checkpointing, DDP / FSDP; both tested
-equal). Every other key changes what training computes."""
-
-
-def _flat(obj, prefix: str = "") -> dict:
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-    return {prefix.rstrip("."): obj}
-
-
-def recipe_changes(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) of every key whose value differs (a key one recipe lacks: None)."""
-    a, b = _flat(to_dict(old)), _flat(to_dict(new))
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def changes_training(key: str) -> bool:
-    """Whether changing recipe key `key` on --resume makes the run differ from a fresh one (`RESUME_NEUTRAL`)."""
-    return not any(key == n or (n.endswith(".") and key.startswith(n)) for n in RESUME_NEUTRAL)
 
 
 def explain() -> str:

@@ -20,10 +20,11 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from moetune.core.checkpoint import DONE
 from moetune.core.errors import RecipeError
-from moetune.recipe import Recipe, changes_training, load_run_recipe, recipe_changes
+from moetune.recipe import Recipe, load_run_recipe, to_dict
 
 LOCK = ".moetune.lock"
 PROBE_BYTES = 1 << 20   # the write probe: 1 MiB, fsynced, then removed
@@ -149,6 +150,37 @@ def refuse_or_clear(d: Path, resume: bool, overwrite: bool) -> Path | None:
                       f"`moetune train RECIPE --resume` to continue it from its newest checkpoint; "
                       f"`--overwrite` to start over (the old run is moved aside to {d.name}.old-<UTC time>, "
                       "not deleted); or another output_dir=... .")
+
+
+RESUME_NEUTRAL = ("output_dir", "stages", "eval.", "merge.", "export.", "model.device", "model.attn_implementation",
+                  "model.trust_remote_code", "data.test", "data.cache_dir", "data.num_proc", "train.eval_before",
+                  "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.log_every",
+                  "train.stop_after", "train.report_to", "train.logging_dir", "train.gradient_checkpointing",
+                  "train.distributed")
+"""Recipe keys (a trailing '.': a whole section) that a resumed run may change without training differently
+from a fresh run: where and how often it writes and logs, what is scored and exported, the device, and
+the settings that compute the same update another way (activation checkpointing, DDP / FSDP; both tested
+equal). Every other key changes what training computes."""
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every key whose value differs (a key one recipe lacks: None)."""
+    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def changes_training(key: str) -> bool:
+    """Whether changing recipe key `key` on --resume makes the run differ from a fresh one (`RESUME_NEUTRAL`)."""
+    return not any(key == n or (n.endswith(".") and key.startswith(n)) for n in RESUME_NEUTRAL)
 
 
 STARTED = ("recipe.yaml", "summary.json", "metrics.jsonl", LOCK)
