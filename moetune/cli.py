@@ -11,15 +11,19 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from moetune.core.adapter_files import find_adapter_dir, read_meta
-from moetune.core.errors import RecipeError
+from moetune.core.errors import Interrupted, RecipeError, Terminated
 from moetune.core.ui import console
 from moetune.data.datagen import write_splits
 from moetune.recipe import explain as explain_text
@@ -390,16 +394,27 @@ def main() -> None:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         app()
+    except Interrupted as e:
+        if e.message:  # the main process of a run says what was kept; the others exit quietly
+            hint = f" Continue with: {_resume_command()}" if e.resumable else ""
+            console.print(f"[yellow]stopped by {_signal_name(e.signum)}[/]: {escape(e.message + hint)}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(128 + e.signum)
+    except Terminated as e:
+        console.print("[yellow]stopped by SIGTERM[/]: files written so far (checkpoints, exports) are intact.",
+                      highlight=False)
+        sys.exit(128 + e.signum)
     except RecipeError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
         where = f" {e.filename}" if e.filename else ""
-        console.print(f"[bold red]error:[/] could not write{where}: {e.strerror or e}. Checkpoints and exports "
+        console.print(f"[bold red]error:[/] could not write{escape(where)}: {escape(str(e.strerror or e))}. Checkpoints and exports "
                       "finished before this are intact; a directory being written when it failed was removed, "
                       "never left half-written. Free space or fix permissions, then rerun (add --resume to "
                       "continue a training run).", highlight=False, soft_wrap=True)
@@ -407,3 +422,24 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: checkpoints and exports written so far are intact.")
         sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    """SIGTERM outside a training loop: stop as Ctrl-C does (an exception, so that the run says what it kept)."""
+    raise Terminated(signum)
+
+
+def _signal_name(signum: int) -> str:
+    return {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
+
+
+def _resume_command() -> str:
+    """The command line that continues the stopped run: this one with --resume (and without --overwrite)."""
+    args = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+    command = shlex.join(["moetune", *args, "--resume"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch set it in every process
+        command += " (through the same launcher: torchrun ... -m moetune or accelerate launch ... -m moetune)"
+    return command

@@ -416,3 +416,63 @@ def test_a_recipe_typo_is_reported_before_torch_is_imported(user):
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[-1]) == [[c[0], 2, []] for c in commands]
     assert res.stderr.count("Unknown recipe key 'train.learning_rate'") == len(commands)
+
+
+# ------------------------------------------------------------------ interrupts
+
+
+def train_then_signal(user_dir: Path, signum: int, *args: str):
+    """`moetune train my.yaml ARGS` in a subprocess, sent `signum` once its second step is logged; (returncode, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    metrics = user_dir / "runs" / "mine" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "moetune", "train", "my.yaml", *args], cwd=user_dir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and metrics.read_text().count('"loss"') >= 2:
+                proc.send_signal(signum)
+                break
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, " ".join(err.split())
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(fresh_user, monkeypatch, capsys):
+    from moetune.core.checkpoint import verify_checkpoint
+    code, err = train_then_signal(fresh_user, __import__("signal").SIGTERM, "train.max_steps=2000", "stages=[train]")
+    assert code == 143, err[-2000:]
+    assert "Traceback" not in err
+    ckpts = sorted((fresh_user / "runs" / "mine" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and verify_checkpoint(ckpts[-1]) is None
+    step = int(ckpts[-1].name.split("-")[1])
+    assert 2 <= step < 2000
+    assert f"stopped by SIGTERM: training stopped after step {step} of 2000; its checkpoint is " \
+           f"runs/mine/checkpoints/step-{step:07d}." in err
+    assert "Continue with: moetune train my.yaml train.max_steps=2000 'stages=[train]' --resume" in err
+    capsys.readouterr()
+    assert cli(monkeypatch, "train", "my.yaml", "train.max_steps=2000", "stages=[train]", "--resume",
+               "train.stop_after=2") in (0, None)
+    assert f"resumed from runs/mine/checkpoints/step-{step:07d} at step {step} of 2000" in \
+           " ".join(capsys.readouterr().err.split())
+    assert json.loads((fresh_user / "runs" / "mine" / "summary.json").read_text())["train"]["steps"] == step + 2
+
+
+def test_ctrl_c_before_training_leaves_nothing_and_says_so(fresh_user, monkeypatch, capsys):
+    import moetune.commands.stages as stages
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "load_model", interrupted)
+    assert cli(monkeypatch, "train", "my.yaml") == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "stopped by Ctrl-C (SIGINT): nothing had been trained; the run directory made for it was removed." in err
+    assert not (fresh_user / "runs").exists()

@@ -13,6 +13,7 @@ from moetune.commands.domain_experts import train_domain_experts
 from moetune.commands.runs import collapse_card
 from moetune.core.adapter_files import read_meta
 from moetune.core.checkpoint import atomic_dir, write_json, write_text_atomic
+from moetune.core.errors import Interrupted
 from moetune.core.ui import console, table
 from moetune.data.pipeline import data_summary
 from moetune.data.rows import Encoder, collate
@@ -26,8 +27,8 @@ from moetune.models.load import DTYPES, load_model
 from moetune.models.quant import describe
 from moetune.recipe import not_mergeable
 from moetune.recipe.experts import EXPERT_CONFIGS
-from moetune.run.rundir import (before_start, check_resume_recipe, forget_failed_start, keep_old_recipe, open_run,
-                                refuse_or_clear)
+from moetune.run.rundir import (before_start, check_resume_recipe, forget_failed_start, interrupted, keep_old_recipe,
+                                open_run, refuse_or_clear, stop_signal)
 from moetune.run.session import Run, held_out_source, model_with_adapter
 from moetune.train.loggers import check_trackers
 from moetune.train.loop import train
@@ -290,7 +291,12 @@ def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False, 
             refuse_or_clear(run.dir, resume, False)
         if resume:
             check_resume_recipe(run.dir, recipe, allow_changes, log=lambda msg: None)
-        return _run_stages(run, resume)
+        try:
+            return _run_stages(run, resume)
+        except BaseException as e:  # stopped by a signal: the main process says what was kept
+            if stop_signal(e) is None:
+                raise
+            raise Interrupted(stop_signal(e)) from None
     if "train" not in recipe.stages and not overwrite:
         resume = True  # stages without train (eval, export) work on the run that is there
     extra = (("export.dir", Path(recipe.export.dir).parent),) if recipe.export.dir and "export" in recipe.stages else ()
@@ -301,9 +307,13 @@ def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False, 
             if changed:
                 run.log(f"The run's previous recipe is kept as {keep_old_recipe(run.dir)}")
             return _run_stages(run, resume)
-    except BaseException:  # failed or stopped before any training output: leave no run directory behind
-        forget_failed_start(run.dir, held, created, log=run.log)
-        raise
+    except BaseException as e:  # failed or stopped before any training output: leave no run directory behind
+        removed = forget_failed_start(run.dir, held, created)
+        if stop_signal(e) is None:
+            if removed:
+                run.log(f"Nothing was trained; the run directory {run.dir}, made for this run, was removed.")
+            raise
+        raise interrupted(run.dir, e, stop_signal(e), removed) from None
 
 
 def _run_stages(run: Run, resume: bool) -> dict:

@@ -49,10 +49,9 @@ class Recipe:
     output_dir: str = "runs/default"
     """Run directory: checkpoints, metrics.jsonl, summary.json, adapter, merged model, export."""
     stages: list[str] = opt(factory=lambda: ["train", "eval", "export"], choices=STAGES)
-    """Stages `moetune train` runs, in this order: train, merge (fold a LoRA into the base and save the full
-    model to <output_dir>/merged: as large as the base in merge.dtype, e.g. 538 MB for SmolLM2-135M in float32;
-    later, `moetune merge-lora RUN --out DIR` does the same), eval (the merged model when 'merge' ran, else
-    base + adapter), export. The default has no 'merge'; recipes/default.yaml asks for it."""
+    """Stages `moetune train` runs, in this order: train, merge (writes <output_dir>/merged, the base with the
+    LoRA folded in: 538 MB for SmolLM2-135M in float32; not in the default, `moetune merge-lora` merges later),
+    eval (the merged model after 'merge', else base + adapter), export."""
 
 
 def _suggest(key: str, options, prefix: str = "") -> str:

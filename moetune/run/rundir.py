@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import time
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moetune.core.checkpoint import DONE
-from moetune.core.errors import RecipeError
+from moetune.core.errors import Interrupted, RecipeError, Terminated
 from moetune.recipe import Recipe, load_run_recipe, to_dict
 
 LOCK = ".moetune.lock"
@@ -199,7 +200,7 @@ def before_start(d: str | Path) -> tuple[set[str] | None, Path | None]:
     return None, top
 
 
-def forget_failed_start(d: str | Path, held: set[str] | None, created: Path | None, log=print) -> bool:
+def forget_failed_start(d: str | Path, held: set[str] | None, created: Path | None) -> bool:
     """After a run failed or was stopped: when it wrote no training output (`existing_run` is None), remove the
     files it wrote at its start (`STARTED`, those not there before) and the directories it created, if that
     leaves them empty. A directory that held something before keeps it. True when the directory went."""
@@ -216,8 +217,33 @@ def forget_failed_start(d: str | Path, held: set[str] | None, created: Path | No
         if d == created or any(d.parent.iterdir()):
             break
         d = d.parent
-    log(f"Nothing was trained; the run directory {created} made for it was removed.")
     return True
+
+
+def stop_signal(e: BaseException) -> int | None:
+    """The signal behind an exception that stopped a run: Ctrl-C (KeyboardInterrupt), SIGTERM (Terminated), or
+    the one Interrupted names; None for any other exception."""
+    if isinstance(e, KeyboardInterrupt):
+        return signal.SIGINT
+    if isinstance(e, (Terminated, Interrupted)):
+        return e.signum
+    return None
+
+
+def interrupted(d: str | Path, e: BaseException, signum: int, removed: bool) -> Interrupted:
+    """The Interrupted a stopped run ends with: what it kept in run directory `d` and whether --resume can go on."""
+    d = Path(d)
+    if removed:
+        return Interrupted(signum, "nothing had been trained; the run directory made for it was removed.")
+    steps = sorted(p for p in (d / "checkpoints").glob("step-*") if (p / DONE).is_file())
+    text = e.message if isinstance(e, Interrupted) and e.message else ""
+    if not text and steps:
+        text = f"the newest checkpoint is {steps[-1]} (step {int(steps[-1].name.split('-')[1])})."
+    if "train" in _summary(d) and not _summary(d)["train"].get("stopped"):
+        text += f" Training had finished (the adapter is in {d / 'adapter'}); not every later stage ran."
+    if not text:
+        text = f"nothing was kept in {d} that --resume could continue from."
+    return Interrupted(signum, text.strip(), step=getattr(e, "step", None), resumable=bool(steps))
 
 
 def check_resume_recipe(d: str | Path, recipe: Recipe, allow_changes: bool, log=print) -> list[tuple]:

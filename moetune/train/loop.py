@@ -24,7 +24,7 @@ import torch
 
 from moetune.adapters.inject import lora_plus_parameters, trainable_parameters
 from moetune.core.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
-from moetune.core.errors import RecipeError
+from moetune.core.errors import Interrupted, RecipeError
 from moetune.core.ui import TrainProgress
 from moetune.data.pipeline import ExampleSet, take
 from moetune.data.rows import Example, collate
@@ -34,6 +34,7 @@ from moetune.train.activation_checkpointing import enable_checkpointing
 from moetune.train.loggers import TrainLoggers
 from moetune.train.loss import CausalLMLoss
 from moetune.train.plan import Plan
+from moetune.train.signals import StopRequest
 from moetune.train.step import SFT, StepResult, TrainStep
 from moetune.train.strategy import make_strategy
 
@@ -191,12 +192,16 @@ class Trainer:
         progress = TrainProgress(plan.total_steps, start, console, enabled=acc.is_main_process)
         self.t0 = time.perf_counter()
         self.window_tokens, self.window_t0 = 0, time.perf_counter()
-        with progress:
+        log = console.print if console is not None and acc.is_main_process else None
+        with progress, StopRequest(log) as stop:
             for step in range(start, end):
                 indices = plan.step_indices(step, cfg.seed)
                 rows = take(self.train_ex, indices)  # the global batch's examples, read once (one Arrow gather)
                 result = self.train_step(step, rows, plan.micro_batches(list(range(len(indices))), acc.process_index))
                 self.evaluate_and_checkpoint(step + 1, end, result, progress)
+                signum = self.strategy.agree(stop.signum or 0)  # every process stops after the same step
+                if signum:
+                    self.stop_at(step + 1, end, signum)
         if end > start:  # resumed at its end (a finished run): the checkpoint there is this state already
             self.checkpoint(end)
         set_temperature(model, scheduled_temperature(self.recipe.router, plan.total_steps, plan.total_steps))  # the end value
@@ -235,6 +240,18 @@ class Trainer:
             self.metrics.log({"step": done, "split": "validation", "val_loss": self.val})
         if cfg.save_every and done % cfg.save_every == 0 and done < end:
             self.checkpoint(done)
+
+    def stop_at(self, done: int, end: int, signum: int) -> None:
+        """A signal asked to stop (train/signals.py): checkpoint step `done` (unless the periodic one just did),
+        close the loggers (curves.png), raise Interrupted naming the checkpoint."""
+        cfg = self.cfg
+        if not (cfg.save_every and done % cfg.save_every == 0 and done < end):
+            self.checkpoint(done)
+        self.metrics.log({"event": "stopped", "step": done, "signal": signum})
+        self.metrics.close()
+        path = Path(self.run_dir) / "checkpoints" / f"step-{done:07d}"
+        raise Interrupted(signum, f"training stopped after step {done} of {self.plan.total_steps}; its checkpoint "
+                          f"is {path}.", step=done, resumable=True)
 
     def validate(self) -> float:
         return validation_loss(self.model, self.val_ex, self.recipe.eval.batch_size, self.pad_id, self.accelerator.device)
