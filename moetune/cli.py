@@ -319,8 +319,13 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories
         raise RecipeError(f"--sort is {sort!r}; allowed: {', '.join(COLUMNS)}.")
     paths = list(dirs or [Path("runs")])
     missing = [str(p) for p in paths if not p.is_dir()]
+    what = ("moetune runs lists run directories: a recipe.yaml beside a summary.json, what `moetune train` writes "
+            "into a recipe's output_dir; each argument is one, or a folder searched for them two levels deep.")
+    if missing and not dirs:
+        raise RecipeError(f"{what} With no argument it looks in ./runs, which does not exist here ({Path.cwd()}). "
+                          "Pass the run directories or a folder holding them, e.g. `moetune runs path/to/runs`.")
     if missing:
-        raise RecipeError(f"Not a directory: {', '.join(missing)}. Pass run directories or folders holding them.")
+        raise RecipeError(f"Not a directory: {', '.join(missing)}. {what}")
     rows = sort_rows([run_row(d) for d in find_runs(paths)], sort)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

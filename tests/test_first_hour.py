@@ -476,3 +476,28 @@ def test_ctrl_c_before_training_leaves_nothing_and_says_so(fresh_user, monkeypat
     err = " ".join(capsys.readouterr().err.split())
     assert "stopped by Ctrl-C (SIGINT): nothing had been trained; the run directory made for it was removed." in err
     assert not (fresh_user / "runs").exists()
+
+
+# ------------------------------------------------------------------ moetune runs; chat
+
+
+def test_runs_without_a_runs_folder_explains_what_it_looks_for(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(monkeypatch, "runs") == 2
+    msg = " ".join(capsys.readouterr().err.split())
+    assert "recipe.yaml beside a summary.json" in msg and "looks in ./runs, which does not exist" in msg
+    assert "moetune runs path/to/runs" in msg
+
+
+def test_chat_help_and_a_merged_model_with_its_system_prompt(fresh_user, monkeypatch, capsys):
+    from moetune.commands.chat import load_source
+    assert cli(monkeypatch, "train", "my.yaml", "stages=[train]", "data.system_prompt=Answer briefly.") in (0, None)
+    assert cli(monkeypatch, "merge-lora", "runs/mine/adapter", "--out", "merged") in (0, None)
+    m = load_source(fresh_user / "merged")
+    assert m.encoder.cfg.system_prompt == "Answer briefly." and m.expert_type == "lora, merged"
+    monkeypatch.setattr("sys.stdin", io.StringIO("/help\n/exit\n"))
+    capsys.readouterr()
+    assert cli(monkeypatch, "chat", "merged") in (0, None)
+    out = capsys.readouterr().out
+    assert "(lora, merged)" in out.splitlines()[0] and "(base)" not in out
+    assert "unknown command" not in out and "/reset" in out.split("you> /help", 1)[1]

@@ -32,9 +32,13 @@ from moetune.data.read import read_file
 from moetune.data.rows import Encoder
 from moetune.eval.evaluate import eos_ids
 from moetune.eval.generation import RoutingRecorder, Sampling, generate_batch, routing_lines
+from moetune.export.merge import MERGE_INFO
 from moetune.models.load import load_model, load_tokenizer, pick_device
 
-HELP = "commands: /reset (forget the conversation), /exit (quit); an empty line is ignored"
+HELP = "commands: /help, /reset (forget the conversation), /exit (quit); an empty line is ignored"
+COMMANDS = ("/help      this list\n/reset     forget the conversation (the system prompt stays)\n"
+            "/exit      quit (also /quit, or end of input: Ctrl-D)\n"
+            "Ctrl-C     stop the answer being written (it is not kept in the conversation)\n")
 
 
 @dataclass
@@ -100,16 +104,30 @@ def load_source(source: Path | None, base: bool = False, mask_experts: list[str]
     if base:
         return _finish(rc, None, f"base model {rc.model.path} (without the adapter of {source})", mask_experts)
     if merged is not None:
+        info = _merge_info(merged)
+        if found is None and info:  # a merged model alone: the template and system prompt it was trained with
+            rc.data.template = info.get("template") or rc.data.template
+            rc.data.system_prompt = info.get("system_prompt")
+        kind = info.get("expert_type") or (rc.expert.type if found is not None else None)
         rc.model.path, rc.model.quantization = str(merged), "none"
-        return _finish(rc, None, f"merged model {merged}", mask_experts)
+        return _finish(rc, None, f"merged model {merged}", mask_experts, f"{kind}, merged" if kind else "model")
     return _finish(rc, adapter, f"{adapter} on {rc.model.path}", mask_experts)
 
 
-def _finish(rc: R.Recipe, adapter: Path | None, label: str, mask: list[str] | None) -> Loaded:
+def _merge_info(merged: Path) -> dict:
+    """MOETUNE_MERGE.json of a model `merge-lora` or the merge stage wrote ({} for any other model)."""
+    try:
+        info = json.loads((merged / MERGE_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _finish(rc: R.Recipe, adapter: Path | None, label: str, mask: list[str] | None, kind: str = "base") -> Loaded:
     device = pick_device(rc.model)
     quiet = lambda msg: None  # noqa: E731 - model loading notes would interleave with the chat
     model = load_model(rc.model, device, log=quiet)
-    expert_type = "base"
+    expert_type = kind
     if adapter is not None:
         expert_type = load_adapter(model, adapter)["expert"]["type"]
     if mask:
@@ -224,6 +242,9 @@ def chat_loop(m: Loaded, sampling: Sampling, inp: TextIO | None = None, out: Tex
         if cmd == "/reset":
             m.history.clear()
             out.write("(conversation cleared)\n")
+            continue
+        if cmd in ("/help", "/?"):
+            out.write(COMMANDS)
             continue
         if cmd.startswith("/"):
             out.write(f"unknown command {cmd!r}; {HELP}\n")
