@@ -421,14 +421,15 @@ def test_a_recipe_typo_is_reported_before_torch_is_imported(user):
 # ------------------------------------------------------------------ interrupts
 
 
-def train_then_signal(user_dir: Path, signum: int, *args: str):
-    """`moetune train my.yaml ARGS` in a subprocess, sent `signum` once its second step is logged; (returncode, stderr)."""
+def train_then_signal(user_dir: Path, signum: int, *args: str, run: str = "runs/mine"):
+    """`moetune train my.yaml ARGS` in a subprocess, sent `signum` once the second step is logged in `run`;
+    (returncode, stderr)."""
     import signal
     import subprocess
     import sys
     import time
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    metrics = user_dir / "runs" / "mine" / "metrics.jsonl"
+    metrics = user_dir / run / "metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "moetune", "train", "my.yaml", *args], cwd=user_dir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

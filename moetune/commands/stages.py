@@ -41,12 +41,14 @@ def stage_train(run: Run, resume: bool = False) -> dict:
     acc = run.accelerator
     if rc.expert.per_domain_expert() is not None:  # MoLE's per_domain: one LoRA per domain first
         train_domain_experts(run, resume, stage_train)
+    splits = run.splits("train", "validation")  # a bad row or file stops the run before the model loads
+    if R.scores_before(rc):
+        run.held_out()
     model = load_model(rc.model, run.device, log=run.log,  # FSDP + QLoRA: 4-bit weights in bf16 storage
                        for_fsdp=rc.train.distributed == "fsdp" and acc is not None and acc.num_processes > 1)
     inject(model, rc.expert, rc.router, seed=rc.train.seed)
     trainable, total = count_parameters(model)
     run.log(f"[bold]{rc.expert.type}[/] on {rc.model.path}: {trainable:,} trainable of {total:,} parameters")
-    splits = run.splits("train", "validation")
     if run.main and not resume:
         run.dir.mkdir(parents=True, exist_ok=True)
         (run.dir / "metrics.jsonl").unlink(missing_ok=True)
