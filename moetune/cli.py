@@ -69,9 +69,13 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overr
 
 
 @app.command()
-def explain():
-    """Print every recipe key with its default, allowed values and documentation."""
-    typer.echo(explain_text())
+def explain(query: Optional[str] = typer.Argument(None, metavar="[KEY | SECTION | TYPE | aliases]",
+                                                  help="One key (train.lr, expert.num_experts), one section (train, "
+                                                  "data.mix), one expert type (hydralora), or 'aliases': other tools' "
+                                                  "names (learning_rate, lora_r, ...) and moetune's keys.")):
+    """Print every recipe key with its default, allowed values and documentation, grouped by section and by
+    expert type; or one key, section or type."""
+    typer.echo(explain_text(query))
 
 
 @app.command("cluster-heads")
