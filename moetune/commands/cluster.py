@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
-from moetune.core.ui import console, table
+from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import load_examples
 from moetune.data.sources import iter_messages, iter_sources
 from moetune.models.load import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
@@ -225,15 +225,15 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
         _check_free(Path(out), recipe_path, force)
     texts, domains = example_texts(rc.data, with_response, max_rows, seed)
     if len(texts) <= k_max:
-        raise RecipeError(f"{rc.data.train} has {len(texts)} rows; --max ({k_max}) must be below that.")
-    console.print(f"Embedding {len(texts)} training rows with {embedder} ...")
+        raise RecipeError(f"{rc.data.train} has {plural(len(texts), 'row')}; --max ({k_max}) must be below that.")
+    console.print(f"Embedding {plural(len(texts), 'training row')} with {embedder} ...")
     t0 = time.time()
     x = embed(texts, embedder, rc.model)                               # (n, d)
     seconds = time.time() - t0
     results = scan(x, k_min, k_max, domains, seed)
     k = choose(results)
     best, knee = results[k - k_min], elbow(results)
-    console.print(table(f"K-means on {embedder} embeddings of {len(texts)} rows ({seconds:.1f} s)",
+    console.print(table(f"K-means on {embedder} embeddings of {plural(len(texts), 'row')} ({seconds:.1f} s)",
                         ["K", "inertia", "silhouette", "ARI vs domain", "cluster sizes"],
                         [[f"{r['k']}{' *' if r['k'] == k else ''}", r["inertia"], r["silhouette"], r["ari"],
                           " ".join(map(str, r["sizes"]))] for r in results]))
@@ -259,10 +259,10 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
             "use": "router.init_centroids: centred and scaled to RMS router.init_std at injection"})
         data["router"] = {**(data.get("router") or {}), "init_centroids": str(centroids)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# Written by `moetune cluster-heads` from {recipe_path} ({embedder} embeddings of {len(texts)} "
-                   f"training rows):\n# expert.num_experts={k}, the K in [{k_min}, {k_max}] with the highest "
+    out.write_text(f"# Written by `moetune cluster-heads` from {recipe_path} ({embedder} embeddings of "
+                   f"{plural(len(texts), 'training row')}):\n# expert.num_experts={k}, the K in [{k_min}, {k_max}] with the highest "
                    f"silhouette ({best['silhouette']:.3f}).\n" + OmegaConf.to_yaml(OmegaConf.create(data)))
-    png = plot(results, k, out.with_suffix(".png"), f"{recipe_path.name}: {embedder}, {len(texts)} rows")
+    png = plot(results, k, out.with_suffix(".png"), f"{recipe_path.name}: {embedder}, {plural(len(texts), 'row')}")
     report = {"recipe": str(recipe_path), "new_recipe": str(out), "embedder": embedder,
               "text": "instruction+response" if with_response else "instruction", "rows": len(texts),
               "dim": int(x.shape[1]), "embed_seconds": round(seconds, 2), "chosen_k": k,
@@ -279,7 +279,7 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
                       "to the clusters (training accuracy in the .json beside it).")
     elif centroids:
         hit, total = matching_layers(rc, int(x.shape[1]))
-        console.print(f"Centroids in {centroids}: {hit} of {total} target projections read inputs of dim "
+        console.print(f"Centroids in {centroids}: {hit} of {plural(total, 'target projection')} read inputs of dim "
                       f"{x.shape[1]} and start their router from them; the other {total - hit} keep the random init.")
     return report
 
