@@ -115,8 +115,11 @@ def cluster_heads(recipe: Path = typer.Argument(..., help="Recipe YAML file (a r
                   out: Optional[Path] = typer.Option(None, "--out", help="New recipe (default <stem>.k<K>.yaml beside "
                                                      "RECIPE); the plot is written beside it."),
                   json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
-                  init_router: bool = typer.Option(False, "--init-router", help="Save the centroids (needs --embedder "
-                                                   "base) and set router.init_centroids in the new recipe."),
+                  init_router: bool = typer.Option(False, "--init-router", help="Start the routers from the clusters "
+                                                   "and set router.init_centroids in the new recipe: with --embedder "
+                                                   "minilm, tfidf or PATH, each projection's router fitted to the "
+                                                   "clusters (<stem>.router.safetensors); with --embedder base, the "
+                                                   "K-means centroids (<stem>.centroids.safetensors)."),
                   with_response: bool = typer.Option(False, "--with-response", help="Embed instruction + response "
                                                      "(default: the instruction only)."),
                   max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Seeded subsample of the train rows."),
