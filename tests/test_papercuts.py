@@ -106,8 +106,13 @@ def test_no_count_is_followed_by_a_fixed_plural():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.JoinedStr):
                 text = "".join(v.value if isinstance(v, ast.Constant) else "{...}" for v in node.values)
-                if COUNTED.search(text):
-                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text[:90]}")
+            elif (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) and isinstance(node.right, ast.Constant)
+                  and isinstance(node.right.value, str)):  # str(n) + " rows"
+                text = "{...}" + node.right.value
+            else:
+                continue
+            if COUNTED.search(text):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text[:90]}")
     assert not bad, "\n".join(bad)
 
 

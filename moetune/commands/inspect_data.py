@@ -83,7 +83,7 @@ def show(report: dict) -> None:
     """Print the report in the terminal."""
     for s in report["splits"]:
         head = (f"[bold]{s['split']}[/]: {plural(s['rows'], 'example')} ({s['format']}; {plural(s['source_rows'], 'source row')}"
-                f"{', ' + str(s['bad_rows_skipped']) + ' bad rows skipped' if s['bad_rows_skipped'] else ''}), "
+                f"{', ' + plural(s['bad_rows_skipped'], 'bad row') + ' skipped' if s['bad_rows_skipped'] else ''}), "
                 f"{plural(s['tokens']['total'], 'token')}, mean {s['tokens']['mean']:.1f}, max {s['tokens']['max']}, "
                 f"{s['trained_tokens']:,} trained; {s['truncated']:,} cut by data.max_length={s['max_length']}"
                 f"{', ' + str(s['dropped_no_trained_token']) + ' dropped (cut before any trained token)' if s['dropped_no_trained_token'] else ''}")
