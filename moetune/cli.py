@@ -18,8 +18,7 @@ from typing import List, Optional
 
 import typer
 
-from moetune import __version__
-from moetune.commands.usage import Typer
+from moetune.commands.usage import Typer, version_text
 from moetune.core.adapter_files import read_adapter
 from moetune.core.errors import RecipeError
 from moetune.core.ui import console, plural
@@ -39,23 +38,10 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 OVERRIDES = typer.Argument(None, metavar="KEY=VALUE", help="key=value overrides, OmegaConf style (e.g. train.lr=1e-4 expert.rank=16).")
 
 
-VERSIONS = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
-"""The packages `moetune --version` names beside moetune (read from their metadata: nothing is imported)."""
-
-
 def _version(value: bool) -> None:
-    if not value:
-        return
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-    deps = ", ".join(f"{name} {ver(name)}" for name in VERSIONS)
-    typer.echo(f"moetune {__version__} ({deps}; python {sys.version.split()[0]})")
-    raise typer.Exit()
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
 
 
 @app.callback()

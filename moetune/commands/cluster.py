@@ -20,7 +20,6 @@ the adjusted Rand index of each clustering against it is reported too.
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path

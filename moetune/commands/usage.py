@@ -5,15 +5,22 @@ RUN_DIR, DIR...), and docstrings reflowed to the terminal's width. Torch-free: t
 
 `Typer` is typer's app whose commands default to `Command` and whose groups to `Group`; both give their
 parameters readable metavars when click asks for them (`get_params`), so help, usage and error messages
-agree.
+agree. `version_text` is what `moetune --version` prints.
 """
 from __future__ import annotations
 
 import inspect
+import sys
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+
+from moetune import __version__
+
+VERSIONS = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
+"""The packages `moetune --version` names beside moetune (read from their metadata: nothing is imported)."""
 
 METAVARS = {"int": "N", "float": "X", "str": "TEXT", "Path": "PATH", "bool": "BOOL"}
 """An option's Python type -> its metavar (a flag has none; a repeatable list[T] option T's)."""
@@ -77,3 +84,14 @@ class Typer(typer.Typer):
     def command(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("cls", Command)
         return super().command(*args, **kwargs)
+
+
+def version_text() -> str:
+    """'moetune 0.1.0 (torch ..., transformers ..., ...; python 3.11.7)', without importing any of them."""
+    def ver(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+    deps = ", ".join(f"{name} {ver(name)}" for name in VERSIONS)
+    return f"moetune {__version__} ({deps}; python {sys.version.split()[0]})"
