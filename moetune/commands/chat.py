@@ -27,7 +27,7 @@ from moetune.adapters.io import load_adapter
 from moetune.core.adapter_files import find_adapter_dir, read_meta
 from moetune.core.errors import DataError
 from moetune.core.files import ordinary_mode
-from moetune.core.ui import console, simple_progress
+from moetune.core.ui import console, plural, simple_progress
 from moetune.data.read import read_file
 from moetune.data.rows import Encoder
 from moetune.eval.evaluate import eos_ids
@@ -321,5 +321,5 @@ def generate_file(m: Loaded, prompts: Path, out: Path, sampling: Sampling, batch
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    console.print(f"{len(items)} rows -> {out}")
+    console.print(f"{plural(len(items), 'row')} -> {out}")
     return len(items)
