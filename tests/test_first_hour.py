@@ -370,6 +370,18 @@ def test_outputs_respect_the_umask(fresh_user, umask_007, monkeypatch):
     assert got == want
 
 
+def test_cluster_heads_files_respect_the_umask(tiny_llama, tiny_data, tmp_path, umask_007):
+    from moetune.commands.cluster import cluster_heads
+    src = tmp_path / "hyd.yaml"
+    src.write_text(f"model: {{path: {tiny_llama}, device: cpu}}\nexpert: {{type: hydralora, rank: 4, num_experts: 2}}\n"
+                   f"data: {{train: {tiny_data['train']}, validation: {tiny_data['validation']}, "
+                   f"test: {tiny_data['test']}}}\n")
+    cluster_heads(src, [], embedder="base", k_max=3, init_router=True, out=tmp_path / "new.yaml")
+    made = sorted(p for p in tmp_path.iterdir() if p.name != "hyd.yaml")
+    assert any(p.name.endswith(".centroids.safetensors") for p in made)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {p.name: "0o660" for p in made}
+
+
 # ------------------------------------------------------------------ bug 8: the export card after export --collapse
 
 
