@@ -85,6 +85,9 @@ class ExpertConfig:
     """The type multiplies a low-rank delta by s = alpha / r, so `use_rslora` applies."""
     lora_plus: ClassVar[bool] = True
     """The type trains B matrices (layer hook `lora_plus_parameters`), so `train.lora_plus_ratio` applies."""
+    path_keys: ClassVar[tuple[str, ...]] = ()
+    """Keys of this type's settings that name local files or directories it reads (a path or a list of them):
+    a run directory records them absolute (`moetune.recipe.anchor_paths`)."""
     mixes_trained_loras: ClassVar[bool] = False
     """The experts are trained LoRA adapters mixed by learned gates (`merge-lora --method mole
     --gates-from RUN` folds them at their mean gates)."""
@@ -293,6 +296,7 @@ class MoLEConfig(ExpertConfig):
     routed = True
     mask_key = "masked"
     mixes_trained_loras = True
+    path_keys = ("experts",)
 
     def how_to_load(self, sub: str) -> str:
         return (f"a MoLE adapter (gates + copies of its LoRA experts, safetensors + moetune.json): load with "
@@ -408,6 +412,7 @@ class CALMConfig(ExpertConfig):
     """Unused by calm: the composition points are set by num_compositions or anchor_layers."""
     scaled = False
     lora_plus = False
+    path_keys = ("augmenting_model",)
     augmenting_model: str = ""
     """The augmenting model m_A (frozen): local model directory, hub id or built-in name. It is loaded
     on the anchor's device in the anchor's (compute) dtype, 4-bit as set by augmenting_quantization, and
