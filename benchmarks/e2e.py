@@ -15,7 +15,8 @@ fresh process.
 
 **Contenders**, each in its best packing:
 - `moetune`: `moetune train` with `data.packing=true` (or whatever `--moetune-set` says), batch `--batch-size`
-  examples; bf16 = `model.dtype=bfloat16` (adapters and optimizer float32) and `train.precision=bf16`
+  examples (with `--moetune-set data.packing=dataset`, whose batch counts rows of max_length tokens: TRL's
+  rows per step); bf16 = `model.dtype=bfloat16` (adapters and optimizer float32) and `train.precision=bf16`
   (autocast, used on GPU only).
 - `moetune-hydralora`: the same with `expert.type=hydralora` (3 B heads of rank 16 on one shared A,
   soft router): what routing costs on the same work.
@@ -27,8 +28,9 @@ fresh process.
 - `trl-liger` (`--device cuda` only): `trl` with `use_liger_kernel=True`, when the `liger-kernel` package
   imports; otherwise it is skipped with a message.
 
-**Timing.** Each tool's own training-loop clock (moetune: summary.json's train seconds; TRL/Trainer:
-`train_runtime`), after model loading and tokenisation; the process wall time is recorded too. Rounds
+**Timing.** Each tool's own training-loop clock (moetune: the seconds its final checkpoint records, i.e.
+the steps, without writing that checkpoint and curves.png, which are kept as train_seconds_with_final_save;
+TRL/Trainer: `train_runtime`), after model loading and tokenisation; the process wall time is recorded too. Rounds
 alternate: every round runs every (precision, contender) once, the contender order rotated per round,
 so the drift of a shared machine hits all. A ratio is the median over rounds of the per-round ratio
 (a contender's seconds over moetune's in the same round and precision), with min and max.
@@ -109,7 +111,19 @@ def usable_contenders(a: argparse.Namespace) -> tuple[list[str], dict[str, str]]
     return [c for c in a.contenders if c not in skipped], skipped
 
 
-def moetune_recipe(a, contender: str, precision: str, data: Path, cache: Path, out: Path) -> dict:
+def token_budget_packing(moetune_set: list[str]) -> bool:
+    """Whether the overrides turn on moetune's epoch-level packing (`data.packing=dataset`), whose batch counts
+    rows of max_length tokens as TRL's does."""
+    return any(s.replace(" ", "") == "data.packing=dataset" for s in moetune_set)
+
+
+def moetune_batch(a, trl_batch: int) -> int:
+    """moetune's train.batch_size: --batch-size examples, or with token-budget packing TRL's packed rows per step
+    (an explicit --moetune-set train.batch_size=N still wins: the overrides come last)."""
+    return trl_batch if token_budget_packing(a.moetune_set) else a.batch_size
+
+
+def moetune_recipe(a, contender: str, precision: str, data: Path, cache: Path, out: Path, batch: int | None = None) -> dict:
     expert = {"type": "lora", "rank": a.rank, "alpha": 2 * a.rank, "dropout": 0.0, "target_modules": ["all-linear"]}
     if contender == "moetune-hydralora":
         expert.update(type="hydralora", num_experts=3)
@@ -117,17 +131,17 @@ def moetune_recipe(a, contender: str, precision: str, data: Path, cache: Path, o
             "expert": expert,
             "data": {"train": str(data), "format": "prompt_completion", "validation": None, "validation_split": 0.0,
                      "test": None, "max_length": a.max_length, "packing": True, "cache_dir": str(cache), "seed": 0},
-            "train": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "scheduler": "cosine",
+            "train": {"epochs": a.epochs, "batch_size": batch or a.batch_size, "lr": a.lr, "scheduler": "cosine",
                       "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": precision,
                       "seed": 0, "log_every": 1, "save_every": 0, "eval_before": False},
             "output_dir": str(out), "stages": ["train"]}
 
 
-def run_moetune(a, contender, precision, data, work, tag, env) -> dict:
+def run_moetune(a, contender, precision, data, work, tag, env, batch) -> dict:
     import yaml
     out = work / f"run-{tag}"
     recipe = work / f"{tag}.yaml"
-    recipe.write_text(yaml.safe_dump(moetune_recipe(a, contender, precision, data, work / "cache", out)))
+    recipe.write_text(yaml.safe_dump(moetune_recipe(a, contender, precision, data, work / "cache", out, batch)))
     cmd = [sys.executable, "-m", "moetune", "train", str(recipe), *a.moetune_set]
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -136,8 +150,12 @@ def run_moetune(a, contender, precision, data, work, tag, env) -> dict:
         raise RuntimeError(f"{contender} {precision}: moetune train exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     train = json.loads((out / "summary.json").read_text())["train"]
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    return {"train_seconds": train["seconds"], "process_seconds": round(wall, 3), "steps": train["steps"],
-            "losses": losses, "final_loss": train["final_train_loss"], "data": train.get("data")}
+    # the training loop's seconds up to the final checkpoint (its state.json): the steps, as Trainer's train_runtime;
+    # summary.json's seconds add that checkpoint's writing and curves.png
+    final = json.loads(sorted((out / "checkpoints").glob("step-*/state.json"))[-1].read_text())["position"]
+    return {"train_seconds": final["seconds"], "train_seconds_with_final_save": train["seconds"],
+            "process_seconds": round(wall, 3), "steps": train["steps"], "losses": losses,
+            "final_loss": train["final_train_loss"], "data": train.get("data")}
 
 
 def run_worker(a, contender, precision, data, work, tag, env, model_dir, trl_batch) -> dict:
@@ -226,11 +244,14 @@ def main(argv: list[str] | None = None) -> None:
         trl_batch = (max(1, round(a.batch_size * stats["mean"] / a.max_length)) if a.trl_batch_size == "auto"
                      else int(a.trl_batch_size))
         res["trl_batch_size"] = trl_batch
+        res["moetune_batch_size"] = batch = moetune_batch(a, trl_batch)
+        if token_budget_packing(a.moetune_set):
+            print(f"data.packing=dataset: moetune's batch is {batch} rows of {a.max_length} tokens, as TRL's", flush=True)
         for i, (r, precision, contender) in enumerate(plan := plan_runs(contenders, a.precisions, a.rounds)):
             tag = f"{contender}-{precision}-{r}"
             print(f"[{i + 1}/{len(plan)}] round {r} {precision} {contender} ...", end=" ", flush=True)
             if contender.startswith("moetune"):
-                run = run_moetune(a, contender, precision, data, work, tag, env)
+                run = run_moetune(a, contender, precision, data, work, tag, env, batch)
             else:
                 run = run_worker(a, contender, precision, data, work, tag, env, model_dir, trl_batch)
             res["runs"].append({"round": r, "precision": precision, "contender": contender, **run})

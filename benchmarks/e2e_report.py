@@ -74,9 +74,16 @@ def render_table(res: dict) -> str:
              "",
              f"Data: {d['rows']} rows, {d['tokens']:,} tokens (mean {d['mean']}, median {d['median']}, p90 {d['p90']:.0f}, "
              f"max {d['max']}; {d['cut_at_max_length']} cut at max_length). TRL's batch: {res['trl_batch_size']} packed "
-             f"rows of max_length tokens; moetune and Trainer: {res['settings']['batch_size']} examples."
+             f"rows of max_length tokens; Trainer: {res['settings']['batch_size']} examples; moetune: "
+             + (f"{res['moetune_batch_size']} rows of max_length tokens (data.packing=dataset)."
+                if any(x.replace(" ", "") == "data.packing=dataset" for x in res["settings"]["moetune_set"])
+                else f"{res['settings']['batch_size']} examples.")
              + (f" moetune overrides: `{' '.join(res['settings']['moetune_set'])}`." if res['settings']['moetune_set'] else ""),
              ""]
+    st = res["settings"]
+    if st.get("rows", 160) < 160 or st.get("rounds", 2) < 2:
+        lines += [f"**Smoke scale** ({d['rows']} rows, {st.get('rounds')} round): it shows that every contender runs "
+                  "the same work to similar losses; its seconds and ratios are not a speed measurement.", ""]
     if res.get("skipped"):
         lines += ["Skipped: " + "; ".join(f"{k} ({v})" for k, v in res["skipped"].items()) + ".", ""]
     lines += ["| precision | contender | optimizer steps | train s (median) | process s | vs moetune [min, max] | final loss | mean loss |",

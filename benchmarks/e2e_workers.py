@@ -70,7 +70,7 @@ def run_trl(spec: dict) -> dict:
                      completion_only_loss=True, use_liger_kernel=bool(spec.get("liger")))
     trainer = SFTTrainer(model=model, args=args, train_dataset=rows, processing_class=tok, peft_config=_lora(spec))
     ds = trainer.train_dataset
-    tokens = sum(sum(m) for m in ds["completion_mask"]) if "completion_mask" in ds.column_names else None
+    tokens = sum(sum(x != -100 for x in lab) for lab in ds["labels"]) if "labels" in ds.column_names else None
     out = _train(trainer)
     return {**out, "trained_tokens": tokens, "packed_rows": len(ds), "padding_free": trainer.padding_free,
             "packing_strategy": args.packing_strategy, "liger": bool(spec.get("liger"))}

@@ -56,6 +56,9 @@ def test_recipe_has_the_shared_hyperparameters(tmp_path):
                            "target_modules": ["all-linear"]}
     assert r["model"]["dtype"] == "bfloat16" and r["data"]["max_length"] == 512 and r["data"]["packing"] is True
     assert (r["train"]["lr"], r["train"]["batch_size"], r["train"]["epochs"]) == (2e-4, 8, 1.0)
+    assert e2e.moetune_batch(a, trl_batch=2) == 8                    # examples, as Trainer's
+    budget = e2e.parse_args(["--moetune-set", "data.packing=dataset"])
+    assert e2e.moetune_batch(budget, trl_batch=2) == 2               # rows of max_length, as TRL's
 
 
 def _run(r, p, c, s, loss=1.0):
