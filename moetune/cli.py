@@ -328,12 +328,15 @@ def compare(recipe: Path = typer.Argument(..., help="Recipe YAML file, or a stud
             resume: bool = typer.Option(False, "--resume", help="Continue the comparison in --out; finished runs are reused."),
             overwrite: bool = typer.Option(False, "--overwrite", help="Start over: the comparison in --out is moved "
                                            "aside to <out>.old-<UTC time>, not deleted."),
-            bootstrap: int = typer.Option(10_000, "--bootstrap", help="Bootstrap resamples of the intervals.")):
+            bootstrap: int = typer.Option(10_000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+            plan: bool = typer.Option(False, "--plan", help="Check the variants and data, print the budgets and "
+                                      "the runs, train nothing.")):
     """Which expert type suits this data? Train every variant at every seed on the recipe's model and data, then
     compare them with the first: exact match and loss (overall, per domain), paired differences with 95%
     bootstrap intervals, routing specialisation, speed -> comparison.md, .json, .png in --out."""
     from moetune.commands.compare import compare as run, settings
-    s, base = settings(recipe, methods, seeds, steps, budget, jobs, out, overrides or [], resume, overwrite, bootstrap)
+    s, base = settings(recipe, methods, seeds, steps, budget, jobs, out, overrides or [], resume, overwrite, bootstrap,
+                       plan)
     run(s, base)
 
 

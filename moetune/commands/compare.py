@@ -59,11 +59,13 @@ class Settings:
     resume: bool = False
     overwrite: bool = False
     resamples: int = 10_000
+    plan_only: bool = False
 
 
-def settings(recipe: Path, methods: list[str] | None, seeds: int | None, steps: int | None, budget: str | None,
-             jobs: int, out: Path | None, overrides: list[str], resume: bool, overwrite: bool,
-             resamples: int) -> tuple[Settings, dict]:
+def settings(recipe: Path, methods: list[str] | None = None, seeds: int | None = None, steps: int | None = None,
+             budget: str | None = None, jobs: int = 1, out: Path | None = None, overrides: list[str] = (),
+             resume: bool = False, overwrite: bool = False, resamples: int = 10_000,
+             plan_only: bool = False) -> tuple[Settings, dict]:
     """The settings and the base recipe dict (the recipe or study file with the common overrides)."""
     data, study = load_study(recipe)
     n = seeds if seeds is not None else int(study.get("seeds", 1))
@@ -81,7 +83,8 @@ def settings(recipe: Path, methods: list[str] | None, seeds: int | None, steps: 
     first = int(((base.get("train") or {}).get("seed")) or 0)
     out = out or Path(study.get("out") or Path("runs") / "compare" / Path(recipe).stem)
     s = Settings(Path(recipe), list(methods or study.get("methods") or []), list(range(first, first + n)),
-                 int(steps) if steps else None, budget, Path(out), jobs, list(overrides), resume, overwrite, resamples)
+                 int(steps) if steps else None, budget, Path(out), jobs, list(overrides), resume, overwrite, resamples,
+                 plan_only)
     return s, base
 
 
@@ -95,7 +98,7 @@ def compare(s: Settings, base: dict) -> dict:
     recipes = {name: check(name, protocol(d, s.seeds[0], "runs/check")) for name, d in datas.items()}
     _check_pairing(variants, recipes)
     resolve_sources(variants, recipes)
-    existing = _guard(s)
+    existing = None if s.plan_only else _guard(s)
     domains = _preflight(variants, recipes)
     sizes = _budgets(s, variants, datas, recipes, domains)
     _print_sizes(s, variants, sizes)
@@ -103,6 +106,9 @@ def compare(s: Settings, base: dict) -> dict:
         if values.get("values"):
             datas[name] = merge(datas[name], {"expert": values["values"]})
     jobs = _jobs(s, variants, datas)
+    if s.plan_only:
+        console.print(f"--plan: {len(jobs)} runs planned ({len(variants)} variants x {len(s.seeds)} seeds); nothing run.")
+        return {"sizes": sizes, "jobs": [dataclasses.asdict(j) for j in jobs]}
     _open(s, existing, jobs)
     with run_lock(s.out):
         started = run_all(jobs, s.jobs, s.out)
@@ -145,6 +151,11 @@ def _preflight(variants: list[Variant], recipes: dict[str, Recipe]) -> dict[str,
     """Read and tokenise every variant's data once; the training domains per variant; per-domain checks."""
     tokenizers, seen, domains = {}, {}, {}
     for name, rc in recipes.items():
+        missing = [f for f in rc.eval.multiple_choice if not Path(f).is_file()]
+        if missing:
+            raise RecipeError(f"Variant {name!r}: recipe key 'eval.multiple_choice' names {missing[0]!r}, which does "
+                              f"not exist (working directory: {Path.cwd()}). Allowed: multiple-choice JSONL files "
+                              "(`moetune data mmlu` writes MMLU ones), or an empty list.")
         key = (rc.model.path, json.dumps(dataclasses.asdict(rc.data), sort_keys=True, default=str))
         if key not in seen:
             if rc.model.path not in tokenizers:
