@@ -238,3 +238,50 @@ def test_committed_studies_plan(tiny_llama, tmp_path):
         doc = run_compare(s, data)
         assert len(doc["jobs"]) == len(parse_methods(s.methods)) * len(s.seeds) >= 4, study.name
         assert json.loads(json.dumps(doc["jobs"]))  # plain data: what plan.json records
+
+
+def test_a_failed_run_stops_only_the_runs_that_need_it(tmp_path, monkeypatch):
+    from moetune.commands import compare_jobs as J
+    jobs = [J.Job(n, n.split("-")[0], 0, "type", str(tmp_path / n), {}, after=after)
+            for n, after in (("a-s0", []), ("b-s0", []), ("c-s0", ["b-s0"]), ("d-s0", []))]
+    ran = []
+
+    def fake(job):
+        ran.append(job.id)
+        if job.id == "b-s0":
+            raise RecipeError("b broke")
+        return "empty"
+    monkeypatch.setattr(J, "run_job", fake)
+    with pytest.raises(RecipeError) as e:
+        J.run_all(jobs, 1, tmp_path, log=lambda *a: None)
+    assert ran == ["a-s0", "b-s0", "d-s0"]
+    assert "2 of 4 runs did not finish: b-s0: b broke; c-s0: skipped: it needs b-s0" in str(e.value)
+    assert J.threads_per_job(1) >= J.threads_per_job(64) == 1
+
+
+def test_derived_variants_run_after_their_source_whatever_the_order(base, tmp_path):
+    recipe, over = base
+    doc = _run(recipe, over, tmp_path / "out", "lora,ties=merge:ties,solo=expert:add,mole,mole_b=mole:expert.granularity=block",
+               seeds=1, plan_only=True, budget="recipe")
+    order = [j["id"] for j in doc["jobs"]]
+    assert order == ["lora-s0", "mole-s0", "mole_b-s0", "ties-s0", "solo-s0"]
+    jobs = {j["id"]: j for j in doc["jobs"]}
+    assert jobs["mole_b-s0"]["source_dir"].endswith("mole-s0") and jobs["mole_b-s0"]["after"] == ["mole-s0"]
+    assert jobs["ties-s0"]["options"] == {"method": "ties"} and jobs["solo-s0"]["options"] == {"domain": "add"}
+
+
+def test_study_tables_fill_the_marked_blocks():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("study_tables", ROOT / "scripts" / "study_tables.py")
+    st = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(st)
+    md = ("# Comparison of 2 variants\n\nCommand: `x`\n\n## Results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+          "## Budgets\n\n| v |\n\n## Conclusions\n\n- A beats B.\n")
+    text = "intro\n<!-- study:m:results -->\nold\n<!-- /study:m:results -->\n<!-- study:m -->\nold\n<!-- /study:m -->\n"
+    b = st.blocks(md)
+    out, n = st.fill(text, "m", ":results", b[":results"])
+    out, k = st.fill(out, "m", "", b[""])
+    assert n == k == 1 and "old" not in out
+    short = out.split("<!-- study:m:results -->\n")[1].split("\n<!-- /study:m:results -->")[0]
+    assert short.startswith("Command: `x`") and "| 1 | 2 |" in short and "- A beats B." in short and "Budgets" not in short
+    assert "## Budgets" in out.split("<!-- study:m -->\n")[1]

@@ -249,10 +249,11 @@ def _shares_experts(rc: Recipe, earlier: list[tuple[str, Recipe]]) -> str | None
 
 def _jobs(s: Settings, variants: list[Variant], datas: dict) -> list[Job]:
     jobs: list[Job] = []
-    for seed in s.seeds:
+    order = [v for v in variants if v.kind not in DERIVED] + [v for v in variants if v.kind in DERIVED]
+    for seed in s.seeds:  # per seed, the training variants first: a run comes after the runs it reads from
         trained: list[tuple[str, Recipe]] = []
         owner: dict[str, str] = {}  # variant -> the variant whose run trained its per-domain LoRAs (this seed)
-        for v in variants:
+        for v in order:
             jid, run_dir = f"{v.name}-s{seed}", str(s.out / "runs" / f"{v.name}-s{seed}")
             if v.kind in DERIVED:
                 src = v.source if v.kind == "merge" and v.method == GATED else owner[v.source]

@@ -141,7 +141,9 @@ def run_job(job: Job) -> str:
 
 
 def threads_per_job(jobs: int) -> int:
-    total = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+    """OMP_NUM_THREADS (else the CPUs this process may use) shared by `jobs` processes, at least 1 each."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    total = int(os.environ.get("OMP_NUM_THREADS") or 0) or cpus
     return max(1, total // jobs)
 
 
@@ -152,15 +154,31 @@ def _gpus() -> int:
 
 def run_all(jobs: list[Job], n_parallel: int, out: Path, log=console.print) -> dict[str, str]:
     """Run every job, at most `n_parallel` at a time (1: here, in order); returns job id -> state it started
-    from. A failed worker stops no other job but those that need it; a RecipeError lists the failures."""
-    if n_parallel <= 1:
-        started = {}
-        for job in jobs:
-            if state(job) != "done":
-                log(f"[bold]{job.id}[/]: {_verb(state(job), job)}")
+    from. A failed run (a RecipeError here, a non-zero exit of a worker) stops no other job but those that need
+    it; at the end a RecipeError lists the failures."""
+    if n_parallel > 1:
+        return _parallel(jobs, n_parallel, out, log)
+    started, failed = {}, {}
+    for job in jobs:  # in order: every job after the jobs it reads from (compare._jobs)
+        if any(a in failed for a in job.after):
+            failed[job.id] = f"skipped: it needs {', '.join(a for a in job.after if a in failed)}"
+            continue
+        if state(job) != "done":
+            log(f"[bold]{job.id}[/]: {_verb(state(job), job)}")
+        try:
             started[job.id] = run_job(job)
-        return started
-    return _parallel(jobs, n_parallel, out, log)
+        except RecipeError as e:
+            failed[job.id] = str(e)
+            log(f"[red]failed[/] {job.id}: {e}")
+    _raise_failures(failed, len(jobs))
+    return started
+
+
+def _raise_failures(failed: dict[str, str], total: int) -> None:
+    if failed:
+        raise RecipeError(f"{len(failed)} of {total} runs did not finish: "
+                          + "; ".join(f"{k}: {v}" for k, v in failed.items())
+                          + ". Fix the cause and rerun with --resume: finished runs are reused.")
 
 
 def _verb(s: str, job: Job) -> str:
@@ -216,10 +234,7 @@ def _parallel(jobs: list[Job], n: int, out: Path, log) -> dict[str, str]:
             proc.terminate()
             proc.wait()
             fh.close()
-    if failed:
-        raise RecipeError(f"{len(failed)} of {len(jobs)} runs did not finish: "
-                          + "; ".join(f"{k}: {v}" for k, v in failed.items())
-                          + ". Fix the cause and rerun with --resume: finished runs are reused.")
+    _raise_failures(failed, len(jobs))
     return started
 
 
