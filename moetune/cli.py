@@ -18,23 +18,36 @@ from typing import List, Optional
 
 import typer
 
+from moetune.commands.usage import Typer, version_text
 from moetune.core.adapter_files import read_adapter
 from moetune.core.errors import RecipeError
-from moetune.core.ui import console
+from moetune.core.ui import console, plural
 from moetune.data.datagen import write_splits
 from moetune.recipe import explain as explain_text
 from moetune.recipe import load_recipe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune mixtures of parameter-efficient experts on Hugging Face causal LMs, "
                        "driven by YAML recipes. Start with: moetune train recipes/default.yaml")
-data_app = typer.Typer(no_args_is_help=True, help="Build the default data and MMLU files; inspect a recipe's data.")
+data_app = Typer(no_args_is_help=True, help="Build the default data and MMLU files; inspect a recipe's data.")
 app.add_typer(data_app, name="data")
 
 # Write failures (disk full, quota, read-only, permission) mid-run: one paragraph, exit 2, no traceback.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
-OVERRIDES = typer.Argument(None, help="key=value overrides, OmegaConf style (e.g. train.lr=1e-4 expert.rank=16).")
+OVERRIDES = typer.Argument(None, metavar="KEY=VALUE", help="key=value overrides, OmegaConf style (e.g. train.lr=1e-4 expert.rank=16).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="Print moetune's version and those of the libraries it runs on.")):
+    """Fine-tune mixtures of parameter-efficient experts on Hugging Face causal LMs, driven by YAML recipes."""
 
 
 def _recipe(path: Optional[Path], overrides: Optional[List[str]]):
@@ -69,9 +82,13 @@ def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overr
 
 
 @app.command()
-def explain():
-    """Print every recipe key with its default, allowed values and documentation."""
-    typer.echo(explain_text())
+def explain(query: Optional[str] = typer.Argument(None, metavar="KEY|SECTION|TYPE",
+                                                  help="One key (train.lr, expert.num_experts), one section (train, "
+                                                  "data.mix), one expert type (hydralora), or 'aliases': other tools' "
+                                                  "names (learning_rate, lora_r, ...) and moetune's keys.")):
+    """Print every recipe key with its default, allowed values and documentation, grouped by section and by
+    expert type; or one key, section or type."""
+    typer.echo(explain_text(query))
 
 
 @app.command("cluster-heads")
@@ -84,8 +101,11 @@ def cluster_heads(recipe: Path = typer.Argument(..., help="Recipe YAML file (a r
                   out: Optional[Path] = typer.Option(None, "--out", help="New recipe (default <stem>.k<K>.yaml beside "
                                                      "RECIPE); the plot is written beside it."),
                   json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
-                  init_router: bool = typer.Option(False, "--init-router", help="Save the centroids (needs --embedder "
-                                                   "base) and set router.init_centroids in the new recipe."),
+                  init_router: bool = typer.Option(False, "--init-router", help="Start the routers from the clusters "
+                                                   "and set router.init_centroids in the new recipe: with --embedder "
+                                                   "minilm, tfidf or PATH, each projection's router fitted to the "
+                                                   "clusters (<stem>.router.safetensors); with --embedder base, the "
+                                                   "K-means centroids (<stem>.centroids.safetensors)."),
                   with_response: bool = typer.Option(False, "--with-response", help="Embed instruction + response "
                                                      "(default: the instruction only)."),
                   max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Seeded subsample of the train rows."),
@@ -186,7 +206,7 @@ def _merge_many(source, rest, out, base, method, weights, density, seed, rank, g
     overrides = [x for x in items if "=" in x]
     target = out.parent / f".{out.name}.adapter-tmp" if into_base else out
     info = merge_command(paths, method, target, weights, density, seed, rank, gates_from, split, overrides)
-    typer.echo(f"merged {len(info['names'])} adapters ({method}, rank {info['rank']}) -> {target}")
+    typer.echo(f"merged {plural(len(info['names']), 'adapter')} ({method}, rank {info['rank']}) -> {target}")
     if "svd_relative_error" in info:
         e = info["svd_relative_error"]
         typer.echo(f"SVD re-factorisation to rank {info['rank']}: relative error mean {e['mean']:.3g}, max {e['max']:.3g}")
@@ -277,7 +297,7 @@ def generate(source: Optional[Path] = SOURCE, overrides: Optional[List[str]] = O
 
 
 @app.command()
-def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories, or folders searched for them "
+def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="Run directories, or folders searched for them "
                                                      "(default: runs/)."),
          sort: Optional[str] = typer.Option(None, "--sort", help="Sort by a column: run, type, trainable, steps, "
                                             "seconds, tokens_per_s, train_loss, val_loss, em_before, em_after."),
@@ -306,7 +326,7 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories
     if as_markdown:
         typer.echo(markdown(rows, names))
         return
-    Console(width=None if sys.stdout.isatty() else 240).print(table(f"{len(rows)} runs", HEADERS + [f"EM {d}" for d in names],
+    Console(width=None if sys.stdout.isatty() else 240).print(table(plural(len(rows), "run"), HEADERS + [f"EM {d}" for d in names],
                                           [table_cells(r, names) for r in rows]))
 
 

@@ -25,7 +25,7 @@ from moetune import recipe as R
 from moetune.adapters.inject import mask_experts
 from moetune.adapters.io import load_adapter, read_adapter
 from moetune.core.errors import DataError
-from moetune.core.ui import console, simple_progress
+from moetune.core.ui import console, plural, simple_progress
 from moetune.data.read import read_file
 from moetune.data.rows import Encoder
 from moetune.eval.evaluate import eos_ids
@@ -299,5 +299,5 @@ def generate_file(m: Loaded, prompts: Path, out: Path, sampling: Sampling, batch
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    console.print(f"{len(items)} rows -> {out}")
+    console.print(f"{plural(len(items), 'row')} -> {out}")
     return len(items)

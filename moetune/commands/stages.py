@@ -14,11 +14,11 @@ from moetune.commands.domain_experts import train_domain_experts
 from moetune.commands.runs import collapse_card
 from moetune.core.adapter_files import read_meta
 from moetune.core.checkpoint import atomic_dir, write_json
-from moetune.core.ui import console, table
+from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import data_summary
 from moetune.data.rows import collate
 from moetune.eval.evaluate import evaluate, multiple_choice
-from moetune.eval.report import eval_routing, print_report
+from moetune.eval.report import eval_routing, report_digest
 from moetune.experts import REGISTRY
 from moetune.export.merge import max_logit_diff, merge_into_base, save_merged
 from moetune.export.stock import stock_snippet
@@ -43,7 +43,7 @@ def stage_train(run: Run, resume: bool = False) -> dict:
                        for_fsdp=rc.train.distributed == "fsdp" and acc is not None and acc.num_processes > 1)
     inject(model, rc.expert, rc.router, seed=rc.train.seed)
     trainable, total = count_parameters(model)
-    run.log(f"[bold]{rc.expert.type}[/] on {rc.model.path}: {trainable:,} trainable of {total:,} parameters")
+    run.log(f"[bold]{rc.expert.type}[/] on {rc.model.path}: {trainable:,} trainable of {plural(total, 'parameter')}")
     splits = run.splits("train", "validation")
     if run.main and not resume:
         run.dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +61,7 @@ def stage_train(run: Run, resume: bool = False) -> dict:
     result["data"] = data_summary(splits)
     for name, d in result["data"].items():
         if d["bad_rows_skipped"]:
-            run.log(f"data.{name}: {d['bad_rows_skipped']} bad rows skipped, e.g. {d['bad_examples'][0]}")
+            run.log(f"data.{name}: {plural(d['bad_rows_skipped'], 'bad row')} skipped, e.g. {d['bad_examples'][0]}")
     if run.main:
         quant = describe(model)  # a 4-bit base: recorded, so merge-lora and stock loaders can rebuild it
         save_adapter(run.dir / "adapter", model, rc.expert, rc.router, rc.model.path,
@@ -128,8 +128,8 @@ def stage_eval(run: Run, use_merged: bool = True) -> dict:
     write_json(run.dir / "eval.json", result)
     run.update_summary(after=after, eval={k: v for k, v in result.items() if k not in ("scores", "per_example")})
     print_summary(run)
-    if routing is not None:
-        print_report(routing, console)
+    if routing is not None:  # the per-layer tables are in routing.md; one line here
+        console.print(report_digest(routing), highlight=False, soft_wrap=True)
     return result
 
 
@@ -193,15 +193,17 @@ def print_summary(run: Run) -> None:
         return
     s = run.summary()
     before, after = s.get("before", {}), s.get("after", {})
-    rows = [["all", before.get("loss"), after.get("loss"), before.get("exact_match"), after.get("exact_match")]]
-    for d in sorted(set(before.get("per_domain", {})) | set(after.get("per_domain", {}))):
+    domains = sorted(set(before.get("per_domain", {})) | set(after.get("per_domain", {})))
+    label = f"all ({domains[0]})" if len(domains) == 1 and domains[0] != "all" else "all"
+    rows = [[label, before.get("loss"), after.get("loss"), before.get("exact_match"), after.get("exact_match")]]
+    for d in domains if len(domains) > 1 else []:  # one domain (no domain column: 'all') is the row above
         b, a = before.get("per_domain", {}).get(d, {}), after.get("per_domain", {}).get(d, {})
         rows.append([d, b.get("loss"), a.get("loss"), b.get("exact_match"), a.get("exact_match")])
     console.print(table(f"{run.recipe.eval.split} split: before vs after training ({run.dir})",
                         ["domain", "loss before", "loss after", "EM before", "EM after"], rows))
     if "train" in s:
         t = s["train"]
-        console.print(f"train: {t['steps']} steps, final loss {t['final_train_loss']:.4f}, "
+        console.print(f"train: {plural(t['steps'], 'step')}, final loss {t['final_train_loss']:.4f}, "
                       f"{t.get('seconds', 0):.0f} s; summary: {run.summary_path}")
     for path, mc in s.get("eval", {}).get("multiple_choice", {}).items():
         console.print(f"multiple choice {path}: accuracy {mc['accuracy']:.4f} (n={mc['n']})")
@@ -241,7 +243,7 @@ def _run_stages(run: Run, resume: bool) -> dict:
         if stage == "train":
             stopped = stage_train(run, resume=resume)["stopped"]
             if stopped:
-                run.log(f"Stopped after train.stop_after={recipe.train.stop_after} steps; continue with --resume.")
+                run.log(f"Stopped after {plural(recipe.train.stop_after, 'step')} (train.stop_after); continue with --resume.")
                 break
             if not run.main:
                 break  # only the main process merges, evaluates and exports

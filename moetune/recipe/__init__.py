@@ -1,15 +1,15 @@
 """Typed recipes: OmegaConf structured dataclasses, loading, overrides and clear errors.
 
 A recipe is YAML whose sections are the dataclasses of `recipe.sections` (re-exported here) and
-`recipe.experts`; each field's docstring is its documentation (`moetune validate --explain` prints them). `load_recipe` merges
-`key=value` overrides, rejects unknown keys with a did-you-mean, converts types, checks
+`recipe.experts`; each field's docstring is its documentation (`moetune explain`, `recipe.reference`
+prints them). `load_recipe` merges `key=value` overrides, rejects unknown keys with a did-you-mean
+(another tool's name gets moetune's key: `recipe.aliases`), converts types, checks
 ranges and choices and contradictory settings, and raises `RecipeError` whose message
 names the key, the bad value and what is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moetune.core.errors import RecipeError
 from moetune.core.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
+from moetune.recipe import reference
+from moetune.recipe.aliases import value_hint
 from moetune.recipe.experts import EXPERT_CONFIGS, ExpertConfig, LoRAConfig
 from moetune.recipe.sections import (FORMATS, MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
                                      MixSource, ModelConfig, RouterConfig, TrainConfig)
@@ -51,36 +53,31 @@ class Recipe:
     not fold into the base (every type but lora) runs the default without 'merge'."""
 
 
-def _suggest(key: str, options, prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{prefix}{close[0]}'?" if close else ""
-
-
-def _check_keys(data: Any, cls: type, prefix: str) -> None:
-    """Unknown keys -> RecipeError with a did-you-mean (recursively)."""
+def _check_keys(data: Any, cls: type, prefix: str, expert_type: str) -> None:
+    """Unknown keys -> RecipeError with a did-you-mean (recursively; `reference.unknown_key` words it)."""
     if not isinstance(data, dict):
         return
     keys = schema_keys(cls)
     for k, v in data.items():
         full = f"{prefix}{k}"
         if k not in keys:
-            raise RecipeError(f"Unknown recipe key '{full}'.{_suggest(str(k), keys, prefix)} "
-                              f"Allowed keys here: {', '.join(keys)}.")
+            raise reference.unknown_key(Recipe, full, str(k), keys, prefix, expert_type)
         sub = keys[k]
         if cls is DataConfig and k == "mix" and isinstance(v, list):  # a list of MixSource sections
             for i, item in enumerate(v):
-                _check_keys(item, MixSource, f"{full}[{i}].")
+                _check_keys(item, MixSource, f"{full}[{i}].", expert_type)
         if sub is not None:
             if not isinstance(v, dict):
                 raise RecipeError(f"Recipe key '{full}' must be a section (mapping), got {v!r}.")
-            _check_keys(v, sub, full + ".")
+            _check_keys(v, sub, full + ".", expert_type)
 
 
 def _expert_class(data: dict) -> type[ExpertConfig]:
     etype = (data.get("expert") or {}).get("type", "lora")
     if etype not in EXPERT_CONFIGS:
         raise RecipeError(f"Recipe key 'expert.type' has value {etype!r}, which is not an expert type."
-                          f"{_suggest(str(etype), EXPERT_CONFIGS)} Allowed: {', '.join(EXPERT_CONFIGS)}.")
+                          f"{value_hint('expert.type', [etype], tuple(EXPERT_CONFIGS))} "
+                          f"Allowed: {', '.join(EXPERT_CONFIGS)}.")
     return EXPERT_CONFIGS[etype]
 
 
@@ -91,8 +88,9 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
     expert_cls = _expert_class(data)
     schema = OmegaConf.structured(Recipe)
     schema.expert = OmegaConf.structured(expert_cls)
-    _check_keys({k: v for k, v in data.items() if k != "expert"}, Recipe, "")
-    _check_keys(data.get("expert") or {}, expert_cls, "expert.")
+    etype = str((data.get("expert") or {}).get("type", "lora"))
+    _check_keys({k: v for k, v in data.items() if k != "expert"}, Recipe, "", etype)
+    _check_keys(data.get("expert") or {}, expert_cls, "expert.", etype)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(data))
         recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -104,10 +102,19 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         recipe.stages = [s for s in recipe.stages if s != "merge"]  # the default, minus what cannot run
     for key, f, value in walk(recipe):
         if not check_value(f, value):
-            raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}. "
-                              f"{_doc_for(key)}")
+            raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}."
+                              f"{_bad_choices(key, f, value)} {_doc_for(key)}")
     _check_semantics(recipe)
     return recipe
+
+
+def _bad_choices(key: str, f: dataclasses.Field, value: Any) -> str:
+    """' Did you mean ...?' for the values outside a field's choices (other tools' names first)."""
+    choices = (f.metadata or {}).get("choices")
+    if not choices:
+        return ""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return value_hint(key, [v for v in items if v not in choices], choices)
 
 
 def _doc_for(key: str) -> str:
@@ -227,21 +234,7 @@ def to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
-def explain() -> str:
-    """Every recipe key with its default and docstring: the recipe reference."""
-    lines = []
-
-    def emit(cls, prefix, obj):
-        for f in dataclasses.fields(cls):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                lines.append(f"\n{prefix}{f.name}:  {field_docs(cls).get(f.name, '')}")
-                emit(type(value), prefix + f.name + ".", value)
-            else:
-                allowed = allowed_text(f)
-                lines.append(f"  {prefix}{f.name} = {value!r}" + (f"  [{allowed}]" if allowed else ""))
-                lines.append(f"      {field_docs(cls).get(f.name, '')}")
-    emit(Recipe, "", Recipe())
-    lines.append(f"\ndata.mix[i]:  {MixSource.__doc__}")
-    emit(MixSource, "data.mix[i].", MixSource())
-    return "\n".join(lines).lstrip()
+def explain(query: str | None = None) -> str:
+    """The recipe reference (`moetune explain [QUERY]`): every key with its default, allowed values and
+    docstring, or one key, section or expert type; see `recipe.reference.explain`."""
+    return reference.explain(Recipe, query)

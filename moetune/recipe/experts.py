@@ -28,6 +28,7 @@ from typing import ClassVar
 from moetune.core.adapter_files import read_meta
 from moetune.core.errors import RecipeError
 from moetune.core.schema import opt
+from moetune.core.ui import plural
 
 GRANULARITIES = ("matrix", "layer", "block", "network")
 
@@ -360,7 +361,7 @@ class MoLEConfig(ExpertConfig):
             raise _error("Recipe stages include 'merge', but MoLE's per-token gates do not fold into the base. "
                          "Drop 'merge' and use `moetune merge-lora --adapters ... --method mole --gates-from RUN`.")
         if self.names and len(self.names) != len(self.experts):
-            raise _error(f"Recipe key 'expert.names' has {len(self.names)} names for {len(self.experts)} experts. "
+            raise _error(f"Recipe key 'expert.names' has {plural(len(self.names), 'name')} for {plural(len(self.experts), 'expert')}. "
                          "Allowed: one name per entry of expert.experts, or an empty list.")
         if r.train.lora_plus_ratio != 1.0 and self.experts_from != "per_domain":
             raise _error(f"Recipe key 'train.lora_plus_ratio' is {r.train.lora_plus_ratio}, but MoLE trains only its "
@@ -473,7 +474,7 @@ class CALMConfig(ExpertConfig):
 
     def card_line(self) -> str:
         return (f"calm, augmenting model `{self.augmenting_model}`, {self.num_heads}-head cross-attention "
-                f"({len(self.anchor_layers) or self.num_compositions} compositions)")
+                f"({plural(len(self.anchor_layers) or self.num_compositions, 'composition')})")
 
     def how_to_load(self, sub: str) -> str:
         return (f"the CALM composition layers (safetensors + moetune.json naming the anchor and the augmenting "

@@ -14,6 +14,7 @@ Run directory layout:
     merged/            the merged model (merge stage)
     eval.json          the last evaluation (with a "routing" report for routed adapters)
     routing.png        routed adapters: mean gate weight, layer x expert, one panel per domain
+    routing.md         routed adapters: the routing tables (per layer load, entropy, dead experts; per domain)
     export/            what `export` writes
 """
 from __future__ import annotations
