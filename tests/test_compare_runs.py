@@ -112,10 +112,16 @@ def test_existing_comparison_is_moved_aside_with_overwrite(recipe, tmp_path, mon
     from moetune.commands import compare
     path, over = recipe
     out = tmp_path / "cmp"
-    monkeypatch.setattr(compare, "run_all", lambda jobs, n, o: {})
+    seen = []
+
+    def no_runs(jobs, n, o):   # the budget table is out before any run starts
+        seen.append(capsys.readouterr().out)
+        return {}
+    monkeypatch.setattr(compare, "run_all", no_runs)
     monkeypatch.setattr(compare, "report", lambda *a: {})
     args = ["compare", path, *over, "--methods", "lora,hydralora", "--out", out]
     assert cli(monkeypatch, *args) in (0, None)
+    assert "budgets (equal-params" in seen[0] and "hydralora" in seen[0] and "sized" in seen[0]
     first = (out / "plan.json").read_text()
     assert cli(monkeypatch, *args) == 2
     assert "Nothing was changed" in capsys.readouterr().err

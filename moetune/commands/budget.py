@@ -22,6 +22,7 @@ import torch
 
 from moetune.adapters.inject import count_parameters, inject
 from moetune.core.errors import RecipeError
+from moetune.core.ui import plural
 from moetune.experts import REGISTRY
 from moetune.models.load import load_config
 from moetune.recipe import Recipe
@@ -112,5 +113,5 @@ def size(build: Callable[[dict], Recipe], keys: list[str], own: dict, target: in
     if best is None:
         raise RecipeError(f"no value of {', '.join(keys)} gives a recipe this type accepts.")
     shown = ", ".join(f"{k}={v}" for k, v in best[1].items())
-    raise RecipeError(f"the closest is {shown} with {best[2]:,} trainable parameters ({100 * (best[2] / target - 1):+.1f}% "
-                      f"of {target:,}), outside +-{100 * TOLERANCE:.0f}%.")
+    raise RecipeError(f"the closest is {shown} with {plural(best[2], 'trainable parameter')} "
+                      f"({100 * (best[2] / target - 1):+.1f}% of {target:,}), outside +-{100 * TOLERANCE:.0f}%.")

@@ -35,7 +35,7 @@ from moetune.commands.domain_experts import domain_recipe
 from moetune.core.checkpoint import write_json
 from moetune.export.multimerge import GATED
 from moetune.core.errors import RecipeError
-from moetune.core.ui import console, table
+from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import load_splits
 from moetune.models.load import load_tokenizer
 from moetune.recipe import Recipe, parse_overrides, recipe_from_dict, to_yaml
@@ -107,7 +107,8 @@ def compare(s: Settings, base: dict) -> dict:
             datas[name] = merge(datas[name], {"expert": values["values"]})
     jobs = _jobs(s, variants, datas)
     if s.plan_only:
-        console.print(f"--plan: {len(jobs)} runs planned ({len(variants)} variants x {len(s.seeds)} seeds); nothing run.")
+        console.print(f"--plan: {plural(len(jobs), 'run')} planned ({plural(len(variants), 'variant')} x "
+                      f"{plural(len(s.seeds), 'seed')}); nothing run.")
         return {"sizes": sizes, "jobs": [dataclasses.asdict(j) for j in jobs]}
     _open(s, existing, jobs)
     with run_lock(s.out):
@@ -132,7 +133,7 @@ def _guard(s: Settings) -> str | None:
     old = _plan_file(s.out)
     jobs = old.get("runs") or {}
     finished = sum(state(Job(**j["job"])) == "done" for j in jobs.values())
-    found = f"a comparison ({finished} of {len(jobs)} runs finished)"
+    found = f"a comparison ({finished} of {plural(len(jobs), 'run')} finished)"
     if not (s.resume or s.overwrite):
         raise RecipeError(f"--out {str(s.out)!r} already holds {found}. Nothing was changed. Allowed: --resume to "
                           "continue it (finished runs are reused); --overwrite to start over (the old comparison is "
@@ -212,7 +213,7 @@ def _budgets(s: Settings, variants: list[Variant], datas: dict, recipes: dict, d
             found = size(build, free, shown, target, lambda r, v=v: count(r, v.name), alpha)
         except RecipeError as e:
             raise RecipeError(f"--budget equal-params: variant {v.name!r} ({rc.expert.type}) cannot be sized to "
-                              f"{ref!r}'s {target:,} trainable parameters by {', '.join(free)}: {e} Allowed: set its "
+                              f"{ref!r}'s {plural(target, 'trainable parameter')} by {', '.join(free)}: {e} Allowed: set its "
                               f"size yourself ({v.name}:expert.{free[0]}=N pins it; the table then shows the "
                               "difference), or --budget recipe.") from None
         sized = {k: found["values"].get(k, shown[k]) for k in keys}

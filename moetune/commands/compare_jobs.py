@@ -31,7 +31,7 @@ from pathlib import Path
 from moetune.commands.stages import run_recipe
 from moetune.core.checkpoint import newest_verified_checkpoint, write_json
 from moetune.core.errors import RecipeError
-from moetune.core.ui import console, simple_progress
+from moetune.core.ui import console, plural, simple_progress
 from moetune.export.multimerge import GATED, merge_command
 from moetune.recipe import recipe_from_dict
 from moetune.run.rundir import existing_run
@@ -176,7 +176,7 @@ def run_all(jobs: list[Job], n_parallel: int, out: Path, log=console.print) -> d
 
 def _raise_failures(failed: dict[str, str], total: int) -> None:
     if failed:
-        raise RecipeError(f"{len(failed)} of {total} runs did not finish: "
+        raise RecipeError(f"{len(failed)} of {plural(total, 'run')} did not finish: "
                           + "; ".join(f"{k}: {v}" for k, v in failed.items())
                           + ". Fix the cause and rerun with --resume: finished runs are reused.")
 
@@ -197,7 +197,7 @@ def _parallel(jobs: list[Job], n: int, out: Path, log) -> dict[str, str]:
     running: dict[str, tuple[subprocess.Popen, Job, object, int]] = {}
     done, failed = {j.id for j in jobs if started[j.id] == "done"}, {}
     pending = [j for j in pending if j.id not in done]
-    log(f"{len(pending)} of {len(jobs)} runs to do, {n} at a time, {threads} thread{'s' * (threads > 1)} each"
+    log(f"{len(pending)} of {plural(len(jobs), 'run')} to do, {n} at a time, {plural(threads, 'thread')} each"
         + (f", on {gpus} GPUs in turn" if gpus > 1 else ""))
     slot = 0
     try:

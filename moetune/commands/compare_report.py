@@ -14,6 +14,7 @@ Give it `paired` (per-example numerators, and denominators for a ratio) to get a
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -23,11 +24,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from moetune.commands.compare_jobs import Job
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
-from moetune.core.ui import console, table
+from moetune.core.ui import console, plural, table
 from moetune.eval import paired as P
 
 
@@ -281,11 +283,12 @@ def markdown(doc: dict) -> str:
     b = doc["bootstrap"]
     lines = [f"# Comparison of {len(doc['variants'])} variants on `{doc['recipe']}`", "",
              f"Command: `{doc['command']}`", "",
-             f"{doc['date']}, {doc['machine']}; {len(doc['seeds'])} seed(s) {doc['seeds']}; budget `{doc['budget']}`; "
-             f"held-out: {doc['held_out']['n']} rows of the {doc['held_out']['split']} split; runs {doc['jobs']} at a "
+             f"{doc['date']}, {doc['machine']}; {plural(len(doc['seeds']), 'seed')} {doc['seeds']}; budget "
+             f"`{doc['budget']}`; held-out: {plural(doc['held_out']['n'], 'row')} of the {doc['held_out']['split']} split; "
+             f"runs {doc['jobs']} at a "
              f"time. Cells: mean ± sd over seeds. Intervals: 95% paired bootstrap over seeds and held-out examples "
              f"({b['resamples']:,} resamples, seed {b['seed']}), each on its own (not corrected for "
-             f"{max(len(doc['variants']) - 1, 1)} comparisons).", "", "## Results", ""]
+             f"{plural(max(len(doc['variants']) - 1, 1), 'comparison')}).", "", "## Results", ""]
     names = {"results": "Results", "per_domain": "Exact match per domain (mean over seeds)",
              "per_domain_diff": f"Exact match per domain, difference to {doc['reference']} [95% CI]"}
     for key, (head, rows) in tables(doc).items():
@@ -341,12 +344,10 @@ def plot(doc: dict, path: Path) -> None:
 
 
 def _machine(jobs: list[Job]) -> str:
-    import torch
     device = (jobs[0].recipe.get("model") or {}).get("device", "auto")
     if device != "cpu" and torch.cuda.is_available():
         where = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     else:
-        import os
         where = f"CPU {platform.machine()}, {os.cpu_count()} cores"
     return f"{where}, torch {torch.__version__}"
 
@@ -367,7 +368,7 @@ def report(s, variants, jobs: list[Job], sizes: dict, started: dict) -> dict:
     plot(doc, s.out / "comparison.png")
     head, rows = tables(doc)["results"]
     out = wide_console()
-    out.print(table(f"comparison ({len(s.seeds)} seed(s), reference {doc['reference']})", head, rows))
+    out.print(table(f"comparison ({plural(len(s.seeds), 'seed')}, reference {doc['reference']})", head, rows))
     for c in doc["conclusions"]:
         out.print(f"- {c}.", highlight=False)
     out.print(f"Written: {s.out / 'comparison.md'}, comparison.json, comparison.png; the runs: moetune runs {s.out}",
