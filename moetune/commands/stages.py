@@ -159,12 +159,13 @@ def stage_eval(run: Run, use_merged: bool = True) -> dict:
     _rescore_before(run)
     model, which = _eval_model(run, use_merged)
     run.log(f"Evaluating the {which} model on the {rc.eval.split} split ...")
-    after = evaluate(model, run.tokenizer, run.held_out(), rc, run.device)
+    after = evaluate(model, run.tokenizer, run.held_out(), rc, run.device, per_example=True)
+    per_example = after.pop("per_example")  # eval.json keeps it (moetune compare pairs runs by it); not summary.json
     after["model"] = which
     after["held_out"] = run.held_out_tag()
     if rc.expert.masked_experts():
         after["masked_experts"] = rc.expert.masked_experts()
-    result = {"split": rc.eval.split, "model": which, "scores": after}
+    result = {"split": rc.eval.split, "model": which, "scores": after, "per_example": per_example}
     if rc.eval.multiple_choice:
         result["multiple_choice"] = multiple_choice(model, run.tokenizer, list(rc.eval.multiple_choice), rc)
     held = run.held_out()[: rc.eval.max_examples] if rc.eval.max_examples else run.held_out()
@@ -172,7 +173,7 @@ def stage_eval(run: Run, use_merged: bool = True) -> dict:
     if routing is not None:  # routed adapters only (see moetune/eval/report.py); plain LoRA skips it
         result["routing"] = routing
     write_json(run.dir / "eval.json", result)
-    run.update_summary(after=after, eval={k: v for k, v in result.items() if k != "scores"})
+    run.update_summary(after=after, eval={k: v for k, v in result.items() if k not in ("scores", "per_example")})
     print_summary(run)
     if routing is not None:  # the per-layer tables are in routing.md; one line here
         console.print(report_digest(routing), highlight=False, soft_wrap=True)
