@@ -147,7 +147,9 @@ def run_moetune(a, contender, precision, data, work, tag, env, batch) -> dict:
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if p.returncode:
-        raise RuntimeError(f"{contender} {precision}: moetune train exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+        print(f"\n{contender} {precision}: `{' '.join(cmd)}` exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}",
+              file=sys.stderr)
+        raise SystemExit(2 if p.returncode == 2 else 1)
     train = json.loads((out / "summary.json").read_text())["train"]
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     # the training loop's seconds up to the final checkpoint (its state.json): the steps, as Trainer's train_runtime;
@@ -172,10 +174,28 @@ def run_worker(a, contender, precision, data, work, tag, env, model_dir, trl_bat
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if p.returncode:
-        raise RuntimeError(f"{contender} {precision}: worker exited {p.returncode}:\n{p.stderr[-4000:]}")
+        print(f"\n{contender} {precision}: `{' '.join(cmd)}` exited {p.returncode}:\n{p.stderr[-4000:]}", file=sys.stderr)
+        raise SystemExit(1)
     out = json.loads((work / f"{tag}.out.json").read_text())
     return {**out, "process_seconds": round(wall, 3), "batch_size": spec["batch_size"],
             "attn_implementation": spec["attn_implementation"]}
+
+
+def check_moetune_recipes(a, contenders: list[str], data: Path, work: Path, batch: int) -> None:
+    """Load every moetune recipe with the --moetune-set overrides before anything runs: a bad override stops
+    here with moetune's own message (exit 2), not after the other contenders' runs."""
+    import yaml
+    from moetune.core.errors import RecipeError
+    from moetune.recipe import load_recipe
+    for contender in (c for c in contenders if c.startswith("moetune")):
+        for precision in a.precisions:
+            path = work / f"check-{contender}-{precision}.yaml"
+            path.write_text(yaml.safe_dump(moetune_recipe(a, contender, precision, data, work / "cache", work / "x", batch)))
+            try:
+                load_recipe(path, a.moetune_set)
+            except RecipeError as e:
+                print(f"--moetune-set {' '.join(a.moetune_set)}: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
 
 
 def data_stats(model_dir: str, data: Path, max_length: int) -> dict:
@@ -247,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         res["moetune_batch_size"] = batch = moetune_batch(a, trl_batch)
         if token_budget_packing(a.moetune_set):
             print(f"data.packing=dataset: moetune's batch is {batch} rows of {a.max_length} tokens, as TRL's", flush=True)
+        check_moetune_recipes(a, contenders, data, work, batch)
         for i, (r, precision, contender) in enumerate(plan := plan_runs(contenders, a.precisions, a.rounds)):
             tag = f"{contender}-{precision}-{r}"
             print(f"[{i + 1}/{len(plan)}] round {r} {precision} {contender} ...", end=" ", flush=True)

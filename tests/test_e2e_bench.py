@@ -87,3 +87,13 @@ def test_ratios_pair_runs_of_the_same_round(tmp_path):
     update_results_md(md, "second\n")                               # replaced, not appended again
     text = md.read_text()
     assert text.count(START) == 1 and "second\n" + END in text and text.startswith("# R\n\nbefore\n")
+
+
+def test_bad_moetune_override_stops_before_any_run(tmp_path, capsys):
+    data = write_rows(tmp_path / "d.jsonl", 4)
+    good = e2e.parse_args(["--moetune-set", "data.packing=false", "--moetune-set", "train.lr=1e-4"])
+    e2e.check_moetune_recipes(good, ["moetune", "moetune-hydralora", "trl"], data, tmp_path, 8)
+    bad = e2e.parse_args(["--moetune-set", "data.packign=true"])
+    with pytest.raises(SystemExit) as e:
+        e2e.check_moetune_recipes(bad, ["moetune"], data, tmp_path, 8)
+    assert e.value.code == 2 and "Did you mean 'data.packing'" in capsys.readouterr().err
