@@ -34,7 +34,8 @@ TRL/Trainer: `train_runtime`), after model loading and tokenisation; the process
 alternate: every round runs every (precision, contender) once, the contender order rotated per round,
 so the drift of a shared machine hits all. A ratio is the median over rounds of the per-round ratio
 (a contender's seconds over moetune's in the same round and precision), with min and max.
-Results: `--out` (JSON, every run with its per-step losses) and the same path with .md (the table).
+Results: `--out` (JSON, every run with its per-step losses; results/e2e.json, or e2e_cuda.json on a GPU),
+the same path with .md (the table), and with `--results-md` the device's block of RESULTS.md.
 """
 from __future__ import annotations
 
@@ -78,9 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--moetune-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra moetune recipe override for both moetune contenders (repeatable), e.g. data.packing=dataset")
     ap.add_argument("--shared", action="store_true", help="record that the machine was shared during the run")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/e2e.json"))
+    ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/e2e.json, "
+                    "e2e_cuda.json with --device cuda); the table goes beside it as .md")
     ap.add_argument("--results-md", default=None, help="also write the table into this RESULTS.md (between its e2e markers)")
     a = ap.parse_args(argv)
+    a.out = a.out or str(ROOT / "benchmarks/results" / ("e2e.json" if a.device == "cpu" else "e2e_cuda.json"))
     if a.trl_batch_size != "auto" and not (a.trl_batch_size.isdigit() and int(a.trl_batch_size) >= 1):
         ap.error(f"--trl-batch-size {a.trl_batch_size!r}: allowed: 'auto' or a positive integer")
     bad = [s for s in a.moetune_set if "=" not in s or s.startswith("=")]
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     table = render_table(res)
     out.with_suffix(".md").write_text(table)
     if a.results_md:
-        update_results_md(Path(a.results_md), table)
+        update_results_md(Path(a.results_md), table, a.device)
     print(table)
 
 

@@ -10,7 +10,11 @@ import re
 import statistics
 from pathlib import Path
 
-START, END = "<!-- e2e:start (written by benchmarks/e2e.py --results-md) -->", "<!-- e2e:end -->"
+
+
+def markers(device: str) -> tuple[str, str]:
+    """The RESULTS.md markers around the block of a `--device` (cpu and cuda runs keep a block each)."""
+    return f"<!-- e2e:{device}:start (written by benchmarks/e2e.py --results-md) -->", f"<!-- e2e:{device}:end -->"
 
 
 def _spread(values: list[float]) -> dict:
@@ -101,12 +105,14 @@ def render_table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_results_md(path: Path, table: str) -> None:
-    """Replace the text between the e2e markers of `path` with `table` (the markers are added at the end if absent)."""
+def update_results_md(path: Path, table: str, device: str = "cpu") -> None:
+    """Replace the text between the `device`'s e2e markers of `path` with `table` (the markers are added at the end
+    if absent)."""
+    start, end = markers(device)
     text = path.read_text() if path.exists() else ""
-    block = f"{START}\n{table}{END}"
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    block = f"{start}\n{table}{end}"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)

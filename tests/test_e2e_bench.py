@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import e2e  # noqa: E402
 from e2e_data import MAX_WORDS, chat_rows, write_rows  # noqa: E402
-from e2e_report import END, START, render_table, summarise, update_results_md  # noqa: E402
+from e2e_report import markers, render_table, summarise, update_results_md  # noqa: E402
 
 
 def test_chat_rows_are_seeded_prompt_completion_with_long_tailed_answers(tmp_path):
@@ -44,6 +44,7 @@ def test_arguments_checked(capsys):
             e2e.parse_args(bad)
         assert e.value.code == 2
     assert "data.packing" in capsys.readouterr().err
+    assert e2e.parse_args(["--device", "cuda"]).out.endswith("e2e_cuda.json") and a.out.endswith("e2e.json")
     a = e2e.parse_args(["--device", "cpu"])
     ok, skipped = e2e.usable_contenders(a)
     assert "trl-liger" not in ok and "cuda" in skipped["trl-liger"]
@@ -84,9 +85,12 @@ def test_ratios_pair_runs_of_the_same_round(tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text("# R\n\nbefore\n")
     update_results_md(md, table)
+    update_results_md(md, "gpu\n", "cuda")
     update_results_md(md, "second\n")                               # replaced, not appended again
     text = md.read_text()
-    assert text.count(START) == 1 and "second\n" + END in text and text.startswith("# R\n\nbefore\n")
+    (start, end), (gpu_start, gpu_end) = markers("cpu"), markers("cuda")
+    assert text.count(start) == 1 and "second\n" + end in text and text.startswith("# R\n\nbefore\n")
+    assert gpu_start + "\ngpu\n" + gpu_end in text and table not in text
 
 
 def test_bad_moetune_override_stops_before_any_run(tmp_path, capsys):
