@@ -28,7 +28,8 @@ fresh process.
 - `trl-liger` (`--device cuda` only): `trl` with `use_liger_kernel=True`, when the `liger-kernel` package
   imports; otherwise it is skipped with a message.
 
-**Timing.** Each tool's own training-loop clock (moetune: the seconds its final checkpoint records, i.e.
+**Timing.** After an untimed one-step moetune run (`--no-warmup` skips it) that fills the OS file cache
+and moetune's tokenised-data cache, each tool's own training-loop clock (moetune: the seconds its final checkpoint records, i.e.
 the steps, without writing that checkpoint and curves.png, which are kept as train_seconds_with_final_save;
 TRL/Trainer: `train_runtime`), after model loading and tokenisation; the process wall time is recorded too. Rounds
 alternate: every round runs every (precision, contender) once, the contender order rotated per round,
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--moetune-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra moetune recipe override for both moetune contenders (repeatable), e.g. data.packing=dataset")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the untimed one-step moetune run that first fills the OS file cache (model, libraries) "
+                         "and moetune's tokenised-data cache, so the first timed run does not pay for them")
     ap.add_argument("--shared", action="store_true", help="record that the machine was shared during the run")
     ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/e2e.json, "
                     "e2e_cuda.json with --device cuda); the table goes beside it as .md")
@@ -140,12 +144,12 @@ def moetune_recipe(a, contender: str, precision: str, data: Path, cache: Path, o
             "output_dir": str(out), "stages": ["train"]}
 
 
-def run_moetune(a, contender, precision, data, work, tag, env, batch) -> dict:
+def run_moetune(a, contender, precision, data, work, tag, env, batch, extra: tuple[str, ...] = ()) -> dict:
     import yaml
     out = work / f"run-{tag}"
     recipe = work / f"{tag}.yaml"
     recipe.write_text(yaml.safe_dump(moetune_recipe(a, contender, precision, data, work / "cache", out, batch)))
-    cmd = [sys.executable, "-m", "moetune", "train", str(recipe), *a.moetune_set]
+    cmd = [sys.executable, "-m", "moetune", "train", str(recipe), *a.moetune_set, *extra]
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -271,6 +275,12 @@ def main(argv: list[str] | None = None) -> None:
         if token_budget_packing(a.moetune_set):
             print(f"data.packing=dataset: moetune's batch is {batch} rows of {a.max_length} tokens, as TRL's", flush=True)
         check_moetune_recipes(a, contenders, data, work, batch)
+        if a.warmup:
+            print("warm-up (untimed): one moetune step ...", end=" ", flush=True)
+            t = time.perf_counter()
+            run_moetune(a, "moetune", a.precisions[0], data, work, "warmup", env, batch, ("train.max_steps=1",))
+            res["warmup_seconds"] = round(time.perf_counter() - t, 1)
+            print(f"{res['warmup_seconds']} s", flush=True)
         for i, (r, precision, contender) in enumerate(plan := plan_runs(contenders, a.precisions, a.rounds)):
             tag = f"{contender}-{precision}-{r}"
             print(f"[{i + 1}/{len(plan)}] round {r} {precision} {contender} ...", end=" ", flush=True)
