@@ -7,13 +7,13 @@ A `RowBatch` holds B sequences in one transformers `DynamicCache` of T positions
     route                  : id(router) -> (B, N)   each row's pooled sequence-level router logits
     state                  : the model's extra per-row state (ExpertLayer.generation_state: CALM), or None
 
-A sequence joins after its own prefill (batch 1, no padding: the same numbers as an unbatched run) by
+New sequences join after their prefill (together, left-padded, as `generate` batches prompts) by
 `merge`: the shorter side is padded on the left with zero keys and values under mask 0, then rows are
 stacked. Finished sequences leave by `select`, which also drops leading columns that are padding in
 every remaining row. Padding never changes a row's result: its keys get mask 0 (softmax weight exactly
 0), its position ids count real tokens only (`positions`), and the causal mask compares cache columns,
 which padding shifts equally for queries and keys. So greedy decoding of a row gives the tokens of the
-same prompt decoded alone, up to float rounding of differently shaped matmuls.
+same prompt decoded alone or in any other batch, up to float rounding of differently shaped matmuls.
 """
 from __future__ import annotations
 

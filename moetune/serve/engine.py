@@ -1,9 +1,10 @@
 """The decode loop: continuous batching of every served model on one worker thread.
 
 Requests wait in one FIFO queue. Between two decode steps the engine admits waiting requests while
-their model's batch has room (`max_batch` sequences per model): each is prefilled alone (batch 1, no
-padding, in the routing context `generate` uses, so sequence-level routers pool its prompt) and its
-first token is sampled, then its KV-cache row joins the model's `RowBatch`. Each loop then runs ONE
+their model's batch has room (`max_batch` sequences per model): the new requests of one model are
+prefilled together (left-padded, in the routing context `generate` uses, so sequence-level routers pool
+each prompt's real tokens), their first tokens sampled, and their KV-cache rows join the model's
+`RowBatch`. Each loop then runs ONE
 decode step per model with sequences: the last token of every row, at its own position id, against the
 left-padded cache; a row that finishes (EOS, a stop sequence, max_tokens, the context) or whose client
 went away leaves the batch before the next step and frees its slot.
@@ -27,6 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from moetune.adapters.inject import routed_layers
+from moetune.eval.evaluate import left_pad
 from moetune.experts.context import RoutingContext, generation_routing, use_context
 from moetune.serve.batch import RowBatch, merge, positions, select
 from moetune.serve.decode import TextStream, choose, new_generator
@@ -47,6 +49,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     routing: bool = False
+    ignore_eos: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
@@ -141,8 +144,9 @@ class Engine:
                     if self.closing and not self.waiting and not self.batches:
                         return
                     admit = self._admit()
-                for job in admit:
-                    self._guarded(self._prefill, job, [job])
+                for name in dict.fromkeys(j.model for j in admit):          # one prefill per model, FIFO order
+                    group = [j for j in admit if j.model == name]
+                    self._guarded(self._prefill, group, group)
                 for name in list(self.batches):
                     self._guarded(self._step, name, self.batches[name].rows)
 
@@ -180,26 +184,31 @@ class Engine:
         return s.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                        logits_to_keep=1)
 
-    def _prefill(self, job: Job) -> None:
-        s = self.models[job.model]
-        job.text = TextStream(s.tokenizer, job.stop)
-        self.metrics.inc("moetune_prompt_tokens_total", len(job.prompt), model=job.model)
-        ids = torch.tensor([job.prompt], device=s.device)                        # (1, T)
-        T = ids.shape[1]
-        mask = torch.ones(1, T, dtype=torch.long, device=s.device)               # (1, T)
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill new jobs of one model together (left-padded, as `generate` batches prompts), sample their first
+        tokens, and add the rows that go on to the model's batch."""
+        name = jobs[0].model
+        s = self.models[name]
+        for job in jobs:
+            job.text = TextStream(s.tokenizer, job.stop)
+            self.metrics.inc("moetune_prompt_tokens_total", len(job.prompt), model=name)
+        ids, mask = left_pad([j.prompt for j in jobs], s.tokenizer.pad_token_id)  # (B, T), (B, T)
+        ids, mask = ids.to(s.device), mask.to(s.device)
+        pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)                      # (B, T): real tokens 0, 1, ...
+        tap = self.taps[name]
+        tap.arm(any(j.routing for j in jobs))
         cache = DynamicCache()
-        tap = self.taps[job.model]
-        tap.arm(job.routing)
-        with generation_routing(mask) as ctx:      # sequence-level routers pool this prompt, as in `generate`
-            out = self._forward(s, ids, mask, torch.arange(T, device=s.device)[None], cache)
+        with generation_routing(mask) as ctx:      # sequence-level routers pool each prompt, as in `generate`
+            out = self._forward(s, ids, mask, pos, cache)
         state = s.state.snapshot() if s.state is not None else None
-        self._add_gates([job], tap.take())
-        one = RowBatch([job], cache, mask, dict(ctx.cache), state)
-        tok = choose(out.logits[:, -1].float(), [job])
-        if self._advance(s, one, tok):
+        self._add_gates(jobs, tap.take(), mask)
+        new = RowBatch(list(jobs), cache, mask, dict(ctx.cache), state)
+        finished = self._advance(s, new, choose(out.logits[:, -1].float(), jobs))
+        new = select(new, [i for i in range(new.size) if i not in finished], s.state)
+        if new is None:
             return
-        old = self.batches.get(job.model)
-        self.batches[job.model] = merge([old, one], s.state) if old is not None else one
+        old = self.batches.get(name)
+        self.batches[name] = merge([old, new], s.state) if old is not None else new
 
     def _step(self, name: str) -> None:
         s, b = self.models[name], self.batches[name]
@@ -234,14 +243,17 @@ class Engine:
         else:
             self.batches[name] = nb
 
-    def _add_gates(self, jobs: list[Job], gates: torch.Tensor | None) -> None:
+    def _add_gates(self, jobs: list[Job], gates: torch.Tensor | None, mask: torch.Tensor | None = None) -> None:
+        """Add each routing job's gates (L, B, T, N) over its real positions (mask (B, T); None: all)."""
         if gates is None:
             return
-        for i, job in enumerate(jobs):                                            # gates: (L, B, T, N)
+        if mask is not None:
+            gates = gates * mask.to(gates.dtype)[None, :, :, None]
+        for i, job in enumerate(jobs):
             if job.routing:
                 g = gates[:, i].sum(1).cpu()                                      # (L, N)
                 job.gate_sum = g if job.gate_sum is None else job.gate_sum + g
-                job.gate_tokens += gates.shape[2]
+                job.gate_tokens += int(mask[i].sum()) if mask is not None else gates.shape[2]
 
     def _advance(self, s: Served, b: RowBatch, tokens: list[int]) -> set[int]:
         """Give each row its new token; emit text; return the indices of rows that finished."""
@@ -251,7 +263,7 @@ class Engine:
             if job.first_token is None:
                 job.first_token = now
                 self.metrics.observe("moetune_time_to_first_token_seconds", now - job.arrival, model=job.model)
-            if tok in s.eos:
+            if tok in s.eos and not job.ignore_eos:
                 self._finish(s, job, "stop", now)
                 done.add(i)
                 continue

@@ -11,8 +11,9 @@ no more than the context leaves), `stop` (a string or up to 4), `seed`, `stream`
 Unknown fields are refused as OpenAI does ("Unrecognized request argument"); fields the server does not
 implement (tools, logprobs, penalties, logit_bias, echo, suffix, best_of > 1) are refused by name.
 
-Extension: `"moetune_routing": true` adds `moetune_routing` to the response (the final chunk when
-streaming): for every routed layer, the mean gates over the request's tokens.
+Extensions: `"moetune_routing": true` adds `moetune_routing` to the response (the final chunk when
+streaming): for every routed layer, the mean gates over the request's tokens. `"ignore_eos": true`
+(vLLM's name) decodes past the end-of-sequence token up to max_tokens (for benchmarks).
 """
 from __future__ import annotations
 
@@ -51,10 +52,12 @@ class Parsed:
     stream: bool = False
     include_usage: bool = False
     routing: bool = False
+    ignore_eos: bool = False
 
 
 COMMON = {"model", "temperature", "top_p", "n", "stream", "stream_options", "stop", "max_tokens", "seed",
-          "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user", "moetune_routing"}
+          "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user", "moetune_routing",
+          "ignore_eos"}
 IGNORED = {"user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
 CHAT = COMMON | IGNORED | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
                            "function_call", "parallel_tool_calls", "response_format"}
@@ -174,7 +177,8 @@ def _options(body: dict, s: Served, prompt: list[int], limit: int, default_max: 
                    "reduce the length of the prompt or the completion.", key, "context_length_exceeded")
     max_tokens = asked if asked is not None else min(default_max, limit, room)
     include = bool((opts or {}).get("include_usage", False))
-    return Parsed(s.name, prompt, max_tokens, temperature, top_p, stop, seed, stream, include, routing)
+    return Parsed(s.name, prompt, max_tokens, temperature, top_p, stop, seed, stream, include, routing,
+                  _bool(body, "ignore_eos"))
 
 
 def _content(m: dict, i: int) -> str:
