@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moetune.serve.engine import Engine, Job
-from moetune.serve.loading import Served
+from moetune.serve.loading import Served, unique_bytes
 from moetune.serve.metrics import Metrics
 from moetune.serve.protocol import (APIError, Parsed, chat_chunk, chat_response, completion_chunk, completion_response,
                                     new_id, parse_chat, parse_completion, usage)
@@ -141,6 +141,8 @@ def build_app(served: dict[str, Served], engine: Engine, metrics: Metrics, limit
     async def internal(request: Request, e: Exception):
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", kind="server_error").body(), 500)
 
+    weights = unique_bytes([s.model for s in served.values()])
+
     def card(s: Served) -> dict:
         return {"id": s.name, "object": "model", "created": STARTED, "owned_by": "moetune",
                 "moetune": {"expert_type": s.expert_type, "source": s.label, "context": s.context}}
@@ -149,7 +151,7 @@ def build_app(served: dict[str, Served], engine: Engine, metrics: Metrics, limit
     async def health():
         return {"status": "ok", "models": list(served), "queue_depth": metrics.value("moetune_queue_depth"),
                 "active_sequences": metrics.value("moetune_active_sequences"),
-                "base_copies": len({s.base_key for s in served.values()})}
+                "base_copies": len({s.base_key for s in served.values()}), "weight_bytes": weights}
 
     @app.get("/metrics")
     async def prometheus():

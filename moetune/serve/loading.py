@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moetune import recipe as R
-from moetune.adapters.inject import expert_layers, routed_layers
+from moetune.adapters.inject import expert_layers
 from moetune.adapters.io import load_adapter
 from moetune.core.adapter_files import read_adapter
 from moetune.data.rows import Encoder
@@ -152,11 +152,6 @@ def load_served(paths: list[Path], overrides: list[str] | None = None, device: s
     out[BASE] = Served(BASE, base, tok, Encoder(tok, first.recipe.data), dev, "base",
                        f"base model {first.base.path}", _context(base), eos_ids(base, tok), key, None)
     return out
-
-
-def routed_names(model: nn.Module) -> list[str]:
-    """The routed layers of a model (model order): the layers whose gates the routing extension reports."""
-    return list(routed_layers(model))
 
 
 def unique_bytes(models: list[nn.Module]) -> int:
