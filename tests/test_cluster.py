@@ -1,6 +1,7 @@
 """`moetune cluster-heads`: K-means scan on the default data, the new recipe, router init from centroids."""
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from collections import Counter
@@ -206,3 +207,107 @@ def test_minilm_on_a_subsample(tmp_path):
     assert rep["dim"] == 384 and rep["rows"] == 300
     assert per_k[5]["ari"] > 0.9 and rep["ari"] > 0.85 and rep["chosen_k"] in (5, 6)
     assert time.time() - t0 < 120
+
+
+# ------------------------------------------------------------------ a newcomer's papercuts (issue 28)
+
+FAST = ["--embedder", "tfidf", "--max-rows", "150", "--max", "3"]
+
+
+def _no_embedding(monkeypatch):
+    """Make embedding fail loudly: a refusal must come before any work."""
+    import moetune.commands.cluster as cluster
+
+    def embed(*a, **k):
+        raise AssertionError("embedded before refusing")
+    monkeypatch.setattr(cluster, "embed", embed)
+
+
+def test_a_rerun_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    src = write_recipe(tmp_path / "hyd.yaml", "smollm2-135m-instruct", DEFAULT)
+    assert cli(monkeypatch, "cluster-heads", src, *FAST, "--json", tmp_path / "r.json") == 0
+    written = sorted(tmp_path.glob("hyd.k*.yaml"))
+    assert len(written) == 1
+    capsys.readouterr()
+    _no_embedding(monkeypatch)
+    assert cli(monkeypatch, "cluster-heads", src, *FAST) == 2           # the default name of some K exists
+    err = capsys.readouterr().err
+    assert written[0].name in err and "--force" in err and "Traceback" not in err
+    other = tmp_path / "other.yaml"
+    other.with_suffix(".png").write_bytes(b"keep me")                   # the plot beside --out exists
+    assert cli(monkeypatch, "cluster-heads", src, *FAST, "--out", other) == 2
+    assert "other.png" in capsys.readouterr().err and not other.exists()
+    assert cli(monkeypatch, "cluster-heads", src, *FAST, "--out", tmp_path / "new.yaml",
+               "--json", tmp_path / "r.json") == 2                       # --json names an existing file
+    assert "r.json" in capsys.readouterr().err
+    assert other.with_suffix(".png").read_bytes() == b"keep me"
+
+
+BLOCK = """\
+# My own recipe: HydraLoRA on my data.
+model:
+  path: smollm2-135m-instruct   # the built-in model
+expert:
+  type: hydralora
+  rank: 4
+  num_experts: 5                # a guess; cluster-heads picks it
+  target_modules: [q_proj, v_proj]  # attention only
+router: {balance_loss: switch, balance_weight: 0.01}
+data:
+  train: TRAIN
+  validation: VALIDATION
+  test: TEST
+
+  # how long
+train:
+  max_steps: 7
+stages: [train, eval, export]
+"""
+
+
+def test_the_new_recipe_keeps_comments_and_layout(tmp_path, monkeypatch):
+    src = tmp_path / "mine.yaml"
+    text = BLOCK.replace("TRAIN", str(DEFAULT["train"])).replace("VALIDATION", str(DEFAULT["validation"]))
+    src.write_text(text.replace("TEST", str(DEFAULT["test"])))
+    rep = cluster_heads(src, ["train.max_steps=9", "data.max_length=64"], embedder="tfidf", k_max=3, max_rows=150,
+                        out=tmp_path / "new.yaml")
+    k = rep["chosen_k"]
+    new = (tmp_path / "new.yaml").read_text()
+    old_lines = src.read_text().splitlines()
+    header, body = new.split(old_lines[0] + "\n", 1)                    # what cluster-heads adds, then the recipe
+    new_lines = [old_lines[0], *body.splitlines()]
+    # every line the same but the two changed values; the new key (data.max_length) is one line more
+    assert len(new_lines) == len(old_lines) + 1
+    assert f"  num_experts: {k}                # a guess; cluster-heads picks it" in new_lines
+    assert "  max_steps: 9" in new_lines and "  max_length: 64" in new_lines
+    for line in old_lines:
+        if "num_experts" not in line and "max_steps" not in line:
+            assert line in new_lines, line                                   # comments, flow lists, blank lines
+    diff = [d for d in difflib.ndiff(old_lines, new_lines) if d[:2] in ("- ", "+ ")]
+    assert sorted(diff) == sorted(["-   num_experts: 5                # a guess; cluster-heads picks it",
+                                   f"+   num_experts: {k}                # a guess; cluster-heads picks it",
+                                   "-   max_steps: 7", "+   max_steps: 9", "+   max_length: 64"])
+    assert "expert.num_experts" in header and "train.max_steps" in header and "data.max_length" in header
+    assert all(line.startswith("#") for line in header.splitlines())
+    rc = load_recipe(tmp_path / "new.yaml")
+    assert rc.expert.num_experts == k and rc.train.max_steps == 9 and rc.data.max_length == 64
+    assert list(rc.expert.target_modules) == ["q_proj", "v_proj"] and rc.router.balance_loss == "switch"
+
+
+def test_the_new_recipe_keeps_a_flow_style_section(tmp_path):
+    src = write_recipe(tmp_path / "hyd.yaml", "smollm2-135m-instruct", DEFAULT)
+    rep = cluster_heads(src, [], embedder="tfidf", k_max=3, max_rows=150, out=tmp_path / "new.yaml")
+    new = (tmp_path / "new.yaml").read_text()
+    assert "# my recipe" in new
+    assert f"expert: {{type: hydralora, rank: 4, num_experts: {rep['chosen_k']}}}" in new
+    assert "router: {balance_loss: switch, balance_weight: 0.01}" in new
+    assert load_recipe(tmp_path / "new.yaml").expert.num_experts == rep["chosen_k"]
+
+
+def test_init_router_help_names_every_embedder(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "300")
+    assert cli(monkeypatch, "cluster-heads", "--help") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    line = out.split("--init-router", 1)[1].split("--with-response", 1)[0]
+    assert "needs --embedder base" not in line
+    assert "minilm" in line and "base" in line and "router.init_centroids" in line

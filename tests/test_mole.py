@@ -281,7 +281,7 @@ def test_recipe_and_adapter_mismatches_are_clear_errors(tiny_llama, tiny_gpt2, l
     assert ok.expert.granularity == "layer" and ok.expert.temperature == 1.0
     with pytest.raises(RecipeError, match=r"MoLE expert 'gpt' .*trained on base model .*but model.path"):
         load_recipe(None, [*base, f"expert.experts=[{llama_experts[0]},{gpt}]"])
-    with pytest.raises(RecipeError, match="expert.names' has 1 names for 2 experts"):
+    with pytest.raises(RecipeError, match="expert.names' has 1 name for 2 experts"):
         load_recipe(None, [*base, f"expert.experts=[{llama_experts[0]},{gpt}]", "expert.names=[x]"])
     with pytest.raises(RecipeError, match="is empty"):
         load_recipe(None, base)

@@ -20,7 +20,6 @@ the adjusted Rand index of each clustering against it is reported too.
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -32,12 +31,14 @@ from safetensors.torch import save_file
 
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
-from moetune.core.ui import console, table
+from moetune.core.files import ordinary_mode
+from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import load_examples
 from moetune.data.sources import iter_messages, iter_sources
 from moetune.models.load import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
 from moetune.models.projection import dims as base_dims
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
+from moetune.recipe.edit import flatten, parse, set_keys
 from moetune.recipe.experts import RoutedConfig
 from moetune.train.router_fit import fit_router_file, sample_indices
 
@@ -208,6 +209,60 @@ def _check_free(path: Path, source: Path, force: bool) -> None:
                           "Pass --out NEW.yaml, or --force to replace it.")
 
 
+def _outputs(out: Path, init_router: bool, embedder: str) -> list[Path]:
+    """The files a run writes for the new recipe `out`: it, its plot and (--init-router) the router files."""
+    files = [out, out.with_suffix(".png")]
+    if init_router:
+        router = out.with_name(out.stem + (".centroids" if embedder == "base" else ".router") + ".safetensors")
+        files += [router, router.with_suffix(".json")]
+    return files
+
+
+def _check_outputs(recipe_path: Path, out: Path | None, k_min: int, k_max: int, init_router: bool, embedder: str,
+                   json_path: Path | None, force: bool) -> None:
+    """Before any work: the files this run may write. Without --out, those of every K in [k_min, k_max] (the
+    chosen K, and so the name, is known only after the scan): an earlier run's files are refused at once
+    instead of after minutes of embedding."""
+    outs = [Path(out)] if out is not None else [recipe_path.with_name(f"{recipe_path.stem}.k{k}.yaml")
+                                                for k in range(k_min, k_max + 1)]
+    files = [f for o in outs for f in _outputs(o, init_router, embedder)] + ([Path(json_path)] if json_path else [])
+    for f in files:
+        _check_free(f, recipe_path, True)  # never the input recipe, even with --force
+    existing = [str(f) for f in files if f.exists()]
+    if existing and not force:
+        what = (f"--out {out} and the files beside it" if out is not None else
+                f"{recipe_path.stem}.k<K>.yaml beside the recipe for the K it chooses in [{k_min}, {k_max}], "
+                "and the files beside it")
+        raise RecipeError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''} (an earlier "
+                          f"run?), and cluster-heads overwrites no file: it writes {what}. Nothing was computed. "
+                          "Allowed: --out NEW.yaml (and a new --json), or --force to replace them.")
+
+
+def _new_recipe_text(recipe_path: Path, changes: dict, data: dict, header: list[str]) -> str:
+    """The new recipe: RECIPE's own text with the changed keys set in place (comments and layout kept,
+    moetune/recipe/edit.py), below a header that says what changed; written afresh when the text is
+    beyond the in-place editor."""
+    original = recipe_path.read_text()
+    old = parse(original)
+    changed = [f"{k} {_lookup(old, k)} -> {v}" for k, v in flatten(changes).items() if _lookup(old, k) != v]
+    header = header + [f"# Changed from {recipe_path.name}: {', '.join(changed) or 'nothing'}; the rest is as "
+                       "written there."]
+    body = set_keys(original, changes)
+    if body is None:
+        body = OmegaConf.to_yaml(OmegaConf.create(data))
+        header[-1] = (f"# Changed from {recipe_path.name}: {', '.join(changed)}. Written afresh: its YAML layout "
+                      "was beyond moetune's in-place editor, so its comments are not kept.")
+    return "\n".join(header) + "\n" + body
+
+
+def _lookup(data: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return "unset"
+        data = data[part]
+    return data
+
+
 def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max: int = 8, embedder: str = "minilm",
                   out: Path | None = None, json_path: Path | None = None, init_router: bool = False,
                   with_response: bool = False, max_rows: int | None = None, seed: int = 0,
@@ -221,48 +276,50 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
                           f"(e.g. `moetune cluster-heads {recipe_path} expert.type=hydralora`).")
     if k_min < 2 or k_max < k_min:
         raise RecipeError(f"--min {k_min} --max {k_max}: allowed is 2 <= min <= max.")
-    if out is not None:
-        _check_free(Path(out), recipe_path, force)
+    _check_outputs(recipe_path, out, k_min, k_max, init_router, embedder, json_path, force)
     texts, domains = example_texts(rc.data, with_response, max_rows, seed)
     if len(texts) <= k_max:
-        raise RecipeError(f"{rc.data.train} has {len(texts)} rows; --max ({k_max}) must be below that.")
-    console.print(f"Embedding {len(texts)} training rows with {embedder} ...")
+        raise RecipeError(f"{rc.data.train} has {plural(len(texts), 'row')}; --max ({k_max}) must be below that.")
+    console.print(f"Embedding {plural(len(texts), 'training row')} with {embedder} ...")
     t0 = time.time()
     x = embed(texts, embedder, rc.model)                               # (n, d)
     seconds = time.time() - t0
     results = scan(x, k_min, k_max, domains, seed)
     k = choose(results)
     best, knee = results[k - k_min], elbow(results)
-    console.print(table(f"K-means on {embedder} embeddings of {len(texts)} rows ({seconds:.1f} s)",
+    console.print(table(f"K-means on {embedder} embeddings of {plural(len(texts), 'row')} ({seconds:.1f} s)",
                         ["K", "inertia", "silhouette", "ARI vs domain", "cluster sizes"],
                         [[f"{r['k']}{' *' if r['k'] == k else ''}", r["inertia"], r["silhouette"], r["ari"],
                           " ".join(map(str, r["sizes"]))] for r in results]))
     out = Path(out) if out is not None else recipe_path.with_name(f"{recipe_path.stem}.k{k}.yaml")
     _check_free(out, recipe_path, force)
-    data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(recipe_path),
-                                                  OmegaConf.create(parse_overrides(overrides))))
-    data["expert"] = {**(data.get("expert") or {}), "num_experts": k}
+    changes = parse_overrides(overrides)
+    changes["expert"] = {**(changes.get("expert") or {}), "num_experts": k}
+    data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(recipe_path), OmegaConf.create(changes)))
     recipe_from_dict(data, source=str(out))                            # the new recipe loads, before any write
     centroids = None
     if init_router and embedder != "base":
         centroids = _fit_routers(rc, best["labels"], max_rows, seed, out, recipe_path, force, embedder)
-        data["router"] = {**(data.get("router") or {}), "init_centroids": str(centroids)}
     elif init_router:
         centroids = out.with_name(out.stem + ".centroids.safetensors")
         for f in (centroids, centroids.with_suffix(".json")):
             _check_free(f, recipe_path, force)
         save_file({"centroids": torch.from_numpy(best["centroids"])}, str(centroids))  # (K, d)
+        ordinary_mode(centroids)                                         # safetensors writes 0600
         write_json(centroids.with_suffix(".json"), {
             "k": k, "dim": int(x.shape[1]), "embedder": "base", "model": rc.model.path, "rows": len(texts),
             "pooling": "attention-mask mean of the last hidden state (after the final norm), L2-normalised",
             "silhouette": best["silhouette"], "ari": best["ari"], "source_recipe": str(recipe_path),
             "use": "router.init_centroids: centred and scaled to RMS router.init_std at injection"})
+    if centroids:
+        changes["router"] = {**(changes.get("router") or {}), "init_centroids": str(centroids)}
         data["router"] = {**(data.get("router") or {}), "init_centroids": str(centroids)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# Written by `moetune cluster-heads` from {recipe_path} ({embedder} embeddings of {len(texts)} "
-                   f"training rows):\n# expert.num_experts={k}, the K in [{k_min}, {k_max}] with the highest "
-                   f"silhouette ({best['silhouette']:.3f}).\n" + OmegaConf.to_yaml(OmegaConf.create(data)))
-    png = plot(results, k, out.with_suffix(".png"), f"{recipe_path.name}: {embedder}, {len(texts)} rows")
+    out.write_text(_new_recipe_text(recipe_path, changes, data, [
+        f"# Written by `moetune cluster-heads` from {recipe_path} ({embedder} embeddings of "
+        f"{plural(len(texts), 'training row')}):",
+        f"# expert.num_experts={k}, the K in [{k_min}, {k_max}] with the highest silhouette ({best['silhouette']:.3f})."]))
+    png = plot(results, k, out.with_suffix(".png"), f"{recipe_path.name}: {embedder}, {plural(len(texts), 'row')}")
     report = {"recipe": str(recipe_path), "new_recipe": str(out), "embedder": embedder,
               "text": "instruction+response" if with_response else "instruction", "rows": len(texts),
               "dim": int(x.shape[1]), "embed_seconds": round(seconds, 2), "chosen_k": k,
@@ -279,7 +336,7 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
                       "to the clusters (training accuracy in the .json beside it).")
     elif centroids:
         hit, total = matching_layers(rc, int(x.shape[1]))
-        console.print(f"Centroids in {centroids}: {hit} of {total} target projections read inputs of dim "
+        console.print(f"Centroids in {centroids}: {hit} of {plural(total, 'target projection')} read inputs of dim "
                       f"{x.shape[1]} and start their router from them; the other {total - hit} keep the random init.")
     return report
 

@@ -26,6 +26,7 @@ from typing import Callable
 
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
+from moetune.core.ui import plural
 from moetune.recipe import Recipe, RouterConfig
 
 
@@ -66,7 +67,7 @@ def train_domain_experts(run, resume: bool, stage_train: Callable) -> dict:
             run.log(f"MoLE expert [bold]{d}[/]: reusing {adapter}")
             result = sub.summary().get("train", {})
         else:
-            run.log(f"MoLE expert [bold]{d}[/]: training a LoRA on {len(sub._splits['train'])} rows -> {adapter}")
+            run.log(f"MoLE expert [bold]{d}[/]: training a LoRA on {plural(len(sub._splits['train']), 'row')} -> {adapter}")
             result = stage_train(sub)
         info[d] = {"adapter": str(adapter), "rows": len(sub._splits["train"]),
                    **{k: result.get(k) for k in ("steps", "final_train_loss", "val_loss")}}

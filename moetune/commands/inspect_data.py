@@ -12,7 +12,7 @@ import json
 import numpy as np
 from rich.text import Text
 
-from moetune.core.ui import console, table
+from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import ExampleSet, load_splits
 from moetune.data.rows import IGNORE
 from moetune.models.load import load_tokenizer
@@ -82,9 +82,9 @@ def inspect(recipe: Recipe, n_show: int = 2) -> dict:
 def show(report: dict) -> None:
     """Print the report in the terminal."""
     for s in report["splits"]:
-        head = (f"[bold]{s['split']}[/]: {s['rows']:,} examples ({s['format']}; {s['source_rows']:,} source rows"
-                f"{', ' + str(s['bad_rows_skipped']) + ' bad rows skipped' if s['bad_rows_skipped'] else ''}), "
-                f"{s['tokens']['total']:,} tokens, mean {s['tokens']['mean']:.1f}, max {s['tokens']['max']}, "
+        head = (f"[bold]{s['split']}[/]: {plural(s['rows'], 'example')} ({s['format']}; {plural(s['source_rows'], 'source row')}"
+                f"{', ' + plural(s['bad_rows_skipped'], 'bad row') + ' skipped' if s['bad_rows_skipped'] else ''}), "
+                f"{plural(s['tokens']['total'], 'token')}, mean {s['tokens']['mean']:.1f}, max {s['tokens']['max']}, "
                 f"{s['trained_tokens']:,} trained; {s['truncated']:,} cut by data.max_length={s['max_length']}"
                 f"{', ' + str(s['dropped_no_trained_token']) + ' dropped (cut before any trained token)' if s['dropped_no_trained_token'] else ''}")
         console.print(head, highlight=False)
@@ -96,7 +96,7 @@ def show(report: dict) -> None:
                             [[f"{h['from']}-{h['to']}", f"{h['rows']:,}", "█" * round(30 * h["rows"] / top)]
                              for h in s["histogram"]]))
         for ex in s["examples"]:
-            console.print(f"[dim]example ({ex['domain']}, {ex['tokens']} tokens; trained tokens in {OPEN} {CLOSE}):[/]")
+            console.print(f"[dim]example ({ex['domain']}, {plural(ex['tokens'], 'token')}; trained tokens in {OPEN} {CLOSE}):[/]")
             txt = Text()
             for i, part in enumerate(ex["text"].replace(CLOSE, OPEN).split(OPEN)):
                 txt.append(part if i % 2 == 0 else OPEN + part + CLOSE, style="" if i % 2 == 0 else "bold green")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from moetune.adapters.inject import count_parameters, inject
-from moetune.core.ui import console, table
+from moetune.core.ui import console, plural, table
 from moetune.data.sources import check_rows, iter_sources
 from moetune.experts import REGISTRY
 from moetune.models.load import attn_implementation, load_config, pick_device
@@ -70,10 +70,10 @@ def report(recipe: Recipe) -> dict:
     counts = check_data(recipe)
     est = estimate(recipe)
     gib = 1024 ** 3
-    rows = [["model", f"{recipe.model.path} ({est['model_type']}, {est['layers']} layers, hidden {est['hidden']})"],
+    rows = [["model", f"{recipe.model.path} ({est['model_type']}, {plural(est['layers'], 'layer')}, hidden {est['hidden']})"],
             ["expert", recipe.expert.describe()],
             ["trainable parameters", f"{est['trainable']:,} ({100 * est['trainable'] / est['total']:.3f}% of {est['total']:,})"],
-            *[[f"data.{k}", f"{n:,} rows"] for k, n in counts.items()],
+            *[[f"data.{k}", plural(n, "row")] for k, n in counts.items()],
             *[[f"memory: {k}", f"{v / gib:.2f} GiB"] for k, v in est["memory"].items()],
             ["memory: total (rough)", f"{sum(est['memory'].values()) / gib:.2f} GiB"],
             ["stages", ", ".join(recipe.stages)]]

@@ -59,6 +59,12 @@ def simple_progress(description: str, total: int, enabled: bool = True) -> Progr
     return p
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """A count and its noun, singular for one: '1 example', '0 examples', '1,500 rows' ('2 entries' with
+    `many`). Every count moetune prints goes through it (tests/test_papercuts.py reads the source)."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
+
+
 def fmt(v) -> str:
     if v is None:
         return "-"

@@ -31,6 +31,7 @@ import datasets
 import numpy as np
 
 from moetune.core.errors import DataError
+from moetune.core.ui import plural
 from moetune.data.formats import ROW, Format
 from moetune.data.rows import IGNORE, Encoder, Example
 from moetune.data.sources import Source, format_of, iter_sources, load_source, name_errors
@@ -147,7 +148,7 @@ def _tokenize(src: Source, tok, cfg: DataConfig, domain: str | None, work: Path)
     if len(bad):
         named = name_errors(src, fmt, cfg, {int(i): str(errors[i]) for i in bad[:5]}, ROW)
         if not cfg.skip_bad_rows:
-            raise DataError(named[0] + (f" ({len(bad)} bad rows in all; data.skip_bad_rows: true skips and "
+            raise DataError(named[0] + (f" ({plural(len(bad), 'bad row')} in all; data.skip_bad_rows: true skips and "
                                         "counts them.)" if len(bad) > 1 else ""))
         info["bad_examples"] = named
         out = out.select(np.flatnonzero(errors == ""))

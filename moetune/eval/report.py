@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from moetune.adapters.inject import routed_layers
-from moetune.core.ui import table
+from moetune.core.files import ordinary_mode
+from moetune.core.ui import fmt, plural, table
 from moetune.data.rows import Example, collate
 from moetune.experts.context import batch_routing
 from moetune.experts.routing import dead_experts, domain_expert_mi
@@ -196,7 +197,7 @@ def row_groups(names: list[str], limit: int = GROUP_ABOVE) -> list[tuple[str, li
     blocks: dict[int, list[int]] = {}
     for i, k in enumerate(idx):
         blocks.setdefault(k, []).append(i)
-    return [(f"layer {k} ({len(v)} modules)", v) for k, v in sorted(blocks.items())]
+    return [(f"layer {k} ({plural(len(v), 'module')})", v) for k, v in sorted(blocks.items())]
 
 
 def routing_report(sums: GateSums, threshold: float = DEAD_THRESHOLD) -> dict:
@@ -240,18 +241,66 @@ def table_rows(report: dict) -> list[list]:
     return rows
 
 
+TABLE_COLUMNS = ["layer", "load min", "load max", "entropy", "MI/H(D)", "dead"]
+
+
+def _titles(report: dict) -> tuple[str, str | None]:
+    """The titles of the per-layer table and (with several domains) of the domain -> expert table."""
+    layers = (f"routing: {plural(report['num_experts'], 'expert')}, {plural(report['tokens'], 'token')}, entropy "
+              f"in nats (max log N = {report['max_entropy']:.4f}), {plural(report['dead_total'], 'dead expert')} "
+              f"(load < {report['dead_threshold']:g}/N)")
+    if len(report.get("domain_expert", {})) <= 1:
+        return layers, None
+    return layers, (f"routing specialisation {report['specialisation']:.3f} (mean over layers of I(domain; expert) "
+                    f"/ H(domain), from {report['specialisation_measure']}); p(expert | domain), mean over layers")
+
+
 def print_report(report: dict, console) -> None:
     """A compact rich table: per layer load min/max, mean entropy vs log N, dead experts."""
-    console.print(table(f"routing: {report['num_experts']} experts, {report['tokens']} tokens, entropy in nats "
-                        f"(max log N = {report['max_entropy']:.4f}), {report['dead_total']} dead experts "
-                        f"(load < {report['dead_threshold']:g}/N)",
-                        ["layer", "load min", "load max", "entropy", "MI/H(D)", "dead"], table_rows(report)))
-    if len(report.get("domain_expert", {})) > 1:
+    layers, domains = _titles(report)
+    console.print(table(layers, TABLE_COLUMNS, table_rows(report)))
+    if domains:
         n = report["num_experts"]
-        console.print(table(f"routing specialisation {report['specialisation']:.3f} (mean over layers of I(domain; "
-                            f"expert) / H(domain), from {report['specialisation_measure']}); p(expert | domain), "
-                            "mean over layers", ["domain", *[f"e{i}" for i in range(n)]],
+        console.print(table(domains, ["domain", *[f"e{i}" for i in range(n)]],
                             [[d, *row] for d, row in report["domain_expert"].items()]))
+
+
+def report_markdown(report: dict) -> str:
+    """routing.md: the tables `print_report` draws, as markdown (one row per layer: often dozens of rows)."""
+    def rows(header: list[str], body: list[list]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                *["| " + " | ".join(fmt(v) for v in r) + " |" for r in body]]
+    layers, domains = _titles(report)
+    lines = ["# Routing report", "", layers + ".", "", "Heatmap: `routing.png`; every number: `eval.json`, key "
+             "`routing`.", "", *rows(TABLE_COLUMNS, table_rows(report))]
+    if domains:
+        lines += ["", f"## {domains}", "", *rows(["domain", *[f"e{i}" for i in range(report["num_experts"])]],
+                                                 [[d, *r] for d, r in report["domain_expert"].items()])]
+    return "\n".join(lines) + "\n"
+
+
+def report_digest(report: dict) -> str:
+    """The routing report in one line, naming the files that hold the rest."""
+    ent = [v["entropy"] for v in report["layers"].values()]
+    spec = (f", specialisation {report['specialisation']:.3f} (I(domain; expert)/H(domain))"
+            if len(report.get("domain_expert", {})) > 1 else "")
+    return (f"routing: {plural(report['num_experts'], 'expert')} in {plural(len(ent), 'module')}, mean entropy "
+            f"{sum(ent) / max(len(ent), 1):.3f} of max {report['max_entropy']:.3f} nats, "
+            f"{plural(report['dead_total'], 'dead expert')}{spec}; per-layer table {report.get('table', '-')}, "
+            f"heatmap {report.get('heatmap', '-')}")
+
+
+def save_markdown(report: dict, path: str | Path) -> Path:
+    """Write `report_markdown` to `path` (a temp file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(report_markdown(report))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def heatmap_rows(report: dict) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -294,6 +343,7 @@ def save_heatmap(report: dict, path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        ordinary_mode(tmp)                      # mkstemp creates 0600; a plot is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -303,13 +353,15 @@ def save_heatmap(report: dict, path: str | Path) -> Path:
 
 def eval_routing(model, examples: list[Example], pad_id: int, batch_size: int, device, run_dir: str | Path,
                  console=None) -> dict | None:
-    """The eval stage's routing report: collect, summarise, save `routing.png`, print the table.
-    None (and nothing written) for adapters without routed layers, e.g. plain LoRA."""
+    """The eval stage's routing report: collect, summarise, save `routing.png` and the tables as `routing.md`
+    (`console` given: print the tables too). None (and nothing written) for adapters without routed layers,
+    e.g. plain LoRA."""
     sums = collect_gates(model, examples, pad_id, batch_size, device)
     if sums is None:
         return None
     report = routing_report(sums)
     report["heatmap"] = str(save_heatmap(report, Path(run_dir) / "routing.png"))
+    report["table"] = str(save_markdown(report, Path(run_dir) / "routing.md"))
     if console is not None:
         print_report(report, console)
     return report

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moetune.core.errors import RecipeError
+from moetune.core.ui import plural
 from moetune.models.load import load_tokenizer
 from moetune.recipe import ModelConfig
 
@@ -117,7 +118,7 @@ def load_aligner(anchor_path: str, augmenting_path: str, aug_vocab_rows: int) ->
                               "model directory with a tokenizer.json, or a shared tokenizer (tokenizer_check=strict).")
     if len(tok_a) > aug_vocab_rows:
         raise RecipeError(f"Recipe key 'expert.augmenting_model' is {augmenting_path!r}, whose embedding table has "
-                          f"{aug_vocab_rows} rows, fewer than its tokenizer's {len(tok_a)} tokens.")
+                          f"{plural(aug_vocab_rows, 'row')}, fewer than its tokenizer's {plural(len(tok_a), 'token')}.")
     return TextAligner(tok_b, tok_a)
 
 

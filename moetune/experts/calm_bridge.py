@@ -35,6 +35,7 @@ from torch import nn
 from transformers import Cache, DynamicCache
 
 from moetune.core.errors import RecipeError
+from moetune.core.ui import plural
 from moetune.experts.calm_align import TextAligner
 from moetune.models.layers import decoder_layers
 from moetune.models.load import DTYPES, load_config, load_model, load_tokenizer
@@ -76,7 +77,7 @@ def check_tokenizers(anchor_path: str, augmenting_path: str, mode: str, aug_voca
            "tokenizer, aligned by characters; slower).")
     if len(tok_a) > aug_vocab_rows:
         raise RecipeError(f"Recipe key 'expert.augmenting_model' is {augmenting_path!r}, whose embedding table has "
-                          f"{aug_vocab_rows} rows, fewer than the anchor tokenizer's {len(tok_a)} tokens. {how}")
+                          f"{plural(aug_vocab_rows, 'row')}, fewer than the anchor tokenizer's {plural(len(tok_a), 'token')}. {how}")
     if mode == "off":
         return
     tok_b = load_tokenizer(ModelConfig(path=augmenting_path))
@@ -85,7 +86,7 @@ def check_tokenizers(anchor_path: str, augmenting_path: str, mode: str, aug_voca
     if va != vb:
         only_a, only_b = sorted(set(va) - set(vb)), sorted(set(vb) - set(va))
         moved = sorted(t for t in set(va) & set(vb) if va[t] != vb[t])
-        diff = (f"vocabularies differ ({len(va)} vs {len(vb)} tokens; only the anchor has {only_a[:3]}, only the "
+        diff = (f"vocabularies differ ({len(va)} vs {plural(len(vb), 'token')}; only the anchor has {only_a[:3]}, only the "
                 f"augmenting model has {only_b[:3]}, different ids for {moved[:3]})")
     elif mode == "strict":
         sa = {k: str(v) for k, v in tok_a.special_tokens_map.items()}
@@ -160,7 +161,7 @@ class AugmentingRunner:
         real = (mask.bool() if mask is not None
                 else torch.ones(B, S, dtype=torch.bool, device=ids.device))   # (b, S)
         if real.shape != (B, S):
-            raise RuntimeError(f"CALM: attention mask of shape {tuple(real.shape)} for {T} new tokens after "
+            raise RuntimeError(f"CALM: attention mask of shape {tuple(real.shape)} for {plural(T, 'new token')} after "
                                f"{past_len} cached ones; expected {(B, S)} (is the KV cache passed as a "
                                "transformers Cache?).")
         self._new = {}

@@ -40,6 +40,7 @@ from moetune.adapters.inject import expert_layers
 from moetune.core.adapter_files import PEFT_PREFIX, peft_expert, read_adapter
 from moetune.core.checkpoint import atomic_dir
 from moetune.core.errors import RecipeError
+from moetune.core.ui import plural
 from moetune.eval.report import collect_gates, mean_gates
 from moetune.experts import REGISTRY
 from moetune.models.load import stock_base_name
@@ -48,6 +49,8 @@ from moetune.recipe.experts import EXPERT_CONFIGS, same_base
 from moetune.run.session import Run, model_with_adapter
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "mole")
+GATED = "mole"
+"""The method that weighs each adapter by a trained MoLE run's mean gates (--gates-from), named after its paper."""
 DENSE = ("ties", "dare_linear", "dare_ties")
 
 
@@ -271,8 +274,8 @@ def merge_command(sources: list[Path], method: str, out: Path, weights: str | No
         dirs, names, w = mole_gates(gates_from, split, overrides)
         if sources:
             if len(sources) != len(dirs):
-                raise RecipeError(f"--method mole: {len(sources)} adapters given but the MoLE has {len(dirs)} "
-                                  f"experts ({', '.join(names)}); pass them in that order, or none.")
+                raise RecipeError(f"--method mole: {plural(len(sources), 'adapter')} given but the MoLE has "
+                                  f"{plural(len(dirs), 'expert')} ({', '.join(names)}); pass them in that order, or none.")
             dirs = [str(s) for s in sources]
         if weights:
             raise RecipeError("--method mole takes its weights from the MoLE gates; drop --weights.")

@@ -1,15 +1,16 @@
 """Typed recipes: OmegaConf structured dataclasses, loading, overrides and clear errors.
 
 A recipe is YAML whose sections are the dataclasses of `recipe.sections` (re-exported here) and
-`recipe.experts`; each field's docstring is its documentation (`moetune validate --explain` prints them). `load_recipe` merges
-`key=value` overrides, rejects unknown keys with a did-you-mean, converts types, checks
+`recipe.experts`; each field's docstring is its documentation (`moetune explain`, `recipe.reference`
+prints them). `load_recipe` merges `key=value` overrides, rejects unknown keys with a did-you-mean
+(another tool's name gets moetune's key: `recipe.aliases`), converts types, checks
 ranges and choices and contradictory settings, and raises `RecipeError` whose message
 names the key, the bad value and what is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moetune.core.errors import RecipeError
 from moetune.core.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
+from moetune.recipe import reference
+from moetune.recipe.aliases import value_hint
 from moetune.recipe.experts import EXPERT_CONFIGS, ExpertConfig, LoRAConfig
+from moetune.recipe.paths import INPUT_PATHS, anchor_path, anchor_paths  # noqa: F401
 from moetune.recipe.sections import (FORMATS, MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
                                      MixSource, ModelConfig, RouterConfig, TrainConfig)
 
@@ -46,53 +50,51 @@ class Recipe:
     """Export."""
     output_dir: str = "runs/default"
     """Run directory: checkpoints, metrics.jsonl, summary.json, adapter, merged model, export."""
-    stages: list[str] = opt(factory=lambda: ["train", "merge", "eval", "export"], choices=STAGES)
-    """Stages `moetune train` runs, in this order. When a recipe does not set it, an expert type that does
-    not fold into the base (every type but lora) runs the default without 'merge'."""
+    stages: list[str] = opt(factory=lambda: ["train", "eval", "export"], choices=STAGES)
+    """Stages `moetune train` runs, in this order: train, merge (writes <output_dir>/merged, the base with the
+    LoRA folded in: 538 MB for SmolLM2-135M in float32; not in the default, `moetune merge-lora` merges later),
+    eval (the merged model after 'merge', else base + adapter), export."""
 
 
-def _suggest(key: str, options, prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{prefix}{close[0]}'?" if close else ""
-
-
-def _check_keys(data: Any, cls: type, prefix: str) -> None:
-    """Unknown keys -> RecipeError with a did-you-mean (recursively)."""
+def _check_keys(data: Any, cls: type, prefix: str, expert_type: str) -> None:
+    """Unknown keys -> RecipeError with a did-you-mean (recursively; `reference.unknown_key` words it)."""
     if not isinstance(data, dict):
         return
     keys = schema_keys(cls)
     for k, v in data.items():
         full = f"{prefix}{k}"
         if k not in keys:
-            raise RecipeError(f"Unknown recipe key '{full}'.{_suggest(str(k), keys, prefix)} "
-                              f"Allowed keys here: {', '.join(keys)}.")
+            raise reference.unknown_key(Recipe, full, str(k), keys, prefix, expert_type)
         sub = keys[k]
         if cls is DataConfig and k == "mix" and isinstance(v, list):  # a list of MixSource sections
             for i, item in enumerate(v):
-                _check_keys(item, MixSource, f"{full}[{i}].")
+                _check_keys(item, MixSource, f"{full}[{i}].", expert_type)
         if sub is not None:
             if not isinstance(v, dict):
                 raise RecipeError(f"Recipe key '{full}' must be a section (mapping), got {v!r}.")
-            _check_keys(v, sub, full + ".")
+            _check_keys(v, sub, full + ".", expert_type)
 
 
 def _expert_class(data: dict) -> type[ExpertConfig]:
     etype = (data.get("expert") or {}).get("type", "lora")
     if etype not in EXPERT_CONFIGS:
         raise RecipeError(f"Recipe key 'expert.type' has value {etype!r}, which is not an expert type."
-                          f"{_suggest(str(etype), EXPERT_CONFIGS)} Allowed: {', '.join(EXPERT_CONFIGS)}.")
+                          f"{value_hint('expert.type', [etype], tuple(EXPERT_CONFIGS))} "
+                          f"Allowed: {', '.join(EXPERT_CONFIGS)}.")
     return EXPERT_CONFIGS[etype]
 
 
-def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
-    """Build and validate a Recipe from a plain dict (already merged with overrides)."""
+def recipe_from_dict(data: dict, source: str = "recipe", check_files: bool = True) -> Recipe:
+    """Build and validate a Recipe from a plain dict (already merged with overrides); check_files=False skips
+    the checks that the data and centroid files exist."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}.")
     expert_cls = _expert_class(data)
     schema = OmegaConf.structured(Recipe)
     schema.expert = OmegaConf.structured(expert_cls)
-    _check_keys({k: v for k, v in data.items() if k != "expert"}, Recipe, "")
-    _check_keys(data.get("expert") or {}, expert_cls, "expert.")
+    etype = str((data.get("expert") or {}).get("type", "lora"))
+    _check_keys({k: v for k, v in data.items() if k != "expert"}, Recipe, "", etype)
+    _check_keys(data.get("expert") or {}, expert_cls, "expert.", etype)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(data))
         recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -100,14 +102,21 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         key = getattr(e, "full_key", None) or "?"
         raise RecipeError(f"Recipe key '{key}' has a bad value {getattr(e, 'value', None)!r}: "
                           f"{getattr(e, 'msg', str(e)).splitlines()[0]}. {_doc_for(key)}") from None
-    if "stages" not in data and not recipe.expert.mergeable:
-        recipe.stages = [s for s in recipe.stages if s != "merge"]  # the default, minus what cannot run
     for key, f, value in walk(recipe):
         if not check_value(f, value):
-            raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}. "
-                              f"{_doc_for(key)}")
-    _check_semantics(recipe)
+            raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}."
+                              f"{_bad_choices(key, f, value)} {_doc_for(key)}")
+    _check_semantics(recipe, check_files)
     return recipe
+
+
+def _bad_choices(key: str, f: dataclasses.Field, value: Any) -> str:
+    """' Did you mean ...?' for the values outside a field's choices (other tools' names first)."""
+    choices = (f.metadata or {}).get("choices")
+    if not choices:
+        return ""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return value_hint(key, [v for v in items if v not in choices], choices)
 
 
 def _doc_for(key: str) -> str:
@@ -122,8 +131,8 @@ def _doc_for(key: str) -> str:
     return f"({parts[-1]}: {doc})" if doc else ""
 
 
-def _check_semantics(r: Recipe) -> None:
-    """Contradictory settings that no single field can catch."""
+def _check_semantics(r: Recipe, check_files: bool = True) -> None:
+    """Contradictory settings that no single field can catch; with check_files, the input files exist."""
     if r.model.quantization != "none":
         if "merge" in r.stages and not r.merge.dequantize:
             raise RecipeError("Recipe stages include 'merge' with a 4-bit base (model.quantization="
@@ -139,9 +148,10 @@ def _check_semantics(r: Recipe) -> None:
         raise RecipeError(f"Recipe key 'router.top_k' is {r.router.top_k}, more than expert.num_experts "
                           f"({r.expert.num_experts}). Allowed: 1..{r.expert.num_experts}.")
     r.expert.check_recipe(r)  # type-specific checks, e.g. calm's augmenting model and layer lists
+    _check_held_out(r)
     if len(set(r.stages)) != len(r.stages):
         raise RecipeError(f"Recipe key 'stages' repeats a stage: {r.stages}. Allowed: each of {', '.join(STAGES)} once.")
-    if r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
+    if check_files and r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
         raise RecipeError(f"Recipe key 'router.init_centroids' names {r.router.init_centroids!r}, which does not "
                           f"exist (working directory: {Path.cwd()}). Allowed: a centroid file written by "
                           "`moetune cluster-heads --init-router`, or null.")
@@ -166,12 +176,39 @@ def _check_semantics(r: Recipe) -> None:
             continue
         hub_or_glob = path and (any(c in path for c in "*?[") or (
             path.count("/") == 1 and not path.startswith(".") and Path(path).suffix == ""))
-        if path and "train" in r.stages and not hub_or_glob and not Path(path).exists():
+        if check_files and path and "train" in r.stages and not hub_or_glob and not Path(path).exists():
             if key == "test" and r.eval.split != "test":
                 continue
             raise RecipeError(f"Recipe key 'data.{key}' names {path!r}, which does not exist "
                               f"(working directory: {Path.cwd()}). Allowed: an existing .jsonl/.json/.csv/"
                               ".parquet file or a datasets directory" + ("" if key == "train" else ", or null") + ".")
+
+
+def scores_before(r: Recipe) -> bool:
+    """Whether training first scores the held-out split (the summary's 'before'): train.eval_before, whose
+    default (None) follows the stages: only when they include 'eval'."""
+    return "eval" in r.stages if r.train.eval_before is None else r.train.eval_before
+
+
+def scores_held_out(r: Recipe) -> bool:
+    """Whether the stages score the held-out split (eval.split): the eval stage, or train's 'before' scores."""
+    return "eval" in r.stages or ("train" in r.stages and scores_before(r))
+
+
+def _check_held_out(r: Recipe) -> None:
+    """The held-out split the stages score has data (what `train` would otherwise find out after loading the model)."""
+    if not scores_held_out(r):
+        return
+    why = "the eval stage" if "eval" in r.stages else "train.eval_before (the 'before' scores)"
+    if r.eval.split == "test" and not r.data.test:
+        raise RecipeError(f"Recipe key 'eval.split' is 'test' but 'data.test' is null, and {why} scores that split. "
+                          "Allowed: data.test=FILE (held-out rows), or eval.split=validation (data.validation, or the "
+                          "part of data.train that data.validation_split holds out).")
+    if r.eval.split == "validation" and not r.data.validation and r.data.validation_split == 0:
+        raise RecipeError(f"Recipe key 'eval.split' is 'validation' but 'data.validation' is null and "
+                          f"'data.validation_split' is 0, so there is no validation split for {why} to score. "
+                          "Allowed: data.validation=FILE, data.validation_split > 0 (e.g. 0.05), or eval.split=test "
+                          "with data.test=FILE.")
 
 
 def not_mergeable(expert_type: str) -> RecipeError:
@@ -191,8 +228,14 @@ def parse_overrides(overrides: list[str]) -> dict:
         raise RecipeError(f"Could not parse overrides {overrides}: {e}") from None
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe (or the defaults when path is None) and apply overrides."""
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, base_dirs: list[Path] | None = None,
+                check_files: bool = True) -> Recipe:
+    """Load a YAML recipe (or the defaults when path is None) and apply overrides.
+
+    Relative input paths (`anchor_paths`) become absolute: the file's against `base_dirs` (default: the working
+    directory), the overrides' against the working directory. check_files=False skips the checks that data files
+    and centroid files exist, for commands that read neither (chat, generate, merge-lora: see `load_run_recipe`)."""
+    cwd = [Path.cwd()]
     base = OmegaConf.create({})
     if path is not None:
         p = Path(path)
@@ -210,12 +253,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not OmegaConf.is_dict(base):  # e.g. a YAML list: merging it below would raise TypeError
             raise RecipeError(f"Recipe file {str(p)!r}: a recipe must be a YAML mapping of sections "
                               "(model:, expert:, data:, train:, ...), got a list.")
-    merged = OmegaConf.merge(base, OmegaConf.create(parse_overrides(overrides or [])))
+    file_part = anchor_paths(OmegaConf.to_container(base, resolve=False), base_dirs or cwd)
+    merged = OmegaConf.merge(OmegaConf.create(file_part),
+                             OmegaConf.create(anchor_paths(parse_overrides(overrides or []), cwd)))
     try:
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
         raise RecipeError(f"Recipe {path}: {e}") from None
-    return recipe_from_dict(data or {}, source=str(path))
+    return recipe_from_dict(data or {}, source=str(path), check_files=check_files)
+
+
+def load_run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe saved in a run (or export) directory, with `output_dir` set to it, plus overrides. Its relative
+    paths (runs written before paths were recorded absolute) are looked up from the run directory and its parents,
+    then the working directory; files are not checked (a command that reads data fails when it reads them)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError(f"{run_dir} is not a moetune run directory (no recipe.yaml). Pass the run's output_dir.")
+    where = Path(os.path.abspath(run_dir))
+    return load_recipe(path, [f"output_dir={run_dir}", *(overrides or [])],
+                       base_dirs=[where, *where.parents, Path.cwd()], check_files=False)
 
 
 def to_yaml(recipe: Recipe) -> str:
@@ -227,21 +285,7 @@ def to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
-def explain() -> str:
-    """Every recipe key with its default and docstring: the recipe reference."""
-    lines = []
-
-    def emit(cls, prefix, obj):
-        for f in dataclasses.fields(cls):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                lines.append(f"\n{prefix}{f.name}:  {field_docs(cls).get(f.name, '')}")
-                emit(type(value), prefix + f.name + ".", value)
-            else:
-                allowed = allowed_text(f)
-                lines.append(f"  {prefix}{f.name} = {value!r}" + (f"  [{allowed}]" if allowed else ""))
-                lines.append(f"      {field_docs(cls).get(f.name, '')}")
-    emit(Recipe, "", Recipe())
-    lines.append(f"\ndata.mix[i]:  {MixSource.__doc__}")
-    emit(MixSource, "data.mix[i].", MixSource())
-    return "\n".join(lines).lstrip()
+def explain(query: str | None = None) -> str:
+    """The recipe reference (`moetune explain [QUERY]`): every key with its default, allowed values and
+    docstring, or one key, section or expert type; see `recipe.reference.explain`."""
+    return reference.explain(Recipe, query)
