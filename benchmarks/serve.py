@@ -17,7 +17,7 @@ of a shared machine's drift. Results: a markdown table on stdout and benchmarks/
 
     python benchmarks/serve.py [--types lora hydralora molora mov mole] [--runs RUN ...] [--device cpu|cuda]
                                [--concurrency 1 4 16] [--requests 16] [--max-tokens 48] [--rounds 2]
-                               [--workdir DIR] [--threads N] [--shared]
+                               [--workdir DIR] [--threads N] [--shared] [--out FILE]
 """
 from __future__ import annotations
 
@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the server, the training runs and the "
                     "generate loop (0: torch's default; 1 keeps a shared machine from oversubscribing its cores)")
     ap.add_argument("--shared", action="store_true", help="note in the results that the machine was shared")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"results JSON (default {OUT.relative_to(ROOT)}; give a "
+                    "smoke run its own file)")
     args = ap.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)                 # the server and training subprocesses
@@ -225,8 +227,8 @@ def report(args, names: list[str], modes: list[str], rounds: list[dict], wall: f
             "torch": torch.__version__, "python": platform.python_version(), "shared_machine": args.shared,
             "max_tokens": args.max_tokens, "requests": args.requests, "sequential_requests": args.sequential_requests,
             "rounds": args.rounds, "wall_s": wall, "top_concurrency": top, "baseline_run": names[0]}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"meta": meta, "rows": rows, "rounds": rounds}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "rounds": rounds}, indent=2))
     fmt = lambda x, d=2: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     print(f"\n{meta['date']}, {device}, {meta['threads']} threads, torch {meta['torch']}"
           f"{', shared machine' if args.shared else ''}; {args.max_tokens} tokens per request, median of "
@@ -238,7 +240,7 @@ def report(args, names: list[str], modes: list[str], rounds: list[dict], wall: f
         print(f"| {r['run']} | {r['mode']} | {fmt(r['tok_s'], 1)} | {fmt(r['p50_s'])} | {fmt(r['p95_s'])} | "
               f"{fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p95_s'])} | {fmt(r['vs_one_at_a_time'])} | "
               f"{fmt(r['vs_generate_loop'])} | {fmt(r['vs_lora_same_mode'])} |")
-    print(f"\n-> {OUT}")
+    print(f"\n-> {args.out}")
 
 
 if __name__ == "__main__":

@@ -292,28 +292,41 @@ def test_fuzz_a_few_hundred_malformed_requests_then_a_good_one_is_answered_corre
     assert chat(client, "hydra-seq", prompts[3], max_tokens=7)[0] == want
 
 
+def _wait_cancelled(url: str, before: float) -> None:
+    import time
+    deadline = time.time() + 30
+    while time.time() < deadline and (metric(url, "moetune_cancelled_requests_total", model="base") == before
+                                      or metric(url, "moetune_active_sequences") > 0):
+        time.sleep(0.05)
+
+
 def test_a_client_that_disconnects_cancels_its_generation_and_frees_its_slot(server, client, prompts):
+    """Streamed (the client leaves after two tokens) and not (it leaves while its request decodes): the engine
+    cancels the generation, the slot frees, fewer than max_tokens tokens are generated, the server goes on."""
     import socket
+    import time
     from urllib.parse import urlparse
     prompt = next((p for p in prompts if chat(client, "base", p, max_tokens=LIMIT)[1] == "length"), None)
     assert prompt is not None, "no prompt whose greedy base answer runs to max_tokens"
-    before_tokens = metric(server.url, "moetune_completion_tokens_total", model="base")
-    before = metric(server.url, "moetune_cancelled_requests_total", model="base")
     u = urlparse(server.url)
-    body = json.dumps({"model": "base", "messages": _msgs(prompt), "max_tokens": LIMIT, "temperature": 0,
-                       "stream": True}).encode()
-    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        got = b""
-        while got.count(b"data: ") < 3:                                        # the role chunk and two tokens
-            got += sock.recv(4096)
-    import time
-    deadline = time.time() + 30
-    while time.time() < deadline and (metric(server.url, "moetune_cancelled_requests_total", model="base") == before
-                                      or metric(server.url, "moetune_active_sequences") > 0):
-        time.sleep(0.05)
-    assert metric(server.url, "moetune_cancelled_requests_total", model="base") == before + 1
-    assert metric(server.url, "moetune_active_sequences") == 0
-    assert metric(server.url, "moetune_completion_tokens_total", model="base") - before_tokens < LIMIT
+    for stream in (True, False):
+        before_tokens = metric(server.url, "moetune_completion_tokens_total", model="base")
+        before = metric(server.url, "moetune_cancelled_requests_total", model="base")
+        body = json.dumps({"model": "base", "messages": _msgs(prompt), "max_tokens": LIMIT, "temperature": 0,
+                           "stream": stream}).encode()
+        with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            if stream:
+                got = b""
+                while got.count(b"data: ") < 3:                                # the role chunk and two tokens
+                    got += sock.recv(4096)
+            else:
+                deadline = time.time() + 30
+                while time.time() < deadline and metric(server.url, "moetune_active_sequences") < 1:
+                    time.sleep(0.002)                                          # it is decoding: leave now
+        _wait_cancelled(server.url, before)
+        assert metric(server.url, "moetune_cancelled_requests_total", model="base") == before + 1, stream
+        assert metric(server.url, "moetune_active_sequences") == 0
+        assert metric(server.url, "moetune_completion_tokens_total", model="base") - before_tokens < LIMIT, stream
     assert chat(client, "base", prompt, max_tokens=4)[1] == "length"            # the server goes on answering
