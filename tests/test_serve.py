@@ -97,6 +97,36 @@ def test_models_health_and_one_shared_base(runs, server, client):
     assert client.models.retrieve("mole").model_extra["moetune"]["expert_type"] == "mole"
     status, health = http(server.url + "/health")
     assert status == 200 and health["status"] == "ok" and health["base_copies"] == 1
+    _, text = http(server.url + "/metrics")
+    for name, kind in [("moetune_requests_total", "counter"), ("moetune_prompt_tokens_total", "counter"),
+                       ("moetune_completion_tokens_total", "counter"), ("moetune_queue_depth", "gauge"),
+                       ("moetune_batch_size", "histogram"), ("moetune_request_latency_seconds", "histogram"),
+                       ("moetune_time_to_first_token_seconds", "histogram")]:
+        assert f"# TYPE {name} {kind}" in text, name
+    assert metric(server.url, "moetune_requests_total", endpoint="/v1/models", status=200) >= 1
+    assert metric(server.url, "moetune_request_latency_seconds_count", model="lora") >= 1
+    assert metric(server.url, "moetune_time_to_first_token_seconds_count", model="lora") >= 1
+    assert metric(server.url, "moetune_prompt_tokens_total", model="lora") > 0
+
+
+def test_metrics_render_prometheus_text_with_cumulative_histograms():
+    from moetune.serve.metrics import Metrics
+    m = Metrics()
+    for v in (0.07, 0.3, 0.3, 200.0):
+        m.observe("moetune_request_latency_seconds", v, model="a")
+    m.inc("moetune_completion_tokens_total", 5, model='q"x')
+    m.set("moetune_queue_depth", 3)
+    lines = m.render().splitlines()
+    got = {ln.rsplit(" ", 1)[0]: ln.rsplit(" ", 1)[1] for ln in lines if not ln.startswith("#")}
+    assert got['moetune_request_latency_seconds_bucket{le="0.05",model="a"}'] == "0"
+    assert got['moetune_request_latency_seconds_bucket{le="0.1",model="a"}'] == "1"
+    assert got['moetune_request_latency_seconds_bucket{le="0.5",model="a"}'] == "3"
+    assert got['moetune_request_latency_seconds_bucket{le="120",model="a"}'] == "3"
+    assert got['moetune_request_latency_seconds_bucket{le="+Inf",model="a"}'] == "4"
+    assert got['moetune_request_latency_seconds_count{model="a"}'] == "4"
+    assert abs(float(got['moetune_request_latency_seconds_sum{model="a"}']) - 200.67) < 1e-9
+    assert got['moetune_completion_tokens_total{model="q\\"x"}'] == "5" and got["moetune_queue_depth"] == "3"
+    assert "# TYPE moetune_request_latency_seconds histogram" in lines
 
 
 def test_runs_share_one_copy_of_the_base_weights(runs):

@@ -33,7 +33,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._meta: dict[str, tuple[str, str, tuple]] = {}
         self._values: dict[str, dict[tuple, object]] = {}
-        self.counter("moetune_requests_total", "HTTP requests answered, by endpoint, model and status code.")
+        self.counter("moetune_requests_total", "HTTP requests answered, by endpoint and status code.")
         self.counter("moetune_prompt_tokens_total", "Prompt tokens of admitted requests.")
         self.counter("moetune_completion_tokens_total", "Generated tokens.")
         self.counter("moetune_cancelled_requests_total", "Requests whose client went away before they finished.")
