@@ -92,11 +92,49 @@ def test_greedy_through_the_server_equals_generate_in_any_batch(name, runs, serv
     assert counts["moetune_batch_size_bucket1"] < metric(server.url, "moetune_batch_size_count", model=name)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: the engine's GPU path (runs on a CUDA machine)"))])
+def test_engine_in_process_matches_generate_on_each_device(device, runs, prompts):
+    """The engine without HTTP, on `device`: 8 greedy requests per type, batches of at most 3 rows that requests
+    join and leave (max_tokens 2 to 9); each text is `generate_batch`'s for that prompt alone on the same device."""
+    import threading
+    from moetune.eval.generation import Sampling, generate_batch
+    from moetune.serve.engine import Engine, Job
+    from moetune.serve.loading import load_served
+    from moetune.serve.metrics import Metrics
+    served = load_served(list(runs.values()), device=device, log=lambda m: None)
+    engine = Engine(served, 3, Metrics())
+    engine.start()
+    try:
+        for name in TYPES:
+            s, done, jobs = served[name], {}, []
+            finished = threading.Semaphore(0)
+            for i, p in enumerate(prompts[:8]):
+                def emit(kind, data, i=i):
+                    if kind in ("done", "error"):
+                        done[i] = (kind, data)
+                        finished.release()
+                jobs.append(Job(name, s.encoder.prompt_ids([{"role": "user", "content": p}]), 2 + i, emit, 0.0))
+            for job in jobs:
+                engine.submit(job)
+            for _ in jobs:
+                assert finished.acquire(timeout=120)
+            for i, job in enumerate(jobs):
+                want = generate_batch(s.model, s.tokenizer, [job.prompt], Sampling(max_new_tokens=2 + i), device)[0]
+                assert done[i][0] == "done", done[i]
+                assert done[i][1]["text"] == s.tokenizer.decode(want, skip_special_tokens=True), (name, device, i)
+                assert job.generated == want[:len(job.generated)] and done[i][1]["completion_tokens"] == len(want)
+        assert engine.steps > 0 and not engine.batches
+    finally:
+        engine.close(timeout=30)
+
+
 def test_models_health_and_one_shared_base(runs, server, client):
     assert {m.id for m in client.models.list()} == set(runs) | {"base"}
     assert client.models.retrieve("mole").model_extra["moetune"]["expert_type"] == "mole"
     status, health = http(server.url + "/health")
     assert status == 200 and health["status"] == "ok" and health["base_copies"] == 1
+    chat(client, "lora", "Add 1 and 2", max_tokens=2)
     _, text = http(server.url + "/metrics")
     for name, kind in [("moetune_requests_total", "counter"), ("moetune_prompt_tokens_total", "counter"),
                        ("moetune_completion_tokens_total", "counter"), ("moetune_queue_depth", "gauge"),
