@@ -1,11 +1,17 @@
 """`moetune serve` end to end: one real server (a subprocess on a free localhost port) serving a trained tiny run of
-every expert type on one shared base, talked to with the official `openai` client and with raw HTTP."""
+every expert type on one shared base, talked to with the official `openai` client and with raw HTTP; then a second
+server for the bearer key and SIGTERM draining (it is stopped by the test), and the command's argument errors."""
 from __future__ import annotations
 
 import json
 import random
+import shutil
+import signal
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import openai
 import pytest
@@ -16,6 +22,7 @@ from serve_helpers import CONTEXT, TYPES, Server, http, long_context_copy, metri
 
 torch.set_num_threads(1)
 LIMIT = 300
+KEY = "test-key-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +104,6 @@ def test_greedy_through_the_server_equals_generate_in_any_batch(name, runs, serv
 def test_engine_in_process_matches_generate_on_each_device(device, runs, prompts):
     """The engine without HTTP, on `device`: 8 greedy requests per type, batches of at most 3 rows that requests
     join and leave (max_tokens 2 to 9); each text is `generate_batch`'s for that prompt alone on the same device."""
-    import threading
     from moetune.eval.generation import Sampling, generate_batch
     from moetune.serve.engine import Engine, Job
     from moetune.serve.loading import load_served
@@ -361,7 +367,6 @@ def test_fuzz_a_few_hundred_malformed_requests_then_a_good_one_is_answered_corre
 
 
 def _wait_cancelled(url: str, before: float) -> None:
-    import time
     deadline = time.time() + 30
     while time.time() < deadline and (metric(url, "moetune_cancelled_requests_total", model="base") == before
                                       or metric(url, "moetune_active_sequences") > 0):
@@ -371,9 +376,6 @@ def _wait_cancelled(url: str, before: float) -> None:
 def test_a_client_that_disconnects_cancels_its_generation_and_frees_its_slot(server, client, prompts):
     """Streamed (the client leaves after two tokens) and not (it leaves while its request decodes): the engine
     cancels the generation, the slot frees, fewer than max_tokens tokens are generated, the server goes on."""
-    import socket
-    import time
-    from urllib.parse import urlparse
     prompt = next((p for p in prompts if chat(client, "base", p, max_tokens=LIMIT)[1] == "length"), None)
     assert prompt is not None, "no prompt whose greedy base answer runs to max_tokens"
     u = urlparse(server.url)
@@ -398,3 +400,57 @@ def test_a_client_that_disconnects_cancels_its_generation_and_frees_its_slot(ser
         assert metric(server.url, "moetune_active_sequences") == 0
         assert metric(server.url, "moetune_completion_tokens_total", model="base") - before_tokens < LIMIT, stream
     assert chat(client, "base", prompt, max_tokens=4)[1] == "length"            # the server goes on answering
+
+
+def test_api_key_then_sigterm_drains_in_flight_requests_and_exits_cleanly(runs, tiny_data):
+    """A server of its own (a key, --max-batch 1): 401 without the key, then SIGTERM while one request decodes and
+    three wait: no new connection is accepted, every in-flight request finishes whole, the process exits 0."""
+    server = Server([runs["lora"], "--max-batch", "1", "--api-key-env", "MOETUNE_TEST_KEY"], env={"MOETUNE_TEST_KEY": KEY})
+    try:
+        url = server.url
+        body = {"model": "base", "messages": [{"role": "user", "content": "Shout red"}], "max_tokens": 8}
+        status, err = http(url + "/v1/chat/completions", "POST", body)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
+        assert http(url + "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert http(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})[0] == 200
+        assert http(url + "/health")[0] == 200 and http(url + "/metrics")[0] == 200     # probes need no key
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        prompts = [json.loads(x)["instruction"] for x in tiny_data["test"].read_text().splitlines()][:4]
+        ask = lambda p: client.chat.completions.create(model="base", messages=[{"role": "user", "content": p}],  # noqa: E731
+                                                       temperature=0, max_tokens=250)
+        want = [ask(p).choices[0].message.content for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask, p) for p in prompts]               # one decodes, three wait (--max-batch 1)
+            deadline = time.time() + 30
+            while time.time() < deadline and metric(url, "moetune_active_sequences") < 1:
+                time.sleep(0.01)
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            u = urlparse(url)
+            with pytest.raises(OSError):                                   # no new connections while draining
+                socket.create_connection((u.hostname, u.port), timeout=2).close()
+            draining = sum(not f.done() for f in futures)
+            answers = [f.result(timeout=120) for f in futures]
+        assert draining >= 1                                               # the refusal came during the drain
+        assert [a.choices[0].message.content for a in answers] == want     # every in-flight request finished whole
+        assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+
+
+def test_serve_argument_errors_exit_2_with_one_paragraph(runs, tmp_path, monkeypatch, capsys):
+    run = runs["lora"]
+    monkeypatch.delenv("MOETUNE_UNSET_KEY", raising=False)
+    assert cli(monkeypatch, "serve", run, "--api-key-env", "MOETUNE_UNSET_KEY") == 2
+    assert "MOETUNE_UNSET_KEY is not set" in " ".join(capsys.readouterr().err.split())
+    assert cli(monkeypatch, "serve", tmp_path / "missing") == 2
+    assert "is not a directory" in capsys.readouterr().err
+    twin = tmp_path / "a" / run.name
+    twin.parent.mkdir()
+    shutil.copytree(run, twin)
+    assert cli(monkeypatch, "serve", run, twin) == 2
+    assert "directory name of two RUNs" in " ".join(capsys.readouterr().err.split())
+    assert cli(monkeypatch, "serve", run, "--max-batch", "0") == 2
