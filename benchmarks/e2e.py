@@ -243,18 +243,23 @@ def versions() -> dict:
     return out
 
 
+def _usage_error(message: str) -> None:
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     if a.device == "cuda":
         import torch
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: CUDA is not available on this machine; run with --device cpu.")
+            _usage_error("--device cuda: CUDA is not available on this machine; allowed here: --device cpu.")
     from moetune.models.load import resolve_path
     contenders, skipped = usable_contenders(a)
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", flush=True)
     if "moetune" not in contenders:
-        raise SystemExit("--contenders must include moetune (the ratios are against it)")
+        _usage_error("--contenders must include moetune (the ratios are against it).")
     model_dir = resolve_path(a.model)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

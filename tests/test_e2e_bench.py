@@ -101,3 +101,14 @@ def test_bad_moetune_override_stops_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         e2e.check_moetune_recipes(bad, ["moetune"], data, tmp_path, 8)
     assert e.value.code == 2 and "Did you mean 'data.packing'" in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_and_no_moetune_are_usage_errors(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    for argv, words in ((["--contenders", "trl"], "must include moetune"), (["--device", "cuda"], "CUDA is not available")):
+        if argv[0] == "--device" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit) as e:
+            e2e.main([*argv, "--out", str(tmp_path / "x.json")])
+        assert e.value.code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
