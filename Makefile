@@ -88,7 +88,7 @@ bench-variants: setup
 	$(BIN)/python benchmarks/variants.py $(ARGS)
 
 # One epoch end to end: moetune vs TRL SFTTrainer + PEFT (bfd packing) vs transformers Trainer + PEFT, fp32 and
-# bf16, and HydraLoRA vs LoRA; ~30-40 min on an idle 2-core CPU (benchmarks/e2e.py; results/e2e.{json,md}, or
+# bf16, and HydraLoRA vs LoRA; ~50 min on an idle 2-core CPU with 2 rounds (benchmarks/e2e.py; results/e2e.{json,md}, or
 # e2e_cuda.{json,md} with --device cuda, and the device's block of RESULTS.md). ARGS: --shared on a shared machine,
 # --device cuda on a GPU (pip install liger-kernel adds TRL + Liger), --moetune-set KEY=VALUE for moetune.
 bench-e2e: setup
