@@ -59,6 +59,12 @@ from e2e_report import render_table, summarise, update_results_md  # noqa: E402
 
 CONTENDERS = ("moetune", "moetune-hydralora", "trl", "trainer", "trl-liger")
 PRECISIONS = ("fp32", "bf16")
+OPTIONAL = ("trl-liger",)
+"""Contenders whose failure (e.g. a kernel package that does not fit this transformers) drops them, not the run."""
+
+
+class OptionalFailed(RuntimeError):
+    """An optional contender's run failed; the message has its command and stderr."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -181,7 +187,10 @@ def run_worker(a, contender, precision, data, work, tag, env, model_dir, trl_bat
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if p.returncode:
-        print(f"\n{contender} {precision}: `{' '.join(cmd)}` exited {p.returncode}:\n{p.stderr[-4000:]}", file=sys.stderr)
+        message = f"{contender} {precision}: `{' '.join(cmd)}` exited {p.returncode}:\n{p.stderr[-4000:]}"
+        if contender in OPTIONAL:
+            raise OptionalFailed(message)
+        print("\n" + message, file=sys.stderr)
         raise SystemExit(1)
     out = json.loads((work / f"{tag}.out.json").read_text())
     return {**out, "process_seconds": round(wall, 3), "batch_size": spec["batch_size"],
@@ -288,11 +297,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{res['warmup_seconds']} s", flush=True)
         for i, (r, precision, contender) in enumerate(plan := plan_runs(contenders, a.precisions, a.rounds)):
             tag = f"{contender}-{precision}-{r}"
+            if contender in skipped:
+                continue
             print(f"[{i + 1}/{len(plan)}] round {r} {precision} {contender} ...", end=" ", flush=True)
             if contender.startswith("moetune"):
                 run = run_moetune(a, contender, precision, data, work, tag, env, batch)
             else:
-                run = run_worker(a, contender, precision, data, work, tag, env, model_dir, trl_batch)
+                try:
+                    run = run_worker(a, contender, precision, data, work, tag, env, model_dir, trl_batch)
+                except OptionalFailed as e:
+                    print(f"failed; {contender} is dropped from the benchmark:\n{e}", flush=True)
+                    skipped[contender] = f"its run failed: {str(e).strip().splitlines()[-1][:300]}"
+                    res["runs"] = [x for x in res["runs"] if x["contender"] != contender]
+                    continue
             res["runs"].append({"round": r, "precision": precision, "contender": contender, **run})
             print(f"{run['train_seconds']:.1f} s, {run['steps']} steps, final loss {run['final_loss']:.4f}", flush=True)
     res["wall_seconds"] = round(time.perf_counter() - t_start, 1)

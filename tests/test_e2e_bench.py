@@ -112,3 +112,30 @@ def test_cuda_without_a_gpu_and_no_moetune_are_usage_errors(tmp_path, capsys):
             e2e.main([*argv, "--out", str(tmp_path / "x.json")])
         assert e.value.code == 2 and words in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_failing_optional_contender_is_dropped_not_the_run(tmp_path, monkeypatch, capsys):
+    """main's flow without training: runs faked, trl-liger's worker fails; the table and JSON still come out."""
+    import moetune.models.load as load
+    monkeypatch.setattr(load, "resolve_path", lambda path, log=print: str(tmp_path))
+    monkeypatch.setattr(e2e, "usable_contenders", lambda a: (["moetune", "trl", "trl-liger"], {}))
+    monkeypatch.setattr(e2e, "data_stats", lambda *a: {"rows": 4, "tokens": 400, "mean": 100.0, "median": 90,
+                                                       "p90": 180, "max": 200, "min": 50, "cut_at_max_length": 0})
+    seconds = iter(range(10, 100))
+    monkeypatch.setattr(e2e, "run_moetune", lambda *a, **k: {"train_seconds": 10.0, "process_seconds": 20.0,
+                                                             "steps": 1, "losses": [1.0], "final_loss": 1.0})
+
+    def worker(a, contender, precision, *rest):
+        if contender == "trl-liger":
+            raise e2e.OptionalFailed("trl-liger fp32: worker exited 1:\nImportError: liger needs something")
+        return {"train_seconds": float(next(seconds)), "process_seconds": 30.0, "steps": 1, "losses": [1.5],
+                "final_loss": 1.5}
+    monkeypatch.setattr(e2e, "run_worker", worker)
+    out = tmp_path / "e2e.json"
+    e2e.main(["--rows", "4", "--rounds", "2", "--precisions", "fp32", "--no-warmup", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert {r["contender"] for r in res["runs"]} == {"moetune", "trl"} and len(res["runs"]) == 4
+    assert "liger needs something" in res["skipped"]["trl-liger"]
+    trl = res["summary"]["per_run_kind"]["fp32/trl"]["vs_moetune"]
+    assert trl["rounds"] == 2 and trl["min"] >= 1.0                  # 10-11 s against moetune's 10 s
+    assert "trl-liger (its run failed" in out.with_suffix(".md").read_text()
