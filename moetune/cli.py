@@ -23,6 +23,7 @@ from moetune.core.adapter_files import read_adapter
 from moetune.core.errors import RecipeError
 from moetune.core.ui import console, plural
 from moetune.data.datagen import write_splits
+from moetune.data.prefgen import write_pairs
 from moetune.recipe import explain as explain_text
 from moetune.recipe import load_recipe
 
@@ -331,14 +332,20 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="
 
 
 @data_app.command("make")
-def data_make(out: Path = typer.Option(Path("data/default"), help="Output directory."),
+def data_make(out: Optional[Path] = typer.Option(None, help="Output directory (default: data/default, with "
+                                                 "--preference data/preference)."),
               seed: int = typer.Option(0, help="Generator seed."),
-              n_train: int = typer.Option(1500, help="Training rows (a multiple of the 5 domains)."),
-              n_validation: int = typer.Option(100, help="Validation rows."),
-              n_test: int = typer.Option(200, help="Test rows.")):
-    """Regenerate the default multi-domain instruction data (deterministic)."""
+              n_train: Optional[int] = typer.Option(None, help="Training rows (a multiple of the 5 domains; default "
+                                                    "1500, with --preference 500)."),
+              n_validation: Optional[int] = typer.Option(None, help="Validation rows (default 100; 50)."),
+              n_test: Optional[int] = typer.Option(None, help="Test rows (default 200; 100)."),
+              preference: bool = typer.Option(False, "--preference", help="The preference pairs (right answer over "
+                                              "a near miss) built from the default data instead.")):
+    """Regenerate the default multi-domain instruction data, or its preference pairs (deterministic)."""
+    sizes = {k: v for k, v in (("n_train", n_train), ("n_validation", n_validation), ("n_test", n_test)) if v is not None}
     try:
-        paths = write_splits(out, seed=seed, n_train=n_train, n_validation=n_validation, n_test=n_test)
+        paths = (write_pairs(out or Path("data/preference"), seed=seed, **sizes) if preference
+                 else write_splits(out or Path("data/default"), seed=seed, **sizes))
     except ValueError as e:
         raise RecipeError(str(e)) from None
     for split, path in paths.items():

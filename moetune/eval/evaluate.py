@@ -1,4 +1,5 @@
-"""Evaluation: loss/perplexity, greedy exact match per domain, multiple-choice accuracy."""
+"""Evaluation: loss/perplexity, greedy exact match per domain, multiple-choice accuracy, and on preference
+pairs the preference accuracy (loss and exact match are then the chosen responses')."""
 from __future__ import annotations
 
 import math
@@ -6,11 +7,15 @@ from collections import defaultdict
 
 import torch
 
+from moetune.adapters.inject import expert_layers
+from moetune.adapters.io import reference_context
 from moetune.core.ui import simple_progress
+from moetune.data.pipeline import is_pairs
 from moetune.data.rows import Example, collate
 from moetune.eval.mmlu import load_mc_rows, score_multiple_choice
 from moetune.experts.context import generation_routing
 from moetune.train.loss import per_example_loss
+from moetune.train.preference import score_pairs
 
 
 def normalise_answer(text: str) -> str:
@@ -106,7 +111,23 @@ def evaluate(model, tokenizer, examples: list[Example], recipe, device, generati
         for d, v in em["per_domain"].items():
             out["per_domain"].setdefault(d, {})["exact_match"] = v["exact_match"]
             out["per_domain"][d]["n"] = v["n"]
+    if is_pairs(examples):
+        pref = preference_scores(model, tokenizer, examples, recipe, device)
+        for d, acc in pref.pop("preference_per_domain").items():
+            out["per_domain"].setdefault(d, {})["preference_accuracy"] = acc
+        out.update(pref)
     return out
+
+
+def preference_scores(model, tokenizer, pairs, recipe, device) -> dict:
+    """{'preference_accuracy', 'preference': score_pairs' numbers} of `pairs`; the per-domain accuracy joins
+    `per_domain` in `evaluate`. TRL's rewards/* need a reference: the base with this adapter switched off, or
+    `train.reference`'s adapter; a model without an adapter (merged) gets the reference-free numbers only."""
+    ref = reference_context(model, recipe.train.reference) if expert_layers(model) else None
+    s = score_pairs(model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, device, recipe.train.beta, ref)
+    per = s.pop("per_domain")
+    return {"preference_accuracy": s["preference_accuracy"], "preference": s,
+            "preference_per_domain": {d: v["preference_accuracy"] for d, v in per.items()}}
 
 
 def multiple_choice(model, tokenizer, paths: list[str], recipe, show: bool = True) -> dict:
