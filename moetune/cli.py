@@ -301,14 +301,15 @@ def generate(source: Optional[Path] = SOURCE, overrides: Optional[List[str]] = O
 def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="Run directories, or folders searched for them "
                                                      "(default: runs/)."),
          sort: Optional[str] = typer.Option(None, "--sort", help="Sort by a column: run, type, trainable, steps, "
-                                            "seconds, tokens_per_s, train_loss, val_loss, em_before, em_after."),
+                                            "seconds, tokens_per_s, train_loss, val_loss, em_before, em_after, "
+                                            "pref_after, reward_margin."),
          domains: bool = typer.Option(False, "--domains", help="Add the per-domain exact match (before -> after)."),
          as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
          as_markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table (for READMEs).")):
     """Compare runs: one row per run directory (type, parameters, steps, time, losses, exact match)."""
     import json
     from rich.console import Console
-    from moetune.commands.runs import COLUMNS, HEADERS, find_runs, markdown, run_row, sort_rows, table_cells
+    from moetune.commands.runs import COLUMNS, find_runs, has_preference, headers, markdown, run_row, sort_rows, table_cells
     from moetune.core.ui import table
     if sort is not None and sort not in COLUMNS:
         raise RecipeError(f"--sort is {sort!r}; allowed: {', '.join(COLUMNS)}.")
@@ -327,8 +328,9 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="
     if as_markdown:
         typer.echo(markdown(rows, names))
         return
-    Console(width=None if sys.stdout.isatty() else 240).print(table(plural(len(rows), "run"), HEADERS + [f"EM {d}" for d in names],
-                                          [table_cells(r, names) for r in rows]))
+    pref = has_preference(rows)
+    Console(width=None if sys.stdout.isatty() else 240).print(table(plural(len(rows), "run"), headers(names, pref),
+                                          [table_cells(r, names, pref) for r in rows]))
 
 
 @data_app.command("make")

@@ -89,7 +89,8 @@ def start_adapter(model: nn.Module, recipe: Recipe) -> None:
     """Give `model` the adapter training starts from: a fresh one (`inject` with the recipe's expert and router),
     or with `train.reference` (DPO after SFT) the same layers holding that run's trained tensors (the policy
     starts at the reference, as in TRL with an SFT-ed PEFT adapter loaded twice). The recipe's expert settings
-    must be the reference adapter's."""
+    must be the reference adapter's (all but dropout, a training setting, and the module names, which the
+    adapter's tensors are checked against)."""
     inject(model, recipe.expert, recipe.router, seed=recipe.train.seed)
     if recipe.train.reference is None:
         return
@@ -102,7 +103,7 @@ def start_adapter(model: nn.Module, recipe: Recipe) -> None:
     meta, state = read_adapter(d)
     mine, theirs = dataclasses.asdict(recipe.expert), dict(meta["expert"])
     diff = [f"expert.{k}: {mine[k]!r} here, {theirs[k]!r} in the reference" for k in mine
-            if k not in ("target_modules", "init_seed") and k in theirs and mine[k] != theirs[k]]
+            if k not in ("target_modules", "init_seed", "dropout") and k in theirs and mine[k] != theirs[k]]
     try:
         if diff:
             raise ValueError("; ".join(diff))

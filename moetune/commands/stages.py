@@ -17,7 +17,7 @@ from moetune.core.checkpoint import atomic_dir, write_json
 from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import data_summary, skip_lines
 from moetune.data.rows import collate
-from moetune.eval.evaluate import evaluate, multiple_choice
+from moetune.eval.evaluate import evaluate, multiple_choice, preference_line
 from moetune.eval.report import eval_routing, report_digest
 from moetune.experts import REGISTRY
 from moetune.export.merge import max_logit_diff, merge_into_base, save_merged
@@ -199,6 +199,8 @@ def print_summary(run: Run) -> None:
         rows.append([d, b.get("loss"), a.get("loss"), b.get("exact_match"), a.get("exact_match")])
     console.print(table(f"{run.recipe.eval.split} split: before vs after training ({run.dir})",
                         ["domain", "loss before", "loss after", "EM before", "EM after"], rows))
+    if preference_line(before, after):
+        console.print(preference_line(before, after), highlight=False)
     if "train" in s:
         t = s["train"]
         console.print(f"train: {plural(t['steps'], 'step')}, final loss {t['final_train_loss']:.4f}, "

@@ -155,8 +155,8 @@ def _encode_fn(tok, cfg: DataConfig, fmt: Format, domain: str | None):
             out["n_targets"].append(min(_n_targets(e) for e in side.values()))
             out["truncated"].append(any(full[n][i] > cfg.max_length for n in names))
             out["error"].append(err)
-            if fmt.sequences:
-                out["identical"].append(len({tuple(e.input_ids) for e in side.values()}) == 1)
+            if fmt.sequences:  # the same tokens on both sides, each with a response token (else: no response)
+                out["identical"].append(len({tuple(e.input_ids) for e in side.values()}) == 1 and out["n_targets"][-1] > 0)
         return out
     return fn
 

@@ -141,3 +141,19 @@ def multiple_choice(model, tokenizer, paths: list[str], recipe, show: bool = Tru
                                               mode=recipe.eval.mc_format,
                                               progress=lambda k: bar.update(bar.task_ids[0], completed=k))
     return out
+
+
+def preference_line(before: dict, after: dict) -> str | None:
+    """The console line of a run scored on preference pairs: preference accuracy before -> after, TRL's reward
+    accuracy and margin after; None for other runs."""
+    if "preference_accuracy" not in after and "preference_accuracy" not in before:
+        return None
+
+    def f(d: dict, k: str) -> str:
+        v = d.get(k, (d.get("preference") or {}).get(k))
+        return "-" if v is None else f"{v:.3f}"
+    p = after.get("preference") or {}
+    rewards = (f"; rewards/accuracies {f(p, 'rewards/accuracies')}, rewards/margins {f(p, 'rewards/margins')}"
+               if "rewards/margins" in p else "")
+    return (f"preference accuracy (chosen more likely than rejected): {f(before, 'preference_accuracy')} -> "
+            f"{f(after, 'preference_accuracy')}{rewards}")

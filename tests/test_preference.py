@@ -1,0 +1,282 @@
+"""Preference tuning (issue 27): DPO equals TRL's DPOTrainer on a fixed batch (sigmoid and IPO, reference =
+adapters off or a copy of an adapter), the reference switches every expert type off without a second copy
+of the weights, chosen and rejected go through one forward, the policy learns a tiny preference set (LoRA
+and HydraLoRA), DPO after SFT starts at the reference and resumes exactly, ORPO's loss is the paper's."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import randomise_routed, tiny_overrides, write_jsonl
+from moetune.adapters.inject import AdapterCopy, adapters_off, expert_layers, inject, trainable_parameters
+from moetune.adapters.io import save_adapter
+from moetune.commands.runs import run_row
+from moetune.commands.stages import run_recipe
+from moetune.data.pipeline import ExampleSet, load_examples
+from moetune.data.rows import collate_pairs
+from moetune.experts import routing
+from moetune.models.load import load_tokenizer
+from moetune.recipe import DataConfig, RecipeError, RouterConfig, load_recipe
+from moetune.recipe.experts import EXPERT_CONFIGS
+from moetune.train.loggers import flatten
+from moetune.train.preference import DPO, SequenceLogps, dpo_loss, orpo_loss
+from test_preference_data import pair_rows
+
+torch.set_num_threads(1)
+trl = pytest.importorskip("trl", reason="TRL is in the dev extra (requirements/lock.txt)")
+
+
+@pytest.fixture(scope="module")
+def pref_data(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("pref-data")
+    return {"train": write_jsonl(d / "train.jsonl", pair_rows(48, 1)),
+            "validation": write_jsonl(d / "validation.jsonl", pair_rows(16, 2)),
+            "test": write_jsonl(d / "test.jsonl", pair_rows(32, 3))}
+
+
+def _model(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _randomise_b(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in expert_layers(model).values():
+            layer.lora_B.copy_(0.3 * torch.randn(layer.lora_B.shape, generator=g))
+
+
+# ------------------------------------------------------------------ equal to TRL's DPOTrainer
+
+@pytest.fixture
+def fresh_accelerate():
+    """TRL's trainer sets accelerate's process-wide state up; the runs of later tests build their own."""
+    from accelerate.state import AcceleratorState
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+def test_dpo_loss_and_gradients_equal_trl_dpo_trainer(tiny_llama, tmp_path, conversational, fresh_accelerate):
+    """TRL tokenises and collates the same rows into the same batch; on it, TRL's `_compute_loss` (PEFT LoRA, the
+    reference = adapters disabled, or a 'ref' copy of a pre-trained adapter) equals moetune's DPO loss to 1e-5 and
+    its LoRA gradients equal moetune's."""
+    from peft import LoraConfig, get_peft_model
+    from trl import DPOConfig, DPOTrainer
+    import datasets
+    rows = pair_rows(4, 5, conversational)
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    tok = load_tokenizer(load_recipe(None, [f"model.path={tiny_llama}"]).model)
+    pairs = load_examples(str(path), tok, DataConfig(train=str(path), cache_dir=str(tmp_path / "c"))).take(range(4))
+    b = collate_pairs(pairs, tok.pad_token_id)                                      # (8, T): chosen, then rejected
+    targets = ["q_proj", "v_proj", "down_proj"]
+    cfg = EXPERT_CONFIGS["lora"](type="lora", rank=4, alpha=8, target_modules=targets)
+    model = _model(tiny_llama)
+    inject(model, cfg)
+    _randomise_b(model, 1)
+    ref_copy = AdapterCopy.of_model(model)                                          # a "pre-trained" adapter
+    ref_state = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in expert_layers(model).items()}
+    _randomise_b(model, 2)                                                          # the policy has moved on
+
+    def peft_state(state=None):
+        src = state or {n: (m.lora_A.detach(), m.lora_B.detach()) for n, m in expert_layers(model).items()}
+        return {f"base_model.model.{n}.lora_{k}.default.weight": t for n, ab in src.items() for k, t in zip("AB", ab)}
+
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
+    rows_ds = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    lm = SequenceLogps(model)
+    for loss_type in ("sigmoid", "ipo"):
+        args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[loss_type], report_to=[],
+                         use_cpu=True, bf16=False, max_length=None)
+        for reference in ("adapters off", "adapter copy"):
+            if reference == "adapters off":                                         # a new adapter: TRL disables it
+                trainer = DPOTrainer(model=_model(tiny_llama), args=args, train_dataset=rows_ds,
+                                     processing_class=tok, peft_config=lcfg)
+                ctx = lambda: adapters_off(model)                                   # noqa: E731
+            else:                                                                   # a PEFT model: TRL copies it to 'ref'
+                pm = get_peft_model(_model(tiny_llama), lcfg)
+                assert not pm.load_state_dict(peft_state(ref_state), strict=False).unexpected_keys
+                trainer = DPOTrainer(model=pm, args=args, train_dataset=rows_ds, processing_class=tok)
+                ctx = ref_copy.swapped
+            assert not trainer.model.load_state_dict(peft_state(), strict=False).unexpected_keys
+            batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+            assert torch.equal(batch["input_ids"], b["input_ids"])                  # the same tokens ...
+            assert torch.equal(batch["completion_mask"], (b["labels"] != -100).long())   # ... and response tokens
+            trl_loss = trainer._compute_loss(trainer.model, batch, False)
+            trl_loss.backward()
+            with torch.no_grad(), ctx():
+                ref, _, _ = lm(**b)
+            model.zero_grad()
+            logps, n, _ = lm(**b)
+            ours = dpo_loss(logps, ref, n, 0.1, loss_type)[0].mean()
+            ours.backward()
+            diff = abs(float(ours.detach()) - float(trl_loss.detach()))
+            assert diff < 1e-5, (loss_type, reference, float(ours.detach()), float(trl_loss.detach()))
+            peft_params = dict(trainer.model.named_parameters())
+            for name, layer in expert_layers(model).items():
+                for k in "AB":
+                    g = peft_params[f"base_model.model.{name}.lora_{k}.default.weight"].grad
+                    torch.testing.assert_close(getattr(layer, f"lora_{k}").grad, g, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the reference model
+
+@pytest.mark.parametrize("etype", ["lora", "hydralora", "molora", "mov", "mole", "calm"])
+def test_adapters_off_is_the_base_for_every_type(etype, tiny_llama, tmp_path):
+    x = torch.randint(5, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    base = _model(tiny_llama).eval()
+    want = base(x).logits
+    model = _model(tiny_llama).eval()
+    if etype == "mole":                                                             # MoLE over two trained LoRAs
+        for i in range(2):
+            e = _model(tiny_llama)
+            lcfg = EXPERT_CONFIGS["lora"](type="lora", rank=2)
+            inject(e, lcfg)
+            _randomise_b(e, i)
+            save_adapter(tmp_path / f"e{i}", e, lcfg, None, str(tiny_llama))
+        cfg = EXPERT_CONFIGS["mole"](type="mole", experts=[str(tmp_path / "e0"), str(tmp_path / "e1")])
+    elif etype == "calm":
+        cfg = EXPERT_CONFIGS["calm"](type="calm", augmenting_model=str(tiny_llama), num_compositions=2, num_heads=2)
+    else:
+        cfg = EXPERT_CONFIGS[etype](type=etype, **({} if etype == "lora" else {"num_experts": 3}))
+    inject(model, cfg, RouterConfig())
+    randomise_routed(model)                                                         # every adapter tensor non-trivial
+    params = [p.detach().clone() for p in trainable_parameters(model)]
+    on = model(x).logits
+    assert (on - want).abs().max() > 1e-3                                           # the adapter acts ...
+    with adapters_off(model):
+        torch.testing.assert_close(model(x).logits, want, rtol=1e-5, atol=1e-5)    # ... and is switched off
+    torch.testing.assert_close(model(x).logits, on, rtol=0, atol=0)                 # and on again
+    assert all(torch.equal(p, q) for p, q in zip(params, trainable_parameters(model)))
+    copy = AdapterCopy.of_model(model)
+    with torch.no_grad():
+        for p in trainable_parameters(model):
+            p.mul_(0.5)
+    moved = model(x).logits
+    with copy.swapped():
+        torch.testing.assert_close(model(x).logits, on, rtol=0, atol=0)            # the copy computes as before
+    torch.testing.assert_close(model(x).logits, moved, rtol=0, atol=0)              # the policy's own values back
+
+
+def test_chosen_and_rejected_share_one_forward_and_aux_losses_count_once(tiny_llama, pref_data, monkeypatch):
+    """A DPO micro-batch of B pairs is ONE policy forward of 2B rows (the reference, adapters off, runs no router):
+    every router sees its 2B rows once, and the step's aux loss is that forward's, not a sum of two."""
+    rc = load_recipe(None, tiny_overrides(tiny_llama, pref_data, "unused", "expert.type=molora",
+                                          "expert.num_experts=3", "router.balance_loss=switch",
+                                          "router.balance_weight=0.1", "train.objective=dpo"))
+    tok = load_tokenizer(rc.model)
+    model = _model(tiny_llama)
+    inject(model, rc.expert, rc.router)
+    randomise_routed(model)
+    pairs = load_examples(str(pref_data["train"]), tok, rc.data).take(range(4))
+    obj = DPO(0.1, "sigmoid", tok.pad_token_id, lambda: adapters_off(model))
+    lm = obj.module(model)
+    batch = obj.batch(pairs, "cpu")
+    calls = []
+    real = routing.Router.forward
+
+    def counting(self, x, logits=None):
+        calls.append(x.shape[0])
+        return real(self, x, logits)
+    monkeypatch.setattr(routing.Router, "forward", counting)
+    s, aux, sums = obj.forward(lm, batch)
+    n_routers = len(expert_layers(model))
+    assert calls == [8] * n_routers                                                 # one forward of 2B = 8 rows
+    calls.clear()
+    _, _, want = SequenceLogps(model)(**batch)                                      # the policy forward alone
+    assert set(aux) == {"balance"} and torch.equal(aux["balance"], want["balance"])
+    assert float(sums["rewards/accuracies"]) in range(0, 5) and s.ndim == 0
+
+
+# ------------------------------------------------------------------ training
+
+@pytest.mark.parametrize("etype", ["lora", "hydralora"])
+def test_dpo_policy_learns_the_preferences(etype, tiny_llama, pref_data, tmp_path):
+    """On the tiny preference set it trains on (48 pairs, scored as the test split), the policy's preference
+    accuracy and TRL's reward accuracy rise above 0.9 in 30 steps."""
+    out = tmp_path / etype
+    extra = ["expert.num_experts=3"] if etype == "hydralora" else []
+    s = run_recipe(load_recipe(None, tiny_overrides(
+        tiny_llama, {**pref_data, "test": pref_data["train"]}, out, f"expert.type={etype}", *extra, "expert.rank=8", "train.objective=dpo",
+        "train.beta=0.5", "train.max_steps=30", "train.lr=2e-2", "train.batch_size=8", "train.eval_every=15",
+        "stages=[train,eval]", "eval.generation=false", "eval.batch_size=16")))
+    before, after = s["before"], s["after"]
+    assert after["preference_accuracy"] > 0.9 and after["preference"]["rewards/accuracies"] > 0.9, after["preference"]
+    assert after["preference_accuracy"] > before["preference_accuracy"]
+    assert after["preference"]["rewards/margins"] > 0 and before["preference"]["rewards/margins"] == 0
+    assert set(after["per_domain"]) == {"add", "shout"} and "preference_accuracy" in after["per_domain"]["add"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected")
+    assert all(k in r for r in steps for k in names)
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-5 and steps[0]["rewards/margins"] == 0   # a fresh adapter = ref
+    assert steps[-1]["loss"] < 0.3 and steps[-1]["rewards/accuracies"] > 0.9
+    val = [r for r in rows if r.get("split") == "validation"]
+    assert [r["step"] for r in val] == [15, 30] and all("rewards/margins" in r for r in val)
+    tags = flatten(steps[-1])
+    assert tags["train/rewards/margins"] == steps[-1]["rewards/margins"] and "validation/rewards/accuracies" in flatten(val[-1])
+    assert (out / "curves.png").is_file()
+    row = run_row(out)
+    assert row["pref_before"] == before["preference_accuracy"] and row["pref_after"] == after["preference_accuracy"]
+    assert row["objective"] == "dpo"
+
+
+def test_dpo_after_sft_starts_at_the_reference_and_resumes_exactly(tiny_llama, tiny_data, pref_data, tmp_path):
+    sft = tmp_path / "sft"
+    run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, sft, "train.max_steps=6", "stages=[train]",
+                                                "train.eval_before=false")))
+    common = ("train.objective=dpo", f"train.reference={sft}", "train.max_steps=6", "stages=[train]",
+              "train.save_every=2", "train.batch_size=4", "train.grad_accum=2")
+    s = run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, tmp_path / "nodrop", *common)))
+    rows = [json.loads(x) for x in (tmp_path / "nodrop" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "loss" in r)
+    assert abs(first["loss"] - math.log(2)) < 1e-5 and first["rewards/margins"] == 0  # policy = reference at step 1
+    assert s["before"]["preference"]["rewards/margins"] == 0                          # scored against the same adapter
+    common += ("expert.dropout=0.1",)                                                 # a training setting: may differ
+    run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, tmp_path / "full", *common)))
+    sft_ad = load_file(str(sft / "adapter" / "adapter_model.safetensors"))
+    full = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    assert set(full) == set(sft_ad) and any((full[k] - sft_ad[k]).abs().max() > 1e-4 for k in full)
+    split = tmp_path / "split"
+    s = run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, split, *common, "train.stop_after=3")))
+    assert s["train"]["stopped"]
+    run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, split, *common)), resume=True)
+    resumed = load_file(str(split / "adapter" / "adapter_model.safetensors"))
+    for k in full:                                                                    # the reference is the SFT adapter
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=1e-5)       # again, not the checkpoint
+    with pytest.raises(RecipeError, match=r"expert.rank: 8 here, 4 in the reference.*copy it from"):
+        run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, tmp_path / "bad", *common, "expert.rank=8")))
+
+
+def test_orpo_loss_is_the_papers_and_trains(tiny_llama, pref_data, tmp_path):
+    logps = torch.tensor([-2.0, -1.0, -6.0, -0.5])                                   # [chosen; rejected], 2 pairs
+    counts = torch.tensor([2, 1, 3, 1])
+    losses, nll, log_odds, _ = orpo_loss(logps, counts, 0.25)
+    p = torch.exp(logps / counts)                                                   # mean per-token probability
+    odds = p / (1 - p)
+    want_or = -torch.log(torch.sigmoid(torch.log(odds[:2] / odds[2:])))
+    torch.testing.assert_close(losses, -torch.log(p[:2]) + 0.25 * want_or)
+    torch.testing.assert_close(log_odds, torch.log(odds[:2] / odds[2:]))
+    out = tmp_path / "orpo"
+    run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, out, "train.objective=orpo", "train.max_steps=20",
+                                                "train.lr=1e-2", "stages=[train]", "train.eval_before=false")))
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1 and steps[-1]["nll_loss"] < steps[0]["nll_loss"]
+    assert all("log_odds_ratio" in r and "rewards/accuracies" in r for r in steps)
+
+
+def test_eval_of_a_merged_model_gives_the_reference_free_scores(tiny_llama, pref_data, tmp_path):
+    out = tmp_path / "m"
+    s = run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, out, "train.objective=dpo",
+                                                    "train.max_steps=4", "stages=[train,merge,eval]",
+                                                    "eval.generation=false", "train.eval_before=false")))
+    assert s["after"]["model"] == "merged" and 0 <= s["after"]["preference_accuracy"] <= 1
+    assert "rewards/margins" not in s["after"]["preference"] and "logps/chosen" in s["after"]["preference"]
+    es = ExampleSet(load_examples(str(pref_data["test"]), load_tokenizer(load_recipe(None, [f"model.path={tiny_llama}"]).model),
+                                  DataConfig()).ds)
+    assert es.pairs and len(es) == 32
