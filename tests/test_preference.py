@@ -280,3 +280,20 @@ def test_eval_of_a_merged_model_gives_the_reference_free_scores(tiny_llama, pref
     es = ExampleSet(load_examples(str(pref_data["test"]), load_tokenizer(load_recipe(None, [f"model.path={tiny_llama}"]).model),
                                   DataConfig()).ds)
     assert es.pairs and len(es) == 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA half of preference tuning needs a CUDA GPU")
+@pytest.mark.parametrize("etype", ["lora", "hydralora"])
+def test_dpo_on_cuda_in_bf16_learns_and_starts_at_log_2(etype, tiny_llama, pref_data, tmp_path):
+    """CUDA, bf16 autocast: the reference (adapters off) and the policy run on the GPU, the first step's loss is
+    log 2 (a fresh adapter), and the policy learns the tiny set it trains on."""
+    out = tmp_path / etype
+    extra = ["expert.num_experts=3"] if etype == "hydralora" else []
+    s = run_recipe(load_recipe(None, tiny_overrides(
+        tiny_llama, {**pref_data, "test": pref_data["train"]}, out, f"expert.type={etype}", *extra, "expert.rank=8",
+        "model.device=cuda", "train.precision=bf16", "train.objective=dpo", "train.beta=0.5", "train.max_steps=30",
+        "train.lr=2e-2", "train.batch_size=8", "stages=[train,eval]", "eval.generation=false", "eval.batch_size=16")))
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-3 and all(math.isfinite(r["loss"]) for r in steps)
+    assert s["after"]["preference"]["rewards/accuracies"] > 0.9 and s["after"]["preference_accuracy"] > 0.9

@@ -13,7 +13,7 @@ their format (`moetune.data.formats`) and tokens through `moetune.data.rows.Enco
 
 A preference source (a format with `sequences`, moetune.data.formats) gives one row per PAIR with the
 columns chosen_input_ids / chosen_labels / rejected_input_ids / rejected_labels instead of input_ids /
-labels (prompt_ids and reference are the chosen side's; length is both sides' tokens; n_targets the
+labels (prompt_ids and reference are the chosen side's; length is the longer side's tokens; n_targets the
 smaller side's trained tokens, so a prompt that leaves either side no response token within
 max_length is dropped and counted, `dropped_no_target`). A pair whose chosen and rejected tokens are
 identical is dropped and counted too (`identical_pairs`).
@@ -151,7 +151,7 @@ def _encode_fn(tok, cfg: DataConfig, fmt: Format, domain: str | None):
             out["prompt_ids"].append(first.prompt_ids)
             out["reference"].append(first.reference)
             out["domain"].append(first.domain)
-            out["length"].append(sum(len(e.input_ids) for e in side.values()))
+            out["length"].append(max(len(e.input_ids) for e in side.values()))
             out["n_targets"].append(min(_n_targets(e) for e in side.values()))
             out["truncated"].append(any(full[n][i] > cfg.max_length for n in names))
             out["error"].append(err)
