@@ -235,7 +235,8 @@ def test_dpo_after_sft_starts_at_the_reference_and_resumes_exactly(tiny_llama, t
                                                 "train.eval_before=false")))
     common = ("train.objective=dpo", f"train.reference={sft}", "train.max_steps=6", "stages=[train]",
               "train.save_every=2", "train.batch_size=4", "train.grad_accum=2")
-    s = run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, tmp_path / "nodrop", *common)))
+    s = run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, tmp_path / "nodrop", *common,
+                                                    "train.eval_before=true")))
     rows = [json.loads(x) for x in (tmp_path / "nodrop" / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if "loss" in r)
     assert abs(first["loss"] - math.log(2)) < 1e-5 and first["rewards/margins"] == 0  # policy = reference at step 1

@@ -18,6 +18,7 @@ from moetune.core.schema import field_docs, schema_keys
 from moetune.experts import REGISTRY, config_class
 from moetune.models.load import ModelError, find_targets, load_tokenizer, resolve_path
 from moetune.recipe import ModelConfig, Recipe, RecipeError, explain, load_recipe
+from cli_main import run_main as _main
 
 torch.set_num_threads(1)
 
@@ -260,15 +261,6 @@ def test_cli_train_bad_value_exits_2(cli):
     assert "Traceback" not in r.stderr + r.stdout
 
 
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`moetune ARGS` through the real entry point, in this process (no interpreter start-up)."""
-    from moetune.cli import main
-    monkeypatch.setattr(sys, "argv", ["moetune", *args])
-    with pytest.raises(SystemExit) as ei:
-        main()
-    out = capsys.readouterr()
-    return ei.value.code, out.out, out.err
-
 
 def test_cli_validate_good_recipe_counts_parameters(tiny_llama, tiny_data, tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
@@ -464,8 +456,10 @@ def test_merge_stage_of_a_routed_type_is_refused_at_load_time(etype):
         load_recipe(f"recipes/{etype}.yaml", ["stages=[train,merge,eval]"])
 
 
-def test_default_stages_of_a_routed_type_leave_out_merge(tmp_path):
+def test_default_stages_leave_out_merge(tmp_path):
+    """The default stages merge nothing (a merged model is a full copy of the base: a deliberate choice), so a
+    routed type, which cannot merge, runs them too."""
     path = tmp_path / "r.yaml"
     path.write_text("expert:\n  type: molora\n  num_experts: 2\n")
     assert load_recipe(path).stages == ["train", "eval", "export"]
-    assert load_recipe(None).stages == ["train", "merge", "eval", "export"]
+    assert load_recipe(None).stages == ["train", "eval", "export"]
