@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import randomise_routed, tiny_overrides, write_jsonl
+from conftest import cli, randomise_routed, tiny_overrides, write_jsonl
 from moetune.adapters.inject import AdapterCopy, adapters_off, expert_layers, inject, trainable_parameters
 from moetune.adapters.io import save_adapter
 from moetune.commands.runs import run_row
@@ -328,3 +328,40 @@ def test_dpo_with_two_processes_matches_one(tiny_llama, pref_data, tmp_path):
     assert len(rows) == len(one) == 6 and one[-1]["rewards/margins"] > 0.01
     for a, b in zip(rows, one):
         assert abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-4 and abs(a["loss"] - b["loss"]) < 1e-4
+
+
+def test_compare_shows_the_preference_metrics(tiny_llama, pref_data, tmp_path, monkeypatch, capsys):
+    """`moetune compare` of DPO variants: preference accuracy (with its paired interval from eval.json's per-pair
+    results), TRL's reward accuracy and margin per variant, the conclusion on preference accuracy, the tables and
+    the picture on it (no generation here), and `moetune runs` on the comparison shows them too."""
+    path = tmp_path / "r.yaml"
+    path.write_text("expert: {type: lora, rank: 4, alpha: 8}\n"
+                    "train: {objective: dpo, beta: 0.5, max_steps: 8, lr: 2.0e-2, batch_size: 8}\n")
+    over = [o for o in tiny_overrides(tiny_llama, pref_data, tmp_path / "unused")
+            if not o.startswith(("expert.rank=", "output_dir=", "train.max_steps=", "train.lr=", "train.batch_size="))]
+    out = tmp_path / "cmp"
+    assert cli(monkeypatch, "compare", path, *over, "eval.generation=false", "--methods", "lora,hydralora",
+               "--seeds", "1", "--out", out, "--bootstrap", "500") in (0, None)
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "comparison.json").read_text())
+    means = {}
+    for name, v in doc["variants"].items():
+        ev = json.loads((out / "runs" / f"{name}-s0" / "eval.json").read_text())
+        pref, per = ev["scores"]["preference"], ev["per_example"]["preferred"]
+        assert len(per) == 32 and per.count("1") / 32 == pytest.approx(ev["scores"]["preference_accuracy"])
+        means[name] = v["metrics"]["preference_accuracy"]["mean"]
+        assert means[name] == ev["scores"]["preference_accuracy"]
+        assert v["metrics"]["reward_margin"]["mean"] == pref["rewards/margins"] != 0
+        assert v["metrics"]["reward_accuracy"]["mean"] == pref["rewards/accuracies"]
+        assert "exact_match" not in v["metrics"]
+    d = doc["paired"]["hydralora"]["preference_accuracy"]
+    assert d["difference"] == pytest.approx(means["hydralora"] - means["lora"]) and d["low"] <= d["difference"] <= d["high"]
+    assert set(doc["paired"]["hydralora"]["per_domain"]["add"]) == {"preference_accuracy"}
+    assert doc["conclusions"][0].count("preference accuracy") == 1 and "EM" not in doc["conclusions"][0]
+    md = (out / "comparison.md").read_text()
+    assert "| pref acc |" in md and "reward margin" in md and "## Preference accuracy per domain" in md
+    assert "pref acc" in printed and "reward margin" in printed and (out / "comparison.png").stat().st_size > 5000
+    assert cli(monkeypatch, "runs", out, "--json") in (0, None)
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["objective"] for r in rows} == {"dpo"}
+    assert sorted(r["pref_after"] for r in rows) == sorted(means.values())

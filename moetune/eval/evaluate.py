@@ -112,10 +112,12 @@ def examples_fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def per_example_record(examples: list[Example], loss: dict, correct: list[bool] | None) -> dict:
+def per_example_record(examples: list[Example], loss: dict, correct: list[bool] | None,
+                       preferred: list[bool] | None = None) -> dict:
     """The compact per-example results eval.json keeps: 'domains' (sorted names) and 'domain' (an index into
     them per example), 'loss_sum' (summed loss over the target tokens, 6 significant digits) and 'tokens' per
-    example, 'correct' a string of '1'/'0' (greedy exact match; absent without generation), 'fingerprint'."""
+    example, 'correct' a string of '1'/'0' (greedy exact match; absent without generation), on preference
+    pairs 'preferred' a string of '1'/'0' (the chosen response the more likely), 'fingerprint'."""
     names = sorted({e.domain for e in examples})
     index = {d: i for i, d in enumerate(names)}
     out = {"n": len(examples), "fingerprint": examples_fingerprint(examples), "domains": names,
@@ -123,6 +125,8 @@ def per_example_record(examples: list[Example], loss: dict, correct: list[bool] 
            "tokens": loss["token_counts"]}
     if correct is not None:
         out["correct"] = "".join("1" if ok else "0" for ok in correct)
+    if preferred is not None:
+        out["preferred"] = "".join("1" if ok else "0" for ok in preferred)
     return out
 
 
@@ -145,13 +149,15 @@ def evaluate(model, tokenizer, examples: list[Example], recipe, device, generati
         for d, v in em["per_domain"].items():
             out["per_domain"].setdefault(d, {})["exact_match"] = v["exact_match"]
             out["per_domain"][d]["n"] = v["n"]
+    preferred = None
     if is_pairs(examples):
         pref = preference_scores(model, tokenizer, examples, recipe, device)
         for d, acc in pref.pop("preference_per_domain").items():
             out["per_domain"].setdefault(d, {})["preference_accuracy"] = acc
+        preferred = pref.pop("preferred")
         out.update(pref)
     if per_example:
-        out["per_example"] = per_example_record(examples, res, em["correct"] if em else None)
+        out["per_example"] = per_example_record(examples, res, em["correct"] if em else None, preferred)
     return out
 
 
@@ -161,8 +167,8 @@ def preference_scores(model, tokenizer, pairs, recipe, device) -> dict:
     `train.reference`'s adapter; a model without an adapter (merged) gets the reference-free numbers only."""
     ref = reference_context(model, recipe.train.reference) if expert_layers(model) else None
     s = score_pairs(model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, device, recipe.train.beta, ref)
-    per = s.pop("per_domain")
-    return {"preference_accuracy": s["preference_accuracy"], "preference": s,
+    per, preferred = s.pop("per_domain"), s.pop("preferred")
+    return {"preference_accuracy": s["preference_accuracy"], "preference": s, "preferred": preferred,
             "preference_per_domain": {d: v["preference_accuracy"] for d, v in per.items()}}
 
 

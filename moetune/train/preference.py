@@ -215,13 +215,15 @@ def score_pairs(model: nn.Module, pairs: list[Pair], pad_id: int, batch_size: in
       rejected one (log pi(y_w|x) > log pi(y_l|x), summed log-probs): reference-free, comparable before and
       after training and between runs; per domain too;
     - with a `reference` (a function giving its context): TRL's rewards/* metrics (beta log pi/pi_ref);
-    - logps/chosen, logps/rejected; with `loss` (per-pair losses from (policy, reference, counts)) its mean.
+    - logps/chosen, logps/rejected; with `loss` (per-pair losses from (policy, reference, counts)) its mean;
+    - preferred: per pair, in order, whether the chosen response is the more likely (paired comparisons).
     """
     was = model.training
     model.eval()
     sliced = plain_head(model)
     sums: dict[str, float] = defaultdict(float)
     hits, totals = defaultdict(int), defaultdict(int)
+    preferred: list[bool] = []                                               # per pair, in order
     for i in range(0, len(pairs), batch_size):
         chunk = list(pairs[i:i + batch_size])
         b = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}                     # (2B, T)
@@ -241,10 +243,11 @@ def score_pairs(model: nn.Module, pairs: list[Pair], pad_id: int, batch_size: in
             sums["loss"] += float(loss(logps, ref, n).sum())
         p_c, p_r = logps.chunk(2)
         for p, ok in zip(chunk, (p_c > p_r).tolist()):
+            preferred.append(ok)
             hits[p.domain] += ok
             totals[p.domain] += 1
     model.train(was)
     n_pairs = max(sum(totals.values()), 1)
-    return {"preference_accuracy": sum(hits.values()) / n_pairs, "pairs": sum(totals.values()),
+    return {"preference_accuracy": sum(hits.values()) / n_pairs, "pairs": sum(totals.values()), "preferred": preferred,
             **{k: v / n_pairs for k, v in sums.items()},
             "per_domain": {d: {"preference_accuracy": hits[d] / totals[d], "pairs": totals[d]} for d in sorted(totals)}}
