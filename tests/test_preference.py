@@ -229,6 +229,30 @@ def test_dpo_policy_learns_the_preferences(etype, tiny_llama, pref_data, tmp_pat
     assert row["objective"] == "dpo"
 
 
+@pytest.mark.parametrize("etype, extra", [
+    ("molora", ["expert.num_experts=3", "router.balance_loss=switch", "router.balance_weight=0.01"]),
+    ("mov", ["expert.num_experts=3"]),
+    ("calm", ["expert.num_compositions=2", "expert.num_heads=2"]),
+    ("mole", ["expert.experts_from=per_domain", "expert.expert_max_steps=3"])])
+def test_dpo_trains_every_expert_type(etype, extra, tiny_llama, pref_data, tmp_path):
+    """DPO end to end for the types the accuracy test leaves out: a fresh adapter starts at the reference (the loss
+    log 2, margin 0), MoLE's mixture of trained per-domain LoRAs does not (its reference is the base); the policy
+    moves, the balance loss is logged, eval scores the pairs with rewards against the reference."""
+    if etype == "calm":
+        extra = [*extra, f"expert.augmenting_model={tiny_llama}"]
+    out = tmp_path / etype
+    s = run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, out, f"expert.type={etype}", *extra,
+                                                    "train.objective=dpo", "train.max_steps=4", "stages=[train,eval]",
+                                                    "eval.generation=false")))
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 4 and all(math.isfinite(r["loss"]) for r in steps)
+    first_at_reference = abs(steps[0]["loss"] - math.log(2)) < 1e-6 and steps[0]["rewards/margins"] == 0
+    assert first_at_reference == (etype != "mole")
+    assert steps[-1]["rewards/margins"] != steps[0]["rewards/margins"]
+    assert ("aux" in steps[0]) == (etype == "molora")
+    assert s["after"]["preference"]["rewards/margins"] != 0 and 0 <= s["after"]["preference_accuracy"] <= 1
+
+
 def test_dpo_after_sft_starts_at_the_reference_and_resumes_exactly(tiny_llama, tiny_data, pref_data, tmp_path):
     sft = tmp_path / "sft"
     run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, sft, "train.max_steps=6", "stages=[train]",
