@@ -84,6 +84,7 @@ def trl_trainer(model, tok, rc, device: str, steps: int, out: Path):
     lora = LoraConfig(r=rc.expert.rank, lora_alpha=rc.expert.alpha, lora_dropout=0.0, target_modules=TARGETS)
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer.train sets per step (no accumulation here)
     trainer.model.train()
     return trainer
 
