@@ -253,7 +253,8 @@ def test_dpo_trains_every_expert_type(etype, extra, tiny_llama, pref_data, tmp_p
     assert s["after"]["preference"]["rewards/margins"] != 0 and 0 <= s["after"]["preference_accuracy"] <= 1
 
 
-def test_dpo_after_sft_starts_at_the_reference_and_resumes_exactly(tiny_llama, tiny_data, pref_data, tmp_path):
+def test_dpo_after_sft_starts_at_the_reference_and_resumes_exactly(tiny_llama, tiny_data, pref_data, tmp_path,
+                                                                   monkeypatch):
     sft = tmp_path / "sft"
     run_recipe(load_recipe(None, tiny_overrides(tiny_llama, tiny_data, sft, "train.max_steps=6", "stages=[train]",
                                                 "train.eval_before=false")))
@@ -265,6 +266,9 @@ def test_dpo_after_sft_starts_at_the_reference_and_resumes_exactly(tiny_llama, t
     first = next(r for r in rows if "loss" in r)
     assert abs(first["loss"] - math.log(2)) < 1e-5 and first["rewards/margins"] == 0  # policy = reference at step 1
     assert s["before"]["preference"]["rewards/margins"] == 0                          # scored against the same adapter
+    assert cli(monkeypatch, "eval", tmp_path / "nodrop", "eval.split=validation", "eval.generation=false") in (0, None)
+    again = json.loads((tmp_path / "nodrop" / "summary.json").read_text())["before"]  # 'before' rescored on these rows:
+    assert again["held_out"]["split"] == "validation" and again["preference"]["rewards/margins"] == 0  # the SFT adapter
     common += ("expert.dropout=0.1",)                                                 # a training setting: may differ
     run_recipe(load_recipe(None, tiny_overrides(tiny_llama, pref_data, tmp_path / "full", *common)))
     sft_ad = load_file(str(sft / "adapter" / "adapter_model.safetensors"))
