@@ -80,7 +80,7 @@ def save_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
     ax.plot(*zip(*s["train"]), label="train", color="tab:blue", lw=1.4)
     if s.get("validation"):
         ax.plot(*zip(*s["validation"]), "o-", label="validation", color="tab:orange", lw=1.4, ms=4)
-    ax.set(title="loss (response tokens)", xlabel="step", ylabel="loss")
+    ax.set(title="loss (preference pairs)" if pref else "loss (response tokens)", xlabel="step", ylabel="loss")
     ax.legend(fontsize=8)
     i = 1
     if aux:
