@@ -204,11 +204,17 @@ class DataConfig:
     """Where tokenised datasets are cached, keyed by a fingerprint of the source files, these data
     settings and the tokenizer (None: $MOETUNE_DATA_CACHE, else ~/.cache/moetune/datasets or
     $MOETUNE_HOME/datasets). A rerun or --resume reuses the cache; a change makes a new one."""
-    packing: bool = False
-    """Pack the examples of each micro-batch into as few rows of `max_length` tokens as fit
-    (first-fit decreasing), with position ids restarting per example and attention kept inside
-    each example (block-diagonal mask; flash-attention varlen when the model uses it). The
-    examples per step and the loss are unchanged; less padding is computed. Not for 'calm'."""
+    packing: bool | str = opt(False, choices=(False, True, "dataset"))
+    """Several examples per row, with position ids restarting per example and attention kept inside
+    each example (block-diagonal mask; flash-attention varlen when the model uses it); the first token
+    of each example is never a target. true: the examples of each micro-batch go into as few rows of
+    `max_length` tokens as fit (first-fit decreasing): the examples per step and the loss are those of
+    unpacked training, less padding is computed. 'dataset': the whole epoch is packed into rows of
+    `max_length` tokens (best-fit decreasing over the seeded epoch order, the rows then shuffled; TRL's
+    `packing_strategy: bfd`, axolotl's `sample_packing`), and `train.batch_size` counts those ROWS, so a
+    step trains a budget of batch_size * grad_accum * processes * max_length token positions rather
+    than a number of examples (the loss stays the mean over the step's target tokens; sequence-level
+    routing and domain statistics still see each example). Not for 'calm'."""
     group_by_length: bool = False
     """Unpacked training: batches of examples of similar length (sorted within megabatches of
     50 global batches, the batches shuffled), so less padding is computed."""
