@@ -157,3 +157,17 @@ def test_bf16_backward_matches_fp32_within_bf16_rounding(etype, tiny_llama, tmp_
     err, err_old = _rel(g16, g32), _rel(g_old, g32)
     assert 1e-4 < err <= 0.08, (err, err_old)
     assert err <= 1.5 * err_old + 0.01, (err, err_old)
+
+
+def test_precision_resolution():
+    """'auto' follows model.dtype; bf16 is the train step's own autocast (accelerate stays 'no', so runs of
+    different precisions can follow each other in one process); fp16 needs a GPU."""
+    from moetune.recipe import load_recipe
+    from moetune.train.precision import compute_precision, mixed_precision
+    r = lambda *o: load_recipe(None, list(o))  # noqa: E731
+    assert compute_precision(r()) == "fp32" and compute_precision(r("model.dtype=bfloat16")) == "bf16"
+    assert compute_precision(r("model.dtype=bfloat16", "train.precision=fp32")) == "fp32"
+    assert compute_precision(r("train.precision=bf16")) == "bf16"
+    assert mixed_precision(r("train.precision=bf16"), cpu=False) == "no"
+    assert mixed_precision(r("train.precision=fp16"), cpu=False) == "fp16"
+    assert mixed_precision(r("train.precision=fp16"), cpu=True) == "no"

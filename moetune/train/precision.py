@@ -1,7 +1,7 @@
 """`train.precision`: the compute dtype of training, the same path on CPU and GPU.
 
-'bf16' autocasts the forward (accelerate's `mixed_precision="bf16"`, i.e. `torch.autocast(device, bfloat16)`,
-on CPU as on CUDA): the base's and the adapters' matmuls run in bfloat16 forward AND backward, reading the
+'bf16' runs each micro-batch's forward under `torch.autocast(device, bfloat16)` (train/step.py), on CPU as
+on CUDA: the base's and the adapters' matmuls run in bfloat16 forward AND backward, reading the
 float32 adapter master weights through autocast's per-forward cast (moetune.experts.base.compute_input keeps
 the expert layers from casting their input back to float32); the weight gradients, the AdamW state and the
 update stay float32, routers and the loss (log-softmax + cross-entropy over float32 logits) run in float32.
@@ -16,8 +16,6 @@ import contextlib
 
 import torch
 
-MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
 
 def compute_precision(recipe) -> str:
     """The precision a recipe trains in: 'fp32', 'bf16' or 'fp16' ('auto' resolved by model.dtype)."""
@@ -28,13 +26,14 @@ def compute_precision(recipe) -> str:
 
 
 def mixed_precision(recipe, cpu: bool) -> str:
-    """accelerate's `mixed_precision` for the recipe: fp16 autocast needs a GPU (on CPU it trains fp32)."""
-    p = compute_precision(recipe)
-    return "no" if p == "fp16" and cpu else MIXED[p]
+    """accelerate's `mixed_precision` for the recipe: 'fp16' on GPU (autocast with its loss scaler), else 'no':
+    bf16 autocast is the train step's own (accelerate's process-wide state would refuse a second run of another
+    precision in the same process), and fp16 autocast needs a GPU (on CPU it trains fp32)."""
+    return "fp16" if compute_precision(recipe) == "fp16" and not cpu else "no"
 
 
 def compute_autocast(device: torch.device, precision: str):
-    """The autocast context of `precision` on `device` (what accelerate enters), for code outside the Trainer."""
+    """The autocast context of `precision` on `device`: the train step's for bf16; benchmarks and tests use it too."""
     if precision == "bf16" or (precision == "fp16" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()

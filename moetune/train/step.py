@@ -29,6 +29,7 @@ from moetune.data.packing import pack
 from moetune.data.rows import Example, collate
 from moetune.experts.routing import scheduled_temperature, set_temperature
 from moetune.train.loss import CausalLMLoss
+from moetune.train.precision import compute_autocast, compute_precision
 
 
 def seed_step(seed: int, step: int, rank: int, world: int) -> None:
@@ -114,6 +115,7 @@ class TrainStep:
         self.model, self.lm, self.objective, self.strategy = model, lm, objective, strategy
         self.optimizer, self.scheduler, self.params = optimizer, scheduler, params
         self.cfg, self.router_cfg, self.total_steps, self.accelerator = recipe.train, recipe.router, total_steps, accelerator
+        self.precision = compute_precision(recipe)
 
     def __call__(self, step: int, rows: list[Example], micro_batches: list[list[int]]) -> StepResult:
         acc = self.accelerator
@@ -137,7 +139,7 @@ class TrainStep:
             batch = self.objective.batch([rows[i] for i in mb], device, getattr(mb, "sizes", None))
             tokens += int(batch["attention_mask"].sum()) * world
             slots += batch["attention_mask"].numel() * world
-            with self.strategy.sync(self.lm, self.model, j == len(micro_batches) - 1), acc.autocast():
+            with self.strategy.sync(self.lm, self.model, j == len(micro_batches) - 1), self.autocast():
                 s, aux = self.objective.forward(self.lm, batch)
                 acc.backward(self.micro_loss(s, aux, units, len(micro_batches)))
             loss_sum += s.detach()
@@ -145,6 +147,12 @@ class TrainStep:
                 aux_sum[k] = aux_sum.get(k, 0.0) + float(v.detach()) / len(micro_batches)
         return loss_sum, StepResult(float("nan"), aux_sum, tokens=tokens, slots=slots,
                                     mask=None if batch is None else batch["attention_mask"])
+
+    def autocast(self):
+        """bf16: torch's autocast, the same on CPU and GPU (train/precision.py); else accelerate's (fp16 on GPU)."""
+        if self.precision == "bf16":
+            return compute_autocast(self.accelerator.device, "bf16")
+        return self.accelerator.autocast()
 
     def micro_loss(self, task_sum: torch.Tensor, aux: dict[str, torch.Tensor], units: int, n_micro: int) -> torch.Tensor:
         """The loss one micro-batch backpropagates: its share of the global mean task loss plus the mean of
