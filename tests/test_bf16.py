@@ -109,7 +109,7 @@ def _loss_and_grads(model, batch, autocast: bool):
             return out
 
     model.zero_grad(set_to_none=True)
-    with compute_autocast(torch.device("cpu"), "bf16" if autocast else "fp32"):
+    with compute_autocast(batch["input_ids"].device, "bf16" if autocast else "fp32"):
         s, n, aux = CausalLMLoss(model)(**batch)
         assert s.dtype == torch.float32                       # the loss is computed in float32
         loss = s / n + sum(aux.values())
@@ -125,8 +125,13 @@ def _rel(g: dict, ref: dict) -> float:
     return float(torch.cat([(g[k] - ref[k]).flatten() for k in ref]).norm() / torch.cat([v.flatten() for v in ref.values()]).norm())
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here; "
+                                                     "the same path runs on the GPU when one is present"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("etype", ["lora", "dora", "hydralora", "molora", "mov", "mole"])
-def test_bf16_backward_matches_fp32_within_bf16_rounding(etype, tiny_llama, tmp_path):
+def test_bf16_backward_matches_fp32_within_bf16_rounding(etype, device, tiny_llama, tmp_path):
     """train.precision=bf16 on a bfloat16 base: the backward's matmuls run in bfloat16, the adapter gradients
     land in float32 (masters), the loss is float32, and loss and gradients match the float32 path (the same
     weights in float32) within bf16 rounding.
@@ -141,13 +146,14 @@ def test_bf16_backward_matches_fp32_within_bf16_rounding(etype, tiny_llama, tmp_
     measured 1.8-11%). The bf16 path really ran: its gradients differ from float32's by more than float32
     noise, and at least 90% of the backward's matmul FLOPs are bf16 (75% for MoV, whose only adapter matmul
     is its float32 router; the others' float32 rest is their routers)."""
-    bf, ref = _bf16_pair(tiny_llama, etype, tmp_path)
+    bf, ref = (m.to(device) for m in _bf16_pair(tiny_llama, etype, tmp_path))
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     texts = [f"{r['instruction']} {r['response']}" for r in make_rows(6, 5)]
     enc = tok(texts, return_tensors="pt", padding=True)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     labels[:, :3] = -100
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+    batch = {k: v.to(device) for k, v in batch.items()}
     loss32, g32, _ = _loss_and_grads(ref, batch, autocast=False)
     loss_old, g_old, flops_old = _loss_and_grads(bf, batch, autocast=False)   # bf16 base, float32 adapters
     loss16, g16, flops = _loss_and_grads(bf, batch, autocast=True)
