@@ -251,7 +251,7 @@ def test_validate_reads_globs_and_mix(tiny_llama, tmp_path, monkeypatch, capsys)
     d.mkdir()
     write_jsonl(d / "a.jsonl", make_rows(4, 1))
     write_jsonl(d / "b.jsonl", make_rows(3, 2))
-    common = ["recipes/default.yaml", f"model.path={tiny_llama}", "data.validation=null", "data.test=null"]
+    common = ["recipes/default.yaml", f"model.path={tiny_llama}", "data.validation=null", "data.test=null", "stages=[train]"]
     assert cli(monkeypatch, "validate", *common, f"data.train={d}/*.jsonl") in (0, None)
     out = capsys.readouterr()
     assert "7 rows" in out.err and "Generating" not in out.err
