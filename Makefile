@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-dpo studies study-tables lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-dpo studies study-tables bench-serve lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -91,6 +91,12 @@ bench-variants: setup
 # benchmarks/results/dpo.json; add ARGS=--shared on a shared machine, ARGS=--device cuda on a GPU).
 bench-dpo: setup
 	$(BIN)/python benchmarks/dpo.py $(ARGS)
+
+# `moetune serve` with 1, 4 and 16 concurrent streaming clients vs one at a time and a transformers generate loop, per
+# expert type on 2-step SmolLM2-135M runs it trains itself (benchmarks/results/serve.json; ARGS="--shared --threads 1"
+# on a shared machine, ARGS="--device cuda" on a GPU, ARGS="--workdir DIR" to keep and reuse the runs).
+bench-serve: setup
+	$(BIN)/python benchmarks/serve.py $(ARGS)
 
 # The committed studies (recipes/studies/NAME.yaml): `make study-NAME` runs one comparison into $(STUDY_RUNS)/NAME,
 # continuing where it stopped (--resume), and copies its comparison.{md,json,png} to benchmarks/results/studies/NAME/;

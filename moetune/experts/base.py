@@ -24,6 +24,16 @@ from moetune.models.projection import dims as base_dims
 from moetune.recipe.experts import ExpertConfig
 
 
+def compute_input(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """x as an adapter matmul with `param` reads it. Under autocast (`train.precision: bf16`, moetune/train/
+    precision.py) x is left as it is: autocast runs the matmul in bf16, casting the float32 master weight
+    once per forward, and its backward (dx, dW) in bf16 too; the weight's gradient reaches the float32
+    master through that cast (mixed precision as in Micikevicius et al. 2018, "Mixed Precision Training",
+    without loss scaling: bf16 has float32's exponent range). Without autocast, x is cast to the
+    parameter's dtype (float32 adapters on a bfloat16 base compute in float32)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(param.dtype)
+
+
 class ExpertLayer(nn.Module, abc.ABC):
     """Wraps one frozen base projection. Subclasses: one file each, one paper each.
 
@@ -157,6 +167,17 @@ class ExpertLayer(nn.Module, abc.ABC):
         LoRAs (`config_cls.mixes_trained_loras`), from the mean gate of each gated place (place name ->
         (N,)): what `merge-lora --method mole --gates-from` folds."""
         raise RecipeError(f"expert type {cls.config_cls.__name__} does not mix trained LoRA adapters.")
+
+    @classmethod
+    def generation_state(cls, model: nn.Module) -> Any | None:
+        """The object that holds a generation's per-sequence state outside the KV cache and the routing
+        context (CALM: the augmenting model's states and cache), or None. A server that decodes sequences
+        which join and leave a batch (`moetune serve`) moves it with the cache rows through its methods:
+        `snapshot()` -> S (the current state, by reference), `restore(S, cache)` (make S current, in step
+        with the anchor's KV cache object `cache`), `select(S, idx)` (keep batch rows idx),
+        `shift(S, n)` (n > 0: n masked positions added on the left; n < 0: the -n leftmost dropped) and
+        `concat([S, ...])` (rows stacked; equal lengths)."""
+        return None
 
     @classmethod
     def parameters_over_experts(cls, model: nn.Module, cfg: ExpertConfig, router: Any, targets: list[str],

@@ -136,7 +136,9 @@ class _Pairs:
         """Pairs of the whole global batch: the loss is the mean over pairs."""
         return len(rows)
 
-    def batch(self, pairs: list[Pair], device) -> dict[str, torch.Tensor]:
+    def batch(self, pairs: list[Pair], device, sizes: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """The pairs as one batch of 2B rows (`sizes`, token-budget packing's rows, never comes: pairs are not
+        packed, the recipe check refuses data.packing with a preference objective)."""
         batch = {k: v.to(device) for k, v in collate_pairs(pairs, self.pad_id).items()}          # (2B, T) each
         doms = token_domains(list(pairs) * 2, self.domains, batch["attention_mask"])              # (2B, T)
         if doms is not None:
