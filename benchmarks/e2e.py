@@ -16,8 +16,8 @@ fresh process.
 **Contenders**, each in its best packing:
 - `moetune`: `moetune train` with `data.packing=true` (or whatever `--moetune-set` says), batch `--batch-size`
   examples (with `--moetune-set data.packing=dataset`, whose batch counts rows of max_length tokens: TRL's
-  rows per step); bf16 = `model.dtype=bfloat16` (adapters and optimizer float32) and `train.precision=bf16`
-  (autocast, used on GPU only).
+  rows per step); bf16 = `model.dtype=bfloat16` and `train.precision=bf16` (bf16 autocast on CPU and GPU:
+  matmuls forward and backward in bf16; adapter masters, optimizer state and the loss in float32).
 - `moetune-hydralora`: the same with `expert.type=hydralora` (3 B heads of rank 16 on one shared A,
   soft router): what routing costs on the same work.
 - `trl`: TRL 1.16 `SFTTrainer` + PEFT, `packing=True, packing_strategy="bfd"` (padding-free), completion-only

@@ -2,7 +2,7 @@
 
 Row counts per split and domain, bad rows skipped, a token-length histogram with how many
 rows `data.max_length` cuts, and a few examples rendered through the template with the
-trained (loss) tokens marked ⟦like this⟧. It goes through the same cached pipeline as
+trained (loss) tokens marked ⟦like this⟧ (a preference pair: its chosen and its rejected sequence). It goes through the same cached pipeline as
 training, so it also builds the cache a later `moetune train` reuses.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ import numpy as np
 from rich.text import Text
 
 from moetune.core.ui import console, plural, table
+from moetune.data.packing import layout_efficiency
 from moetune.data.pipeline import ExampleSet, load_splits
-from moetune.data.rows import IGNORE
+from moetune.data.rows import IGNORE, Pair
 from moetune.models.load import load_tokenizer
 from moetune.recipe import Recipe
 
@@ -51,7 +52,7 @@ def marked(tokenizer, input_ids: list[int], labels: list[int]) -> tuple[str, lis
     return text + tokenizer.decode(prev), runs
 
 
-def split_report(name: str, es: ExampleSet, tokenizer, max_length: int, n_show: int) -> dict:
+def split_report(name: str, es: ExampleSet, tokenizer, max_length: int, n_show: int, batch_size: int = 8) -> dict:
     lengths = es.column("length")
     domains = es.column("domain")
     dom, cnt = np.unique(domains, return_counts=True)
@@ -60,6 +61,11 @@ def split_report(name: str, es: ExampleSet, tokenizer, max_length: int, n_show: 
     for e in es.take(range(min(n_show, len(es)))):
         text, runs = marked(tokenizer, e.input_ids, e.labels)
         shown.append({"domain": e.domain, "tokens": len(e.input_ids), "text": text, "trained": runs})
+        if isinstance(e, Pair):  # a preference pair: its chosen sequence above, the rejected one too
+            shown[-1]["side"] = "chosen"
+            text, runs = marked(tokenizer, e.rejected_ids, e.rejected_labels)
+            shown.append({"domain": e.domain, "tokens": len(e.rejected_ids), "text": text, "trained": runs,
+                          "side": "rejected"})
     return {"split": name, "rows": len(es), "source_rows": info.get("rows"), "format": info.get("format"),
             "bad_rows_skipped": info.get("bad_rows", 0), "bad_examples": info.get("bad_examples", []),
             "domains": {str(d): int(c) for d, c in zip(dom, cnt)},
@@ -68,7 +74,8 @@ def split_report(name: str, es: ExampleSet, tokenizer, max_length: int, n_show: 
             "truncated": int(es.column("truncated").sum()), "max_length": max_length,
             "dropped_no_trained_token": info.get("dropped_no_target", 0),
             "trained_tokens": int(es.column("n_targets").sum()),
-            "histogram": histogram(lengths, max_length), "examples": shown}
+            "histogram": histogram(lengths, max_length), "examples": shown,
+            "real_tokens": layout_efficiency(lengths, max_length, batch_size)}
 
 
 def inspect(recipe: Recipe, n_show: int = 2) -> dict:
@@ -76,7 +83,9 @@ def inspect(recipe: Recipe, n_show: int = 2) -> dict:
     tok = load_tokenizer(recipe.model, log=lambda *a, **k: None)
     need = ("train", "validation") + (("test",) if recipe.data.test else ())
     splits = load_splits(recipe.data, tok, need)
-    return {"splits": [split_report(k, splits[k], tok, recipe.data.max_length, n_show) for k in need if k in splits]}
+    return {"splits": [split_report(k, splits[k], tok, recipe.data.max_length, n_show, recipe.train.batch_size)
+                       for k in need if k in splits], "packing": recipe.data.packing,
+            "batch_size": recipe.train.batch_size}
 
 
 def show(report: dict) -> None:
@@ -90,13 +99,18 @@ def show(report: dict) -> None:
         console.print(head, highlight=False)
         for b in s["bad_examples"]:
             console.print(f"  skipped: {b}", highlight=False)
+        eff = s["real_tokens"]
+        console.print(f"  real tokens of the computed positions (train.batch_size={report.get('batch_size', '?')}): "
+                      f"{eff['unpacked']:.0%} unpacked, {eff['true']:.0%} with data.packing=true, {eff['dataset']:.0%} "
+                      f"with data.packing=dataset (this recipe: {report.get('packing')})", highlight=False)
         console.print(table("domains", ["domain", "examples"], [[d, f"{c:,}"] for d, c in s["domains"].items()]))
         top = max((h["rows"] for h in s["histogram"]), default=0) or 1
         console.print(table("token lengths", ["tokens", "examples", ""],
                             [[f"{h['from']}-{h['to']}", f"{h['rows']:,}", "█" * round(30 * h["rows"] / top)]
                              for h in s["histogram"]]))
         for ex in s["examples"]:
-            console.print(f"[dim]example ({ex['domain']}, {plural(ex['tokens'], 'token')}; trained tokens in {OPEN} {CLOSE}):[/]")
+            side = f"{ex['side']}, " if "side" in ex else ""
+            console.print(f"[dim]example ({side}{ex['domain']}, {plural(ex['tokens'], 'token')}; trained tokens in {OPEN} {CLOSE}):[/]")
             txt = Text()
             for i, part in enumerate(ex["text"].replace(CLOSE, OPEN).split(OPEN)):
                 txt.append(part if i % 2 == 0 else OPEN + part + CLOSE, style="" if i % 2 == 0 else "bold green")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from moetune.core.schema import opt
 
 STAGES = ("train", "merge", "eval", "export")
-FORMATS = ("auto", "chat", "sharegpt", "instruction", "prompt_completion", "text")
+FORMATS = ("auto", "chat", "sharegpt", "instruction", "preference", "prompt_completion", "text")
 """`data.format` choices: 'auto' and the entries of moetune.data.formats.FORMATS (a test keeps them equal)."""
 
 
@@ -114,8 +114,8 @@ class MixSource:
     """This source's format (see `data.format`)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column names of this source where they differ from the data section's: keys instruction,
-    input, response, messages, tools, conversations, prompt, completion, text, domain (each
-    `data.<key>_field`);
+    input, response, messages, tools, conversations, prompt, completion, chosen, rejected, text,
+    domain (each `data.<key>_field`);
     e.g. {instruction: question, response: answer}."""
     domain: str | None = None
     """Domain label of every row of this source (None: its domain column, else 'all')."""
@@ -172,6 +172,11 @@ class DataConfig:
     """Column holding the prompt in prompt_completion format (text, or a list of messages)."""
     completion_field: str = "completion"
     """Column holding the completion in prompt_completion format (text, or a list of messages)."""
+    chosen_field: str = "chosen"
+    """Column holding the preferred completion in preference format (text, or a list of messages)."""
+    rejected_field: str = "rejected"
+    """Column holding the dispreferred completion in preference format (text, or a list of messages).
+    A pair whose chosen and rejected tokens are identical teaches nothing: it is skipped and counted."""
     text_field: str = "text"
     """Column holding the text in text (completion) format."""
     domain_field: str = "domain"
@@ -204,11 +209,17 @@ class DataConfig:
     """Where tokenised datasets are cached, keyed by a fingerprint of the source files, these data
     settings and the tokenizer (None: $MOETUNE_DATA_CACHE, else ~/.cache/moetune/datasets or
     $MOETUNE_HOME/datasets). A rerun or --resume reuses the cache; a change makes a new one."""
-    packing: bool = False
-    """Pack the examples of each micro-batch into as few rows of `max_length` tokens as fit
-    (first-fit decreasing), with position ids restarting per example and attention kept inside
-    each example (block-diagonal mask; flash-attention varlen when the model uses it). The
-    examples per step and the loss are unchanged; less padding is computed. Not for 'calm'."""
+    packing: bool | str = opt(False, choices=(False, True, "dataset"))
+    """Several examples per row, with position ids restarting per example and attention kept inside
+    each example (block-diagonal mask; flash-attention varlen when the model uses it); the first token
+    of each example is never a target. true: the examples of each micro-batch go into as few rows of
+    `max_length` tokens as fit (first-fit decreasing): the examples per step and the loss are those of
+    unpacked training, less padding is computed. 'dataset': the whole epoch is packed into rows of
+    `max_length` tokens (best-fit decreasing over the seeded epoch order, the rows then shuffled; TRL's
+    `packing_strategy: bfd`, axolotl's `sample_packing`), and `train.batch_size` counts those ROWS, so a
+    step trains a budget of batch_size * grad_accum * processes * max_length token positions rather
+    than a number of examples (the loss stays the mean over the step's target tokens; sequence-level
+    routing and domain statistics still see each example). Not for 'calm'."""
     group_by_length: bool = False
     """Unpacked training: batches of examples of similar length (sorted within megabatches of
     50 global batches, the batches shuffled), so less padding is computed."""
@@ -253,10 +264,38 @@ class TrainConfig:
     router.lr_multiplier) at lr; the paper suggests ratios around 2^4. 1: plain LoRA. For the types
     with B matrices: lora (any variant), hydralora (the B heads), molora (every expert's B) and MoLE's
     per-domain LoRAs. Only the optimizer changes (axolotl's `loraplus_lr_ratio`)."""
+    objective: str = opt("sft", choices=("sft", "dpo", "orpo"))
+    """What the adapter learns. 'sft': the causal-LM loss on response tokens. 'dpo': Direct Preference
+    Optimization (Rafailov et al. 2023) on preference pairs (data in preference format), against a
+    reference model (`train.reference`); see `train.loss_type`. 'orpo': Odds Ratio Preference
+    Optimization (Hong et al. 2024): the chosen response's NLL plus beta * the odds-ratio loss, no
+    reference model. Chosen and rejected of a pair go through one forward (concatenated), so routed
+    experts' auxiliary losses count once per pair. TRL's DPOTrainer / ORPOTrainer, axolotl's `rl`."""
+    beta: float = opt(0.1, min=0, min_exclusive=True)
+    """dpo: the KL strength beta of the implicit reward beta * log(pi / pi_ref) (TRL's `beta`); with
+    loss_type ipo, IPO's tau (the target margin is 1 / (2 beta)). orpo: the weight lambda of the
+    odds-ratio term (TRL's ORPO `beta`). LLaMA-Factory's `pref_beta`."""
+    loss_type: str = opt("sigmoid", choices=("sigmoid", "ipo"))
+    """dpo's loss on the reward margin h = log(pi/pi_ref)(chosen) - log(pi/pi_ref)(rejected) (TRL's names):
+    'sigmoid': -log sigmoid(beta h), the DPO paper's loss, log-probs summed over response tokens;
+    'ipo': (h' - 1/(2 beta))^2 (Azar et al. 2023), h' from log-probs averaged over each response's
+    tokens, as TRL does. Ignored by sft and orpo."""
+    reference: str | None = None
+    """dpo's reference model. None: the base model with the adapters switched off (no second copy of
+    the weights; a fresh adapter starts equal to it). A run directory (or its adapter directory), for
+    DPO after SFT: the policy starts from that run's adapter and the reference is a frozen copy of it
+    (TRL's `ref_adapter_name` setup for an SFT-ed PEFT model); the recipe's expert section must match
+    that adapter."""
     max_grad_norm: float = opt(1.0, min=0)
     """Clip the gradient norm to this (0 disables)."""
-    precision: str = opt("fp32", choices=("fp32", "bf16", "fp16"))
-    """Autocast precision on GPU; CPU always runs fp32."""
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
+    """Compute precision of training (TRL's / transformers' `bf16`, `fp16`). 'bf16': the forward runs under
+    bfloat16 autocast on CPU and GPU alike, so the base's and the adapters' matmuls run in bf16 forward and
+    backward, while the adapter master weights, their gradients and the optimizer state stay float32 and the
+    loss and the routers are computed in float32 (about 2x the matmul speed on CPUs with avx512_bf16/AMX and
+    on GPUs). 'fp16': autocast on GPU with loss scaling; on CPU it trains fp32. 'fp32': no autocast (a
+    bfloat16 base then meets float32 adapters: their part runs in float32). 'auto': 'bf16' when
+    model.dtype is bfloat16, else 'fp32'."""
     distributed: str = opt("ddp", choices=("ddp", "fsdp"))
     """How several processes (`accelerate launch` / `torchrun`) share the work. 'ddp': each holds the
     whole model, gradients are all-reduced. 'fsdp': FSDP2 (torch fully_shard) shards the frozen base

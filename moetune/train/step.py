@@ -2,10 +2,11 @@
 
 A step is built from components, so that a new kind of training adds a component, not an `if`:
 
-- the **objective** (`SFT` today): the loss module the strategy prepares (`module`), this process's
-  examples as device batches (`batch`), the global batch's normalising units (`units`: target
-  tokens), and one micro-batch's forward to the SUM of its per-unit losses plus the experts'
-  auxiliary losses (`forward`);
+- the **objective** (`SFT` here; `DPO` and `ORPO` in train/preference.py, chosen by `train.objective`): the
+  loss module the strategy prepares (`module`), this process's examples as device batches (`batch`), the
+  global batch's normalising units (`units`: target tokens, or pairs), one micro-batch's forward to the SUM
+  of its per-unit losses, the experts' auxiliary losses and the SUMS of any metrics it reports per unit
+  (`forward`: DPO's rewards/*, logps/*), and the held-out scores after training (`validate`);
 - the **strategy** (train/strategy.py): gradient synchronisation over the processes;
 - the optimizer, its scheduler and the gradient clipping (`train.max_grad_norm`).
 
@@ -29,6 +30,22 @@ from moetune.data.packing import pack
 from moetune.data.rows import Example, collate
 from moetune.experts.routing import scheduled_temperature, set_temperature
 from moetune.train.loss import CausalLMLoss
+from moetune.train.precision import compute_autocast, compute_precision
+
+
+def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:
+    """Token-weighted mean loss on `examples` (response tokens only)."""
+    lm = CausalLMLoss(model)
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+            s, c, _ = lm(**b)
+            total, n = total + float(s), n + int(c)
+    model.train(was)
+    return total / max(n, 1)
 
 
 def seed_step(seed: int, step: int, rank: int, world: int) -> None:
@@ -55,11 +72,12 @@ class SFT:
     """`sft`, supervised fine-tuning: the causal-LM loss on response tokens (train/loss.py's CausalLMLoss,
     the `lm` the strategy prepared), normalised by the global batch's number of target tokens.
 
-    Batches are right-padded (`collate`) or packed (`data.packing`, moetune/data/packing.py); with
-    `router.domain_loss_weight` each batch carries its tokens' domains (`token_domain`), which the loss
-    hands to the routers through the routing context."""
+    Batches are right-padded (`collate`) or packed (`data.packing`, moetune/data/packing.py: true packs each
+    micro-batch, 'dataset' lays out the rows a token-budget plan chose); with `router.domain_loss_weight`
+    each batch carries its tokens' domains (`token_domain`), which the loss hands to the routers through
+    the routing context."""
 
-    def __init__(self, packing: bool, max_length: int, pad_id: int, domains: dict[str, int] | None = None) -> None:
+    def __init__(self, packing: bool | str, max_length: int, pad_id: int, domains: dict[str, int] | None = None) -> None:
         self.packing, self.max_length, self.pad_id, self.domains = packing, max_length, pad_id, domains
 
     def module(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -70,19 +88,27 @@ class SFT:
         """Target tokens of the whole global batch (the first label of a row is never predicted)."""
         return sum(sum(1 for lab in e.labels[1:] if lab >= 0) for e in rows)
 
-    def batch(self, examples: list[Example], device) -> dict[str, torch.Tensor]:
-        """One micro-batch of `examples` as the loss's keyword arguments, on `device`."""
-        b = pack(examples, self.max_length, self.pad_id) if self.packing else collate(examples, self.pad_id)
+    def batch(self, examples: list[Example], device, sizes: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """One micro-batch of `examples` as the loss's keyword arguments, on `device`; `sizes`: the packed rows a
+        token-budget plan chose (examples per row, train/plan.py's `Rows`)."""
+        if sizes is not None or self.packing:
+            b = pack(examples, self.max_length, self.pad_id, sizes)
+        else:
+            b = collate(examples, self.pad_id)
         batch = {k: v.to(device) for k, v in b.items()}
         doms = token_domains(examples, self.domains, batch["attention_mask"], batch.get("example_index"))  # (B, T)
         if doms is not None:
             batch["token_domain"] = doms  # reaches the routers through the loss's routing context
         return batch
 
-    def forward(self, lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(sum of this micro-batch's token losses, the experts' auxiliary losses)."""
+    def forward(self, lm, batch: dict[str, torch.Tensor]):
+        """(sum of this micro-batch's token losses, the experts' auxiliary losses, no metrics)."""
         s, _, aux = lm(**batch)
-        return s, aux
+        return s, aux, {}
+
+    def validate(self, model, examples: list[Example], batch_size: int, device) -> dict[str, float]:
+        """{'val_loss': the token-weighted mean loss on `examples`}."""
+        return {"val_loss": validation_loss(model, examples, batch_size, self.pad_id, device)}
 
 
 @dataclass
@@ -92,8 +118,10 @@ class StepResult:
 
     loss: float
     aux: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, per unit (DPO: rewards/*, logps/*)
     grad_norm: torch.Tensor | None = None
     tokens: int = 0                            # real tokens of the global batch (this process's times world)
+    slots: int = 0                             # token positions computed, padding included (the same scale)
     mask: torch.Tensor | None = None           # the last micro-batch's attention mask (B, T): routing statistics
 
 
@@ -108,6 +136,7 @@ class TrainStep:
         self.model, self.lm, self.objective, self.strategy = model, lm, objective, strategy
         self.optimizer, self.scheduler, self.params = optimizer, scheduler, params
         self.cfg, self.router_cfg, self.total_steps, self.accelerator = recipe.train, recipe.router, total_steps, accelerator
+        self.precision = compute_precision(recipe)
 
     def __call__(self, step: int, rows: list[Example], micro_batches: list[list[int]]) -> StepResult:
         acc = self.accelerator
@@ -117,6 +146,10 @@ class TrainStep:
         loss_sum, result = self.forward_backward(rows, micro_batches, units)
         result.grad_norm = self.update()
         result.loss = float(acc.reduce(loss_sum, "sum")) / max(units, 1)
+        if result.metrics:  # summed over this process's micro-batches: summed over processes, per unit
+            names = sorted(result.metrics)
+            total = acc.reduce(torch.stack([result.metrics[k] for k in names]), "sum")
+            result.metrics = {k: round(float(v) / max(units, 1), 6) for k, v in zip(names, total)}
         return result
 
     def forward_backward(self, rows: list[Example], micro_batches: list[list[int]],
@@ -126,18 +159,28 @@ class TrainStep:
         acc, world, device = self.accelerator, self.strategy.world, self.accelerator.device
         loss_sum = torch.zeros((), device=device)
         aux_sum: dict[str, float] = {}
-        tokens, batch = 0, None
+        metrics: dict[str, torch.Tensor] = {}
+        tokens, slots, batch = 0, 0, None
         for j, mb in enumerate(micro_batches):
-            batch = self.objective.batch([rows[i] for i in mb], device)
+            batch = self.objective.batch([rows[i] for i in mb], device, getattr(mb, "sizes", None))
             tokens += int(batch["attention_mask"].sum()) * world
-            with self.strategy.sync(self.lm, self.model, j == len(micro_batches) - 1), acc.autocast():
-                s, aux = self.objective.forward(self.lm, batch)
+            slots += batch["attention_mask"].numel() * world
+            with self.strategy.sync(self.lm, self.model, j == len(micro_batches) - 1), self.autocast():
+                s, aux, sums = self.objective.forward(self.lm, batch)
                 acc.backward(self.micro_loss(s, aux, units, len(micro_batches)))
             loss_sum += s.detach()
             for k, v in aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + float(v.detach()) / len(micro_batches)
-        return loss_sum, StepResult(float("nan"), aux_sum, tokens=tokens,
+            for k, v in sums.items():
+                metrics[k] = metrics[k] + v.detach().float() if k in metrics else v.detach().float()
+        return loss_sum, StepResult(float("nan"), aux_sum, metrics, tokens=tokens, slots=slots,
                                     mask=None if batch is None else batch["attention_mask"])
+
+    def autocast(self):
+        """bf16: torch's autocast, the same on CPU and GPU (train/precision.py); else accelerate's (fp16 on GPU)."""
+        if self.precision == "bf16":
+            return compute_autocast(self.accelerator.device, "bf16")
+        return self.accelerator.autocast()
 
     def micro_loss(self, task_sum: torch.Tensor, aux: dict[str, torch.Tensor], units: int, n_micro: int) -> torch.Tensor:
         """The loss one micro-batch backpropagates: its share of the global mean task loss plus the mean of
