@@ -71,7 +71,9 @@ def routing_row(model, mask: torch.Tensor | None) -> dict | None:
         if last is None:
             continue
         w = last[2].detach().float()                                     # (..., N) gates of the last forward
-        msk = mask if mask is not None and mask.numel() * w.shape[-1] == w.numel() else None
+        msk = getattr(m.router, "_mask", None)                           # its real tokens (the routing context's)
+        if msk is None:
+            msk = mask if mask is not None and mask.numel() * w.shape[-1] == w.numel() else None
         k = layer_index(name)
         blocks.setdefault(str(k) if k is not None else name, []).append(
             (float(entropy(w, msk)), load(w, msk).cpu()))                  # (N,)

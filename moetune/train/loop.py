@@ -29,10 +29,11 @@ from moetune.data.rows import Example, collate
 from moetune.experts.routing import router_parameters, scheduled_temperature, set_temperature
 from moetune.recipe import Recipe, TrainConfig
 from moetune.train.activation_checkpointing import enable_checkpointing
+from moetune.train.global_balance import step_class
 from moetune.train.loggers import TrainLoggers
 from moetune.train.loss import CausalLMLoss
 from moetune.train.plan import Plan
-from moetune.train.step import SFT, StepResult, TrainStep
+from moetune.train.step import SFT, StepResult
 from moetune.train.strategy import make_strategy
 
 # transformers (a heavy import) is imported inside the function that uses it.
@@ -136,8 +137,9 @@ class Trainer:
         objective = SFT(recipe.data.packing, recipe.data.max_length, self.pad_id, domain_indices(recipe, self.train_ex))
         self.scheduler = build_scheduler(optimizer, cfg, self.plan.total_steps)
         lm, self.optimizer = self.strategy.prepare(objective.module(model), optimizer)
-        self.train_step = TrainStep(model, lm, objective, self.strategy, self.optimizer, self.scheduler, params, recipe,
-                                    self.plan.total_steps, accelerator)
+        step = step_class(recipe, model)  # TrainStep, or GlobalBalanceStep for router.balance_scope: global
+        self.train_step = step(model, lm, objective, self.strategy, self.optimizer, self.scheduler, params, recipe,
+                               self.plan.total_steps, accelerator)
         self.metrics = TrainLoggers(recipe, run_dir, model, enabled=accelerator.is_main_process)  # metrics.jsonl + report_to
 
     def resume(self, console=None) -> int:
