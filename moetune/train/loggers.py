@@ -10,7 +10,7 @@ the step's last micro-batch (real tokens only, padding masked):
     load_by_block[k]      (N,) mean gate weight per expert over the modules of block k
 
 Tracker tags: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/epoch,
-validation/loss, aux/<name>, routing/entropy, routing/entropy/block_<k>, routing/load/block_<k>/expert_<i>.
+validation/loss, validation/specialisation (train/routing_log.py), aux/<name>, routing/entropy, routing/entropy/block_<k>, routing/load/block_<k>/expert_<i>.
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ def flatten(row: dict) -> dict[str, float]:
             out[f"train/{key}"] = float(row[key])
     if val and isinstance(row.get("val_loss"), (int, float)):
         out["validation/loss"] = float(row["val_loss"])
+    if val and isinstance((row.get("val_routing") or {}).get("specialisation"), (int, float)):
+        out["validation/specialisation"] = float(row["val_routing"]["specialisation"])
     for k, v in (row.get("aux") or {}).items():
         out[f"aux/{k}"] = float(v)
     r = row.get("routing")

@@ -33,6 +33,7 @@ from moetune.train.global_balance import step_class
 from moetune.train.loggers import TrainLoggers
 from moetune.train.loss import CausalLMLoss
 from moetune.train.plan import Plan
+from moetune.train.routing_log import routing_snapshot
 from moetune.train.step import SFT, StepResult
 from moetune.train.strategy import make_strategy
 
@@ -178,7 +179,7 @@ class Trainer:
         set_temperature(model, scheduled_temperature(self.recipe.router, plan.total_steps, plan.total_steps))  # the end value
         if self.val_ex:
             self.val = self.validate()
-            self.metrics.log({"step": end, "split": "validation", "val_loss": self.val})
+            self.metrics.log({"step": end, "split": "validation", "val_loss": self.val, **self.val_routing()})
         self.strategy.finish(model)  # FSDP: full adapter tensors on every process, so the caller can save them
         self.metrics.close()  # trackers closed, curves.png drawn from metrics.jsonl
         model.eval()
@@ -203,12 +204,18 @@ class Trainer:
             self.window_tokens, self.window_t0 = 0, time.perf_counter()
         if self.val_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < end:
             self.val = self.validate()
-            self.metrics.log({"step": done, "split": "validation", "val_loss": self.val})
+            self.metrics.log({"step": done, "split": "validation", "val_loss": self.val, **self.val_routing()})
         if cfg.save_every and done % cfg.save_every == 0 and done < end:
             self.checkpoint(done)
 
     def validate(self) -> float:
         return validation_loss(self.model, self.val_ex, self.recipe.eval.batch_size, self.pad_id, self.accelerator.device)
+
+    def val_routing(self) -> dict:
+        """{'val_routing': per-layer MI and gate histograms} on the validation split (train/routing_log.py) for a
+        routed adapter and at least two domains, else {}. Every process runs it (FSDP's forward is collective)."""
+        snap = routing_snapshot(self.model, self.val_ex, self.pad_id, self.recipe.eval.batch_size, self.accelerator.device)
+        return {"val_routing": snap} if snap else {}
 
     def checkpoint(self, step: int) -> None:
         """Write checkpoint `step` (main process; every process takes part in gathering the state)."""
