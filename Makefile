@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-balance lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -86,6 +86,11 @@ bench-qlora: setup
 # (benchmarks/results/variants.json; add ARGS=--shared on a shared machine).
 bench-variants: setup
 	$(BIN)/python benchmarks/variants.py $(ARGS)
+
+# What router.balance_scope global costs over micro: one HydraLoRA training step of SmolLM2-135M at grad_accum 1
+# and 2 (benchmarks/results/balance_scope.json; ARGS='--layers 6' for a shorter stack, --shared on a shared machine).
+bench-balance: setup
+	$(BIN)/python benchmarks/balance_scope.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock runs *.egg-info
