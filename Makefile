@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-balance lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-balance studies study-tables lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -91,6 +91,39 @@ bench-variants: setup
 # and 2 (benchmarks/results/balance_scope.json; ARGS='--layers 6' for a shorter stack, --shared on a shared machine).
 bench-balance: setup
 	$(BIN)/python benchmarks/balance_scope.py $(ARGS)
+
+# The committed studies (recipes/studies/NAME.yaml): `make study-NAME` runs one comparison into $(STUDY_RUNS)/NAME,
+# continuing where it stopped (--resume), and copies its comparison.{md,json,png} to benchmarks/results/studies/NAME/;
+# `make studies` runs them all, then `make study-tables` puts their tables into README.md and benchmarks/RESULTS.md.
+# Options go in ARGS, e.g. ARGS='--jobs 8 model.device=cuda' on a GPU machine; a smaller trial with
+# STUDY_RUNS=runs/smoke ARGS='--seeds 1 --steps 2 eval.max_examples=10' (its own directory: a changed protocol
+# is refused in an existing one).
+STUDIES    := methods routing-default routing-multidomain mole routing-balance-multidomain routing-balance-disjoint
+STUDY_RUNS ?= runs/studies
+STUDY_OUT  ?= benchmarks/results/studies
+study-%: setup
+	$(BIN)/moetune compare recipes/studies/$*.yaml --resume --out $(STUDY_RUNS)/$* $(ARGS)
+	mkdir -p $(STUDY_OUT)/$*
+	cp $(STUDY_RUNS)/$*/comparison.md $(STUDY_RUNS)/$*/comparison.json $(STUDY_RUNS)/$*/comparison.png $(STUDY_OUT)/$*/
+
+# the methods study also scores MMLU's medical, law and math groups (6 questions per subject, zero-shot cloze)
+study-methods: runs/studies/mmlu/mmlu_math.jsonl
+runs/studies/mmlu/mmlu_math.jsonl: | setup
+	$(BIN)/moetune data mmlu --out runs/studies/mmlu --group medical --group law --group math --limit-per-subject 6
+
+# the routing-balance studies' clustered router init (issue 25): `cluster-heads --init-router` on the study's data,
+# minilm embeddings, K = 4 = expert.num_experts (CLUSTER_ARGS='--max-rows 200' for a quicker trial)
+study-routing-balance-multidomain: runs/studies/clusters/multidomain.k4.router.safetensors
+study-routing-balance-disjoint: runs/studies/clusters/disjoint.k4.router.safetensors
+runs/studies/clusters/%.k4.router.safetensors: | setup
+	$(BIN)/moetune cluster-heads recipes/hydralora.yaml data.train=data/$*/train.jsonl expert.num_experts=4 \
+	  --min 4 --max 4 --init-router --out runs/studies/clusters/$*.k4.yaml $(CLUSTER_ARGS)
+
+studies: $(addprefix study-,$(STUDIES))
+	$(MAKE) study-tables
+
+study-tables: setup
+	$(BIN)/python scripts/study_tables.py
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock runs *.egg-info

@@ -11,20 +11,24 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from moetune.commands.usage import Typer, version_text
-from moetune.core.adapter_files import read_adapter
-from moetune.core.errors import RecipeError
+from moetune.core.adapter_files import find_adapter_dir, read_meta
+from moetune.core.errors import Interrupted, RecipeError, Terminated
 from moetune.core.ui import console, plural
 from moetune.data.datagen import write_splits
 from moetune.recipe import explain as explain_text
-from moetune.recipe import load_recipe
+from moetune.recipe import anchor_path, load_recipe, load_run_recipe
 
 app = Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune mixtures of parameter-efficient experts on Hugging Face causal LMs, "
@@ -55,30 +59,38 @@ def _recipe(path: Optional[Path], overrides: Optional[List[str]]):
 
 
 def _run_dir_recipe(run_dir: Path, overrides: Optional[List[str]]):
-    """The resolved recipe saved in a run directory, with overrides."""
-    path = run_dir / "recipe.yaml"
-    if not path.is_file():
-        raise RecipeError(f"{run_dir} is not a moetune run directory (no recipe.yaml). Pass the run's output_dir.")
-    return _recipe(path, [f"output_dir={run_dir}", *(overrides or [])])
+    """The resolved recipe saved in a run directory, with overrides (its paths found from any working directory)."""
+    return load_run_recipe(run_dir, overrides or [])
+
+
+def _is_run(d: Path) -> bool:
+    """A run directory (what `train` writes into output_dir): recipe.yaml beside summary.json. An export has a
+    recipe.yaml but no summary.json."""
+    return (d / "recipe.yaml").is_file() and (d / "summary.json").is_file()
 
 
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overrides: Optional[List[str]] = OVERRIDES,
           resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output_dir that holds a run: "
-                                         "the old run is moved aside to <output_dir>.old-<UTC time>, not deleted.")):
+                                         "the old run is moved aside to <output_dir>.old-<UTC time>, not deleted."),
+          allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: continue although the "
+                                             "recipe changes what training computes (train.max_steps, train.lr, "
+                                             "...); the run's old recipe.yaml is kept beside the new one.")):
     """Run the recipe's stages (train, merge, eval, export) in order.
 
     An output_dir that already holds a run is refused unless --resume or --overwrite is given."""
+    rc = _recipe(recipe, overrides)
     from moetune.commands.stages import run_recipe
-    run_recipe(_recipe(recipe, overrides), resume=resume, overwrite=overwrite)
+    run_recipe(rc, resume=resume, overwrite=overwrite, allow_changes=allow_changes)
 
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file."), overrides: Optional[List[str]] = OVERRIDES):
     """Check a recipe without loading weights; print trainable parameters and a memory estimate."""
+    rc = _recipe(recipe, overrides)
     from moetune.commands.validate import report
-    report(_recipe(recipe, overrides))
+    report(rc)
 
 
 @app.command()
@@ -124,9 +136,10 @@ def eval_cmd(run_dir: Path = typer.Argument(..., help="Run directory (the recipe
              mask_experts: Optional[str] = typer.Option(None, "--mask-experts", help="MoLE: comma-separated expert "
                                                         "names whose gates are fixed at 0 (the others renormalised).")):
     """Evaluate a trained run: loss, exact match per domain, multiple choice; writes eval.json."""
+    rc = _run_dir_recipe(run_dir, _mask(run_dir, overrides, mask_experts))
     from moetune.commands.stages import stage_eval
     from moetune.run.session import Run
-    stage_eval(Run(_run_dir_recipe(run_dir, _mask(run_dir, overrides, mask_experts))), use_merged=merged)
+    stage_eval(Run(rc), use_merged=merged)
 
 
 def _mask(run_dir: Path, overrides: Optional[List[str]], mask: Optional[str]) -> List[str]:
@@ -168,32 +181,44 @@ def merge_lora(source: Optional[Path] = typer.Argument(None, help="Run directory
                overrides: Optional[List[str]] = OVERRIDES):
     """Fold a LoRA adapter into its base model and save a full model (safetensors); or, with --adapters,
     merge several LoRAs into one PEFT LoRA adapter."""
-    from moetune.commands.stages import stage_merge
-    from moetune.run.session import Run
     if adapters:
         _merge_many(source, overrides, out, base, method, weights, density, seed, rank, gates_from, split, into_base)
         return
     if source is None:
         raise RecipeError("merge-lora needs SOURCE (a run or adapter directory), or --adapters A B ...")
-    if (source / "recipe.yaml").is_file():
-        run, adapter = Run(_run_dir_recipe(source, overrides)), source / "adapter"
+    if _is_run(source):  # the run's own adapter: the merge is recorded in its summary.json
+        rc, adapter, record = _run_dir_recipe(source, overrides), None, True
     else:
-        run, adapter = _bare_adapter_run(source, base, overrides), source
-    stage_merge(run, adapter_dir=adapter, out_dir=out)
-
-
-def _bare_adapter_run(adapter: Path, base: Optional[str], overrides: Optional[List[str]]):
-    """A Run that merges a bare adapter directory into `base` (default: the base it names)."""
+        adapter = find_adapter_dir(source)
+        if adapter is None:
+            raise RecipeError(f"{source} holds no adapter (adapter_model.safetensors, here or in adapter/). Pass a "
+                              "run directory, or an adapter, export or collapsed export directory.")
+        rc, record = _bare_adapter_recipe(adapter, base, overrides), False
+    from moetune.commands.stages import stage_merge
     from moetune.run.session import Run
-    meta, _ = read_adapter(adapter)
-    base = base or meta.get("base_model")
+    stage_merge(Run(rc, record=record), adapter_dir=adapter, out_dir=out)
+
+
+def _bare_adapter_recipe(adapter: Path, base: Optional[str], overrides: Optional[List[str]]):
+    """The recipe that merges a bare adapter directory into `base` (default: the base it names); its Run is made
+    with record=False, so it writes into no run directory (summary.json untouched, no data read). The template
+    and system prompt are those of a recipe.yaml in the adapter directory or its parent (a run, an export), for
+    the merged model's chat."""
+    meta = read_meta(adapter)
+    where = Path(os.path.abspath(adapter))
+    base = base or anchor_path(meta.get("base_model"), [where, *where.parents, Path.cwd()])
     if not base:
         raise RecipeError(f"{adapter}: the adapter names no base model; pass --base MODEL.")
     q = meta.get("base_quantization")  # trained on a 4-bit base: merge into that base, dequantised
     quant = ([f"model.quantization={q['quantization']}", f"model.double_quantization={q['double_quantization']}",
               "merge.dequantize=true"] if q else [])
-    return Run(_recipe(None, [f"model.path={base}", "data.test=null", "eval.split=validation",
-                              "stages=[merge]", *quant, *(overrides or [])]))
+    rc = _recipe(None, [f"model.path={base}", "data.test=null", "eval.split=validation", "stages=[merge]", *quant,
+                        *(overrides or [])])
+    beside = next((d for d in (adapter, adapter.parent) if (d / "recipe.yaml").is_file()), None)
+    if beside is not None:
+        trained = load_run_recipe(beside)
+        rc.data.template, rc.data.system_prompt = trained.data.template, trained.data.system_prompt
+    return rc
 
 
 def _merge_many(source, rest, out, base, method, weights, density, seed, rank, gates_from, split, into_base):
@@ -211,8 +236,10 @@ def _merge_many(source, rest, out, base, method, weights, density, seed, rank, g
         e = info["svd_relative_error"]
         typer.echo(f"SVD re-factorisation to rank {info['rank']}: relative error mean {e['mean']:.3g}, max {e['max']:.3g}")
     if into_base:
+        from moetune.run.session import Run
         try:
-            stage_merge(_bare_adapter_run(target, base, overrides), adapter_dir=target, out_dir=out)
+            stage_merge(Run(_bare_adapter_recipe(target, base, overrides), record=False), adapter_dir=target,
+                        out_dir=out)
             (out / "merge.json").write_text(json.dumps(info, indent=2))
         finally:
             shutil.rmtree(target, ignore_errors=True)
@@ -229,16 +256,15 @@ def export(run_dir: Path = typer.Argument(..., help="Run directory."),
                                                       "names masked in the exported adapter (gates 0, rest renormalised)."),
            overrides: Optional[List[str]] = OVERRIDES):
     """Write a PEFT adapter directory and/or merged model with the recipe and a model card."""
-    from moetune.commands.stages import stage_export
+    if collapse and kind:
+        raise RecipeError("--collapse writes stock PEFT adapters; it does not combine with --kind.")
+    extra = [f"export.kind={kind}"] if kind else []
+    rc = _run_dir_recipe(run_dir, overrides if collapse else [*extra, *_mask(run_dir, overrides, mask_experts)])
+    from moetune.commands.stages import stage_collapse, stage_export
     from moetune.run.session import Run
     if collapse:
-        from moetune.export.collapse import export_collapsed
-        if kind:
-            raise RecipeError("--collapse writes stock PEFT adapters; it does not combine with --kind.")
-        export_collapsed(Run(_run_dir_recipe(run_dir, overrides)), collapse, out)
+        stage_collapse(Run(rc), collapse, out)
         return
-    extra = [f"export.kind={kind}"] if kind else []
-    rc = _run_dir_recipe(run_dir, [*extra, *_mask(run_dir, overrides, mask_experts)])
     stage_export(Run(rc), kind=rc.export.kind, out=out)
 
 
@@ -313,8 +339,13 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="
         raise RecipeError(f"--sort is {sort!r}; allowed: {', '.join(COLUMNS)}.")
     paths = list(dirs or [Path("runs")])
     missing = [str(p) for p in paths if not p.is_dir()]
+    what = ("moetune runs lists run directories: a recipe.yaml beside a summary.json, what `moetune train` writes "
+            "into a recipe's output_dir; each argument is one, or a folder searched for them two levels deep.")
+    if missing and not dirs:
+        raise RecipeError(f"{what} With no argument it looks in ./runs, which does not exist here ({Path.cwd()}). "
+                          "Pass the run directories or a folder holding them, e.g. `moetune runs path/to/runs`.")
     if missing:
-        raise RecipeError(f"Not a directory: {', '.join(missing)}. Pass run directories or folders holding them.")
+        raise RecipeError(f"Not a directory: {', '.join(missing)}. {what}")
     rows = sort_rows([run_row(d) for d in find_runs(paths)], sort)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -328,6 +359,36 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="
         return
     Console(width=None if sys.stdout.isatty() else 240).print(table(plural(len(rows), "run"), HEADERS + [f"EM {d}" for d in names],
                                           [table_cells(r, names) for r in rows]))
+
+
+@app.command()
+def compare(recipe: Path = typer.Argument(..., help="Recipe YAML file, or a study file (a recipe with a compare: "
+                                          "section, e.g. recipes/studies/*.yaml)."),
+            overrides: Optional[List[str]] = OVERRIDES,
+            methods: Optional[List[str]] = typer.Option(None, "--methods", help="Variants, comma separated: an expert "
+                                                        "type, a recipe file, merge:METHOD or expert:DOMAIN, each as "
+                                                        "[NAME=]METHOD[:KEY=VALUE...] (e.g. seq=hydralora:router.level="
+                                                        "sequence). The first is the reference."),
+            seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per variant: train.seed, +1, ... (default 1)."),
+            steps: Optional[int] = typer.Option(None, "--steps", help="train.max_steps of every variant."),
+            budget: Optional[str] = typer.Option(None, "--budget", help="equal-params (default: size every variant "
+                                                 "to the reference's trainable parameters, +-5%) | recipe (as set)."),
+            jobs: int = typer.Option(1, "--jobs", help="Runs at a time, each in its own process with its share of "
+                                     "the CPU threads (1: one after another, in this process)."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Comparison directory (default runs/compare/<recipe>)."),
+            resume: bool = typer.Option(False, "--resume", help="Continue the comparison in --out; finished runs are reused."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Start over: the comparison in --out is moved "
+                                           "aside to <out>.old-<UTC time>, not deleted."),
+            bootstrap: int = typer.Option(10_000, "--bootstrap", help="Bootstrap resamples of the intervals."),
+            plan: bool = typer.Option(False, "--plan", help="Check the variants and data, print the budgets and "
+                                      "the runs, train nothing.")):
+    """Which expert type suits this data? Train every variant at every seed on the recipe's model and data, then
+    compare them with the first: exact match and loss (overall, per domain), paired differences with 95%
+    bootstrap intervals, routing specialisation, speed -> comparison.md, .json, .png in --out."""
+    from moetune.commands.compare import compare as run, settings
+    s, base = settings(recipe, methods, seeds, steps, budget, jobs, out, overrides or [], resume, overwrite, bootstrap,
+                       plan)
+    run(s, base)
 
 
 @data_app.command("make")
@@ -351,8 +412,9 @@ def data_inspect(recipe: Path = typer.Argument(..., help="Recipe YAML file."),
                  as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (for scripts)."),
                  examples: int = typer.Option(2, "--examples", help="Examples rendered per split.")):
     """Rows per split and domain, token lengths, rows cut by max_length, examples with trained tokens marked."""
+    rc = _recipe(recipe, overrides)
     from moetune.commands.inspect_data import run
-    run(_recipe(recipe, overrides), as_json, examples)
+    run(rc, as_json, examples)
 
 
 @data_app.command("mmlu")
@@ -387,16 +449,27 @@ def main() -> None:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         app()
+    except Interrupted as e:
+        if e.message:  # the main process of a run says what was kept; the others exit quietly
+            hint = f" Continue with: {_resume_command()}" if e.resumable else ""
+            console.print(f"[yellow]stopped by {_signal_name(e.signum)}[/]: {escape(e.message + hint)}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(128 + e.signum)
+    except Terminated as e:
+        console.print("[yellow]stopped by SIGTERM[/]: files written so far (checkpoints, exports) are intact.",
+                      highlight=False)
+        sys.exit(128 + e.signum)
     except RecipeError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
         where = f" {e.filename}" if e.filename else ""
-        console.print(f"[bold red]error:[/] could not write{where}: {e.strerror or e}. Checkpoints and exports "
+        console.print(f"[bold red]error:[/] could not write{escape(where)}: {escape(str(e.strerror or e))}. Checkpoints and exports "
                       "finished before this are intact; a directory being written when it failed was removed, "
                       "never left half-written. Free space or fix permissions, then rerun (add --resume to "
                       "continue a training run).", highlight=False, soft_wrap=True)
@@ -404,3 +477,24 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: checkpoints and exports written so far are intact.")
         sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    """SIGTERM outside a training loop: stop as Ctrl-C does (an exception, so that the run says what it kept)."""
+    raise Terminated(signum)
+
+
+def _signal_name(signum: int) -> str:
+    return {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
+
+
+def _resume_command() -> str:
+    """The command line that continues the stopped run: this one with --resume (and without --overwrite)."""
+    args = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+    command = shlex.join(["moetune", *args, "--resume"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun / accelerate launch set it in every process
+        command += " (through the same launcher: torchrun ... -m moetune or accelerate launch ... -m moetune)"
+    return command

@@ -24,7 +24,7 @@ def test_bf16_base_trains_with_fp32_adapters_and_merges(tiny_llama, tiny_data, t
     a bound of 0.145; the adapter moves the logits by 3.6."""
     run = tmp_path / "run"
     s = run_recipe(load_recipe(None, tiny_overrides(
-        tiny_llama, tiny_data, run, "stages=[train,merge]", "model.dtype=bfloat16", "merge.dtype=bfloat16",
+        tiny_llama, tiny_data, run, "stages=[train,merge]", "train.eval_before=true", "model.dtype=bfloat16", "merge.dtype=bfloat16",
         "train.max_steps=10", "train.lr=1e-2", "train.save_every=5")))
     assert s["train"]["val_loss"] < s["before"]["loss"] - 1.0          # measured: 6.97 -> 4.18
     adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))

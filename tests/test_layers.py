@@ -280,7 +280,8 @@ def test_help_exits_0_without_torch(argv):
 # importing one must not pull torch in through a package's __init__.
 TORCH_FREE = ("moetune.cli", "moetune.recipe", "moetune.recipe.sections", "moetune.recipe.experts",
               "moetune.core.errors", "moetune.core.schema", "moetune.core.ui", "moetune.core.recompute",
-              "moetune.core.adapter_files", "moetune.data.datagen", "moetune.commands.runs", "moetune.train.curves")
+              "moetune.core.adapter_files", "moetune.core.files", "moetune.recipe.paths", "moetune.data.datagen",
+              "moetune.commands.runs", "moetune.train.curves")
 
 
 def test_torch_free_modules_import_without_torch():

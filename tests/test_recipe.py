@@ -464,8 +464,10 @@ def test_merge_stage_of_a_routed_type_is_refused_at_load_time(etype):
         load_recipe(f"recipes/{etype}.yaml", ["stages=[train,merge,eval]"])
 
 
-def test_default_stages_of_a_routed_type_leave_out_merge(tmp_path):
+def test_default_stages_leave_out_merge(tmp_path):
+    """The default stages merge nothing (a merged model is a full copy of the base: a deliberate choice), so a
+    routed type, which cannot merge, runs them too."""
     path = tmp_path / "r.yaml"
     path.write_text("expert:\n  type: molora\n  num_experts: 2\n")
     assert load_recipe(path).stages == ["train", "eval", "export"]
-    assert load_recipe(None).stages == ["train", "merge", "eval", "export"]
+    assert load_recipe(None).stages == ["train", "eval", "export"]

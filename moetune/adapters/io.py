@@ -63,13 +63,18 @@ def expert_from_meta(meta: dict) -> ExpertConfig:
     return cls(**{k: v for k, v in e.items() if k in known})
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
-    """Inject the adapter saved in `adapter_dir` into `model` (frozen base) and load its tensors."""
+def load_adapter(model: nn.Module, adapter_dir: str | Path, fresh_seed: int | None = None) -> dict:
+    """Inject the adapter saved in `adapter_dir` into `model` (frozen base) and load its tensors. With
+    `fresh_seed`: the same adapter as initialised before training with that seed (train.seed), its trained
+    tensors not loaded: the model that training started from (the 'before' of the evaluation)."""
     meta, state = read_adapter(adapter_dir)
     expert = REGISTRY[meta["expert"]["type"]].import_config(expert_from_meta(meta), Path(adapter_dir))
     expert.target_modules = list(meta["modules"])
     # The saved router weights replace any init: no centroid file is needed (nor read) here.
     router = RouterConfig(**{**meta["router"], "init_centroids": None}) if meta.get("router") else None
+    if fresh_seed is not None:
+        inject(model, expert, router, seed=fresh_seed)
+        return meta
     inject(model, expert, router)
     load_adapter_state_dict(model, state)
     return meta

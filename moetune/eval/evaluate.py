@@ -1,6 +1,8 @@
 """Evaluation: loss/perplexity, greedy exact match per domain, multiple-choice accuracy."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import defaultdict
 
@@ -20,8 +22,10 @@ def normalise_answer(text: str) -> str:
 
 @torch.no_grad()
 def loss_by_domain(model, examples: list[Example], pad_id: int, batch_size: int, device) -> dict:
-    """{'loss', 'perplexity', 'tokens', 'per_domain': {d: {'loss', 'tokens'}}} (token-weighted)."""
+    """{'loss', 'perplexity', 'tokens', 'per_domain': {d: {'loss', 'tokens'}}} (token-weighted), and per example
+    (in order) 'loss_sums' (summed target-token loss) and 'token_counts'."""
     sums, counts = defaultdict(float), defaultdict(int)
+    each_sum, each_n = [], []
     model.eval()
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
@@ -30,10 +34,13 @@ def loss_by_domain(model, examples: list[Example], pad_id: int, batch_size: int,
         for e, si, ni in zip(chunk, s.tolist(), n.tolist()):
             sums[e.domain] += si
             counts[e.domain] += ni
+            each_sum.append(si)
+            each_n.append(int(ni))
     total, n = sum(sums.values()), sum(counts.values())
     loss = total / max(n, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": n,
-            "per_domain": {d: {"loss": sums[d] / max(counts[d], 1), "tokens": counts[d]} for d in sorted(sums)}}
+            "per_domain": {d: {"loss": sums[d] / max(counts[d], 1), "tokens": counts[d]} for d in sorted(sums)},
+            "loss_sums": each_sum, "token_counts": each_n}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +74,7 @@ def exact_match(model, tokenizer, examples: list[Example], batch_size: int, max_
     model.eval()
     hits, totals = defaultdict(int), defaultdict(int)
     samples = []
+    correct = [False] * len(examples)
     eos = eos_ids(model, tokenizer)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))  # similar lengths per batch
     with simple_progress("exact match", len(examples), enabled=show) as bar:
@@ -76,22 +84,47 @@ def exact_match(model, tokenizer, examples: list[Example], batch_size: int, max_
             out = generate_ids(model, ids, mask, device, do_sample=False, max_new_tokens=max_new_tokens,
                                eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
             new = out[:, ids.shape[1]:]                         # (B, <= max_new_tokens)
-            for e, row in zip(chunk, new.tolist()):
+            for i, e, row in zip(order[s:s + batch_size], chunk, new.tolist()):
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 ok = normalise_answer(text) == normalise_answer(e.reference)
+                correct[i] = ok
                 hits[e.domain] += ok
                 totals[e.domain] += 1
                 if len(samples) < keep_samples:
                     samples.append({"domain": e.domain, "reference": e.reference, "output": text.strip(), "ok": ok})
             bar.advance(bar.task_ids[0], len(chunk))
     n = sum(totals.values())
-    return {"exact_match": sum(hits.values()) / max(n, 1), "n": n, "samples": samples,
+    return {"exact_match": sum(hits.values()) / max(n, 1), "n": n, "samples": samples, "correct": correct,
             "per_domain": {d: {"exact_match": hits[d] / totals[d], "n": totals[d]} for d in sorted(totals)}}
 
 
+def examples_fingerprint(examples: list[Example]) -> str:
+    """sha256 of the held-out examples' domains and reference answers, in order: equal for two evaluations of
+    the same rows whatever the tokenizer, so their per-example results pair up (`moetune compare`)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.domain, e.reference]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def per_example_record(examples: list[Example], loss: dict, correct: list[bool] | None) -> dict:
+    """The compact per-example results eval.json keeps: 'domains' (sorted names) and 'domain' (an index into
+    them per example), 'loss_sum' (summed loss over the target tokens, 6 significant digits) and 'tokens' per
+    example, 'correct' a string of '1'/'0' (greedy exact match; absent without generation), 'fingerprint'."""
+    names = sorted({e.domain for e in examples})
+    index = {d: i for i, d in enumerate(names)}
+    out = {"n": len(examples), "fingerprint": examples_fingerprint(examples), "domains": names,
+           "domain": [index[e.domain] for e in examples], "loss_sum": [float(f"{x:.6g}") for x in loss["loss_sums"]],
+           "tokens": loss["token_counts"]}
+    if correct is not None:
+        out["correct"] = "".join("1" if ok else "0" for ok in correct)
+    return out
+
+
 def evaluate(model, tokenizer, examples: list[Example], recipe, device, generation: bool | None = None,
-             show: bool = True) -> dict:
-    """Loss and (optionally) exact match on held-out examples, merged per domain."""
+             show: bool = True, per_example: bool = False) -> dict:
+    """Loss and (optionally) exact match on held-out examples, merged per domain; with `per_example`, also
+    `per_example_record` under 'per_example'."""
     cfg = recipe.eval
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]
@@ -99,6 +132,7 @@ def evaluate(model, tokenizer, examples: list[Example], recipe, device, generati
     out = {"loss": res["loss"], "perplexity": res["perplexity"], "n": len(examples), "per_domain": {}}
     for d, v in res["per_domain"].items():
         out["per_domain"][d] = {"loss": v["loss"]}
+    em = None
     if cfg.generation if generation is None else generation:
         em = exact_match(model, tokenizer, examples, cfg.batch_size, cfg.max_new_tokens, device, show=show)
         out["exact_match"] = em["exact_match"]
@@ -106,6 +140,8 @@ def evaluate(model, tokenizer, examples: list[Example], recipe, device, generati
         for d, v in em["per_domain"].items():
             out["per_domain"].setdefault(d, {})["exact_match"] = v["exact_match"]
             out["per_domain"][d]["n"] = v["n"]
+    if per_example:
+        out["per_example"] = per_example_record(examples, res, em["correct"] if em else None)
     return out
 
 

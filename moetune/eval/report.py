@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from moetune.adapters.inject import routed_layers
+from moetune.core.files import ordinary_mode
 from moetune.core.ui import fmt, plural, table
 from moetune.data.rows import Example, collate
 from moetune.experts.context import batch_routing
@@ -342,6 +343,7 @@ def save_heatmap(report: dict, path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        ordinary_mode(tmp)                      # mkstemp creates 0600; a plot is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

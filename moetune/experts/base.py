@@ -163,6 +163,14 @@ class ExpertLayer(nn.Module, abc.ABC):
         raise RecipeError(f"expert type {cls.config_cls.__name__} does not mix trained LoRA adapters.")
 
     @classmethod
+    def parameters_over_experts(cls, model: nn.Module, cfg: ExpertConfig, router: Any, targets: list[str],
+                                n: int) -> int:
+        """Parameters a type that first trains per-domain experts (`config_cls.per_domain_expert`) trains on top
+        of `n` of them that adapt the projections `targets` of `model` (the meta device will do): what its
+        budget adds to theirs before any expert exists (`moetune compare --budget equal-params`)."""
+        raise RecipeError(f"expert type {cls.config_cls.__name__} trains no per-domain experts to count over.")
+
+    @classmethod
     def extra_frozen_bytes(cls, model: nn.Module, cfg: ExpertConfig, model_cfg, dtype_bytes: int) -> dict | None:
         """Frozen bytes this type adds besides the base model's ({'quantized', 'float'}; CALM: its second
         model), for `moetune validate`'s memory estimate; None when it adds none."""

@@ -66,6 +66,7 @@ from moetune.experts.base import ExpertLayer
 from moetune.experts.balance import load_sums
 from moetune.experts.routing import Router, forward_mask, router_losses
 from moetune.models.layers import layer_index
+from moetune.models.projection import dims as base_dims
 from moetune.models.projection import is_projection
 from moetune.models.targets import forward_rank
 from moetune.recipe.experts import EXPERT_CONFIGS, MoLEConfig, check_experts, expert_names
@@ -130,6 +131,11 @@ def stack_experts(experts, module: str, d_in: int, d_out: int) -> tuple[torch.Te
         a[i, :ri] = ai.float()
         b[i, :, :ri] = bi.float() * e.scale
     return a, b
+
+
+def forward_order(name: str) -> tuple[int, int]:
+    """Sort key of a projection name in forward order: its block index, then its rank within the block."""
+    return layer_index(name) or 0, forward_rank(name)
 
 
 def place_of(name: str, granularity: str) -> str:
@@ -238,8 +244,7 @@ class MoLELayer(ExpertLayer):
         """Group the layers by gated place; the first layer of a place keeps its gate, the others drop
         theirs and read the first one's; the first place computes the balance loss over all places."""
         groups: dict[str, list[MoLELayer]] = {}
-        order = sorted(layers.values(), key=lambda m: (layer_index(m.name) or 0, forward_rank(m.name)))  # forward order
-        for layer in order:
+        for layer in sorted(layers.values(), key=lambda m: forward_order(m.name)):
             groups.setdefault(layer.place, []).append(layer)
         leaders = []
         for members in groups.values():
@@ -303,6 +308,17 @@ class MoLELayer(ExpertLayer):
 
     def routing_stats(self) -> dict | None:
         return self._leader[0].router.stats()
+
+    @classmethod
+    def parameters_over_experts(cls, model: nn.Module, cfg: MoLEConfig, router, targets: list[str], n: int) -> int:
+        """The gates over n experts adapting `targets`: one `MoLEGate` per gated place, sized by the output of the
+        place's first projection in forward order (as `after_inject` picks it)."""
+        leaders: dict[str, str] = {}
+        for name in sorted(targets, key=forward_order):
+            leaders.setdefault(place_of(name, cfg.granularity), name)
+        with torch.device("meta"):
+            return sum(p.numel() for name in leaders.values()
+                       for p in MoLEGate(base_dims(model.get_submodule(name))[1], n, cfg.temperature, router).parameters())
 
     @classmethod
     def export_config(cls, cfg: MoLEConfig, out_dir: Path) -> dict:

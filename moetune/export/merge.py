@@ -6,6 +6,8 @@ the requested dtype, W0 = dequant(W), see moetune.models.quant), so the merged m
 """
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
@@ -66,8 +68,13 @@ def max_logit_diff(a: nn.Module, b_logits: torch.Tensor, batch: dict[str, torch.
     return float((la - b_logits.float()).abs()[mask].max())
 
 
-def save_merged(model: nn.Module, tokenizer, out_dir, dtype: torch.dtype, note: str = "") -> None:
-    """Save a merged model as a plain HF directory (safetensors), atomically."""
+MERGE_INFO = "MOETUNE_MERGE.json"
+"""Beside a merged model: what was merged (adapter, expert type, base) and the template and system prompt it
+was trained with, which `moetune chat` uses."""
+
+
+def save_merged(model: nn.Module, tokenizer, out_dir, dtype: torch.dtype, note: str = "", info: dict | None = None) -> None:
+    """Save a merged model as a plain HF directory (safetensors), atomically, with `info` as MOETUNE_MERGE.json."""
     if is_quantized(model):  # a 4-bit model that was not merged: dense weights first
         dequantized(model, dtype)
     model.to(dtype)
@@ -76,3 +83,5 @@ def save_merged(model: nn.Module, tokenizer, out_dir, dtype: torch.dtype, note: 
         tokenizer.save_pretrained(tmp)
         if note:
             (tmp / "MOETUNE_MERGE.txt").write_text(note)
+        if info:
+            (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")

@@ -49,6 +49,8 @@ from moetune.recipe.experts import EXPERT_CONFIGS, same_base
 from moetune.run.session import Run, model_with_adapter
 
 METHODS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "mole")
+GATED = "mole"
+"""The method that weighs each adapter by a trained MoLE run's mean gates (--gates-from), named after its paper."""
 DENSE = ("ties", "dare_linear", "dare_ties")
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from moetune.core.errors import RecipeError
+from moetune.core.files import ordinary_modes
 from moetune.models.projection import is_projection
 from moetune.models.quant import bnb_config, check_quantizable, prepare_4bit
 from moetune.recipe import ModelConfig
@@ -92,6 +93,7 @@ def ensure_builtin(name: str, log=print) -> Path:
     tok.save_pretrained(tmp)
     (tmp / "MOETUNE_SOURCE.txt").write_text(
         f"Dequantised from {gguf.name} (Q4_1, 4-bit) shipped in the {BUILTIN[name].pip} wheel.\n")
+    ordinary_modes(tmp)                         # mkdtemp made it 0700; a shared cache is readable as usual
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -10,6 +10,7 @@ names the key, the bad value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from moetune.core.schema import allowed_text, check_value, field_docs, opt, sche
 from moetune.recipe import reference
 from moetune.recipe.aliases import value_hint
 from moetune.recipe.experts import EXPERT_CONFIGS, ExpertConfig, LoRAConfig
+from moetune.recipe.paths import INPUT_PATHS, anchor_path, anchor_paths  # noqa: F401
 from moetune.recipe.sections import (FORMATS, MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
                                      MixSource, ModelConfig, RouterConfig, TrainConfig)
 
@@ -48,9 +50,10 @@ class Recipe:
     """Export."""
     output_dir: str = "runs/default"
     """Run directory: checkpoints, metrics.jsonl, summary.json, adapter, merged model, export."""
-    stages: list[str] = opt(factory=lambda: ["train", "merge", "eval", "export"], choices=STAGES)
-    """Stages `moetune train` runs, in this order. When a recipe does not set it, an expert type that does
-    not fold into the base (every type but lora) runs the default without 'merge'."""
+    stages: list[str] = opt(factory=lambda: ["train", "eval", "export"], choices=STAGES)
+    """Stages `moetune train` runs, in this order: train, merge (writes <output_dir>/merged, the base with the
+    LoRA folded in: 538 MB for SmolLM2-135M in float32; not in the default, `moetune merge-lora` merges later),
+    eval (the merged model after 'merge', else base + adapter), export."""
 
 
 def _check_keys(data: Any, cls: type, prefix: str, expert_type: str) -> None:
@@ -81,8 +84,9 @@ def _expert_class(data: dict) -> type[ExpertConfig]:
     return EXPERT_CONFIGS[etype]
 
 
-def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
-    """Build and validate a Recipe from a plain dict (already merged with overrides)."""
+def recipe_from_dict(data: dict, source: str = "recipe", check_files: bool = True) -> Recipe:
+    """Build and validate a Recipe from a plain dict (already merged with overrides); check_files=False skips
+    the checks that the data and centroid files exist."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}.")
     expert_cls = _expert_class(data)
@@ -98,13 +102,11 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         key = getattr(e, "full_key", None) or "?"
         raise RecipeError(f"Recipe key '{key}' has a bad value {getattr(e, 'value', None)!r}: "
                           f"{getattr(e, 'msg', str(e)).splitlines()[0]}. {_doc_for(key)}") from None
-    if "stages" not in data and not recipe.expert.mergeable:
-        recipe.stages = [s for s in recipe.stages if s != "merge"]  # the default, minus what cannot run
     for key, f, value in walk(recipe):
         if not check_value(f, value):
             raise RecipeError(f"Recipe key '{key}' has value {value!r}; allowed: {allowed_text(f)}."
                               f"{_bad_choices(key, f, value)} {_doc_for(key)}")
-    _check_semantics(recipe)
+    _check_semantics(recipe, check_files)
     return recipe
 
 
@@ -129,8 +131,8 @@ def _doc_for(key: str) -> str:
     return f"({parts[-1]}: {doc})" if doc else ""
 
 
-def _check_semantics(r: Recipe) -> None:
-    """Contradictory settings that no single field can catch."""
+def _check_semantics(r: Recipe, check_files: bool = True) -> None:
+    """Contradictory settings that no single field can catch; with check_files, the input files exist."""
     if r.model.quantization != "none":
         if "merge" in r.stages and not r.merge.dequantize:
             raise RecipeError("Recipe stages include 'merge' with a 4-bit base (model.quantization="
@@ -146,9 +148,10 @@ def _check_semantics(r: Recipe) -> None:
         raise RecipeError(f"Recipe key 'router.top_k' is {r.router.top_k}, more than expert.num_experts "
                           f"({r.expert.num_experts}). Allowed: 1..{r.expert.num_experts}.")
     r.expert.check_recipe(r)  # type-specific checks, e.g. calm's augmenting model and layer lists
+    _check_held_out(r)
     if len(set(r.stages)) != len(r.stages):
         raise RecipeError(f"Recipe key 'stages' repeats a stage: {r.stages}. Allowed: each of {', '.join(STAGES)} once.")
-    if r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
+    if check_files and r.router.init_centroids and "train" in r.stages and not Path(r.router.init_centroids).is_file():
         raise RecipeError(f"Recipe key 'router.init_centroids' names {r.router.init_centroids!r}, which does not "
                           f"exist (working directory: {Path.cwd()}). Allowed: a centroid file written by "
                           "`moetune cluster-heads --init-router`, or null.")
@@ -173,12 +176,39 @@ def _check_semantics(r: Recipe) -> None:
             continue
         hub_or_glob = path and (any(c in path for c in "*?[") or (
             path.count("/") == 1 and not path.startswith(".") and Path(path).suffix == ""))
-        if path and "train" in r.stages and not hub_or_glob and not Path(path).exists():
+        if check_files and path and "train" in r.stages and not hub_or_glob and not Path(path).exists():
             if key == "test" and r.eval.split != "test":
                 continue
             raise RecipeError(f"Recipe key 'data.{key}' names {path!r}, which does not exist "
                               f"(working directory: {Path.cwd()}). Allowed: an existing .jsonl/.json/.csv/"
                               ".parquet file or a datasets directory" + ("" if key == "train" else ", or null") + ".")
+
+
+def scores_before(r: Recipe) -> bool:
+    """Whether training first scores the held-out split (the summary's 'before'): train.eval_before, whose
+    default (None) follows the stages: only when they include 'eval'."""
+    return "eval" in r.stages if r.train.eval_before is None else r.train.eval_before
+
+
+def scores_held_out(r: Recipe) -> bool:
+    """Whether the stages score the held-out split (eval.split): the eval stage, or train's 'before' scores."""
+    return "eval" in r.stages or ("train" in r.stages and scores_before(r))
+
+
+def _check_held_out(r: Recipe) -> None:
+    """The held-out split the stages score has data (what `train` would otherwise find out after loading the model)."""
+    if not scores_held_out(r):
+        return
+    why = "the eval stage" if "eval" in r.stages else "train.eval_before (the 'before' scores)"
+    if r.eval.split == "test" and not r.data.test:
+        raise RecipeError(f"Recipe key 'eval.split' is 'test' but 'data.test' is null, and {why} scores that split. "
+                          "Allowed: data.test=FILE (held-out rows), or eval.split=validation (data.validation, or the "
+                          "part of data.train that data.validation_split holds out).")
+    if r.eval.split == "validation" and not r.data.validation and r.data.validation_split == 0:
+        raise RecipeError(f"Recipe key 'eval.split' is 'validation' but 'data.validation' is null and "
+                          f"'data.validation_split' is 0, so there is no validation split for {why} to score. "
+                          "Allowed: data.validation=FILE, data.validation_split > 0 (e.g. 0.05), or eval.split=test "
+                          "with data.test=FILE.")
 
 
 def not_mergeable(expert_type: str) -> RecipeError:
@@ -198,8 +228,14 @@ def parse_overrides(overrides: list[str]) -> dict:
         raise RecipeError(f"Could not parse overrides {overrides}: {e}") from None
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe (or the defaults when path is None) and apply overrides."""
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, base_dirs: list[Path] | None = None,
+                check_files: bool = True) -> Recipe:
+    """Load a YAML recipe (or the defaults when path is None) and apply overrides.
+
+    Relative input paths (`anchor_paths`) become absolute: the file's against `base_dirs` (default: the working
+    directory), the overrides' against the working directory. check_files=False skips the checks that data files
+    and centroid files exist, for commands that read neither (chat, generate, merge-lora: see `load_run_recipe`)."""
+    cwd = [Path.cwd()]
     base = OmegaConf.create({})
     if path is not None:
         p = Path(path)
@@ -217,12 +253,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not OmegaConf.is_dict(base):  # e.g. a YAML list: merging it below would raise TypeError
             raise RecipeError(f"Recipe file {str(p)!r}: a recipe must be a YAML mapping of sections "
                               "(model:, expert:, data:, train:, ...), got a list.")
-    merged = OmegaConf.merge(base, OmegaConf.create(parse_overrides(overrides or [])))
+    file_part = anchor_paths(OmegaConf.to_container(base, resolve=False), base_dirs or cwd)
+    merged = OmegaConf.merge(OmegaConf.create(file_part),
+                             OmegaConf.create(anchor_paths(parse_overrides(overrides or []), cwd)))
     try:
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
         raise RecipeError(f"Recipe {path}: {e}") from None
-    return recipe_from_dict(data or {}, source=str(path))
+    return recipe_from_dict(data or {}, source=str(path), check_files=check_files)
+
+
+def load_run_recipe(run_dir: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe saved in a run (or export) directory, with `output_dir` set to it, plus overrides. Its relative
+    paths (runs written before paths were recorded absolute) are looked up from the run directory and its parents,
+    then the working directory; files are not checked (a command that reads data fails when it reads them)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError(f"{run_dir} is not a moetune run directory (no recipe.yaml). Pass the run's output_dir.")
+    where = Path(os.path.abspath(run_dir))
+    return load_recipe(path, [f"output_dir={run_dir}", *(overrides or [])],
+                       base_dirs=[where, *where.parents, Path.cwd()], check_files=False)
 
 
 def to_yaml(recipe: Recipe) -> str:

@@ -19,6 +19,7 @@ commands, exports and the CLI read these and never name a type (tests/test_type_
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,18 @@ class ExpertConfig:
     """The type multiplies a low-rank delta by s = alpha / r, so `use_rslora` applies."""
     lora_plus: ClassVar[bool] = True
     """The type trains B matrices (layer hook `lora_plus_parameters`), so `train.lora_plus_ratio` applies."""
+    path_keys: ClassVar[tuple[str, ...]] = ()
+    """Keys of this type's settings that name local files or directories it reads (a path or a list of them):
+    a run directory records them absolute (`moetune.recipe.anchor_paths`)."""
     mixes_trained_loras: ClassVar[bool] = False
     """The experts are trained LoRA adapters mixed by learned gates (`merge-lora --method mole
     --gates-from RUN` folds them at their mean gates)."""
+    budget_keys: ClassVar[tuple[str, ...]] = ("rank",)
+    """Integer keys `moetune compare --budget equal-params` may change to meet a parameter budget, the first
+    preferred (`alpha` follows `rank`, so the scale alpha / r is unchanged); empty: the type is used as set."""
+    from_data: ClassVar[dict] = {}
+    """Settings `moetune compare --methods TYPE` adds to the type's defaults so that it runs on a recipe's model
+    and data alone (MoLE: train one LoRA per domain first)."""
 
     def check_recipe(self, recipe) -> None:
         """Recipe-level checks that need no model (called when a recipe is loaded)."""
@@ -123,6 +133,10 @@ class ExpertConfig:
         return RecipeError(f"Expert type {self.type!r} does not fold into the base weights, so 'merge' cannot run "
                            "on it. Allowed: stages without 'merge', and export.kind 'adapter'.")
 
+    def budget_values(self) -> dict[str, int]:
+        """The values of `budget_keys` (what `moetune compare --budget equal-params` may change)."""
+        return {k: getattr(self, k) for k in self.budget_keys}
+
     def masked_experts(self) -> list[str]:
         """The experts whose gates are fixed at 0 (--mask-experts), for a type with `mask_key`."""
         return list(getattr(self, self.mask_key)) if self.mask_key else []
@@ -135,6 +149,11 @@ class ExpertConfig:
 
     def use_trained_experts(self, dirs: list[str], names: list[str]) -> None:
         """Point the settings at the adapters trained for `per_domain_expert` (one per domain, sorted)."""
+        raise _error(f"Expert type {self.type!r} trains no per-domain experts.")
+
+    def over_trained_experts(self, dirs: list[str], names: list[str]) -> dict:
+        """The `expert:` section of this type over the given trained adapters (one per domain, sorted), training
+        none itself: what `moetune compare` runs when another variant trained the same per-domain experts."""
         raise _error(f"Expert type {self.type!r} trains no per-domain experts.")
 
     @classmethod
@@ -202,6 +221,7 @@ class RoutedConfig(ExpertConfig):
 
     routed = True
     collapsible = True
+    budget_keys = ("rank", "num_experts")
     collapse_note: ClassVar[str] = "It writes a stock PEFT LoRA; then run `moetune merge-lora DIR --out MERGED`."
     """What the collapsed export is and how it folds into the base (the merge error's last sentence)."""
 
@@ -242,6 +262,7 @@ class MoVConfig(RoutedConfig):
                      "(moetune's merge folds LoRA only).")
     scaled = False
     lora_plus = False
+    budget_keys = ("num_experts",)
     auto_targets = (("k", "qkv"), ("v", "qkv"), ("down",))
     auto_input_scaled: ClassVar[tuple[tuple[str, ...], ...]] = (("down",),)
     """What `input_scaled_modules: auto` names: the FFN down projection, whose input is the intermediate."""
@@ -293,6 +314,8 @@ class MoLEConfig(ExpertConfig):
     routed = True
     mask_key = "masked"
     mixes_trained_loras = True
+    path_keys = ("experts",)
+    from_data = {"experts_from": "per_domain"}
 
     def how_to_load(self, sub: str) -> str:
         return (f"a MoLE adapter (gates + copies of its LoRA experts, safetensors + moetune.json): load with "
@@ -317,6 +340,11 @@ class MoLEConfig(ExpertConfig):
 
     def use_trained_experts(self, dirs: list[str], names: list[str]) -> None:
         self.experts, self.names = list(dirs), list(names)
+
+    def over_trained_experts(self, dirs: list[str], names: list[str]) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(experts_from="list", experts=list(dirs), names=list(names))
+        return out
 
     def check_recipe(self, r) -> None:
         """Settings that contradict MoLE, and (when training) the expert directories themselves."""
@@ -408,6 +436,8 @@ class CALMConfig(ExpertConfig):
     """Unused by calm: the composition points are set by num_compositions or anchor_layers."""
     scaled = False
     lora_plus = False
+    path_keys = ("augmenting_model",)
+    budget_keys = ()
     augmenting_model: str = ""
     """The augmenting model m_A (frozen): local model directory, hub id or built-in name. It is loaded
     on the anchor's device in the anchor's (compute) dtype, 4-bit as set by augmenting_quantization, and

@@ -284,8 +284,9 @@ class TrainConfig:
     """How many most recent checkpoints to keep."""
     log_every: int = opt(10, min=1)
     """Append a metrics.jsonl line every N optimizer steps."""
-    eval_before: bool = True
-    """Score the held-out split before training, for the before/after summary."""
+    eval_before: bool | None = None
+    """Score the held-out split (eval.split) before training, for the before/after summary. None: when the
+    stages include 'eval' (stages=[train] scores nothing); true / false: always / never."""
     stop_after: int = opt(0, min=0)
     """Stop (as if interrupted) after N optimizer steps, keeping the schedule of the full run;
     resume later with --resume. 0 disables."""

@@ -16,13 +16,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from moetune.core.checkpoint import DONE
-from moetune.core.errors import RecipeError
+from moetune.core.errors import Interrupted, RecipeError, Terminated
+from moetune.recipe import Recipe, load_run_recipe, to_dict
 
 LOCK = ".moetune.lock"
 PROBE_BYTES = 1 << 20   # the write probe: 1 MiB, fsynced, then removed
@@ -113,7 +116,7 @@ def run_lock(d: str | Path):
     process holds it. Yields the lock file's path."""
     path = Path(d) / LOCK
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as open() gives
     except OSError as e:
         raise _unwritable("output_dir", Path(d), e) from None
     try:
@@ -148,6 +151,147 @@ def refuse_or_clear(d: Path, resume: bool, overwrite: bool) -> Path | None:
                       f"`moetune train RECIPE --resume` to continue it from its newest checkpoint; "
                       f"`--overwrite` to start over (the old run is moved aside to {d.name}.old-<UTC time>, "
                       "not deleted); or another output_dir=... .")
+
+
+RESUME_NEUTRAL = ("output_dir", "stages", "eval.", "merge.", "export.", "model.device", "model.attn_implementation",
+                  "model.trust_remote_code", "data.test", "data.cache_dir", "data.num_proc", "train.eval_before",
+                  "train.eval_every", "train.save_every", "train.keep_checkpoints", "train.log_every",
+                  "train.stop_after", "train.report_to", "train.logging_dir", "train.gradient_checkpointing",
+                  "train.distributed")
+"""Recipe keys (a trailing '.': a whole section) that a resumed run may change without training differently
+from a fresh run: where and how often it writes and logs, what is scored and exported, the device, and
+the settings that compute the same update another way (activation checkpointing, DDP / FSDP; both tested
+equal). Every other key changes what training computes."""
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every key whose value differs (a key one recipe lacks: None)."""
+    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def changes_training(key: str) -> bool:
+    """Whether changing recipe key `key` on --resume makes the run differ from a fresh one (`RESUME_NEUTRAL`)."""
+    return not any(key == n or (n.endswith(".") and key.startswith(n)) for n in RESUME_NEUTRAL)
+
+
+STARTED = ("recipe.yaml", "summary.json", "metrics.jsonl", LOCK)
+"""What a run writes into output_dir before its first checkpoint (see `forget_failed_start`)."""
+
+
+def before_start(d: str | Path) -> tuple[set[str] | None, Path | None]:
+    """What `forget_failed_start` needs to know of `d` before a run starts: the names it holds (None: it does not
+    exist) and the topmost of it and its parents that does not exist yet (None: it exists)."""
+    d = Path(os.path.abspath(d))
+    if d.is_dir():
+        return {p.name for p in d.iterdir()}, None
+    top = d
+    while not top.parent.exists():
+        top = top.parent
+    return None, top
+
+
+def forget_failed_start(d: str | Path, held: set[str] | None, created: Path | None) -> bool:
+    """After a run failed or was stopped: when it wrote no training output (`existing_run` is None), remove the
+    files it wrote at its start (`STARTED`, those not there before) and the directories it created, if that
+    leaves them empty. A directory that held something before keeps it. True when the directory went."""
+    d = Path(os.path.abspath(d))
+    if not d.is_dir() or existing_run(d) is not None:
+        return False
+    for name in STARTED:
+        if held is None or name not in held:
+            (d / name).unlink(missing_ok=True)
+    if created is None or any(d.iterdir()):
+        return False
+    while True:
+        d.rmdir()
+        if d == created or any(d.parent.iterdir()):
+            break
+        d = d.parent
+    return True
+
+
+def stop_signal(e: BaseException) -> int | None:
+    """The signal behind an exception that stopped a run: Ctrl-C (KeyboardInterrupt), SIGTERM (Terminated), or
+    the one Interrupted names; None for any other exception."""
+    if isinstance(e, KeyboardInterrupt):
+        return signal.SIGINT
+    if isinstance(e, (Terminated, Interrupted)):
+        return e.signum
+    return None
+
+
+def interrupted(d: str | Path, e: BaseException, signum: int, removed: bool) -> Interrupted:
+    """The Interrupted a stopped run ends with: what it kept in run directory `d` and whether --resume can go on."""
+    d = Path(d)
+    if removed:
+        return Interrupted(signum, "nothing had been trained; the run directory made for it was removed.")
+    steps = sorted(p for p in (d / "checkpoints").glob("step-*") if (p / DONE).is_file())
+    text = e.message if isinstance(e, Interrupted) and e.message else ""
+    if not text and steps:
+        text = f"the newest checkpoint is {steps[-1]} (step {int(steps[-1].name.split('-')[1])})."
+    if "train" in _summary(d) and not _summary(d)["train"].get("stopped"):
+        text += f" Training had finished (the adapter is in {d / 'adapter'}); not every later stage ran."
+    if not text:
+        text = f"nothing was kept in {d} that --resume could continue from."
+    return Interrupted(signum, text.strip(), step=getattr(e, "step", None), resumable=bool(steps))
+
+
+def check_resume_recipe(d: str | Path, recipe: Recipe, allow_changes: bool, log=print) -> list[tuple]:
+    """On --resume: compare `recipe` with the run's recipe.yaml. No difference: nothing to do. Differences that
+    change what training computes (`recipe.changes_training`) are a RecipeError naming them, unless
+    `allow_changes`; the others are named and accepted. Returns the differences; when there are any, the main
+    process keeps the old recipe.yaml as recipe.before-<UTC time>.yaml (`keep_old_recipe`)."""
+    d = Path(d)
+    if not (d / "recipe.yaml").is_file():
+        return []
+    try:
+        old = load_run_recipe(d)
+    except RecipeError as e:
+        raise RecipeError(f"--resume: the recipe.yaml of the run in {d} no longer loads ({e}). Allowed: fix it, or "
+                          "start a new run (another output_dir=..., or --overwrite).") from None
+    old.output_dir = recipe.output_dir
+    changes = recipe_changes(old, recipe)
+    if not changes:
+        return []
+    text = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in changes)
+    training = [k for k, _, _ in changes if changes_training(k)]
+    if training and not allow_changes:
+        raise RecipeError(
+            f"--resume: the recipe differs from the one the run in {str(d)!r} was trained with (its recipe.yaml): "
+            f"{text}. {', '.join(training)} change{'s' if len(training) == 1 else ''} what training computes, so "
+            "the resumed run would match a fresh run of neither recipe. Nothing was changed. Allowed: resume with "
+            f"the run's own recipe (`moetune train {d / 'recipe.yaml'} --resume`, adding only keys training does "
+            "not see, such as eval.*, export.*, train.save_every); add --allow-changes to continue with the new "
+            "values anyway (the old recipe is kept as recipe.before-<UTC time>.yaml); or start a new run "
+            "(another output_dir=..., or --overwrite).")
+    log(f"--resume: recipe changes against {d / 'recipe.yaml'}: {text}"
+        + (" (--allow-changes: training continues with the new values)" if training else ""))
+    return changes
+
+
+def _show(value) -> str:
+    return "null" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def keep_old_recipe(d: str | Path) -> Path:
+    """Copy `<d>/recipe.yaml` to a new `<d>/recipe.before-<UTC time>.yaml` (before a resumed run rewrites it)."""
+    d = Path(d)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    kept, n = d / f"recipe.before-{stamp}.yaml", 1
+    while kept.exists():
+        kept, n = d / f"recipe.before-{stamp}-{n}.yaml", n + 1
+    kept.write_text((d / "recipe.yaml").read_text())
+    return kept
 
 
 @contextmanager

@@ -34,8 +34,10 @@ from moetune.models.load import load_model, load_tokenizer, pick_device
 class Run:
     """What the stages of one recipe share: recipe, run directory, device, tokenizer, data."""
 
-    def __init__(self, recipe: R.Recipe, accelerator=None) -> None:
+    def __init__(self, recipe: R.Recipe, accelerator=None, record: bool = True) -> None:
+        """record=False: a run of no run directory (merge-lora on a bare adapter): summary.json is never written."""
         self.recipe = recipe
+        self.record = record
         self.dir = Path(recipe.output_dir)
         self.accelerator = accelerator
         self.device = accelerator.device if accelerator is not None else pick_device(recipe.model)
@@ -66,6 +68,15 @@ class Run:
             raise R.RecipeError(f"Recipe key 'eval.split' is {split!r} but data.{split} is not set.")
         return examples
 
+    def held_out_tag(self) -> dict:
+        """What the held-out scores are on: the split, its source and the number of examples scored. 'before'
+        and 'after' in summary.json carry it, so that a pair on different rows is never shown as one."""
+        rc = self.recipe
+        source = held_out_source(rc)
+        n = len(self.held_out())
+        return {"split": rc.eval.split, "source": source,
+                "examples": min(n, rc.eval.max_examples) if rc.eval.max_examples else n}
+
     @property
     def summary_path(self) -> Path:
         return self.dir / "summary.json"
@@ -73,16 +84,32 @@ class Run:
     def summary(self) -> dict:
         return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else {}
 
+    def loaded_examples(self) -> list:
+        """The examples of a split loaded already (the held-out split first), without reading any data: [] if none."""
+        for name in (self.recipe.eval.split, "validation", "test", "train"):
+            if self._splits.get(name):
+                return self._splits[name]
+        return []
+
     def update_summary(self, **parts) -> None:
-        if self.main:
+        if self.main and self.record:
             s = self.summary()
             s.update(parts)
             write_json(self.summary_path, s)
 
 
-def model_with_adapter(run: Run, adapter_dir: Path | None = None):
+def held_out_source(rc: R.Recipe) -> str:
+    """Where the held-out split (eval.split) comes from, in words: its file, or the part of the training data
+    that data.validation_split holds out."""
+    return getattr(rc.data, rc.eval.split) or (
+        f"data.train less its validation_split {rc.data.validation_split} (seed {rc.data.seed})")
+
+
+def model_with_adapter(run: Run, adapter_dir: Path | None = None, fresh: bool = False):
+    """The base model with the run's adapter (or `adapter_dir`); fresh=True: the adapter as initialised before
+    training (train.seed), i.e. the model the run's 'before' scores describe."""
     model = load_model(run.recipe.model, run.device, log=run.log)
-    load_adapter(model, adapter_dir or run.dir / "adapter")
+    load_adapter(model, adapter_dir or run.dir / "adapter", fresh_seed=run.recipe.train.seed if fresh else None)
     masked = run.recipe.expert.masked_experts()
     if masked:  # --mask-experts (MoLE): gates at 0, the rest renormalised
         mask_experts(model, masked)

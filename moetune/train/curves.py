@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from moetune.core.files import ordinary_mode
+
 
 def read_metrics(path: str | Path) -> list[dict]:
     """The rows of a metrics.jsonl file (unreadable lines skipped: a run may have been killed mid-write)."""
@@ -99,7 +101,7 @@ def save_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)
-        os.chmod(tmp, 0o644)                    # mkstemp creates 0600; a plot is an ordinary file
+        ordinary_mode(tmp)                      # mkstemp creates 0600; a plot is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,6 +14,8 @@ it. How the work spreads over processes is the strategy's business (train/strate
 """
 from __future__ import annotations
 
+import json
+import math
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 
 from moetune.adapters.inject import lora_plus_parameters, trainable_parameters
 from moetune.core.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
-from moetune.core.errors import RecipeError
+from moetune.core.errors import Interrupted, RecipeError
 from moetune.core.ui import TrainProgress
 from moetune.data.pipeline import ExampleSet, take
 from moetune.data.rows import Example, collate
@@ -34,6 +36,7 @@ from moetune.train.loggers import TrainLoggers
 from moetune.train.loss import CausalLMLoss
 from moetune.train.plan import Plan
 from moetune.train.routing_log import routing_snapshot
+from moetune.train.signals import StopRequest
 from moetune.train.step import SFT, StepResult
 from moetune.train.strategy import make_strategy
 
@@ -108,7 +111,23 @@ def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], ac
     """Train the injected `model` in place; return {'steps', 'final_train_loss', 'val_loss', 'stopped'}."""
     trainer = Trainer(recipe, model, tokenizer, splits, accelerator, run_dir)
     start = trainer.resume(console) if resume else 0
-    return trainer.run(start, console)
+    result = trainer.run(start, console)
+    return {**result, "resumed_from": start} if resume else result
+
+
+def _carried(position: dict, run_dir: Path, step: int) -> tuple[float, float]:
+    """(last training loss, training seconds) up to checkpoint `step`, so that a resumed run reports the whole
+    run: summary.json's train entry when the run ended there (train.stop_after, or a finished run: its seconds
+    include the final validation), else the checkpoint's (a run killed after it)."""
+    loss, seconds = position.get("train_loss"), position.get("seconds")
+    try:
+        prev = json.loads((Path(run_dir) / "summary.json").read_text()).get("train") or {}
+    except (OSError, ValueError, AttributeError):
+        prev = {}
+    if prev.get("steps") == step:
+        loss = prev["final_train_loss"] if prev.get("final_train_loss") is not None else loss
+        seconds = prev["seconds"] if prev.get("seconds") is not None else seconds
+    return (float(loss) if loss is not None else float("nan")), float(seconds or 0.0)
 
 
 class Trainer:
@@ -142,6 +161,8 @@ class Trainer:
         self.train_step = step(model, lm, objective, self.strategy, self.optimizer, self.scheduler, params, recipe,
                                self.plan.total_steps, accelerator)
         self.metrics = TrainLoggers(recipe, run_dir, model, enabled=accelerator.is_main_process)  # metrics.jsonl + report_to
+        self.last_loss, self.val = float("nan"), None
+        self.prior_seconds, self.t0 = 0.0, time.perf_counter()   # training seconds before this process; its start
 
     def resume(self, console=None) -> int:
         """Load the newest complete checkpoint (adapter, optimizer, schedule, RNG); return its step."""
@@ -158,7 +179,12 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(*state["rng"])
         start = state["step"]
+        self.last_loss, self.prior_seconds = _carried(state["position"], run_dir, start)
         self.metrics.log({"event": "resume", "step": start, "checkpoint": str(ckpt), "skipped_damaged": damaged})
+        if console is not None and self.accelerator.is_main_process:
+            done = start >= plan.total_steps
+            console.print(f"--resume: resumed from {ckpt} at step {start} of {plan.total_steps}"
+                          + ("; the run is complete, nothing to train." if done else "."))
         return start
 
     def run(self, start: int, console=None) -> dict:
@@ -167,15 +193,20 @@ class Trainer:
         end = plan.total_steps if cfg.stop_after <= 0 else min(plan.total_steps, start + cfg.stop_after)
         model.train()
         progress = TrainProgress(plan.total_steps, start, console, enabled=acc.is_main_process)
-        self.last_loss, self.val = float("nan"), None
+        self.t0 = time.perf_counter()
         self.window_tokens, self.window_t0 = 0, time.perf_counter()
-        with progress:
+        log = console.print if console is not None and acc.is_main_process else None
+        with progress, StopRequest(log) as stop:
             for step in range(start, end):
                 indices = plan.step_indices(step, cfg.seed)
                 rows = take(self.train_ex, indices)  # the global batch's examples, read once (one Arrow gather)
                 result = self.train_step(step, rows, plan.micro_batches(list(range(len(indices))), acc.process_index))
                 self.evaluate_and_checkpoint(step + 1, end, result, progress)
-        self.checkpoint(end)
+                signum = self.strategy.agree(stop.signum or 0)  # every process stops after the same step
+                if signum:
+                    self.stop_at(step + 1, end, signum)
+        if end > start:  # resumed at its end (a finished run): the checkpoint there is this state already
+            self.checkpoint(end)
         set_temperature(model, scheduled_temperature(self.recipe.router, plan.total_steps, plan.total_steps))  # the end value
         if self.val_ex:
             self.val = self.validate()
@@ -184,7 +215,12 @@ class Trainer:
         self.metrics.close()  # trackers closed, curves.png drawn from metrics.jsonl
         model.eval()
         return {"steps": end, "total_steps": plan.total_steps, "final_train_loss": self.last_loss, "val_loss": self.val,
-                "stopped": end < plan.total_steps, "global_batch": plan.global_batch, "processes": self.strategy.world}
+                "stopped": end < plan.total_steps, "global_batch": plan.global_batch, "processes": self.strategy.world,
+                "seconds": round(self.seconds(), 1)}
+
+    def seconds(self) -> float:
+        """Training seconds of the whole run: those before the checkpoint it resumed from, plus this process's."""
+        return self.prior_seconds + time.perf_counter() - self.t0
 
     def evaluate_and_checkpoint(self, done: int, end: int, result: StepResult, progress) -> None:
         """After step `done`: the progress bar, a metrics line every train.log_every steps, the validation
@@ -208,6 +244,18 @@ class Trainer:
         if cfg.save_every and done % cfg.save_every == 0 and done < end:
             self.checkpoint(done)
 
+    def stop_at(self, done: int, end: int, signum: int) -> None:
+        """A signal asked to stop (train/signals.py): checkpoint step `done` (unless the periodic one just did),
+        close the loggers (curves.png), raise Interrupted naming the checkpoint."""
+        cfg = self.cfg
+        if not (cfg.save_every and done % cfg.save_every == 0 and done < end):
+            self.checkpoint(done)
+        self.metrics.log({"event": "stopped", "step": done, "signal": signum})
+        self.metrics.close()
+        path = Path(self.run_dir) / "checkpoints" / f"step-{done:07d}"
+        raise Interrupted(signum, f"training stopped after step {done} of {self.plan.total_steps}; its checkpoint "
+                          f"is {path}.", step=done, resumable=True)
+
     def validate(self) -> float:
         return validation_loss(self.model, self.val_ex, self.recipe.eval.batch_size, self.pad_id, self.accelerator.device)
 
@@ -225,5 +273,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             save_checkpoint(self.run_dir, step, adapter, opt_state, self.scheduler,
                             {"step": step, "global_batch": plan.global_batch, "epoch": step / plan.steps_per_epoch,
-                             "examples_seen": step * plan.global_batch}, keep=self.cfg.keep_checkpoints)
+                             "examples_seen": step * plan.global_batch, "seconds": round(self.seconds(), 3),
+                             "train_loss": self.last_loss if math.isfinite(self.last_loss) else None},
+                            keep=self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moetune.core.files import ordinary_mode
 from moetune.data.rows import IGNORE, Example, collate
 from moetune.experts.context import prompt_mask
 
@@ -86,4 +87,5 @@ def fit_router_file(model, examples: list[Example], labels, names: list[str], pa
         weights[f"weight.{n}"] = w
         acc[n] = float(((xs[n] @ w.t()).argmax(-1) == lab).float().mean())
     save_file(weights, str(path))
+    ordinary_mode(path)                         # safetensors writes 0600
     return acc

@@ -12,6 +12,7 @@ whether the model is sharded: they call the strategy at the six places where tha
     load_state(...)           a checkpoint's full tensors back into the (maybe sharded) run
     finish(model)             after training: full adapter parameters on every process
     value(t)                  a scalar that may be a sharded DTensor (the gradient norm) as a float
+    agree(n)                  the largest of an integer over the processes (a stop signal one of them got)
 
 Every process calls every method in the same order: under FSDP the gathering ones are collectives.
 Each process's gradient is averaged over the processes (DDP's all-reduce, FSDP's reduce-scatter),
@@ -66,6 +67,14 @@ class Strategy:
 
     def value(self, t: torch.Tensor) -> float:
         return float(t)
+
+    def agree(self, n: int) -> int:
+        """The largest `n` over the processes (one process: `n`). Every process calls it."""
+        if self.world == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64, device=self.accelerator.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
 
 
 class SingleProcess(Strategy):

@@ -1,0 +1,39 @@
+"""File modes: what moetune writes gets the mode an ordinary write gives, whatever wrote it.
+
+tempfile's mkstemp and mkdtemp (the atomic writes of core/checkpoint.py, plots, generate's output) create
+0600 files and 0700 directories, and safetensors' writer 0600 files: others could not read a run's
+summary.json, adapter or merged model. Those paths are given 0666 / 0777 less the umask, as open() and
+mkdir() do. Torch-free.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc/self/status), else set and
+    restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_mode(path: str | Path) -> None:
+    """Give `path` the mode an ordinary open() or mkdir() would: 0666 (a file) or 0777 (a directory) less the
+    umask. tempfile's mkstemp / mkdtemp (and safetensors' writer) create 0600 / 0700, readable by no one else."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
+
+
+def ordinary_modes(root: str | Path) -> None:
+    """`ordinary_mode` for `root` and everything under it."""
+    ordinary_mode(root)
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            ordinary_mode(os.path.join(dirpath, name))

@@ -1,0 +1,157 @@
+"""`moetune compare` end to end on a tiny model: sized variants trained at two seeds, an interrupted comparison
+resumed (finished runs reused, the interrupted run continued from its checkpoint to the uninterrupted run's
+adapter), the statistics read back from the runs, `moetune runs` on the comparison, an existing --out refused or
+moved aside, and --jobs with worker processes (CPU; and several processes on one GPU where there is one)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli, tiny_overrides
+from moetune.recipe import recipe_from_dict
+
+torch.set_num_threads(1)
+METHODS = "lora,hydralora,mole"
+
+
+@pytest.fixture()
+def recipe(tiny_llama, tiny_data, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("expert: {type: lora, rank: 16, alpha: 32}\ntrain: {save_every: 1, max_steps: 4}\n")
+    over = [o for o in tiny_overrides(tiny_llama, tiny_data, tmp_path / "unused")
+            if not o.startswith(("expert.rank=", "output_dir=", "train.max_steps="))]
+    return path, over
+
+
+def _json(p: Path) -> dict:
+    return json.loads(p.read_text())
+
+
+def test_interrupted_comparison_resumes_and_reuses_finished_runs(recipe, tmp_path, monkeypatch, capsys):
+    from moetune.commands import compare_jobs
+    from moetune.train.loop import Trainer
+    path, over = recipe
+    out = tmp_path / "cmp"
+    args = ["compare", path, *over, "--methods", METHODS, "--seeds", "2", "--out", out, "--bootstrap", "2000"]
+    original = Trainer.evaluate_and_checkpoint
+
+    def interrupted(self, done, end, result, progress):
+        original(self, done, end, result, progress)
+        if self.run_dir.name == "hydralora-s1" and done == 2:   # after its step-2 checkpoint
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "evaluate_and_checkpoint", interrupted)
+    assert cli(monkeypatch, *args) == 130
+    runs = out / "runs"
+    finished = ["lora-s0", "hydralora-s0", "mole-s0", "lora-s1"]
+    stamps = {r: (runs / r / "eval.json").stat().st_mtime_ns for r in finished}
+    assert not (runs / "hydralora-s1" / "eval.json").exists() and not (runs / "mole-s1").exists()
+    monkeypatch.setattr(Trainer, "evaluate_and_checkpoint", original)
+
+    # the same command again: refused, as `train` refuses a run directory
+    assert cli(monkeypatch, *args) == 2
+    assert "already holds a comparison (4 of 6 runs finished)" in capsys.readouterr().err
+
+    calls = []
+    real = compare_jobs.run_recipe
+
+    def spy(rc, resume=False, overwrite=False):
+        calls.append((Path(rc.output_dir).name, resume, overwrite))
+        return real(rc, resume=resume, overwrite=overwrite)
+    monkeypatch.setattr(compare_jobs, "run_recipe", spy)
+    assert cli(monkeypatch, *args, "--resume") in (0, None)
+    assert calls == [("hydralora-s1", True, False), ("mole-s1", False, False)]
+    assert {r: (runs / r / "eval.json").stat().st_mtime_ns for r in finished} == stamps
+    events = [json.loads(x).get("event") for x in (runs / "hydralora-s1" / "metrics.jsonl").read_text().splitlines()]
+    assert "resume" in events
+
+    # the resumed run ends with the adapter of the same run uninterrupted
+    plan = _json(out / "plan.json")["runs"]
+    fresh = recipe_from_dict({**plan["hydralora-s1"]["job"]["recipe"], "output_dir": str(tmp_path / "fresh")})
+    real(fresh)
+    a = load_file(runs / "hydralora-s1" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "fresh" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    doc = _json(out / "comparison.json")
+    assert doc["reference"] == "lora" and list(doc["variants"]) == ["lora", "hydralora", "mole"]
+    assert sorted(doc["reused"]) == sorted(finished)
+    for name, v in doc["variants"].items():
+        summaries = [_json(runs / f"{name}-s{s}" / "summary.json") for s in (0, 1)]
+        ems = [s["after"]["exact_match"] for s in summaries]
+        assert v["metrics"]["exact_match"]["mean"] == pytest.approx(sum(ems) / 2)
+        assert v["metrics"]["loss"]["per_seed"] == {str(s): summaries[s]["after"]["loss"] for s in (0, 1)}
+        # the budget counted on the meta device is what the runs trained (MoLE: its per-domain LoRAs + gates)
+        trained = summaries[0]["train"]["trainable_parameters"] + sum(
+            _json(p)["train"]["trainable_parameters"] for p in (runs / f"{name}-s0").glob("experts/*/summary.json"))
+        assert v["trainable"] == trained
+        assert abs(v["trainable"] / doc["variants"]["lora"]["trainable"] - 1) <= 0.05
+        assert set(v["per_domain"]) == {"add", "shout"}
+        ev = _json(runs / f"{name}-s0" / "eval.json")["per_example"]
+        assert len(ev["correct"]) == ev["n"] == 16 and sum(ev["tokens"]) > 0
+    assert doc["variants"]["mole"]["metrics"]["specialisation"]["n"] == 2
+    for name in ("hydralora", "mole"):
+        p = doc["paired"][name]
+        assert p["exact_match"]["low"] <= p["exact_match"]["difference"] <= p["exact_match"]["high"]
+        assert p["loss"]["seeds"] == 2 and p["loss"]["examples"] == 16
+        assert set(p["per_domain"]) == {"add", "shout"}
+    assert len(doc["conclusions"]) == 2 and all("lora" in c for c in doc["conclusions"])
+    md = (out / "comparison.md").read_text()
+    assert "| hydralora |" in md and "## Conclusions" in md and (out / "comparison.png").stat().st_size > 5000
+
+    capsys.readouterr()
+    assert cli(monkeypatch, "runs", out, "--json") in (0, None)
+    listed = {Path(r["run"]).name for r in json.loads(capsys.readouterr().out)}
+    assert listed == {f"{m}-s{s}" for m in METHODS.split(",") for s in (0, 1)}
+
+
+def test_existing_comparison_is_moved_aside_with_overwrite(recipe, tmp_path, monkeypatch, capsys):
+    from moetune.commands import compare
+    path, over = recipe
+    out = tmp_path / "cmp"
+    seen = []
+
+    def no_runs(jobs, n, o):   # the budget table is out before any run starts
+        seen.append(capsys.readouterr().out)
+        return {}
+    monkeypatch.setattr(compare, "run_all", no_runs)
+    monkeypatch.setattr(compare, "report", lambda *a: {})
+    args = ["compare", path, *over, "--methods", "lora,hydralora", "--out", out]
+    assert cli(monkeypatch, *args) in (0, None)
+    assert "budgets (equal-params" in seen[0] and "hydralora" in seen[0] and "sized" in seen[0]
+    first = (out / "plan.json").read_text()
+    assert cli(monkeypatch, *args) == 2
+    assert "Nothing was changed" in capsys.readouterr().err
+    assert cli(monkeypatch, *args, "--overwrite") in (0, None)
+    aside = list(tmp_path.glob("cmp.old-*"))
+    assert len(aside) == 1 and (aside[0] / "plan.json").read_text() == first and (out / "plan.json").is_file()
+    assert cli(monkeypatch, *args, "--resume", "--overwrite") == 2
+
+
+def _parallel(recipe, tmp_path, monkeypatch, *extra):
+    path, over = recipe
+    out = tmp_path / "par"
+    assert cli(monkeypatch, "compare", path, *over, *extra, "--methods", "lora,hydralora", "--jobs", "2",
+               "--out", out, "--bootstrap", "500") in (0, None)
+    doc = _json(out / "comparison.json")
+    assert doc["jobs"] == 2 and set(doc["variants"]) == {"lora", "hydralora"}
+    for name in ("lora", "hydralora"):
+        log = (out / "logs" / f"{name}-s0.log").read_text()
+        assert "Adapter saved" in log, log[-2000:]
+    return doc
+
+
+@pytest.mark.slow
+def test_jobs_run_variants_in_worker_processes(recipe, tmp_path, monkeypatch):
+    doc = _parallel(recipe, tmp_path, monkeypatch)
+    assert "CPU" in doc["machine"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: several compare workers sharing one GPU")
+def test_jobs_share_one_gpu(recipe, tmp_path, monkeypatch):
+    doc = _parallel(recipe, tmp_path, monkeypatch, "model.device=cuda")
+    assert "CPU" not in doc["machine"]
