@@ -1,9 +1,10 @@
 """Routing over training (moetune/train/routing_log.py): the validation rows' per-layer MI equals the eval
 routing report's on the same examples, the gate histograms are distributions, and scripts/routing_curves.py
-draws a run's rows."""
+draws a run's rows; the committed routing-balance studies (recipes/studies) cover issue 25's protocol."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from moetune.commands.stages import run_recipe
 from moetune.eval.report import collect_gates, routing_report
 from moetune.recipe import RouterConfig, load_recipe
 from moetune.train.routing_log import BINS, routing_snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("rtype", ["soft", "top_k"])
@@ -58,3 +61,24 @@ def test_training_logs_val_routing_and_the_script_draws_it(tiny_llama, tiny_data
     mean_mi = [sum(v) / len(v) for v in [val[-1]["val_routing"]["mi_norm"]]][0]
     assert sum(c["block_mi"][-1].values()) / 2 == pytest.approx(mean_mi, abs=1e-6)  # equal module counts per block
     assert curves.main([str(tmp_path / "nothing")]) == 1
+
+
+@pytest.mark.parametrize("name", ["routing-balance-multidomain", "routing-balance-disjoint"])
+def test_routing_balance_studies_cover_the_protocol(name):
+    """Issue 25's protocol, as committed: LoRA first, then HydraLoRA and MoLoRA each with micro and global balance
+    x random or clustered router init x token or sequence routing; 3 seeds, >= 2 epochs, several micro-batches per
+    step (else the scope changes nothing)."""
+    from moetune.commands.compare_plan import load_study
+    data, study = load_study(ROOT / "recipes" / "studies" / f"{name}.yaml")
+    methods = study["methods"]
+    assert methods[0]["method"] == "lora" and study["seeds"] == 3 and data["train"]["epochs"] >= 2
+    assert data["train"]["grad_accum"] > 1 and not data["train"]["max_steps"] and "steps" not in study
+    assert data["data"]["train"].startswith(f"data/{name.rsplit('-', 1)[1]}/")
+    seen = set()
+    for m in methods[1:]:
+        o = dict(x.split("=", 1) for x in m["overrides"])
+        cluster = o.get("router.init_centroids")
+        assert cluster is None or cluster.startswith(f"runs/studies/clusters/{name.rsplit('-', 1)[1]}.k4.router")
+        seen.add((m["method"], o["router.balance_scope"], cluster is not None, o.get("router.level", "token")))
+    assert seen == {(t, s, c, lv) for t in ("hydralora", "molora") for s in ("micro", "global") for c in (False, True)
+                    for lv in ("token", "sequence")}
