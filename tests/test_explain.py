@@ -12,15 +12,8 @@ from moetune.core.schema import allowed_text, field_docs, schema_keys
 from moetune.recipe import MixSource, Recipe, RecipeError, explain, load_recipe
 from moetune.recipe.aliases import FOREIGN_KEYS, FOREIGN_VALUES
 from moetune.recipe.experts import EXPERT_CONFIGS, ExpertConfig
+from cli_main import run_main as _main
 
-
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from moetune.cli import main
-    monkeypatch.setattr(sys, "argv", ["moetune", *args])
-    with pytest.raises(SystemExit) as ei:
-        main()
-    out = capsys.readouterr()
-    return ei.value.code, out.out, out.err
 
 
 def _entries(text: str) -> dict[str, list[tuple[str, str]]]:

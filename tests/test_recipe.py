@@ -18,6 +18,7 @@ from moetune.core.schema import field_docs, schema_keys
 from moetune.experts import REGISTRY, config_class
 from moetune.models.load import ModelError, find_targets, load_tokenizer, resolve_path
 from moetune.recipe import ModelConfig, Recipe, RecipeError, explain, load_recipe
+from cli_main import run_main as _main
 
 torch.set_num_threads(1)
 
@@ -259,15 +260,6 @@ def test_cli_train_bad_value_exits_2(cli):
     assert "train.batch_size" in r.stderr and ">= 1" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
 
-
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`moetune ARGS` through the real entry point, in this process (no interpreter start-up)."""
-    from moetune.cli import main
-    monkeypatch.setattr(sys, "argv", ["moetune", *args])
-    with pytest.raises(SystemExit) as ei:
-        main()
-    out = capsys.readouterr()
-    return ei.value.code, out.out, out.err
 
 
 def test_cli_validate_good_recipe_counts_parameters(tiny_llama, tiny_data, tmp_path, monkeypatch, capsys):

@@ -31,6 +31,7 @@ from pathlib import Path
 from moetune.commands.stages import run_recipe
 from moetune.core.checkpoint import newest_verified_checkpoint, write_json
 from moetune.core.errors import RecipeError
+from moetune.core.files import read_json_object
 from moetune.core.ui import console, plural, simple_progress
 from moetune.export.multimerge import GATED, merge_command
 from moetune.recipe import recipe_from_dict
@@ -55,7 +56,7 @@ class Job:
 def state(job: Job) -> str:
     """'done', 'trained', 'partial', 'other' or 'empty' (the module docstring)."""
     d = Path(job.run_dir)
-    ev, s = _json(d / "eval.json"), _json(d / "summary.json")
+    ev, s = read_json_object(d / "eval.json"), read_json_object(d / "summary.json")
     if "per_example" in ev and "after" in s:
         return "done"
     if (d / "adapter").is_dir() and (job.kind not in ("type", "recipe") or not (s.get("train") or {}).get("stopped", True)):
@@ -65,17 +66,10 @@ def state(job: Job) -> str:
     return "other" if existing_run(d) else "empty"
 
 
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
 
 def experts_of(run_dir: str) -> tuple[list[str], list[str]]:
     """(adapter directories, domains) of the per-domain LoRAs a run trained (its experts/experts.json)."""
-    info = _json(Path(run_dir) / "experts" / "experts.json")
+    info = read_json_object(Path(run_dir) / "experts" / "experts.json")
     if not info:
         raise RecipeError(f"{run_dir} has no trained per-domain LoRAs (experts/experts.json); its run did not finish.")
     return [info[d]["adapter"] for d in sorted(info)], sorted(info)

@@ -29,6 +29,7 @@ import torch
 from moetune.commands.compare_jobs import Job
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
+from moetune.core.files import read_json_object
 from moetune.core.ui import console, plural, table
 from moetune.eval import paired as P
 
@@ -99,18 +100,11 @@ def mc_metrics(results: list[RunResult]) -> list[Metric]:
 # ------------------------------------------------------------------ reading the runs
 
 
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
 
 def _train_seconds(run_dir: Path) -> float | None:
     """Training seconds of a run plus those of the per-domain runs inside it (experts/*/)."""
-    own = (_json(run_dir / "summary.json").get("train") or {}).get("seconds")
-    nested = [(_json(p).get("train") or {}).get("seconds") for p in sorted(run_dir.glob("experts/*/summary.json"))]
+    own = (read_json_object(run_dir / "summary.json").get("train") or {}).get("seconds")
+    nested = [(read_json_object(p).get("train") or {}).get("seconds") for p in sorted(run_dir.glob("experts/*/summary.json"))]
     vals = [x for x in [own, *nested] if isinstance(x, (int, float))]
     return float(sum(vals)) if vals else None
 
@@ -127,9 +121,9 @@ def read_run(job: Job) -> RunResult:
             tps.append(float(row["tokens_per_s"]))
     seconds = _train_seconds(d)
     if job.source_dir and job.kind in ("type", "recipe"):  # mixes another run's per-domain LoRAs: their cost too
-        nested = [(_json(p).get("train") or {}).get("seconds") for p in Path(job.source_dir).glob("experts/*/summary.json")]
+        nested = [(read_json_object(p).get("train") or {}).get("seconds") for p in Path(job.source_dir).glob("experts/*/summary.json")]
         seconds = (seconds or 0.0) + sum(x for x in nested if isinstance(x, (int, float)))
-    return RunResult(job, _json(d / "eval.json"), _json(d / "summary.json"), tps, seconds)
+    return RunResult(job, read_json_object(d / "eval.json"), read_json_object(d / "summary.json"), tps, seconds)
 
 
 def _stack(results: list[RunResult], fn) -> tuple[np.ndarray, np.ndarray | None] | None:

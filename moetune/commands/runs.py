@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from moetune.core.files import read_json_object
 from moetune.recipe.experts import EXPERT_CONFIGS
 
 COLUMNS = ("run", "type", "trainable", "steps", "seconds", "tokens_per_s", "train_loss", "val_loss",
@@ -41,25 +42,18 @@ def find_runs(dirs: list[Path]) -> list[Path]:
     return sorted(found)
 
 
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
 
 def collapse_info(run_dir: Path, summary: dict | None = None) -> list[dict]:
     """The collapsed exports of a routed run: [{'dir', 'mode', 'adapters': {name: {'kl', 'loss_change',
     'exact_match_change'}}}], from <run>/collapsed-*/collapse.json and summary.json's 'collapse' entry."""
     out: dict[str, dict] = {}
     for path in sorted(Path(run_dir).glob("collapsed-*/collapse.json")):
-        c = _json(path)
+        c = read_json_object(path)
         adapters = {k: {"kl": v["fidelity"].get("kl"), "loss_change": v["fidelity"].get("loss_change"),
                         "exact_match_change": v["fidelity"].get("exact_match_change")}
                     for k, v in (c.get("adapters") or {}).items() if isinstance(v, dict) and "fidelity" in v}
         out[str(path.parent.resolve())] = {"dir": str(path.parent), "mode": c.get("mode"), "adapters": adapters}
-    s = summary if summary is not None else _json(Path(run_dir) / "summary.json")
+    s = summary if summary is not None else read_json_object(Path(run_dir) / "summary.json")
     c = s.get("collapse")
     if isinstance(c, dict) and c.get("dir") and (Path(c["dir"]) / "collapse.json").is_file():
         out.setdefault(str(Path(c["dir"]).resolve()), {"dir": c["dir"], "mode": c.get("mode"),
@@ -99,7 +93,7 @@ def _tokens_per_s(run_dir: Path) -> float | None:
 
 def run_row(run_dir: Path) -> dict:
     """The runs-table numbers of one run directory (None where the run did not produce them)."""
-    s = _json(run_dir / "summary.json")
+    s = read_json_object(run_dir / "summary.json")
     try:
         recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):

@@ -1,4 +1,4 @@
-"""File modes: what moetune writes gets the mode an ordinary write gives, whatever wrote it.
+"""File modes and small reads: what moetune writes gets the mode an ordinary write gives, whatever wrote it.
 
 tempfile's mkstemp and mkdtemp (the atomic writes of core/checkpoint.py, plots, generate's output) create
 0600 files and 0700 directories, and safetensors' writer 0600 files: others could not read a run's
@@ -7,6 +7,7 @@ mkdir() do. Torch-free.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -37,3 +38,13 @@ def ordinary_modes(root: str | Path) -> None:
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
             ordinary_mode(os.path.join(dirpath, name))
+
+
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in `path` (a run's summary.json, eval.json, ...), or {} when it is missing, unreadable,
+    not JSON or not an object: readers of run directories show what is there and skip the rest."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -9,8 +9,9 @@ from collections import defaultdict
 import torch
 
 from moetune.core.ui import simple_progress
+from moetune.data.mmlu import load_mc_rows
 from moetune.data.rows import Example, collate
-from moetune.eval.mmlu import load_mc_rows, score_multiple_choice
+from moetune.eval.mmlu import score_multiple_choice
 from moetune.experts.context import generation_routing
 from moetune.train.loss import per_example_loss
 

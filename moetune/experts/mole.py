@@ -19,7 +19,7 @@ LayerNorm has no affine parameters: W_g and b follow it, which an affine would o
 
 Initial state: W_g = 0 and b = 0, so every gate is 1/N and a fresh MoLE is the plain average
 of its LoRAs, y = W0 x + (1/N) sum_i E_i(x) (a linear merge with weights 1/N); with one
-expert it is exactly that LoRA. (METHODS.md does not fix the initial gate; uniform is the
+expert it is exactly that LoRA. (docs/METHODS.md does not fix the initial gate; uniform is the
 state the balance loss prefers.)
 
 Granularity (`expert.granularity`): which projections share one gated place j. The names
@@ -38,7 +38,7 @@ index, then `models.targets.forward_rank`, not the order a model defines its mod
 projection's expert outputs, and the others reuse that very tensor (same autograd graph): one
 W_g^j per place, one gate per token per place, gradients from every projection of the place.
 
-Balance (METHODS.md): q_i = mean gate of expert i over real tokens AND gated places,
+Balance (docs/METHODS.md): q_i = mean gate of expert i over real tokens AND gated places,
 L_balance = -log prod_i q_i (`routing.mole_balance`), added once per forward with weight
 alpha = `router.balance_weight` when `router.balance_loss: mole`; it is a function of the
 gate probabilities, so its gradient reaches W_g (tested). Masking (`expert.masked`,

@@ -8,7 +8,7 @@ of `probs` or `logits` (never of detached statistics), so it trains the router.
 `Router` of an expert layer reads it from the routing context (`token_mask`: real tokens, not
 padding or packed-row filler) and passes it to every loss and statistic.
 
-Losses (see METHODS.md, "Auxiliary losses"):
+Losses (see docs/METHODS.md, "Auxiliary losses"):
 - MoLE gating balance (Wu et al., ICLR 2024):   L = -log prod_i q_i = -sum_i log q_i,
   q_i = mean probability of expert i. Since sum_i q_i = 1, L >= N log N (AM-GM), with
   equality exactly at uniform load q_i = 1/N.

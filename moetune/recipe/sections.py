@@ -64,7 +64,7 @@ class RouterConfig:
     init_std: float = opt(0.02, min=0)
     """Standard deviation of the router weight initialisation."""
     balance_loss: str = opt("none", choices=("none", "mole", "switch", "cv2"))
-    """Balance loss added to the task loss (see METHODS.md)."""
+    """Balance loss added to the task loss (see docs/METHODS.md)."""
     balance_weight: float = opt(0.0, min=0)
     """Weight alpha of the balance loss."""
     z_loss_weight: float = opt(0.0, min=0)
