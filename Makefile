@@ -116,6 +116,7 @@ runs/studies/mmlu/mmlu_math.jsonl: | setup
 study-routing-balance-multidomain: runs/studies/clusters/multidomain.k4.router.safetensors
 study-routing-balance-disjoint: runs/studies/clusters/disjoint.k4.router.safetensors
 runs/studies/clusters/%.k4.router.safetensors: | setup
+	mkdir -p runs/studies/clusters
 	$(BIN)/moetune cluster-heads recipes/hydralora.yaml data.train=data/$*/train.jsonl expert.num_experts=4 \
 	  --min 4 --max 4 --init-router --out runs/studies/clusters/$*.k4.yaml $(CLUSTER_ARGS)
 
