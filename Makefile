@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-balance studies study-tables lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-balance studies study-tables bench-serve lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -91,6 +91,12 @@ bench-variants: setup
 # and 2 (benchmarks/results/balance_scope.json; ARGS='--layers 6' for a shorter stack, --shared on a shared machine).
 bench-balance: setup
 	$(BIN)/python benchmarks/balance_scope.py $(ARGS)
+
+# `moetune serve` with 1, 4 and 16 concurrent streaming clients vs one at a time and a transformers generate loop, per
+# expert type on 2-step SmolLM2-135M runs it trains itself (benchmarks/results/serve.json; ARGS="--shared --threads 1"
+# on a shared machine, ARGS="--device cuda" on a GPU, ARGS="--workdir DIR" to keep and reuse the runs).
+bench-serve: setup
+	$(BIN)/python benchmarks/serve.py $(ARGS)
 
 # The committed studies (recipes/studies/NAME.yaml): `make study-NAME` runs one comparison into $(STUDY_RUNS)/NAME,
 # continuing where it stopped (--resume), and copies its comparison.{md,json,png} to benchmarks/results/studies/NAME/;

@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 LAYERS: dict[str, int] = {
     "cli": 9, "__main__": 9,  # parse arguments, call one command
     "commands": 8,            # what each command does: stages, validate, cluster-heads, chat, runs, ...
+    "serve": 8,               # `moetune serve`: loading runs on a shared base, continuous batching, the HTTP API
     "export": 7,              # merge, multi-LoRA merge, collapse, the stock-loading snippet
     "eval": 6,                # scoring (its loss is train.loss), generation, the routing report
     "train": 5,               # the loop, its loss, logs, activation checkpointing, FSDP, router fitting

@@ -323,6 +323,32 @@ def generate(source: Optional[Path] = SOURCE, overrides: Optional[List[str]] = O
 
 
 @app.command()
+def serve(runs: List[str] = typer.Argument(..., metavar="RUN", help="RUN directories (run, export, adapter or merged model "
+                                           "directories; a request's `model` is a RUN's directory name, or `base`), "
+                                           "then optional key=value recipe overrides applied to every RUN."),
+          host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; "
+                                   "then set --api-key-env, or put it behind a reverse proxy)."),
+          port: int = typer.Option(8000, "--port", help="Port (0: any free port; the one taken is printed)."),
+          max_batch: int = typer.Option(16, "--max-batch", help="Most sequences of one model decoded together."),
+          max_tokens_limit: int = typer.Option(512, "--max-tokens-limit", help="Largest max_tokens a request may ask "
+                                               "for (and the default of chat requests)."),
+          api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the "
+                                                    "key clients send as 'Authorization: Bearer KEY' (401 without)."),
+          device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (default: each recipe's "
+                                               "model.device)."),
+          drain_timeout: float = typer.Option(60.0, "--drain-timeout", help="On SIGTERM, seconds in-flight requests "
+                                              "may take to finish before the server stops anyway.")):
+    """Serve runs over an OpenAI-compatible HTTP API (chat/completions, completions, models; streaming), with
+    continuous batching, /health and Prometheus /metrics. Every expert type, routed mixtures included."""
+    from moetune.serve.server import serve as run_server
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        raise RecipeError(f"--device is {device!r}; allowed: auto, cpu, cuda.")
+    paths = [Path(r) for r in runs if "=" not in r or Path(r).is_dir()]
+    overrides = [r for r in runs if "=" in r and not Path(r).is_dir()]
+    run_server(paths, host, port, max_batch, max_tokens_limit, api_key_env, device, overrides, drain_timeout)
+
+
+@app.command()
 def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="Run directories, or folders searched for them "
                                                      "(default: runs/)."),
          sort: Optional[str] = typer.Option(None, "--sort", help="Sort by a column: run, type, trainable, steps, "

@@ -264,7 +264,8 @@ def test_cli_import_and_recipe_loading_leave_torch_out():
     assert res.stdout.split("\n")[0] == "5 []"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["merge-lora", "--help"], ["data", "make", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["merge-lora", "--help"], ["data", "make", "--help"],
+                                  ["serve", "--help"]])
 def test_help_exits_0_without_torch(argv):
     code = ("import sys\nfrom moetune.cli import main\n"
             f"sys.argv = ['moetune', *{argv!r}]\n"

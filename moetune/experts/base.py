@@ -163,6 +163,17 @@ class ExpertLayer(nn.Module, abc.ABC):
         raise RecipeError(f"expert type {cls.config_cls.__name__} does not mix trained LoRA adapters.")
 
     @classmethod
+    def generation_state(cls, model: nn.Module) -> Any | None:
+        """The object that holds a generation's per-sequence state outside the KV cache and the routing
+        context (CALM: the augmenting model's states and cache), or None. A server that decodes sequences
+        which join and leave a batch (`moetune serve`) moves it with the cache rows through its methods:
+        `snapshot()` -> S (the current state, by reference), `restore(S, cache)` (make S current, in step
+        with the anchor's KV cache object `cache`), `select(S, idx)` (keep batch rows idx),
+        `shift(S, n)` (n > 0: n masked positions added on the left; n < 0: the -n leftmost dropped) and
+        `concat([S, ...])` (rows stacked; equal lengths)."""
+        return None
+
+    @classmethod
     def parameters_over_experts(cls, model: nn.Module, cfg: ExpertConfig, router: Any, targets: list[str],
                                 n: int) -> int:
         """Parameters a type that first trains per-domain experts (`config_cls.per_domain_expert`) trains on top

@@ -165,6 +165,11 @@ class CALMLayer(ExpertLayer):
         return layers
 
     @classmethod
+    def generation_state(cls, model: nn.Module) -> AugmentingRunner | None:
+        """The runner: m_A's states and KV cache follow the anchor's cache rows (its snapshot/restore/select/shift/concat)."""
+        return getattr(model, "calm_runner", None)
+
+    @classmethod
     def extra_frozen_bytes(cls, model: nn.Module, cfg: CALMConfig, model_cfg, dtype_bytes: int) -> dict | None:
         """m_A's frozen weights, 4-bit as `augmenting_quantization` says (the anchor's setting for 'anchor')."""
         runner = getattr(model, "calm_runner", None)

@@ -214,3 +214,56 @@ class AugmentingRunner:
             self.model.base_model(input_ids=aug_ids, attention_mask=mask[:, None], position_ids=pos, use_cache=False)
         self.states = {i: self._new[i].detach() for i in self.layers}       # (b, S, D_A)
         self.allowed, self.ids = allowed, ids
+
+    # ------------------------------------------------ rows that join and leave a batch (`moetune serve`)
+    # The ExpertLayer.generation_state protocol: a state S = (states, m_A cache (keys, values) per layer,
+    # anchor ids (align mode), length), every tensor laid out like the anchor's left-padded KV cache rows.
+
+    def snapshot(self) -> tuple:
+        """The current input's state, by reference."""
+        kv = [(lay.keys, lay.values) for lay in self.cache.layers] if self.cache is not None else None
+        return dict(self.states), kv, self.ids, self.length
+
+    def restore(self, state: tuple, anchor_cache) -> None:
+        """Make `state` current, in step with the anchor's KV cache object `anchor_cache`."""
+        states, kv, ids, length = state
+        self.states, self.ids, self.length = dict(states), ids, length
+        self.cache = DynamicCache(ddp_cache_data=kv) if kv is not None else None
+        self.anchor_cache, self.allowed = anchor_cache, None
+
+    @staticmethod
+    def select(state: tuple, idx: torch.Tensor) -> tuple:
+        """Keep batch rows `idx`."""
+        states, kv, ids, length = state
+        return ({i: s[idx] for i, s in states.items()}, None if kv is None else [(k[idx], v[idx]) for k, v in kv],
+                None if ids is None else ids[idx], length)
+
+    @staticmethod
+    def shift(state: tuple, n: int) -> tuple:
+        """n > 0: n masked positions added on the left (zeros); n < 0: the -n leftmost positions dropped."""
+        if n == 0:
+            return state
+        states, kv, ids, length = state
+
+        def move(t: torch.Tensor, dim: int) -> torch.Tensor:             # (b, ..., S, ...) along dim
+            if n < 0:
+                return t.narrow(dim, -n, t.shape[dim] + n)
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim)
+
+        return ({i: move(s, 1) for i, s in states.items()},                     # (b, S, D_A)
+                None if kv is None else [(move(k, 2), move(v, 2)) for k, v in kv],   # (b, H, S, d)
+                None if ids is None else move(ids, 1), length + n)             # (b, S_B)
+
+    @staticmethod
+    def concat(parts: list[tuple]) -> tuple:
+        """Rows of every state stacked (all of one length)."""
+        if len({p[3] for p in parts}) != 1:
+            raise RuntimeError("CALM: states of different lengths cannot be stacked; shift them first")
+        states = {i: torch.cat([p[0][i] for p in parts]) for i in parts[0][0]}
+        kv = None if parts[0][1] is None else [
+            (torch.cat([p[1][j][0] for p in parts]), torch.cat([p[1][j][1] for p in parts]))
+            for j in range(len(parts[0][1]))]
+        ids = None if parts[0][2] is None else torch.cat([p[2] for p in parts])
+        return states, kv, ids, parts[0][3]
