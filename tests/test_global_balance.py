@@ -217,3 +217,20 @@ def test_two_processes_equal_one_with_the_global_balance_ddp_and_fsdp(tiny_llama
         assert other.keys() == one.keys()
         for k in one:
             torch.testing.assert_close(other[k], one[k], atol=1e-5, rtol=1e-4)
+
+
+def test_global_balance_under_bf16_autocast_logs_real_token_share(tiny_llama, tiny_data, tmp_path):
+    """train.precision bf16 (torch autocast on CPU too) with the global scope: both passes run under the step's
+    autocast, grad_accum 2 stays close to 1 (bf16 rounding only), and the step reports its padded slots, so
+    metrics.jsonl's real-token share is a fraction."""
+    runs = {}
+    for bs, acc in ((4, 1), (2, 2)):
+        out = tmp_path / f"bf16-{acc}"
+        _run(tiny_llama, tiny_data, out, *BALANCED, "router.balance_scope=global", "train.precision=bf16",
+             f"train.batch_size={bs}", f"train.grad_accum={acc}")
+        runs[acc] = _adapter(out)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        shares = [r["real_tokens"] for r in rows if "loss" in r]
+        assert shares and all(0.3 < s <= 1.0 for s in shares)
+    for k in runs[1]:
+        torch.testing.assert_close(runs[2][k], runs[1][k], atol=2e-2, rtol=5e-2)

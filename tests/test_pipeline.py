@@ -179,7 +179,7 @@ def test_data_inspect_json(tiny_llama, tmp_path, monkeypatch, capsys):
                                {"instruction": "Shout red", "response": "RED " * 40, "domain": "shout"}]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     code = cli(monkeypatch, "data", "inspect", "recipes/default.yaml", f"model.path={tiny_llama}",
-               f"data.train={train}", "data.validation=null", "data.validation_split=0", "data.test=null",
+               f"data.train={train}", "data.validation=null", "data.validation_split=0", "data.test=null", "stages=[train]",
                "data.max_length=64", f"data.cache_dir={tmp_path / 'c'}", "--json", "--examples", "2")
     assert code in (0, None)
     rep = json.loads(capsys.readouterr().out)
@@ -189,6 +189,10 @@ def test_data_inspect_json(tiny_llama, tmp_path, monkeypatch, capsys):
     assert s["truncated"] == 1                                       # the long answer is cut but kept
     assert s["domains"] == {"add": 10, "shout": 11}
     assert sum(h["rows"] for h in s["histogram"]) == 21 and s["histogram"][-1]["to"] == 64
+    eff = s["real_tokens"]  # real tokens / computed positions per layout (issue 26)
+    assert all(0 < v <= 1 for v in eff.values())
+    rows_of_64 = s["tokens"]["total"] / (64 * eff["dataset"])  # 'dataset': full rows of max_length
+    assert abs(rows_of_64 - round(rows_of_64)) < 0.01 and round(rows_of_64) >= s["tokens"]["total"] / 64
     ex = s["examples"][0]
     assert ex["trained"] and all(f"⟦{r}⟧" in ex["text"] for r in ex["trained"])
     assert ex["trained"][0].strip() in {r["response"] + "<|im_end|>" for r in rows}
@@ -247,7 +251,7 @@ def test_validate_reads_globs_and_mix(tiny_llama, tmp_path, monkeypatch, capsys)
     d.mkdir()
     write_jsonl(d / "a.jsonl", make_rows(4, 1))
     write_jsonl(d / "b.jsonl", make_rows(3, 2))
-    common = ["recipes/default.yaml", f"model.path={tiny_llama}", "data.validation=null", "data.test=null"]
+    common = ["recipes/default.yaml", f"model.path={tiny_llama}", "data.validation=null", "data.test=null", "stages=[train]"]
     assert cli(monkeypatch, "validate", *common, f"data.train={d}/*.jsonl") in (0, None)
     out = capsys.readouterr()
     assert "7 rows" in out.err and "Generating" not in out.err

@@ -13,6 +13,7 @@ import numpy as np
 from rich.text import Text
 
 from moetune.core.ui import console, plural, table
+from moetune.data.packing import layout_efficiency
 from moetune.data.pipeline import ExampleSet, load_splits
 from moetune.data.rows import IGNORE
 from moetune.models.load import load_tokenizer
@@ -51,7 +52,7 @@ def marked(tokenizer, input_ids: list[int], labels: list[int]) -> tuple[str, lis
     return text + tokenizer.decode(prev), runs
 
 
-def split_report(name: str, es: ExampleSet, tokenizer, max_length: int, n_show: int) -> dict:
+def split_report(name: str, es: ExampleSet, tokenizer, max_length: int, n_show: int, batch_size: int = 8) -> dict:
     lengths = es.column("length")
     domains = es.column("domain")
     dom, cnt = np.unique(domains, return_counts=True)
@@ -68,7 +69,8 @@ def split_report(name: str, es: ExampleSet, tokenizer, max_length: int, n_show: 
             "truncated": int(es.column("truncated").sum()), "max_length": max_length,
             "dropped_no_trained_token": info.get("dropped_no_target", 0),
             "trained_tokens": int(es.column("n_targets").sum()),
-            "histogram": histogram(lengths, max_length), "examples": shown}
+            "histogram": histogram(lengths, max_length), "examples": shown,
+            "real_tokens": layout_efficiency(lengths, max_length, batch_size)}
 
 
 def inspect(recipe: Recipe, n_show: int = 2) -> dict:
@@ -76,7 +78,9 @@ def inspect(recipe: Recipe, n_show: int = 2) -> dict:
     tok = load_tokenizer(recipe.model, log=lambda *a, **k: None)
     need = ("train", "validation") + (("test",) if recipe.data.test else ())
     splits = load_splits(recipe.data, tok, need)
-    return {"splits": [split_report(k, splits[k], tok, recipe.data.max_length, n_show) for k in need if k in splits]}
+    return {"splits": [split_report(k, splits[k], tok, recipe.data.max_length, n_show, recipe.train.batch_size)
+                       for k in need if k in splits], "packing": recipe.data.packing,
+            "batch_size": recipe.train.batch_size}
 
 
 def show(report: dict) -> None:
@@ -90,6 +94,10 @@ def show(report: dict) -> None:
         console.print(head, highlight=False)
         for b in s["bad_examples"]:
             console.print(f"  skipped: {b}", highlight=False)
+        eff = s["real_tokens"]
+        console.print(f"  real tokens of the computed positions (train.batch_size={report.get('batch_size', '?')}): "
+                      f"{eff['unpacked']:.0%} unpacked, {eff['true']:.0%} with data.packing=true, {eff['dataset']:.0%} "
+                      f"with data.packing=dataset (this recipe: {report.get('packing')})", highlight=False)
         console.print(table("domains", ["domain", "examples"], [[d, f"{c:,}"] for d, c in s["domains"].items()]))
         top = max((h["rows"] for h in s["histogram"]), default=0) or 1
         console.print(table("token lengths", ["tokens", "examples", ""],

@@ -32,6 +32,7 @@ from moetune.run.rundir import (before_start, check_resume_recipe, forget_failed
 from moetune.run.session import Run, held_out_source, model_with_adapter
 from moetune.train.loggers import check_trackers
 from moetune.train.loop import train
+from moetune.train.precision import mixed_precision
 
 # accelerate and transformers (heavy imports) are imported inside the functions that use them.
 
@@ -291,8 +292,7 @@ def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False, 
         raise not_mergeable(recipe.expert.type)  # before training, not after
     check_trackers(list(recipe.train.report_to))  # a missing tensorboard/wandb/mlflow: fail before any work
     cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
-    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision] if not cpu else "no"
-    acc = Accelerator(cpu=cpu, mixed_precision=mp)
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision(recipe, cpu))  # train.precision, CPU and GPU alike
     run = Run(recipe, acc)
     if not run.main:  # the main process guards output_dir; the others refuse a run without --resume too
         if "train" in recipe.stages and not overwrite:

@@ -21,6 +21,7 @@ from moetune.models.load import attn_implementation, load_config, pick_device
 from moetune.models.load import base_dtype
 from moetune.models.quant import check_backend, check_quantizable, frozen_bytes
 from moetune.recipe import Recipe
+from moetune.train.precision import compute_precision
 
 # transformers (a heavy import) is imported inside the function that uses it.
 
@@ -47,7 +48,7 @@ def estimate(recipe: Recipe) -> dict:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     tokens = recipe.train.batch_size * recipe.data.max_length
-    act_bytes = 34 * tokens * hidden * layers * (2 if recipe.train.precision == "fp32" else 1)
+    act_bytes = 34 * tokens * hidden * layers * (2 if compute_precision(recipe) == "fp32" else 1)
     if getattr(recipe.train, "gradient_checkpointing", False):  # each block keeps its input; one block's full set
         act_bytes = act_bytes // 34 * 2 // max(layers, 1) * layers + act_bytes // max(layers, 1)
     mem = {"frozen_weights": frozen["quantized"] + frozen["float"], "adapter_train_state": trainable * 16,

@@ -24,6 +24,16 @@ from moetune.models.projection import dims as base_dims
 from moetune.recipe.experts import ExpertConfig
 
 
+def compute_input(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """x as an adapter matmul with `param` reads it. Under autocast (`train.precision: bf16`, moetune/train/
+    precision.py) x is left as it is: autocast runs the matmul in bf16, casting the float32 master weight
+    once per forward, and its backward (dx, dW) in bf16 too; the weight's gradient reaches the float32
+    master through that cast (mixed precision as in Micikevicius et al. 2018, "Mixed Precision Training",
+    without loss scaling: bf16 has float32's exponent range). Without autocast, x is cast to the
+    parameter's dtype (float32 adapters on a bfloat16 base compute in float32)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(param.dtype)
+
+
 class ExpertLayer(nn.Module, abc.ABC):
     """Wraps one frozen base projection. Subclasses: one file each, one paper each.
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetune.core.errors import RecipeError
-from moetune.experts.base import ExpertLayer
+from moetune.experts.base import ExpertLayer, compute_input
 from moetune.experts.calm_align import load_aligner
 from moetune.experts.calm_bridge import AugmentingRunner, check_tokenizers, load_augmenting
 from moetune.models.layers import decoder_layers
@@ -117,8 +117,8 @@ class CALMLayer(ExpertLayer):
         allowed = self.runner.allowed                                    # (b, T, S) bool
         b, T, _ = h.shape
         S = a.shape[1]
-        x = h.to(self.w_q.weight.dtype)
-        kv = self.kv_norm(self.proj(a.to(self.w_q.weight.dtype)))        # (b, S, D_B)
+        x = compute_input(h, self.w_q.weight)
+        kv = self.kv_norm(self.proj(compute_input(a, self.w_q.weight)))  # (b, S, D_B)
         q = self.w_q(self.q_norm(x)).view(b, T, self.heads, self.head_dim).transpose(1, 2)   # (b, H, T, d_h)
         k = self.w_k(kv).view(b, S, self.heads, self.head_dim).transpose(1, 2)               # (b, H, S, d_h)
         v = self.w_v(kv).view(b, S, self.heads, self.head_dim).transpose(1, 2)               # (b, H, S, d_h)

@@ -42,7 +42,7 @@ from torch import nn
 
 from moetune.core.adapter_files import LORA_KEYS, PEFT_PREFIX
 from moetune.core.errors import RecipeError
-from moetune.experts.base import ExpertLayer
+from moetune.experts.base import ExpertLayer, compute_input
 from moetune.models import projection
 from moetune.recipe.experts import ExpertConfig, LoRAConfig, lora_scale
 
@@ -106,7 +106,7 @@ class LoRALayer(ExpertLayer):
         if self.cfg.use_dora:
             y = self.base(x)
             return self.change(x, y).to(y.dtype)
-        return self.low_rank(self.drop(x.to(self.lora_A.dtype)))  # (..., d_out)
+        return self.low_rank(self.drop(compute_input(x, self.lora_A)))  # (..., d_out)
 
     # ------------------------------------------------------------ DoRA
 
@@ -119,7 +119,7 @@ class LoRALayer(ExpertLayer):
     def change(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (..., d_in), (..., d_out) -> (..., d_out)
         if not self.cfg.use_dora:
             return self.delta(x)
-        x = x.to(self.lora_A.dtype)
+        x = compute_input(x, self.lora_A)
         g = self.lora_magnitude_vector / self.weight_norm()     # (d_out,) m / n
         if isinstance(self.drop, nn.Identity) or not self.training:
             b = projection.bias(self.base)

@@ -62,7 +62,7 @@ from torch import nn
 from moetune.core.adapter_files import WEIGHTS, read_adapter
 from moetune.core.errors import RecipeError
 from moetune.core.recompute import recomputing
-from moetune.experts.base import ExpertLayer
+from moetune.experts.base import ExpertLayer, compute_input
 from moetune.experts.balance import load_sums
 from moetune.experts.routing import Router, forward_mask, router_losses
 from moetune.models.layers import layer_index
@@ -260,7 +260,7 @@ class MoLELayer(ExpertLayer):
 
     def expert_hidden(self, x: torch.Tensor) -> torch.Tensor:           # (..., d_in) -> (..., N, r)
         """h_n = A_n x for every expert n at once (one einsum over the stacked A)."""
-        return torch.einsum("...d,nrd->...nr", x.to(self.expert_A.dtype), self.expert_A)
+        return torch.einsum("...d,nrd->...nr", compute_input(x, self.expert_A), self.expert_A)
 
     def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:          # (..., d_in) -> (..., N, d_out)
         """E_n(x) = s_n B_n A_n x for every expert n (reports and tests; the forward never forms it)."""

@@ -32,6 +32,7 @@ from torch import nn
 
 from moetune.core.recompute import recomputing
 from moetune.experts.balance import balance_from_stats, load_sums, top_k_assignments
+from moetune.experts.base import compute_input
 from moetune.experts.router_init import init_routers, router_init_weight  # noqa: F401 (re-exported)
 from moetune.experts.context import current_context, prompt_mask, routing_context  # noqa: F401 (the last two re-exported)
 from moetune.recipe import RouterConfig
@@ -355,7 +356,7 @@ def low_rank_and_gates(x: torch.Tensor, a: torch.Tensor, router: Router,
              and not torch.is_autocast_enabled(x.device.type)
              and x.dtype == a.dtype == router.weight.dtype == torch.float32)
     if not fused:
-        return dropout(x.to(a.dtype)) @ a.t(), router(x)
+        return dropout(compute_input(x, a)) @ a.t(), router(x)       # under autocast: bf16 from the fp32 master
     k = a.shape[0]
     z = x @ torch.cat([a, router.weight]).t()                            # (..., k + N)
     h, logits = z.split([k, z.shape[-1] - k], dim=-1)                    # (..., k), (..., N)

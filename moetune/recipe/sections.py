@@ -212,11 +212,17 @@ class DataConfig:
     """Where tokenised datasets are cached, keyed by a fingerprint of the source files, these data
     settings and the tokenizer (None: $MOETUNE_DATA_CACHE, else ~/.cache/moetune/datasets or
     $MOETUNE_HOME/datasets). A rerun or --resume reuses the cache; a change makes a new one."""
-    packing: bool = False
-    """Pack the examples of each micro-batch into as few rows of `max_length` tokens as fit
-    (first-fit decreasing), with position ids restarting per example and attention kept inside
-    each example (block-diagonal mask; flash-attention varlen when the model uses it). The
-    examples per step and the loss are unchanged; less padding is computed. Not for 'calm'."""
+    packing: bool | str = opt(False, choices=(False, True, "dataset"))
+    """Several examples per row, with position ids restarting per example and attention kept inside
+    each example (block-diagonal mask; flash-attention varlen when the model uses it); the first token
+    of each example is never a target. true: the examples of each micro-batch go into as few rows of
+    `max_length` tokens as fit (first-fit decreasing): the examples per step and the loss are those of
+    unpacked training, less padding is computed. 'dataset': the whole epoch is packed into rows of
+    `max_length` tokens (best-fit decreasing over the seeded epoch order, the rows then shuffled; TRL's
+    `packing_strategy: bfd`, axolotl's `sample_packing`), and `train.batch_size` counts those ROWS, so a
+    step trains a budget of batch_size * grad_accum * processes * max_length token positions rather
+    than a number of examples (the loss stays the mean over the step's target tokens; sequence-level
+    routing and domain statistics still see each example). Not for 'calm'."""
     group_by_length: bool = False
     """Unpacked training: batches of examples of similar length (sorted within megabatches of
     50 global batches, the batches shuffled), so less padding is computed."""
@@ -263,8 +269,14 @@ class TrainConfig:
     per-domain LoRAs. Only the optimizer changes (axolotl's `loraplus_lr_ratio`)."""
     max_grad_norm: float = opt(1.0, min=0)
     """Clip the gradient norm to this (0 disables)."""
-    precision: str = opt("fp32", choices=("fp32", "bf16", "fp16"))
-    """Autocast precision on GPU; CPU always runs fp32."""
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
+    """Compute precision of training (TRL's / transformers' `bf16`, `fp16`). 'bf16': the forward runs under
+    bfloat16 autocast on CPU and GPU alike, so the base's and the adapters' matmuls run in bf16 forward and
+    backward, while the adapter master weights, their gradients and the optimizer state stay float32 and the
+    loss and the routers are computed in float32 (about 2x the matmul speed on CPUs with avx512_bf16/AMX and
+    on GPUs). 'fp16': autocast on GPU with loss scaling; on CPU it trains fp32. 'fp32': no autocast (a
+    bfloat16 base then meets float32 adapters: their part runs in float32). 'auto': 'bf16' when
+    model.dtype is bfloat16, else 'fp32'."""
     distributed: str = opt("ddp", choices=("ddp", "fsdp"))
     """How several processes (`accelerate launch` / `torchrun`) share the work. 'ddp': each holds the
     whole model, gradients are all-reduced. 'fsdp': FSDP2 (torch fully_shard) shards the frozen base

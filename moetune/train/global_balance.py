@@ -79,7 +79,7 @@ class GlobalBalanceStep(TrainStep):
         device, total, states = self.accelerator.device, None, []
         for batch in batches:
             states.append(_rng_state(device))
-            with self.accelerator.autocast():
+            with self.autocast():
                 self.objective.forward(self.lm, batch)
             groups = balance_groups(self.model)
             sums = torch.cat([s.float() for _, s in groups]) if groups else torch.zeros(0, device=device)
@@ -89,17 +89,18 @@ class GlobalBalanceStep(TrainStep):
     def forward_backward(self, rows: list[Example], micro_batches: list[list[int]],
                          units: int) -> tuple[torch.Tensor, StepResult]:
         acc, world, device = self.accelerator, self.strategy.world, self.accelerator.device
-        batches = [self.objective.batch([rows[i] for i in mb], device) for mb in micro_batches]
+        batches = [self.objective.batch([rows[i] for i in mb], device, getattr(mb, "sizes", None)) for mb in micro_batches]
         m = len(batches)
         total, states = self.statistics(batches) if m > 1 else (None, None)
         loss_sum = torch.zeros((), device=device)
         aux_sum: dict[str, float] = {}
-        tokens = 0
+        tokens, slots = 0, 0
         for j, batch in enumerate(batches):
             if states is not None:
                 _set_rng_state(states[j], device)
             tokens += int(batch["attention_mask"].sum()) * world
-            with self.strategy.sync(self.lm, self.model, j == m - 1), acc.autocast():
+            slots += batch["attention_mask"].numel() * world
+            with self.strategy.sync(self.lm, self.model, j == m - 1), self.autocast():
                 s, aux = self.objective.forward(self.lm, batch)
                 groups = balance_groups(self.model)
                 glob = global_aux(groups, self.global_sums(groups) if total is None else total)
@@ -108,7 +109,7 @@ class GlobalBalanceStep(TrainStep):
             loss_sum += s.detach()
             for k, v in [*aux.items(), *glob.items()]:
                 aux_sum[k] = aux_sum.get(k, 0.0) + float(v.detach()) / m
-        return loss_sum, StepResult(float("nan"), aux_sum, tokens=tokens,
+        return loss_sum, StepResult(float("nan"), aux_sum, tokens=tokens, slots=slots,
                                     mask=batches[-1]["attention_mask"] if batches else None)
 
 

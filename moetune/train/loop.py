@@ -19,7 +19,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from moetune.adapters.inject import lora_plus_parameters, trainable_parameters
@@ -34,7 +33,7 @@ from moetune.train.activation_checkpointing import enable_checkpointing
 from moetune.train.global_balance import step_class
 from moetune.train.loggers import TrainLoggers
 from moetune.train.loss import CausalLMLoss
-from moetune.train.plan import Plan
+from moetune.train.plan import Plan, make_plan  # noqa: F401 (Plan: the examples plan, for callers)
 from moetune.train.routing_log import routing_snapshot
 from moetune.train.signals import StopRequest
 from moetune.train.step import SFT, StepResult
@@ -139,12 +138,7 @@ class Trainer:
         self.recipe, self.model, self.accelerator, self.run_dir = recipe, model, accelerator, run_dir
         self.train_ex, self.val_ex = splits["train"], splits.get("validation") or []
         self.pad_id = tokenizer.pad_token_id
-        lengths = None
-        if recipe.data.group_by_length:
-            lengths = (self.train_ex.column("length") if isinstance(self.train_ex, ExampleSet)
-                       else np.asarray([len(e.input_ids) for e in self.train_ex]))
-        self.plan = Plan(len(self.train_ex), cfg.batch_size, cfg.grad_accum, accelerator.num_processes, cfg.epochs,
-                         cfg.max_steps, lengths)
+        self.plan = make_plan(recipe, self.train_ex, accelerator.num_processes)  # examples or token budget per step
         if not trainable_parameters(model):
             raise RecipeError("No trainable parameters: the expert wrapped nothing.")
         if cfg.gradient_checkpointing:
@@ -172,9 +166,9 @@ class Trainer:
             raise RecipeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'} verifies"
                               f"{' (' + '; '.join(damaged) + ')' if damaged else ''}. Allowed: start over with "
                               "--overwrite (the old run is moved aside, not deleted).")
-        if state["position"].get("global_batch") != plan.global_batch:  # checked before anything is applied
-            raise RecipeError("--resume: the global batch differs from the checkpoint's "
-                              f"({state['position'].get('global_batch')} vs {plan.global_batch}).")
+        why = plan.mismatch(state["position"])  # checked before anything is applied
+        if why:
+            raise RecipeError(f"--resume: {why}.")
         self.strategy.load_state(self.model, self.optimizer, state["adapter"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(*state["rng"])
@@ -194,13 +188,13 @@ class Trainer:
         model.train()
         progress = TrainProgress(plan.total_steps, start, console, enabled=acc.is_main_process)
         self.t0 = time.perf_counter()
-        self.window_tokens, self.window_t0 = 0, time.perf_counter()
+        self.window_tokens, self.window_slots, self.window_t0 = 0, 0, time.perf_counter()
         log = console.print if console is not None and acc.is_main_process else None
         with progress, StopRequest(log) as stop:
             for step in range(start, end):
                 indices = plan.step_indices(step, cfg.seed)
                 rows = take(self.train_ex, indices)  # the global batch's examples, read once (one Arrow gather)
-                result = self.train_step(step, rows, plan.micro_batches(list(range(len(indices))), acc.process_index))
+                result = self.train_step(step, rows, plan.micro_batches(indices, acc.process_index))
                 self.evaluate_and_checkpoint(step + 1, end, result, progress)
                 signum = self.strategy.agree(stop.signum or 0)  # every process stops after the same step
                 if signum:
@@ -229,6 +223,7 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         self.last_loss = result.loss
         self.window_tokens += result.tokens
+        self.window_slots += result.slots
         lr = self.scheduler.get_last_lr()[0]
         tps = self.window_tokens / max(time.perf_counter() - self.window_t0, 1e-9)
         progress.update(done, result.loss, lr, tps)
@@ -236,8 +231,9 @@ class Trainer:
             grad_norm = self.strategy.value(result.grad_norm) if result.grad_norm is not None else None
             self.metrics.log({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": result.loss,
                               "lr": lr, "tokens_per_s": round(tps, 1), "grad_norm": grad_norm,
+                              "real_tokens": round(self.window_tokens / max(self.window_slots, 1), 4),
                               **({"aux": result.aux} if result.aux else {})}, mask=result.mask)
-            self.window_tokens, self.window_t0 = 0, time.perf_counter()
+            self.window_tokens, self.window_slots, self.window_t0 = 0, 0, time.perf_counter()
         if self.val_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < end:
             self.val = self.validate()
             self.metrics.log({"step": done, "split": "validation", "val_loss": self.val, **self.val_routing()})
@@ -272,8 +268,7 @@ class Trainer:
         opt_state = self.strategy.optimizer_state(self.optimizer)
         if self.accelerator.is_main_process:
             save_checkpoint(self.run_dir, step, adapter, opt_state, self.scheduler,
-                            {"step": step, "global_batch": plan.global_batch, "epoch": step / plan.steps_per_epoch,
-                             "examples_seen": step * plan.global_batch, "seconds": round(self.seconds(), 3),
+                            {**plan.position(step), "seconds": round(self.seconds(), 3),
                              "train_loss": self.last_loss if math.isfinite(self.last_loss) else None},
                             keep=self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()

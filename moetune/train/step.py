@@ -29,6 +29,7 @@ from moetune.data.packing import pack
 from moetune.data.rows import Example, collate
 from moetune.experts.routing import scheduled_temperature, set_temperature
 from moetune.train.loss import CausalLMLoss
+from moetune.train.precision import compute_autocast, compute_precision
 
 
 def seed_step(seed: int, step: int, rank: int, world: int) -> None:
@@ -55,11 +56,12 @@ class SFT:
     """`sft`, supervised fine-tuning: the causal-LM loss on response tokens (train/loss.py's CausalLMLoss,
     the `lm` the strategy prepared), normalised by the global batch's number of target tokens.
 
-    Batches are right-padded (`collate`) or packed (`data.packing`, moetune/data/packing.py); with
-    `router.domain_loss_weight` each batch carries its tokens' domains (`token_domain`), which the loss
-    hands to the routers through the routing context."""
+    Batches are right-padded (`collate`) or packed (`data.packing`, moetune/data/packing.py: true packs each
+    micro-batch, 'dataset' lays out the rows a token-budget plan chose); with `router.domain_loss_weight`
+    each batch carries its tokens' domains (`token_domain`), which the loss hands to the routers through
+    the routing context."""
 
-    def __init__(self, packing: bool, max_length: int, pad_id: int, domains: dict[str, int] | None = None) -> None:
+    def __init__(self, packing: bool | str, max_length: int, pad_id: int, domains: dict[str, int] | None = None) -> None:
         self.packing, self.max_length, self.pad_id, self.domains = packing, max_length, pad_id, domains
 
     def module(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -70,9 +72,13 @@ class SFT:
         """Target tokens of the whole global batch (the first label of a row is never predicted)."""
         return sum(sum(1 for lab in e.labels[1:] if lab >= 0) for e in rows)
 
-    def batch(self, examples: list[Example], device) -> dict[str, torch.Tensor]:
-        """One micro-batch of `examples` as the loss's keyword arguments, on `device`."""
-        b = pack(examples, self.max_length, self.pad_id) if self.packing else collate(examples, self.pad_id)
+    def batch(self, examples: list[Example], device, sizes: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """One micro-batch of `examples` as the loss's keyword arguments, on `device`; `sizes`: the packed rows a
+        token-budget plan chose (examples per row, train/plan.py's `Rows`)."""
+        if sizes is not None or self.packing:
+            b = pack(examples, self.max_length, self.pad_id, sizes)
+        else:
+            b = collate(examples, self.pad_id)
         batch = {k: v.to(device) for k, v in b.items()}
         doms = token_domains(examples, self.domains, batch["attention_mask"], batch.get("example_index"))  # (B, T)
         if doms is not None:
@@ -94,6 +100,7 @@ class StepResult:
     aux: dict[str, float] = field(default_factory=dict)
     grad_norm: torch.Tensor | None = None
     tokens: int = 0                            # real tokens of the global batch (this process's times world)
+    slots: int = 0                             # token positions computed, padding included (the same scale)
     mask: torch.Tensor | None = None           # the last micro-batch's attention mask (B, T): routing statistics
 
 
@@ -108,6 +115,7 @@ class TrainStep:
         self.model, self.lm, self.objective, self.strategy = model, lm, objective, strategy
         self.optimizer, self.scheduler, self.params = optimizer, scheduler, params
         self.cfg, self.router_cfg, self.total_steps, self.accelerator = recipe.train, recipe.router, total_steps, accelerator
+        self.precision = compute_precision(recipe)
 
     def __call__(self, step: int, rows: list[Example], micro_batches: list[list[int]]) -> StepResult:
         acc = self.accelerator
@@ -126,18 +134,25 @@ class TrainStep:
         acc, world, device = self.accelerator, self.strategy.world, self.accelerator.device
         loss_sum = torch.zeros((), device=device)
         aux_sum: dict[str, float] = {}
-        tokens, batch = 0, None
+        tokens, slots, batch = 0, 0, None
         for j, mb in enumerate(micro_batches):
-            batch = self.objective.batch([rows[i] for i in mb], device)
+            batch = self.objective.batch([rows[i] for i in mb], device, getattr(mb, "sizes", None))
             tokens += int(batch["attention_mask"].sum()) * world
-            with self.strategy.sync(self.lm, self.model, j == len(micro_batches) - 1), acc.autocast():
+            slots += batch["attention_mask"].numel() * world
+            with self.strategy.sync(self.lm, self.model, j == len(micro_batches) - 1), self.autocast():
                 s, aux = self.objective.forward(self.lm, batch)
                 acc.backward(self.micro_loss(s, aux, units, len(micro_batches)))
             loss_sum += s.detach()
             for k, v in aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + float(v.detach()) / len(micro_batches)
-        return loss_sum, StepResult(float("nan"), aux_sum, tokens=tokens,
+        return loss_sum, StepResult(float("nan"), aux_sum, tokens=tokens, slots=slots,
                                     mask=None if batch is None else batch["attention_mask"])
+
+    def autocast(self):
+        """bf16: torch's autocast, the same on CPU and GPU (train/precision.py); else accelerate's (fp16 on GPU)."""
+        if self.precision == "bf16":
+            return compute_autocast(self.accelerator.device, "bf16")
+        return self.accelerator.autocast()
 
     def micro_loss(self, task_sum: torch.Tensor, aux: dict[str, torch.Tensor], units: int, n_micro: int) -> torch.Tensor:
         """The loss one micro-batch backpropagates: its share of the global mean task loss plus the mean of
