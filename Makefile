@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-balance studies study-tables bench-serve lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-balance bench-dpo studies study-tables bench-serve lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -91,6 +91,11 @@ bench-variants: setup
 # and 2 (benchmarks/results/balance_scope.json; ARGS='--layers 6' for a shorter stack, --shared on a shared machine).
 bench-balance: setup
 	$(BIN)/python benchmarks/balance_scope.py $(ARGS)
+
+# A DPO step of moetune vs TRL's DPOTrainer + PEFT on the same pairs of data/preference (LoRA r16 on SmolLM2-135M;
+# benchmarks/results/dpo.json; add ARGS=--shared on a shared machine, ARGS=--device cuda on a GPU).
+bench-dpo: setup
+	$(BIN)/python benchmarks/dpo.py $(ARGS)
 
 # `moetune serve` with 1, 4 and 16 concurrent streaming clients vs one at a time and a transformers generate loop, per
 # expert type on 2-step SmolLM2-135M runs it trains itself (benchmarks/results/serve.json; ARGS="--shared --threads 1"

@@ -27,6 +27,7 @@ from moetune.core.adapter_files import find_adapter_dir, read_meta
 from moetune.core.errors import Interrupted, RecipeError, Terminated
 from moetune.core.ui import console, plural
 from moetune.data.datagen import write_splits
+from moetune.data.prefgen import write_pairs
 from moetune.recipe import explain as explain_text
 from moetune.recipe import anchor_path, load_recipe, load_run_recipe
 
@@ -352,14 +353,15 @@ def serve(runs: List[str] = typer.Argument(..., metavar="RUN", help="RUN directo
 def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="Run directories, or folders searched for them "
                                                      "(default: runs/)."),
          sort: Optional[str] = typer.Option(None, "--sort", help="Sort by a column: run, type, trainable, steps, "
-                                            "seconds, tokens_per_s, train_loss, val_loss, em_before, em_after."),
+                                            "seconds, tokens_per_s, train_loss, val_loss, em_before, em_after, "
+                                            "pref_after, reward_margin."),
          domains: bool = typer.Option(False, "--domains", help="Add the per-domain exact match (before -> after)."),
          as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
          as_markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table (for READMEs).")):
     """Compare runs: one row per run directory (type, parameters, steps, time, losses, exact match)."""
     import json
     from rich.console import Console
-    from moetune.commands.runs import COLUMNS, HEADERS, find_runs, markdown, run_row, sort_rows, table_cells
+    from moetune.commands.runs import COLUMNS, find_runs, has_preference, headers, markdown, run_row, sort_rows, table_cells
     from moetune.core.ui import table
     if sort is not None and sort not in COLUMNS:
         raise RecipeError(f"--sort is {sort!r}; allowed: {', '.join(COLUMNS)}.")
@@ -383,8 +385,9 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="
     if as_markdown:
         typer.echo(markdown(rows, names))
         return
-    Console(width=None if sys.stdout.isatty() else 240).print(table(plural(len(rows), "run"), HEADERS + [f"EM {d}" for d in names],
-                                          [table_cells(r, names) for r in rows]))
+    pref = has_preference(rows)
+    Console(width=None if sys.stdout.isatty() else 240).print(table(plural(len(rows), "run"), headers(names, pref),
+                                          [table_cells(r, names, pref) for r in rows]))
 
 
 @app.command()
@@ -418,14 +421,20 @@ def compare(recipe: Path = typer.Argument(..., help="Recipe YAML file, or a stud
 
 
 @data_app.command("make")
-def data_make(out: Path = typer.Option(Path("data/default"), help="Output directory."),
+def data_make(out: Optional[Path] = typer.Option(None, help="Output directory (default: data/default, with "
+                                                 "--preference data/preference)."),
               seed: int = typer.Option(0, help="Generator seed."),
-              n_train: int = typer.Option(1500, help="Training rows (a multiple of the 5 domains)."),
-              n_validation: int = typer.Option(100, help="Validation rows."),
-              n_test: int = typer.Option(200, help="Test rows.")):
-    """Regenerate the default multi-domain instruction data (deterministic)."""
+              n_train: Optional[int] = typer.Option(None, help="Training rows (a multiple of the 5 domains; default "
+                                                    "1500, with --preference 500)."),
+              n_validation: Optional[int] = typer.Option(None, help="Validation rows (default 100; 50)."),
+              n_test: Optional[int] = typer.Option(None, help="Test rows (default 200; 100)."),
+              preference: bool = typer.Option(False, "--preference", help="The preference pairs (right answer over "
+                                              "a near miss) built from the default data instead.")):
+    """Regenerate the default multi-domain instruction data, or its preference pairs (deterministic)."""
+    sizes = {k: v for k, v in (("n_train", n_train), ("n_validation", n_validation), ("n_test", n_test)) if v is not None}
     try:
-        paths = write_splits(out, seed=seed, n_train=n_train, n_validation=n_validation, n_test=n_test)
+        paths = (write_pairs(out or Path("data/preference"), seed=seed, **sizes) if preference
+                 else write_splits(out or Path("data/default"), seed=seed, **sizes))
     except ValueError as e:
         raise RecipeError(str(e)) from None
     for split, path in paths.items():

@@ -5,6 +5,9 @@ parameters), never by matching parameter names.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -106,3 +109,58 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable adapter parameters, all parameters)."""
     trainable = sum(p.numel() for p in trainable_parameters(model))
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------ reference models (preference tuning)
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Inside the block every expert layer of `model` computes its base module alone (`ExpertLayer.adapter_off`),
+    so the model is its frozen base: DPO's reference model without a second copy of the weights."""
+    layers = list(expert_layers(model).values())
+    before = [layer.adapter_off for layer in layers]
+    for layer in layers:
+        layer.adapter_off = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer.adapter_off = was
+
+
+class AdapterCopy:
+    """A frozen copy of a model's adapter tensors: `with copy.swapped():` the model computes with them (each
+    adapter parameter copied in; its own values copied back after, also on an exception). Taken from the live
+    parameters (`of_model`: the same layout, sharded or not, as the run's), or from a saved adapter's
+    tensors (`of_state`)."""
+
+    def __init__(self, params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.params, self.values = params, values
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> "AdapterCopy":
+        params = trainable_parameters(model)
+        with torch.no_grad():
+            return cls(params, [p.detach().clone() for p in params])
+
+    @classmethod
+    def of_state(cls, model: nn.Module, state: dict[str, torch.Tensor]) -> "AdapterCopy":
+        """The tensors of `state` (keyed as `adapter_state_dict`), which must fit `model`'s adapter exactly."""
+        params = {f"{n}.{k}": v for n, layer in expert_layers(model).items() for k, v in layer.adapter_state().items()}
+        if set(params) != set(state) or any(params[k].shape != state[k].shape for k in params):
+            raise ValueError(f"the reference adapter does not fit this model's adapter "
+                             f"(missing {sorted(set(params) - set(state))[:3]}, unexpected {sorted(set(state) - set(params))[:3]})")
+        return cls(list(params.values()), [state[k].to(params[k].device, params[k].dtype) for k in params])
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        with torch.no_grad():
+            own = [p.detach().clone() for p in self.params]
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, own):
+                    p.copy_(v)

@@ -18,12 +18,14 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from moetune.adapters.inject import adapter_state_dict, expert_layers, inject, load_adapter_state_dict
+from moetune.adapters.inject import (AdapterCopy, adapter_state_dict, adapters_off, expert_layers, inject,
+                                     load_adapter_state_dict)
 from moetune.core.adapter_files import read_adapter
 from moetune.core.checkpoint import atomic_dir
+from moetune.core.errors import RecipeError
 from moetune.experts import REGISTRY, ExpertConfig, config_class
 from moetune.models.load import stock_base_name
-from moetune.recipe import RouterConfig
+from moetune.recipe import Recipe, RouterConfig
 
 
 def save_adapter(out_dir: str | Path, model: nn.Module, expert: ExpertConfig, router: RouterConfig | None,
@@ -78,3 +80,50 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, fresh_seed: int | No
     inject(model, expert, router)
     load_adapter_state_dict(model, state)
     return meta
+
+
+# ------------------------------------------------------------------ preference tuning: start and reference
+
+def reference_dir(reference: str | Path) -> Path:
+    """The adapter directory `train.reference` names: a run directory's `adapter/`, or an adapter directory."""
+    d = Path(reference)
+    return d / "adapter" if (d / "adapter" / "adapter_model.safetensors").is_file() else d
+
+
+def start_adapter(model: nn.Module, recipe: Recipe) -> None:
+    """Give `model` the adapter training starts from: a fresh one (`inject` with the recipe's expert and router),
+    or with `train.reference` (DPO after SFT) the same layers holding that run's trained tensors (the policy
+    starts at the reference, as in TRL with an SFT-ed PEFT adapter loaded twice). The recipe's expert settings
+    must be the reference adapter's (all but dropout, a training setting, and the module names, which the
+    adapter's tensors are checked against)."""
+    inject(model, recipe.expert, recipe.router, seed=recipe.train.seed)
+    if recipe.train.reference is None:
+        return
+    d = reference_dir(recipe.train.reference)
+    if not (d / "adapter_model.safetensors").is_file():
+        raise RecipeError(f"Recipe key 'train.reference' names {recipe.train.reference!r}, which holds no trained "
+                          f"adapter (no {d / 'adapter_model.safetensors'}; working directory: {Path.cwd()}). Allowed: "
+                          "null (the base model, adapters off), or the run directory (or adapter directory) of a "
+                          "finished run: train that run first (e.g. `make demo` writes runs/default).")
+    meta, state = read_adapter(d)
+    mine, theirs = dataclasses.asdict(recipe.expert), dict(meta["expert"])
+    diff = [f"expert.{k}: {mine[k]!r} here, {theirs[k]!r} in the reference" for k in mine
+            if k not in ("target_modules", "init_seed", "dropout") and k in theirs and mine[k] != theirs[k]]
+    try:
+        if diff:
+            raise ValueError("; ".join(diff))
+        load_adapter_state_dict(model, state)
+    except ValueError as e:
+        raise RecipeError(f"Recipe key 'train.reference' names {recipe.train.reference!r}, whose adapter ({d}) does "
+                          f"not fit this recipe's expert section ({e}). The policy starts from that adapter, so the "
+                          f"expert section must be its own: copy it from {Path(recipe.train.reference) / 'recipe.yaml'}."
+                          ) from None
+
+
+def reference_context(model: nn.Module, reference: str | None):
+    """A function giving the context in which `model` computes DPO's reference model: its adapters switched off
+    (`reference` None), or the adapter saved under the run `reference` swapped in (read once, here)."""
+    if reference is None:
+        return lambda: adapters_off(model)
+    _, state = read_adapter(reference_dir(reference))
+    return AdapterCopy.of_state(model, state).swapped

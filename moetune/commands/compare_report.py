@@ -70,6 +70,16 @@ def _em_pairs(r: RunResult):
     return (np.frombuffer(c.encode(), np.uint8) - ord("0"), None) if c else None
 
 
+def _preferred_pairs(r: RunResult):
+    c = r.examples.get("preferred")
+    return (np.frombuffer(c.encode(), np.uint8) - ord("0"), None) if c else None
+
+
+def _preference(r: RunResult, key: str) -> float | None:
+    """A number of eval's preference scores (TRL's rewards/* need the adapter's reference: absent for a merged model)."""
+    return (r.scores.get("preference") or {}).get(key)
+
+
 def _loss_pairs(r: RunResult):
     e = r.examples
     return (np.asarray(e["loss_sum"], float), np.asarray(e["tokens"], float)) if "loss_sum" in e else None
@@ -82,6 +92,10 @@ def _median(xs: list[float]) -> float | None:
 METRICS: list[Metric] = [
     Metric("exact_match", "EM", lambda r: r.scores.get("exact_match"), ".3f", True, _em_pairs),
     Metric("loss", "test loss", lambda r: r.scores.get("loss"), ".4f", False, _loss_pairs),
+    Metric("preference_accuracy", "pref acc", lambda r: r.scores.get("preference_accuracy"), ".3f", True,
+           _preferred_pairs),
+    Metric("reward_accuracy", "reward acc", lambda r: _preference(r, "rewards/accuracies"), ".3f", True),
+    Metric("reward_margin", "reward margin", lambda r: _preference(r, "rewards/margins"), ".3f", True),
     Metric("specialisation", "specialisation", lambda r: (r.eval.get("routing") or {}).get("specialisation"), ".4f"),
     Metric("tokens_per_s", "train tok/s", lambda r: _median(r.tokens_per_s), ",.0f"),
     Metric("seconds", "train s", lambda r: r.seconds, ",.0f"),
@@ -176,10 +190,13 @@ def statistics_of(s, variants, jobs: list[Job], sizes: dict) -> dict:
                 row["metrics"][m.key] = got
         for d in domains:
             row["per_domain"][d] = {k: (_ms([(r.scores.get("per_domain", {}).get(d) or {}).get(k) for r in rs]) or {}).get("mean")
-                                    for k in ("exact_match", "loss")}
+                                    for k in ("exact_match", "loss", "preference_accuracy")}
         em = _stack(rs, _em_pairs)
         if em is not None:
             row["em_interval"] = list(P.mean_interval(em[0], seeds_d, ex_d))
+        pref = _stack(rs, _preferred_pairs)
+        if pref is not None:
+            row["preference_interval"] = list(P.mean_interval(pref[0], seeds_d, ex_d))
         out["variants"][v.name] = row
         if v.name == ref:
             continue
@@ -201,11 +218,12 @@ def _paired(metrics, rs, refs, seeds_d, ex_d, dom, domains, dom_draws) -> dict:
             continue
         res[m.key] = (P.mean_difference(a[0], b[0], seeds_d, ex_d) if a[1] is None else
                       P.ratio_difference(a[0], a[1], b[0], b[1], seeds_d, ex_d))
-    a, b = _stack(rs, _em_pairs), _stack(refs, _em_pairs)
-    if a is not None and b is not None:
-        for i, d in enumerate(domains):
-            cols = np.flatnonzero(dom == i)
-            res["per_domain"][d] = {"exact_match": P.mean_difference(a[0][:, cols], b[0][:, cols], *dom_draws[d])}
+    for key, fn in (("exact_match", _em_pairs), ("preference_accuracy", _preferred_pairs)):
+        a, b = _stack(rs, fn), _stack(refs, fn)
+        if a is not None and b is not None:
+            for i, d in enumerate(domains):
+                cols = np.flatnonzero(dom == i)
+                res["per_domain"].setdefault(d, {})[key] = P.mean_difference(a[0][:, cols], b[0][:, cols], *dom_draws[d])
     return res
 
 
@@ -214,12 +232,16 @@ def _separates(d: dict) -> bool:
 
 
 def _sentence(name: str, ref: str, diffs: dict, ratio: float | None) -> str:
-    """The EM sentence; when EM does not separate the two but the test loss does, the loss sentence after it."""
+    """The EM sentence; when EM does not separate the two but the test loss does, the loss sentence after it;
+    on preference pairs, the preference accuracy's sentence first (what a DPO/ORPO run is trained for)."""
     note = f" ({ratio:.2f}x the reference's trainable parameters)" if ratio and abs(ratio - 1) > 0.05 else ""
     parts = []
+    if "preference_accuracy" in diffs:
+        parts.append(P.conclusion(name, ref, diffs["preference_accuracy"], "preference accuracy", True, note))
     if "exact_match" in diffs:
-        parts.append(P.conclusion(name, ref, diffs["exact_match"], "EM", True, note))
-    if "loss" in diffs and (not parts or (not _separates(diffs["exact_match"]) and _separates(diffs["loss"]))):
+        parts.append(P.conclusion(name, ref, diffs["exact_match"], "EM", True, "" if parts else note))
+    if "loss" in diffs and (not parts or ("exact_match" in diffs and not _separates(diffs["exact_match"])
+                                          and _separates(diffs["loss"]))):
         parts.append(P.conclusion(name, ref, diffs["loss"], "test loss", False, "" if parts else note))
     return "; ".join(parts) or f"{name}: no paired results to compare with {ref}"
 
@@ -259,14 +281,22 @@ def tables(doc: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
         rows.append(cells)
     out = {"results": (head, rows)}
     doms = doc["domains"]
+    key, short = headline(doc)
     if len(doms) > 1:
-        out["per_domain"] = (["variant", *[f"EM {d}" for d in doms]],
-                             [[n, *[_num(v["per_domain"][d]["exact_match"]) for d in doms]] for n, v in doc["variants"].items()])
+        out["per_domain"] = (["variant", *[f"{short} {d}" for d in doms]],
+                             [[n, *[_num(v["per_domain"][d].get(key)) for d in doms]] for n, v in doc["variants"].items()])
         if doc["paired"]:
-            out["per_domain_diff"] = (["variant", *[f"EM {d} − {ref}" for d in doms]],
-                                      [[n, *[_diff_cell(p["per_domain"].get(d, {}).get("exact_match")) for d in doms]]
+            out["per_domain_diff"] = (["variant", *[f"{short} {d} − {ref}" for d in doms]],
+                                      [[n, *[_diff_cell(p["per_domain"].get(d, {}).get(key)) for d in doms]]
                                        for n, p in doc["paired"].items()])
     return out
+
+
+def headline(doc: dict) -> tuple[str, str]:
+    """The metric of the per-domain tables and the picture: exact match, or preference accuracy when the runs
+    scored preference pairs without generation (key, short label)."""
+    has = {k for v in doc["variants"].values() for k in v["metrics"]}
+    return ("preference_accuracy", "pref acc") if "exact_match" not in has and "preference_accuracy" in has else ("exact_match", "EM")
 
 
 def _num(x) -> str:
@@ -283,8 +313,9 @@ def markdown(doc: dict) -> str:
              f"time. Cells: mean ± sd over seeds. Intervals: 95% paired bootstrap over seeds and held-out examples "
              f"({b['resamples']:,} resamples, seed {b['seed']}), each on its own (not corrected for "
              f"{plural(max(len(doc['variants']) - 1, 1), 'comparison')}).", "", "## Results", ""]
-    names = {"results": "Results", "per_domain": "Exact match per domain (mean over seeds)",
-             "per_domain_diff": f"Exact match per domain, difference to {doc['reference']} [95% CI]"}
+    what = "Exact match" if headline(doc)[0] == "exact_match" else "Preference accuracy"
+    names = {"results": "Results", "per_domain": f"{what} per domain (mean over seeds)",
+             "per_domain_diff": f"{what} per domain, difference to {doc['reference']} [95% CI]"}
     for key, (head, rows) in tables(doc).items():
         if key != "results":
             lines += ["", f"## {names[key]}", ""]
@@ -300,30 +331,34 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
-    """comparison.png: exact match per variant with its interval and each seed's value; per-domain heatmap."""
+    """comparison.png: exact match (without generation, on preference pairs: preference accuracy) per variant
+    with its interval and each seed's value; per-domain heatmap."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(doc["variants"])
     doms = doc["domains"]
+    key = headline(doc)[0]
+    label, interval = (("exact match", "em_interval") if key == "exact_match" else
+                       ("preference accuracy", "preference_interval"))
     fig, axes = plt.subplots(1, 2, figsize=(6 + 0.9 * len(doms), 1.2 + 0.45 * len(names)),
                              gridspec_kw={"width_ratios": [3, max(2, len(doms))]})
     ax = axes[0]
     for i, n in enumerate(names):
         v = doc["variants"][n]
-        em = v["metrics"].get("exact_match")
+        em = v["metrics"].get(key)
         if not em:
             continue
-        lo, hi = v.get("em_interval") or (em["mean"], em["mean"])
+        lo, hi = v.get(interval) or (em["mean"], em["mean"])
         ax.errorbar(em["mean"], i, xerr=[[em["mean"] - lo], [hi - em["mean"]]], fmt="o", color="C0", capsize=3)
         ax.scatter(list(em["per_seed"].values()), [i] * len(em["per_seed"]), s=10, color="C1", zorder=3)
-    ref = doc["variants"][names[0]]["metrics"].get("exact_match")
+    ref = doc["variants"][names[0]]["metrics"].get(key)
     if ref:
         ax.axvline(ref["mean"], color="grey", lw=0.8, ls="--")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set_xlabel("exact match (mean, 95% bootstrap interval; dots: seeds)")
-    grid = np.array([[np.nan if (x := doc["variants"][n]["per_domain"][d]["exact_match"]) is None else x for d in doms]
+    ax.set_xlabel(f"{label} (mean, 95% bootstrap interval; dots: seeds)")
+    grid = np.array([[np.nan if (x := doc["variants"][n]["per_domain"][d].get(key)) is None else x for d in doms]
                      for n in names], float)
     axes[1].imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for (i, j), x in np.ndenumerate(grid):
@@ -331,7 +366,7 @@ def plot(doc: dict, path: Path) -> None:
             axes[1].text(j, i, f"{x:.2f}", ha="center", va="center", color="w" if x < 0.6 else "k", fontsize=8)
     axes[1].set_xticks(range(len(doms)), doms, rotation=45, ha="right")
     axes[1].set_yticks(range(len(names)), [])
-    axes[1].set_title("exact match per domain")
+    axes[1].set_title(f"{label} per domain")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

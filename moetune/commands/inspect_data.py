@@ -2,7 +2,7 @@
 
 Row counts per split and domain, bad rows skipped, a token-length histogram with how many
 rows `data.max_length` cuts, and a few examples rendered through the template with the
-trained (loss) tokens marked ⟦like this⟧. It goes through the same cached pipeline as
+trained (loss) tokens marked ⟦like this⟧ (a preference pair: its chosen and its rejected sequence). It goes through the same cached pipeline as
 training, so it also builds the cache a later `moetune train` reuses.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rich.text import Text
 from moetune.core.ui import console, plural, table
 from moetune.data.packing import layout_efficiency
 from moetune.data.pipeline import ExampleSet, load_splits
-from moetune.data.rows import IGNORE
+from moetune.data.rows import IGNORE, Pair
 from moetune.models.load import load_tokenizer
 from moetune.recipe import Recipe
 
@@ -61,6 +61,11 @@ def split_report(name: str, es: ExampleSet, tokenizer, max_length: int, n_show: 
     for e in es.take(range(min(n_show, len(es)))):
         text, runs = marked(tokenizer, e.input_ids, e.labels)
         shown.append({"domain": e.domain, "tokens": len(e.input_ids), "text": text, "trained": runs})
+        if isinstance(e, Pair):  # a preference pair: its chosen sequence above, the rejected one too
+            shown[-1]["side"] = "chosen"
+            text, runs = marked(tokenizer, e.rejected_ids, e.rejected_labels)
+            shown.append({"domain": e.domain, "tokens": len(e.rejected_ids), "text": text, "trained": runs,
+                          "side": "rejected"})
     return {"split": name, "rows": len(es), "source_rows": info.get("rows"), "format": info.get("format"),
             "bad_rows_skipped": info.get("bad_rows", 0), "bad_examples": info.get("bad_examples", []),
             "domains": {str(d): int(c) for d, c in zip(dom, cnt)},
@@ -104,7 +109,8 @@ def show(report: dict) -> None:
                             [[f"{h['from']}-{h['to']}", f"{h['rows']:,}", "█" * round(30 * h["rows"] / top)]
                              for h in s["histogram"]]))
         for ex in s["examples"]:
-            console.print(f"[dim]example ({ex['domain']}, {plural(ex['tokens'], 'token')}; trained tokens in {OPEN} {CLOSE}):[/]")
+            side = f"{ex['side']}, " if "side" in ex else ""
+            console.print(f"[dim]example ({side}{ex['domain']}, {plural(ex['tokens'], 'token')}; trained tokens in {OPEN} {CLOSE}):[/]")
             txt = Text()
             for i, part in enumerate(ex["text"].replace(CLOSE, OPEN).split(OPEN)):
                 txt.append(part if i % 2 == 0 else OPEN + part + CLOSE, style="" if i % 2 == 0 else "bold green")

@@ -1,5 +1,6 @@
 """`moetune runs`: one row per run directory, read from the files a run leaves behind (recipe.yaml,
-summary.json, metrics.jsonl, collapsed-*/collapse.json); nothing is loaded or recomputed.
+summary.json, metrics.jsonl, collapsed-*/collapse.json); nothing is loaded or recomputed. Runs scored
+on preference pairs add the objective, the preference accuracy (before -> after) and the reward margin.
 
 A run directory is a directory with `recipe.yaml` and `summary.json` (an export directory has a
 recipe.yaml but no summary.json, so it is not listed). Each DIR argument is a run directory or a
@@ -17,7 +18,7 @@ from moetune.core.files import read_json_object
 from moetune.recipe.experts import EXPERT_CONFIGS
 
 COLUMNS = ("run", "type", "trainable", "steps", "seconds", "tokens_per_s", "train_loss", "val_loss",
-           "em_before", "em_after", "collapsed")
+           "em_before", "em_after", "collapsed", "objective", "pref_before", "pref_after", "reward_margin")
 SEARCH_DEPTH = 2
 
 
@@ -105,7 +106,11 @@ def run_row(run_dir: Path) -> dict:
                       "em_after": ((after.get("per_domain") or {}).get(d) or {}).get("exact_match")} for d in domains}
     routed = etype in EXPERT_CONFIGS and EXPERT_CONFIGS[etype].collapsible  # has it a collapsed export?
     info = collapse_info(run_dir, s) if routed else []
-    return {"run": str(run_dir), "type": etype, "trainable": t.get("trainable_parameters"), "steps": t.get("steps"),
+    train_cfg = recipe.get("train") or {}
+    return {"run": str(run_dir), "type": etype, "objective": train_cfg.get("objective", "sft"),
+            "pref_before": before.get("preference_accuracy"), "pref_after": after.get("preference_accuracy"),
+            "reward_margin": (after.get("preference") or {}).get("rewards/margins"),
+            "trainable": t.get("trainable_parameters"), "steps": t.get("steps"),
             "seconds": t.get("seconds"), "tokens_per_s": _tokens_per_s(run_dir),
             "train_loss": t.get("final_train_loss"), "val_loss": t.get("val_loss"),
             "em_before": before.get("exact_match"), "em_after": after.get("exact_match"),
@@ -117,7 +122,7 @@ def sort_rows(rows: list[dict], column: str | None) -> list[dict]:
     """Rows sorted by `column` (numbers descending except loss/seconds, which sort ascending; None last)."""
     if not column:
         return rows
-    ascending = column in ("run", "type", "collapsed", "seconds") or column.endswith("loss")
+    ascending = column in ("run", "type", "collapsed", "seconds", "objective") or column.endswith("loss")
     have = [r for r in rows if r.get(column) is not None]
     none = [r for r in rows if r.get(column) is None]
     return sorted(have, key=lambda r: r[column], reverse=not ascending) + none
@@ -129,12 +134,22 @@ def _num(v, fmt: str) -> str:
     return format(v, fmt)
 
 
-def table_cells(row: dict, domains: list[str]) -> list[str]:
-    """Display strings of one row: EM as 'before -> after', parameters with thousands separators."""
+def has_preference(rows: list[dict]) -> bool:
+    """Whether any run was scored on preference pairs (the table then shows the preference columns)."""
+    return any(r.get("pref_after") is not None or r.get("pref_before") is not None for r in rows)
+
+
+def table_cells(row: dict, domains: list[str], preference: bool = False) -> list[str]:
+    """Display strings of one row: EM as 'before -> after', parameters with thousands separators; with
+    `preference` the objective, the preference accuracy (before -> after) and the reward margin."""
     cells = [row["run"], row["type"] or "-", _num(row["trainable"], ","), _num(row["steps"], "d"),
              _num(row["seconds"], ".0f"), _num(row["tokens_per_s"], ",.0f"), _num(row["train_loss"], ".4f"),
              _num(row["val_loss"], ".4f"), f"{_num(row['em_before'], '.3f')} -> {_num(row['em_after'], '.3f')}",
              row["collapsed"] or "-"]
+    if preference:
+        cells += [row.get("objective") or "-",
+                  f"{_num(row.get('pref_before'), '.3f')} -> {_num(row.get('pref_after'), '.3f')}",
+                  _num(row.get("reward_margin"), ".3f")]
     for d in domains:
         v = row["per_domain"].get(d, {})
         cells.append(f"{_num(v.get('em_before'), '.2f')} -> {_num(v.get('em_after'), '.2f')}")
@@ -143,13 +158,19 @@ def table_cells(row: dict, domains: list[str]) -> list[str]:
 
 HEADERS = ["run", "type", "trainable", "steps", "seconds", "tok/s", "train loss", "val loss", "EM before -> after",
            "collapsed (fidelity)"]
+PREFERENCE_HEADERS = ["objective", "pref. acc. before -> after", "reward margin"]
+
+
+def headers(domains: list[str], preference: bool = False) -> list[str]:
+    return HEADERS + (PREFERENCE_HEADERS if preference else []) + [f"EM {d}" for d in domains]
 
 
 def markdown(rows: list[dict], domains: list[str]) -> str:
     """The table as GitHub markdown (for READMEs)."""
-    head = HEADERS + [f"EM {d}" for d in domains]
+    pref = has_preference(rows)
+    head = headers(domains, pref)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(table_cells(r, domains)) + " |" for r in rows]
+    lines += ["| " + " | ".join(table_cells(r, domains, pref)) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -7,17 +7,17 @@ from pathlib import Path
 import torch
 
 from moetune import recipe as R
-from moetune.adapters.inject import count_parameters, inject
-from moetune.adapters.io import save_adapter
+from moetune.adapters.inject import count_parameters
+from moetune.adapters.io import save_adapter, start_adapter
 from moetune.commands.domain_experts import train_domain_experts
 from moetune.commands.runs import collapse_card
 from moetune.core.adapter_files import read_meta
 from moetune.core.checkpoint import atomic_dir, write_json, write_text_atomic
 from moetune.core.errors import Interrupted
 from moetune.core.ui import console, plural, table
-from moetune.data.pipeline import data_summary
+from moetune.data.pipeline import data_summary, skip_lines
 from moetune.data.rows import Encoder, collate
-from moetune.eval.evaluate import evaluate, multiple_choice
+from moetune.eval.evaluate import evaluate, multiple_choice, preference_line
 from moetune.eval.report import eval_routing, report_digest
 from moetune.experts import REGISTRY
 from moetune.export.collapse import export_collapsed
@@ -47,7 +47,7 @@ def stage_train(run: Run, resume: bool = False) -> dict:
         run.held_out()
     model = load_model(rc.model, run.device, log=run.log,  # FSDP + QLoRA: 4-bit weights in bf16 storage
                        for_fsdp=rc.train.distributed == "fsdp" and acc is not None and acc.num_processes > 1)
-    inject(model, rc.expert, rc.router, seed=rc.train.seed)
+    start_adapter(model, rc)  # a fresh adapter; with train.reference (DPO after SFT) that run's
     trainable, total = count_parameters(model)
     run.log(f"[bold]{rc.expert.type}[/] on {rc.model.path}: {trainable:,} trainable of {plural(total, 'parameter')}")
     if run.main and not resume:
@@ -63,9 +63,8 @@ def stage_train(run: Run, resume: bool = False) -> dict:
     result = train(rc, model, run.tokenizer, splits, acc, run.dir, resume=resume, console=console)
     result["trainable_parameters"] = trainable
     result["data"] = data_summary(splits)
-    for name, d in result["data"].items():
-        if d["bad_rows_skipped"]:
-            run.log(f"data.{name}: {plural(d['bad_rows_skipped'], 'bad row')} skipped, e.g. {d['bad_examples'][0]}")
+    for line in skip_lines(result["data"]):
+        run.log(line)
     if run.main:
         quant = describe(model)  # a 4-bit base: recorded, so merge-lora and stock loaders can rebuild it
         save_adapter(run.dir / "adapter", model, rc.expert, rc.router, rc.model.path,
@@ -272,6 +271,8 @@ def print_summary(run: Run) -> None:
         rows.append([d, b.get("loss"), a.get("loss"), b.get("exact_match"), a.get("exact_match")])
     console.print(table(f"{run.recipe.eval.split} split: before vs after training ({run.dir})",
                         ["domain", "loss before", "loss after", "EM before", "EM after"], rows))
+    if preference_line(before, after):
+        console.print(preference_line(before, after), highlight=False)
     if "train" in s:
         t = s["train"]
         console.print(f"train: {plural(t['steps'], 'step')}, final loss {t['final_train_loss']:.4f}, "

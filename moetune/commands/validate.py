@@ -47,7 +47,8 @@ def estimate(recipe: Recipe) -> dict:
         frozen = {k: frozen[k] + extra[k] for k in frozen}
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
-    tokens = recipe.train.batch_size * recipe.data.max_length
+    rows = recipe.train.batch_size * (1 if recipe.train.objective == "sft" else 2)  # dpo/orpo: chosen + rejected rows
+    tokens = rows * recipe.data.max_length
     act_bytes = 34 * tokens * hidden * layers * (2 if compute_precision(recipe) == "fp32" else 1)
     if getattr(recipe.train, "gradient_checkpointing", False):  # each block keeps its input; one block's full set
         act_bytes = act_bytes // 34 * 2 // max(layers, 1) * layers + act_bytes // max(layers, 1)

@@ -20,9 +20,11 @@ Messages are dicts with a role:
 The last message is the one generation is scored on (its content is the exact-match reference).
 A chat row's tool definitions (the `tools` column) ride on the list: `Messages.tools`.
 
-One row gives one token sequence. A format with several per row (TRL's prompt/chosen/rejected)
-would name them (e.g. `sequences = ("chosen", "rejected")`) and return one message list per name;
-the pipeline would encode each with the same `Encoder` into its own columns (`chosen_input_ids`, ...).
+One row gives one token sequence, but for a format with several per row: `preference` (TRL's
+prompt/chosen/rejected) names them in `sequences = ("chosen", "rejected")` and its `to_messages`
+returns one message list per name ({'chosen': prompt + chosen, 'rejected': prompt + rejected}); the
+pipeline encodes each with the same `Encoder` into its own columns (`chosen_input_ids`, ...).
+`first_messages` gives the first of them, for code that reads one conversation per row.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ class Format:
     required: tuple[str, ...]
     read: Callable[[dict, str, DataConfig], list[dict]]
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # field -> columns read when its own is absent
+    sequences: tuple[str, ...] = ()  # several token sequences per row: to_messages gives {name: messages}
 
     def detect(self, columns: list[str], cfg: DataConfig) -> bool:
         return all(getattr(cfg, f) in columns for f in self.required)
@@ -70,11 +73,16 @@ class Format:
                 changes[f] = found
         return dataclasses.replace(cfg, **changes) if changes else cfg
 
-    def to_messages(self, row: dict, loc: str, cfg: DataConfig) -> list[dict]:
-        """The row as a message list ending with the turn to learn/score."""
+    def to_messages(self, row: dict, loc: str, cfg: DataConfig) -> list[dict] | dict[str, list[dict]]:
+        """The row as a message list ending with the turn to learn/score ({name: list} for `sequences`)."""
         if not isinstance(row, dict):
             raise DataError(f"{loc}: a row must be an object, got {type(row).__name__}.")
         return self.read(row, loc, cfg)
+
+    def first_messages(self, row: dict, loc: str, cfg: DataConfig) -> list[dict]:
+        """One message list per row: `to_messages`, or its first sequence (a preference row's prompt + chosen)."""
+        msgs = self.to_messages(row, loc, cfg)
+        return msgs[self.sequences[0]] if self.sequences else msgs
 
 
 # ------------------------------------------------------------------ reading values
@@ -211,20 +219,33 @@ def _sharegpt(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
     return msgs
 
 
-def _prompt_completion(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
-    """TRL's prompt-completion rows: two texts (raw, no template), or two message lists (the completion's
-    assistant turns are trained, the prompt's are not)."""
-    p, c = _value(row, "prompt_field", loc, cfg), _value(row, "completion_field", loc, cfg)
+def _completed(row: dict, loc: str, cfg: DataConfig, p, c, c_name: str) -> list[dict]:
+    """A prompt `p` and completion `c` (column `c_name`): two texts (raw, no template), or two message lists (the
+    completion's assistant turns are trained, the prompt's are not)."""
     if isinstance(p, str) and isinstance(c, str):
         return [{"role": "prompt", "content": p}, {"role": "completion", "content": c}]
     if isinstance(p, list) and isinstance(c, list) and c:
         prompt = [{**m, "train": False} if m["role"] == "assistant" else m
                   for m in chat_messages(p, loc, f"{cfg.prompt_field} message")]
-        return _with_tools(prompt + _last_assistant(chat_messages(c, loc, f"{cfg.completion_field} message"), loc,
-                                                    f"{cfg.completion_field} message"), row, loc, cfg)
-    raise DataError(f"{loc}: {cfg.prompt_field!r} and {cfg.completion_field!r} must both be text (plain) or both "
+        return _with_tools(prompt + _last_assistant(chat_messages(c, loc, f"{c_name} message"), loc,
+                                                    f"{c_name} message"), row, loc, cfg)
+    raise DataError(f"{loc}: {cfg.prompt_field!r} and {c_name!r} must both be text (plain) or both "
                     f"lists of messages (conversational, the completion not empty); got {type(p).__name__} and "
                     f"{type(c).__name__}.")
+
+
+def _prompt_completion(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
+    """TRL's prompt-completion rows (see `_completed`)."""
+    p, c = _value(row, "prompt_field", loc, cfg), _value(row, "completion_field", loc, cfg)
+    return _completed(row, loc, cfg, p, c, cfg.completion_field)
+
+
+def _preference(row: dict, loc: str, cfg: DataConfig) -> dict[str, list[dict]]:
+    """TRL's preference rows (explicit prompt): {'chosen': prompt + chosen, 'rejected': prompt + rejected}, each
+    as `_completed` reads a prompt-completion row (both texts, or all three message lists)."""
+    p = _value(row, "prompt_field", loc, cfg)
+    return {name: _completed(row, loc, cfg, p, _value(row, f"{name}_field", loc, cfg), getattr(cfg, f"{name}_field"))
+            for name in ("chosen", "rejected")}
 
 
 def _text_row(row: dict, loc: str, cfg: DataConfig) -> list[dict]:
@@ -243,6 +264,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (  # in detection order
     # {instruction, response[, input]}, Alpaca's instruction/input/output too; the response trained
     Format("instruction", ("instruction_field", "input_field", "response_field"), ("instruction_field",),
            _instruction, aliases={"response_field": ("output",)}),
+    # TRL's {prompt, chosen, rejected}: texts or message lists; one pair per row (train.objective dpo/orpo)
+    Format("preference", ("prompt_field", "chosen_field", "rejected_field", "tools_field"),
+           ("prompt_field", "chosen_field", "rejected_field"), _preference, sequences=("chosen", "rejected")),
     # TRL's {prompt, completion}: two texts (no template) or two message lists; the completion trained
     Format("prompt_completion", ("prompt_field", "completion_field", "tools_field"),
            ("prompt_field", "completion_field"), _prompt_completion),
@@ -265,6 +289,6 @@ def detect(columns: list[str], cfg: DataConfig) -> Format:
                     "data.instruction_field: question).")
 
 
-def to_messages(row: dict, loc: str, cfg: DataConfig, fmt: str) -> list[dict]:
-    """`row` in format `fmt` (a name of FORMATS) as a message list."""
+def to_messages(row: dict, loc: str, cfg: DataConfig, fmt: str) -> list[dict] | dict[str, list[dict]]:
+    """`row` in format `fmt` (a name of FORMATS) as a message list ({name: list} for a format with `sequences`)."""
     return FORMATS[fmt].to_messages(row, loc, cfg)

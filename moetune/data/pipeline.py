@@ -11,9 +11,16 @@ serialisation, special tokens and chat template) and this pipeline's version. A 
 opens the cache memory-mapped without reading the source. The rows become messages through
 their format (`moetune.data.formats`) and tokens through `moetune.data.rows.Encoder`.
 
-`ExampleSet` is a read-only sequence of `Example`s over such a dataset (and an index
-array): indexing reads one row, `take` a batch, slicing makes a view. The training loop
-therefore holds no Python list of every example's tokens.
+A preference source (a format with `sequences`, moetune.data.formats) gives one row per PAIR with the
+columns chosen_input_ids / chosen_labels / rejected_input_ids / rejected_labels instead of input_ids /
+labels (prompt_ids and reference are the chosen side's; length is the longer side's tokens; n_targets the
+smaller side's trained tokens, so a prompt that leaves either side no response token within
+max_length is dropped and counted, `dropped_no_target`). A pair whose chosen and rejected tokens are
+identical is dropped and counted too (`identical_pairs`).
+
+`ExampleSet` is a read-only sequence of `Example`s (`Pair`s for preference data) over such a dataset
+(and an index array): indexing reads one row, `take` a batch, slicing makes a view. The training
+loop therefore holds no Python list of every example's tokens.
 """
 from __future__ import annotations
 
@@ -33,11 +40,11 @@ import numpy as np
 from moetune.core.errors import DataError
 from moetune.core.ui import plural
 from moetune.data.formats import ROW, Format
-from moetune.data.rows import IGNORE, Encoder, Example
+from moetune.data.rows import IGNORE, Encoder, Example, Pair
 from moetune.data.sources import Source, format_of, iter_sources, load_source, name_errors
 from moetune.recipe import DataConfig
 
-VERSION = 3
+VERSION = 4
 NOT_TOKEN_FIELDS = {
     "train": "the source's identity (resolved path, size, mtime; a dataset fingerprint) is keyed instead",
     "validation": "as train", "test": "as train",
@@ -54,6 +61,11 @@ FEATURES = datasets.Features({
     "prompt_ids": datasets.Sequence(datasets.Value("int32")), "reference": datasets.Value("string"),
     "domain": datasets.Value("string"), "length": datasets.Value("int32"), "n_targets": datasets.Value("int32"),
     "truncated": datasets.Value("bool"), "error": datasets.Value("string")})
+PAIR_FEATURES = datasets.Features({
+    **{f"{side}_{k}": datasets.Sequence(datasets.Value("int32")) for side in ("chosen", "rejected")
+       for k in ("input_ids", "labels")},
+    **{k: v for k, v in FEATURES.items() if k not in ("input_ids", "labels")}, "identical": datasets.Value("bool")})
+"""The columns of a preference source (see the module docstring)."""
 datasets.utils.logging.set_verbosity_error()
 PLACEHOLDER = [{"role": "completion", "content": "x"}]  # stands in for a bad row until it is dropped
 
@@ -99,34 +111,52 @@ def cache_key(identity: list, tokenizer_fp: str, cfg: DataConfig, domain: str | 
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def _n_targets(e: Example) -> int:
+    """Labelled tokens after the first (what the loss sees)."""
+    return len(e.labels) - 1 - e.labels[1:].count(IGNORE) if e.labels else 0
+
+
 def _encode_fn(tok, cfg: DataConfig, fmt: Format, domain: str | None):
+    """The batched map function: rows -> FEATURES columns (PAIR_FEATURES for a format with `sequences`)."""
     enc = Encoder(tok, cfg)
+    names = fmt.sequences or ("",)
 
     def fn(batch: dict) -> dict:
         rows = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
-        msgs, pieces, domains, errors = [], [], [], []
+        msgs = {n: [] for n in names}
+        pieces = {n: [] for n in names}
+        domains, errors = [], []
         for row in rows:
             try:
                 m = fmt.to_messages(row, ROW, cfg)
-                p, err = enc.segments(m), ""
+                m = m if fmt.sequences else {"": m}
+                p, err = {n: enc.segments(m[n]) for n in names}, ""
             except DataError as e:
-                m, p, err = PLACEHOLDER, enc.segments(PLACEHOLDER), str(e) if ROW in str(e) else f"{ROW}: {e}"
-            msgs.append(m)
-            pieces.append(p)
+                m, err = {n: PLACEHOLDER for n in names}, str(e) if ROW in str(e) else f"{ROW}: {e}"
+                p = {n: enc.segments(PLACEHOLDER) for n in names}
+            for n in names:
+                msgs[n].append(m[n])
+                pieces[n].append(p[n])
             errors.append(err)
             domains.append(domain or str(row.get(cfg.domain_field) or "all"))
-        out = {k: [] for k in FEATURES}
-        full: list[int] = []
-        for e, err, n in zip(enc.encode_batch(msgs, domains, full, pieces), errors, full):
-            out["input_ids"].append(e.input_ids)
-            out["labels"].append(e.labels)
-            out["prompt_ids"].append(e.prompt_ids)
-            out["reference"].append(e.reference)
-            out["domain"].append(e.domain)
-            out["length"].append(len(e.input_ids))
-            out["n_targets"].append(len(e.labels) - 1 - e.labels[1:].count(IGNORE) if e.labels else 0)
-            out["truncated"].append(n > cfg.max_length)
+        full = {n: [] for n in names}
+        enc_rows = {n: enc.encode_batch(msgs[n], domains, full[n], pieces[n]) for n in names}
+        out = {k: [] for k in (PAIR_FEATURES if fmt.sequences else FEATURES)}
+        for i, err in enumerate(errors):
+            side = {n: enc_rows[n][i] for n in names}
+            for n, e in side.items():
+                out[f"{n}_input_ids" if n else "input_ids"].append(e.input_ids)
+                out[f"{n}_labels" if n else "labels"].append(e.labels)
+            first = side[names[0]]
+            out["prompt_ids"].append(first.prompt_ids)
+            out["reference"].append(first.reference)
+            out["domain"].append(first.domain)
+            out["length"].append(max(len(e.input_ids) for e in side.values()))
+            out["n_targets"].append(min(_n_targets(e) for e in side.values()))
+            out["truncated"].append(any(full[n][i] > cfg.max_length for n in names))
             out["error"].append(err)
+            if fmt.sequences:  # the same tokens on both sides, each with a response token (else: no response)
+                out["identical"].append(len({tuple(e.input_ids) for e in side.values()}) == 1 and out["n_targets"][-1] > 0)
         return out
     return fn
 
@@ -138,7 +168,7 @@ def _tokenize(src: Source, tok, cfg: DataConfig, domain: str | None, work: Path)
     num_proc = cfg.num_proc or (min(os.cpu_count() or 1, 8) if n >= 20_000 else 1)
     try:
         out = ds.map(_encode_fn(tok, cfg, fmt, domain), batched=True, batch_size=1000, remove_columns=ds.column_names,
-                     features=FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising",
+                     features=PAIR_FEATURES if fmt.sequences else FEATURES, num_proc=num_proc if num_proc > 1 else None, desc="tokenising",
                      cache_file_name=str(work / "tokens.arrow"))  # not beside the source: deleted once saved
     except UnicodeDecodeError:
         raise src.not_utf8() from None
@@ -151,6 +181,12 @@ def _tokenize(src: Source, tok, cfg: DataConfig, domain: str | None, work: Path)
             raise DataError(named[0] + (f" ({plural(len(bad), 'bad row')} in all; data.skip_bad_rows: true skips and "
                                         "counts them.)" if len(bad) > 1 else ""))
         info["bad_examples"] = named
+    if fmt.sequences:  # a pair with identical chosen and rejected tokens teaches nothing: skipped and counted
+        same = out.data.column("identical").to_numpy(zero_copy_only=False) & (errors == "")
+        info["identical_pairs"] = int(same.sum())
+        errors = np.where(same, "identical", errors)
+        out = out.remove_columns("identical")
+    if (errors != "").any():
         out = out.select(np.flatnonzero(errors == ""))
     return out.remove_columns("error"), info
 
@@ -224,9 +260,18 @@ class ExampleSet(Sequence):
     def view(self, positions) -> "ExampleSet":
         return ExampleSet(self.ds, self.indices[np.asarray(positions, dtype=np.int64)], self.info)
 
+    @property
+    def pairs(self) -> bool:
+        """Whether the rows are preference pairs (`take` gives `Pair`s)."""
+        return "chosen_input_ids" in self.ds.column_names
+
     def take(self, positions) -> list[Example]:
-        """The examples at `positions` of this view, read in one Arrow gather."""
+        """The examples (pairs) at `positions` of this view, read in one Arrow gather."""
         rows = self.ds[self.indices[np.asarray(list(positions), dtype=np.int64)]]
+        if self.pairs:
+            return [Pair(list(a), list(b), list(c), d, e, list(f), list(g)) for a, b, c, d, e, f, g in
+                    zip(rows["chosen_input_ids"], rows["chosen_labels"], rows["prompt_ids"], rows["reference"],
+                        rows["domain"], rows["rejected_input_ids"], rows["rejected_labels"])]
         return [Example(list(a), list(b), list(c), d, e) for a, b, c, d, e in
                 zip(rows["input_ids"], rows["labels"], rows["prompt_ids"], rows["reference"], rows["domain"])]
 
@@ -238,9 +283,30 @@ def take(examples, positions) -> list[Example]:
     return [examples[int(i)] for i in positions]
 
 
+def is_pairs(examples) -> bool:
+    """Whether `examples` (an ExampleSet or a list) holds preference pairs."""
+    if isinstance(examples, ExampleSet):
+        return examples.pairs
+    return bool(len(examples)) and isinstance(examples[0], Pair)
+
+
+def with_targets(es: ExampleSet) -> ExampleSet:
+    """`es` without the examples (pairs) that keep no response token within max_length, their count in
+    `info['dropped_no_target']`."""
+    keep = es.column("n_targets") > 0  # labelled tokens after the first: what the loss sees
+    dropped = int((~keep).sum())
+    if not dropped:
+        return es
+    out = es.view(np.flatnonzero(keep))
+    out.info = {**es.info, "dropped_no_target": dropped}
+    return out
+
+
 def load_examples(path: str, tokenizer, cfg: DataConfig, split: str = "train") -> ExampleSet:
+    """A held-out source; preference pairs that cannot be scored (no response token) are dropped and counted."""
     ds, info = tokenized(path, tokenizer, cfg, split)
-    return ExampleSet(ds, info=info)
+    es = ExampleSet(ds, info=info)
+    return with_targets(es) if es.pairs else es
 
 
 def mix_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
@@ -302,14 +368,10 @@ def load_splits(cfg: DataConfig, tokenizer, need: tuple[str, ...] = ("train", "v
     if "train" in need:
         if cfg.max_train_examples:
             train = train[: cfg.max_train_examples]
-        keep = train.column("n_targets") > 0  # labelled tokens after the first: what the loss sees
-        dropped = int((~keep).sum())
-        if dropped:
-            train = train.view(np.flatnonzero(keep))
-            train.info = {**train.info, "dropped_no_target": dropped}
+        train = with_targets(train)
         if not len(train):
             raise DataError(f"No training example keeps a response token within data.max_length={cfg.max_length} "
-                            f"({dropped} dropped). Raise data.max_length.")
+                            f"({train.info.get('dropped_no_target', 0)} dropped). Raise data.max_length.")
         splits["train"] = train
     if "test" in need and cfg.test:
         splits["test"] = load_examples(cfg.test, tokenizer, cfg, "test")
@@ -318,10 +380,28 @@ def load_splits(cfg: DataConfig, tokenizer, need: tuple[str, ...] = ("train", "v
 
 
 def data_summary(splits: dict) -> dict:
-    """Per split: examples used, source rows, bad rows skipped (the first few named), for summary.json."""
+    """Per split: examples used, source rows, bad rows skipped (the first few named), and for preference
+    pairs those skipped as identical or without a response token, for summary.json."""
     out = {}
     for name, es in splits.items():
         info = getattr(es, "info", None) or {}
         out[name] = {"examples": len(es), "source_rows": info.get("rows"), "bad_rows_skipped": info.get("bad_rows", 0),
-                     **({"bad_examples": info["bad_examples"]} if info.get("bad_examples") else {})}
+                     **({"bad_examples": info["bad_examples"]} if info.get("bad_examples") else {}),
+                     **({"identical_pairs_skipped": info["identical_pairs"]} if info.get("identical_pairs") else {}),
+                     **({"no_response_skipped": info["dropped_no_target"]} if info.get("dropped_no_target") else {})}
     return out
+
+
+def skip_lines(summary: dict) -> list[str]:
+    """One log line per split of `data_summary(...)` that skipped rows: how many, and why."""
+    lines = []
+    for name, d in summary.items():
+        if d["bad_rows_skipped"]:
+            lines.append(f"data.{name}: {plural(d['bad_rows_skipped'], 'bad row')} skipped, e.g. {d['bad_examples'][0]}")
+        if d.get("identical_pairs_skipped"):
+            lines.append(f"data.{name}: {plural(d['identical_pairs_skipped'], 'pair')} with identical chosen and "
+                         "rejected tokens skipped")
+        if d.get("no_response_skipped"):
+            lines.append(f"data.{name}: {plural(d['no_response_skipped'], 'row')} with no response token within "
+                         "data.max_length skipped")
+    return lines

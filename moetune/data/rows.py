@@ -13,7 +13,7 @@ plain prompt_completion formats) are tokenised as they are, the completion train
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,16 @@ class Example:
     prompt_ids: list[int]      # the prompt up to the last assistant turn, for generation
     reference: str             # the last assistant turn, for exact match
     domain: str
+
+
+@dataclass
+class Pair(Example):
+    """A preference pair (TRL's prompt/chosen/rejected). The `Example` fields are the CHOSEN sequence (prompt +
+    chosen; `reference` is the chosen answer), so whatever reads one sequence per row (the SFT loss, exact
+    match, the routing report) reads the chosen one; `rejected_ids` / `rejected_labels` are prompt + rejected."""
+
+    rejected_ids: list[int] = field(default_factory=list)
+    rejected_labels: list[int] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ templates
@@ -189,13 +199,24 @@ class Encoder:
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) input_ids / attention_mask / labels."""
-    T = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
+    return _padded([(e.input_ids, e.labels) for e in batch], pad_id)
+
+
+def collate_pairs(batch: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """B pairs as ONE right-padded batch of 2B rows (2B, T): the B chosen sequences, then the B rejected ones
+    (TRL's concatenated forward)."""
+    return _padded([(p.input_ids, p.labels) for p in batch] + [(p.rejected_ids, p.rejected_labels) for p in batch],
+                   pad_id)
+
+
+def _padded(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    T = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (x, y) in enumerate(seqs):
+        n = len(x)
+        ids[i, :n] = torch.tensor(x)
+        labels[i, :n] = torch.tensor(y)
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -329,7 +329,7 @@ def check_rows(part: Part) -> tuple[int, int]:
 def iter_messages(part: Part, src: Source | None = None, indices: Iterable[int] | None = None
                   ) -> Iterator[tuple[dict, list[dict]]]:
     """(row, messages) of a source's rows (those at `indices`, else all), streamed in row order; a bad row
-    raises. `src`: the part already loaded."""
+    raises. `src`: the part already loaded. A preference row gives its prompt + chosen."""
     src = src or part.load()
     fmt, cfg = format_of(src, part.cfg)
     want = None if indices is None else set(int(i) for i in indices)
@@ -337,6 +337,6 @@ def iter_messages(part: Part, src: Source | None = None, indices: Iterable[int] 
         if want is not None and i not in want:
             continue
         try:
-            yield row, fmt.to_messages(row, formats.ROW, cfg)
+            yield row, fmt.first_messages(row, formats.ROW, cfg)
         except DataError as e:
             raise DataError(name_errors(src, fmt, cfg, {i: str(e)}, formats.ROW)[0]) from None

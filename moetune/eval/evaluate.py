@@ -1,4 +1,5 @@
-"""Evaluation: loss/perplexity, greedy exact match per domain, multiple-choice accuracy."""
+"""Evaluation: loss/perplexity, greedy exact match per domain, multiple-choice accuracy, and on preference
+pairs the preference accuracy (loss and exact match are then the chosen responses')."""
 from __future__ import annotations
 
 import hashlib
@@ -8,12 +9,16 @@ from collections import defaultdict
 
 import torch
 
+from moetune.adapters.inject import expert_layers
+from moetune.adapters.io import reference_context
 from moetune.core.ui import simple_progress
 from moetune.data.mmlu import load_mc_rows
+from moetune.data.pipeline import is_pairs
 from moetune.data.rows import Example, collate
 from moetune.eval.mmlu import score_multiple_choice
 from moetune.experts.context import generation_routing
 from moetune.train.loss import per_example_loss
+from moetune.train.preference import score_pairs
 
 
 def normalise_answer(text: str) -> str:
@@ -108,10 +113,12 @@ def examples_fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def per_example_record(examples: list[Example], loss: dict, correct: list[bool] | None) -> dict:
+def per_example_record(examples: list[Example], loss: dict, correct: list[bool] | None,
+                       preferred: list[bool] | None = None) -> dict:
     """The compact per-example results eval.json keeps: 'domains' (sorted names) and 'domain' (an index into
     them per example), 'loss_sum' (summed loss over the target tokens, 6 significant digits) and 'tokens' per
-    example, 'correct' a string of '1'/'0' (greedy exact match; absent without generation), 'fingerprint'."""
+    example, 'correct' a string of '1'/'0' (greedy exact match; absent without generation), on preference
+    pairs 'preferred' a string of '1'/'0' (the chosen response the more likely), 'fingerprint'."""
     names = sorted({e.domain for e in examples})
     index = {d: i for i, d in enumerate(names)}
     out = {"n": len(examples), "fingerprint": examples_fingerprint(examples), "domains": names,
@@ -119,6 +126,8 @@ def per_example_record(examples: list[Example], loss: dict, correct: list[bool] 
            "tokens": loss["token_counts"]}
     if correct is not None:
         out["correct"] = "".join("1" if ok else "0" for ok in correct)
+    if preferred is not None:
+        out["preferred"] = "".join("1" if ok else "0" for ok in preferred)
     return out
 
 
@@ -141,9 +150,27 @@ def evaluate(model, tokenizer, examples: list[Example], recipe, device, generati
         for d, v in em["per_domain"].items():
             out["per_domain"].setdefault(d, {})["exact_match"] = v["exact_match"]
             out["per_domain"][d]["n"] = v["n"]
+    preferred = None
+    if is_pairs(examples):
+        pref = preference_scores(model, tokenizer, examples, recipe, device)
+        for d, acc in pref.pop("preference_per_domain").items():
+            out["per_domain"].setdefault(d, {})["preference_accuracy"] = acc
+        preferred = pref.pop("preferred")
+        out.update(pref)
     if per_example:
-        out["per_example"] = per_example_record(examples, res, em["correct"] if em else None)
+        out["per_example"] = per_example_record(examples, res, em["correct"] if em else None, preferred)
     return out
+
+
+def preference_scores(model, tokenizer, pairs, recipe, device) -> dict:
+    """{'preference_accuracy', 'preference': score_pairs' numbers} of `pairs`; the per-domain accuracy joins
+    `per_domain` in `evaluate`. TRL's rewards/* need a reference: the base with this adapter switched off, or
+    `train.reference`'s adapter; a model without an adapter (merged) gets the reference-free numbers only."""
+    ref = reference_context(model, recipe.train.reference) if expert_layers(model) else None
+    s = score_pairs(model, pairs, tokenizer.pad_token_id, recipe.eval.batch_size, device, recipe.train.beta, ref)
+    per, preferred = s.pop("per_domain"), s.pop("preferred")
+    return {"preference_accuracy": s["preference_accuracy"], "preference": s, "preferred": preferred,
+            "preference_per_domain": {d: v["preference_accuracy"] for d, v in per.items()}}
 
 
 def multiple_choice(model, tokenizer, paths: list[str], recipe, show: bool = True) -> dict:
@@ -157,3 +184,19 @@ def multiple_choice(model, tokenizer, paths: list[str], recipe, show: bool = Tru
                                               mode=recipe.eval.mc_format,
                                               progress=lambda k: bar.update(bar.task_ids[0], completed=k))
     return out
+
+
+def preference_line(before: dict, after: dict) -> str | None:
+    """The console line of a run scored on preference pairs: preference accuracy before -> after, TRL's reward
+    accuracy and margin after; None for other runs."""
+    if "preference_accuracy" not in after and "preference_accuracy" not in before:
+        return None
+
+    def f(d: dict, k: str) -> str:
+        v = d.get(k, (d.get("preference") or {}).get(k))
+        return "-" if v is None else f"{v:.3f}"
+    p = after.get("preference") or {}
+    rewards = (f"; rewards/accuracies {f(p, 'rewards/accuracies')}, rewards/margins {f(p, 'rewards/margins')}"
+               if "rewards/margins" in p else "")
+    return (f"preference accuracy (chosen more likely than rejected): {f(before, 'preference_accuracy')} -> "
+            f"{f(after, 'preference_accuracy')}{rewards}")

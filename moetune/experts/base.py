@@ -47,6 +47,9 @@ class ExpertLayer(nn.Module, abc.ABC):
 
     config_cls: ClassVar[type[ExpertConfig]] = ExpertConfig
     mergeable: ClassVar[bool] = False  # = config_cls.mergeable (set for every subclass)
+    adapter_off: bool = False
+    """True: the layer computes its base module alone (`moetune.adapters.inject.adapters_off`: the reference
+    model of preference tuning). Every `forward` checks it first."""
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -75,6 +78,8 @@ class ExpertLayer(nn.Module, abc.ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
         y = self.base(x)
+        if self.adapter_off:
+            return y
         return y + self.change(x, y).to(y.dtype)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:

@@ -130,6 +130,8 @@ class CALMLayer(ExpertLayer):
     def forward(self, *args, **kwargs):
         """The anchor block, then H_B <- H_B + delta(H_B); other outputs of the block pass through."""
         out = self.base(*args, **kwargs)
+        if self.adapter_off:                                             # the anchor alone (m_A still runs)
+            return out
         h = out[0] if isinstance(out, tuple) else out                    # (b, T, D_B)
         h = h + self.delta(h).to(h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h

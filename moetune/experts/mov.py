@@ -68,6 +68,8 @@ class MoVLayer(ExpertLayer):
             return s.reshape(*w.shape[:-1], l_minus_1.shape[-1])        # (..., d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                 # (..., d_in) -> (..., d_out)
+        if self.adapter_off:
+            return self.base(x)
         s = self.scaling(x)
         if self.scale_input:
             return self.base(x * s.to(x.dtype))

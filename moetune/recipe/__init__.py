@@ -155,6 +155,7 @@ def _check_semantics(r: Recipe, check_files: bool = True) -> None:
         raise RecipeError(f"Recipe key 'router.init_centroids' names {r.router.init_centroids!r}, which does not "
                           f"exist (working directory: {Path.cwd()}). Allowed: a centroid file written by "
                           "`moetune cluster-heads --init-router`, or null.")
+    _check_objective(r)
     if r.data.packing and r.data.group_by_length:
         raise RecipeError("Recipe keys 'data.packing' and 'data.group_by_length' are both true; length grouping "
                           "is for unpacked training. Allowed: at most one of them true.")
@@ -182,6 +183,19 @@ def _check_semantics(r: Recipe, check_files: bool = True) -> None:
             raise RecipeError(f"Recipe key 'data.{key}' names {path!r}, which does not exist "
                               f"(working directory: {Path.cwd()}). Allowed: an existing .jsonl/.json/.csv/"
                               ".parquet file or a datasets directory" + ("" if key == "train" else ", or null") + ".")
+
+
+def _check_objective(r: Recipe) -> None:
+    """train.objective against the keys it needs or cannot use (the data's format is checked when it is read, the
+    reference run when training starts: a recipe may name a run that an earlier recipe writes)."""
+    t = r.train
+    if t.objective != "sft" and r.data.packing:
+        raise RecipeError(f"Recipe key 'data.packing' is true with train.objective={t.objective!r}: a preference "
+                          "pair's chosen and rejected sequences are scored side by side, not packed. Allowed: "
+                          "data.packing false (data.group_by_length batches pairs of similar length).")
+    if t.reference is not None and t.objective != "dpo":
+        raise RecipeError(f"Recipe key 'train.reference' is {t.reference!r} with train.objective={t.objective!r}; "
+                          "only dpo has a reference model (orpo needs none). Allowed: null, or train.objective dpo.")
 
 
 def scores_before(r: Recipe) -> bool:

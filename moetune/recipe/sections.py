@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from moetune.core.schema import opt
 
 STAGES = ("train", "merge", "eval", "export")
-FORMATS = ("auto", "chat", "sharegpt", "instruction", "prompt_completion", "text")
+FORMATS = ("auto", "chat", "sharegpt", "instruction", "preference", "prompt_completion", "text")
 """`data.format` choices: 'auto' and the entries of moetune.data.formats.FORMATS (a test keeps them equal)."""
 
 
@@ -122,8 +122,8 @@ class MixSource:
     """This source's format (see `data.format`)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column names of this source where they differ from the data section's: keys instruction,
-    input, response, messages, tools, conversations, prompt, completion, text, domain (each
-    `data.<key>_field`);
+    input, response, messages, tools, conversations, prompt, completion, chosen, rejected, text,
+    domain (each `data.<key>_field`);
     e.g. {instruction: question, response: answer}."""
     domain: str | None = None
     """Domain label of every row of this source (None: its domain column, else 'all')."""
@@ -180,6 +180,11 @@ class DataConfig:
     """Column holding the prompt in prompt_completion format (text, or a list of messages)."""
     completion_field: str = "completion"
     """Column holding the completion in prompt_completion format (text, or a list of messages)."""
+    chosen_field: str = "chosen"
+    """Column holding the preferred completion in preference format (text, or a list of messages)."""
+    rejected_field: str = "rejected"
+    """Column holding the dispreferred completion in preference format (text, or a list of messages).
+    A pair whose chosen and rejected tokens are identical teaches nothing: it is skipped and counted."""
     text_field: str = "text"
     """Column holding the text in text (completion) format."""
     domain_field: str = "domain"
@@ -267,6 +272,28 @@ class TrainConfig:
     router.lr_multiplier) at lr; the paper suggests ratios around 2^4. 1: plain LoRA. For the types
     with B matrices: lora (any variant), hydralora (the B heads), molora (every expert's B) and MoLE's
     per-domain LoRAs. Only the optimizer changes (axolotl's `loraplus_lr_ratio`)."""
+    objective: str = opt("sft", choices=("sft", "dpo", "orpo"))
+    """What the adapter learns. 'sft': the causal-LM loss on response tokens. 'dpo': Direct Preference
+    Optimization (Rafailov et al. 2023) on preference pairs (data in preference format), against a
+    reference model (`train.reference`); see `train.loss_type`. 'orpo': Odds Ratio Preference
+    Optimization (Hong et al. 2024): the chosen response's NLL plus beta * the odds-ratio loss, no
+    reference model. Chosen and rejected of a pair go through one forward (concatenated), so routed
+    experts' auxiliary losses count once per pair. TRL's DPOTrainer / ORPOTrainer, axolotl's `rl`."""
+    beta: float = opt(0.1, min=0, min_exclusive=True)
+    """dpo: the KL strength beta of the implicit reward beta * log(pi / pi_ref) (TRL's `beta`); with
+    loss_type ipo, IPO's tau (the target margin is 1 / (2 beta)). orpo: the weight lambda of the
+    odds-ratio term (TRL's ORPO `beta`). LLaMA-Factory's `pref_beta`."""
+    loss_type: str = opt("sigmoid", choices=("sigmoid", "ipo"))
+    """dpo's loss on the reward margin h = log(pi/pi_ref)(chosen) - log(pi/pi_ref)(rejected) (TRL's names):
+    'sigmoid': -log sigmoid(beta h), the DPO paper's loss, log-probs summed over response tokens;
+    'ipo': (h' - 1/(2 beta))^2 (Azar et al. 2023), h' from log-probs averaged over each response's
+    tokens, as TRL does. Ignored by sft and orpo."""
+    reference: str | None = None
+    """dpo's reference model. None: the base model with the adapters switched off (no second copy of
+    the weights; a fresh adapter starts equal to it). A run directory (or its adapter directory), for
+    DPO after SFT: the policy starts from that run's adapter and the reference is a frozen copy of it
+    (TRL's `ref_adapter_name` setup for an SFT-ed PEFT model); the recipe's expert section must match
+    that adapter."""
     max_grad_norm: float = opt(1.0, min=0)
     """Clip the gradient norm to this (0 disables)."""
     precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))

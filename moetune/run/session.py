@@ -24,7 +24,7 @@ from pathlib import Path
 
 from moetune import recipe as R
 from moetune.adapters.inject import mask_experts
-from moetune.adapters.io import load_adapter
+from moetune.adapters.io import load_adapter, reference_dir
 from moetune.core.checkpoint import write_json
 from moetune.core.ui import console
 from moetune.data.pipeline import load_splits
@@ -106,10 +106,14 @@ def held_out_source(rc: R.Recipe) -> str:
 
 
 def model_with_adapter(run: Run, adapter_dir: Path | None = None, fresh: bool = False):
-    """The base model with the run's adapter (or `adapter_dir`); fresh=True: the adapter as initialised before
-    training (train.seed), i.e. the model the run's 'before' scores describe."""
+    """The base model with the run's adapter (or `adapter_dir`); fresh=True: the adapter training started from,
+    i.e. the model the run's 'before' scores describe: as initialised (train.seed), or with train.reference
+    (DPO after SFT) that run's adapter."""
     model = load_model(run.recipe.model, run.device, log=run.log)
-    load_adapter(model, adapter_dir or run.dir / "adapter", fresh_seed=run.recipe.train.seed if fresh else None)
+    if fresh and run.recipe.train.reference is not None:
+        load_adapter(model, reference_dir(run.recipe.train.reference))
+    else:
+        load_adapter(model, adapter_dir or run.dir / "adapter", fresh_seed=run.recipe.train.seed if fresh else None)
     masked = run.recipe.expert.masked_experts()
     if masked:  # --mask-experts (MoLE): gates at 0, the rest renormalised
         mask_experts(model, masked)

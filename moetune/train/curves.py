@@ -1,6 +1,7 @@
-"""`curves.png`: training and validation loss vs step from metrics.jsonl, plus the auxiliary losses
-and the routing entropy (mean over routed modules, band = range over transformer blocks, dashed
-line = log N, uniform routing) when the run logged them. Agg backend, no pyplot state."""
+"""`curves.png`: training and validation loss vs step from metrics.jsonl, plus the auxiliary losses,
+the routing entropy (mean over routed modules, band = range over transformer blocks, dashed
+line = log N, uniform routing) and the preference metrics (reward margin and accuracy, train and
+validation: train.objective dpo/orpo) when the run logged them. Agg backend, no pyplot state."""
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ def curve_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
             continue
         if r.get("split") == "validation":
             put("validation", step, r.get("val_loss"))
+            for k in ("rewards/margins", "rewards/accuracies"):
+                put(f"validation {k}", step, r.get(k))
             continue
         put("train", step, r.get("loss"))
+        for k in ("rewards/margins", "rewards/accuracies"):
+            put(f"train {k}", step, r.get(k))
         for k, v in (r.get("aux") or {}).items():
             put(f"aux/{k}", step, v)
         rt = r.get("routing")
@@ -65,7 +70,9 @@ def save_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
     if not s.get("train"):
         return None
     aux = sorted(k for k in s if k.startswith("aux/"))
-    panels = 1 + bool(aux) + bool(s.get("routing"))
+    pref = [k for k in ("train rewards/margins", "validation rewards/margins", "train rewards/accuracies",
+                        "validation rewards/accuracies") if s.get(k)]
+    panels = 1 + bool(aux) + bool(s.get("routing")) + bool(pref)
     fig = Figure(figsize=(4.2 * panels, 3.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -73,7 +80,7 @@ def save_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
     ax.plot(*zip(*s["train"]), label="train", color="tab:blue", lw=1.4)
     if s.get("validation"):
         ax.plot(*zip(*s["validation"]), "o-", label="validation", color="tab:orange", lw=1.4, ms=4)
-    ax.set(title="loss (response tokens)", xlabel="step", ylabel="loss")
+    ax.set(title="loss (preference pairs)" if pref else "loss (response tokens)", xlabel="step", ylabel="loss")
     ax.legend(fontsize=8)
     i = 1
     if aux:
@@ -93,6 +100,14 @@ def save_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
             a.axhline(math.log(s["num_experts"][-1][1]), ls="--", color="gray", lw=1, label="log N (uniform)")
         a.set(title="routing entropy (nats)", xlabel="step")
         a.legend(fontsize=8)
+        i += 1
+    if pref:
+        a = axes[i]
+        for k in pref:
+            a.plot(*zip(*s[k]), marker="o" if k.startswith("validation") else None, ms=3, lw=1.2,
+                   ls="--" if k.endswith("accuracies") else "-", label=k)
+        a.set(title="preference: reward margin, accuracy", xlabel="step")
+        a.legend(fontsize=7)
     for a in axes:
         a.grid(alpha=0.3)
         a.tick_params(labelsize=8)

@@ -94,6 +94,7 @@ class GlobalBalanceStep(TrainStep):
         total, states = self.statistics(batches) if m > 1 else (None, None)
         loss_sum = torch.zeros((), device=device)
         aux_sum: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor] = {}
         tokens, slots = 0, 0
         for j, batch in enumerate(batches):
             if states is not None:
@@ -101,7 +102,7 @@ class GlobalBalanceStep(TrainStep):
             tokens += int(batch["attention_mask"].sum()) * world
             slots += batch["attention_mask"].numel() * world
             with self.strategy.sync(self.lm, self.model, j == m - 1), self.autocast():
-                s, aux = self.objective.forward(self.lm, batch)
+                s, aux, sums = self.objective.forward(self.lm, batch)
                 groups = balance_groups(self.model)
                 glob = global_aux(groups, self.global_sums(groups) if total is None else total)
                 zero = torch.zeros((), device=device)
@@ -109,7 +110,9 @@ class GlobalBalanceStep(TrainStep):
             loss_sum += s.detach()
             for k, v in [*aux.items(), *glob.items()]:
                 aux_sum[k] = aux_sum.get(k, 0.0) + float(v.detach()) / m
-        return loss_sum, StepResult(float("nan"), aux_sum, tokens=tokens, slots=slots,
+            for k, v in sums.items():
+                metrics[k] = metrics[k] + v.detach().float() if k in metrics else v.detach().float()
+        return loss_sum, StepResult(float("nan"), aux_sum, metrics, tokens=tokens, slots=slots,
                                     mask=batches[-1]["attention_mask"] if batches else None)
 
 

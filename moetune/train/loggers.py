@@ -10,7 +10,9 @@ the step's last micro-batch (real tokens only, padding masked):
     load_by_block[k]      (N,) mean gate weight per expert over the modules of block k
 
 Tracker tags: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/epoch,
-validation/loss, validation/specialisation (train/routing_log.py), aux/<name>, routing/entropy, routing/entropy/block_<k>, routing/load/block_<k>/expert_<i>.
+validation/loss, validation/specialisation (train/routing_log.py), aux/<name>, routing/entropy, routing/entropy/block_<k>, routing/load/block_<k>/expert_<i>;
+with train.objective dpo or orpo also train/<name> and validation/<name> for each of PREFERENCE_METRICS
+(TRL's names: rewards/chosen, rewards/margins, logps/chosen, ...; train/preference.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from moetune.recipe import Recipe
 from moetune.train.curves import save_curves
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                      "logps/rejected", "nll_loss", "log_odds_ratio", "preference_accuracy")
+"""Preference-tuning metrics a metrics.jsonl row may hold (train/preference.py), passed to the trackers as is."""
 
 
 def check_trackers(names: list[str]) -> None:
@@ -51,6 +56,9 @@ def flatten(row: dict) -> dict[str, float]:
         out["validation/loss"] = float(row["val_loss"])
     if val and isinstance((row.get("val_routing") or {}).get("specialisation"), (int, float)):
         out["validation/specialisation"] = float(row["val_routing"]["specialisation"])
+    for key in PREFERENCE_METRICS:
+        if isinstance(row.get(key), (int, float)):
+            out[f"{'validation' if val else 'train'}/{key}"] = float(row[key])
     for k, v in (row.get("aux") or {}).items():
         out[f"aux/{k}"] = float(v)
     r = row.get("routing")

@@ -21,19 +21,19 @@ from pathlib import Path
 
 import torch
 
-from moetune.adapters.inject import lora_plus_parameters, trainable_parameters
+from moetune.adapters.inject import AdapterCopy, adapters_off, lora_plus_parameters, trainable_parameters
 from moetune.core.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
 from moetune.core.errors import Interrupted, RecipeError
 from moetune.core.ui import TrainProgress
-from moetune.data.pipeline import ExampleSet, take
-from moetune.data.rows import Example, collate
+from moetune.data.pipeline import ExampleSet, is_pairs, take
+from moetune.data.rows import Example
 from moetune.experts.routing import router_parameters, scheduled_temperature, set_temperature
 from moetune.recipe import Recipe, TrainConfig
 from moetune.train.activation_checkpointing import enable_checkpointing
 from moetune.train.global_balance import step_class
 from moetune.train.loggers import TrainLoggers
-from moetune.train.loss import CausalLMLoss
 from moetune.train.plan import Plan, make_plan  # noqa: F401 (Plan: the examples plan, for callers)
+from moetune.train.preference import DPO, ORPO
 from moetune.train.routing_log import routing_snapshot
 from moetune.train.signals import StopRequest
 from moetune.train.step import SFT, StepResult
@@ -90,19 +90,30 @@ def build_scheduler(opt, cfg: TrainConfig, total: int):
     return get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
 
 
-def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:
-    """Token-weighted mean loss on `examples` (response tokens only)."""
-    lm = CausalLMLoss(model)
-    was = model.training
-    model.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-            s, c, _ = lm(**b)
-            total, n = total + float(s), n + int(c)
-    model.train(was)
-    return total / max(n, 1)
+OBJECTIVES = {  # train.objective -> the objective built for a run (train/step.py's interface)
+    "sft": lambda recipe, model, pad_id, domains: SFT(recipe.data.packing, recipe.data.max_length, pad_id, domains),
+    "dpo": lambda recipe, model, pad_id, domains: DPO(recipe.train.beta, recipe.train.loss_type, pad_id,
+                                                      dpo_reference(model, recipe.train.reference), domains),
+    "orpo": lambda recipe, model, pad_id, domains: ORPO(recipe.train.beta, pad_id, domains),
+}
+
+
+def dpo_reference(model, reference: str | None):
+    """DPO's reference during training: the adapters switched off, or (`train.reference`: the policy started from
+    that run's adapter) a frozen copy of the adapter as it is now, in the run's own layout (sharded under FSDP)."""
+    if reference is None:
+        return lambda: adapters_off(model)
+    return AdapterCopy.of_model(model).swapped
+
+
+def check_objective(recipe: Recipe, examples) -> None:
+    """train.objective against the training data: dpo and orpo need preference pairs."""
+    if recipe.train.objective != "sft" and not is_pairs(examples):
+        fmt = getattr(examples, "info", {}).get("format", "?")
+        raise RecipeError(f"Recipe key 'train.objective' is {recipe.train.objective!r}, but the training data "
+                          f"({recipe.data.train if not recipe.data.mix else 'data.mix'}) is in format {fmt!r}, not "
+                          "preference pairs. Allowed: data with prompt, chosen and rejected columns (TRL's "
+                          "preference format, e.g. data/preference/train.jsonl), or train.objective sft.")
 
 
 def train(recipe: Recipe, model, tokenizer, splits: dict[str, list[Example]], accelerator, run_dir: Path,
@@ -147,8 +158,9 @@ class Trainer:
         self.strategy.shard(model)  # FSDP replaces the parameters by sharded DTensors: collect them after this
         params = trainable_parameters(model)
         optimizer = build_optimizer(param_groups(model, params, recipe), cfg)
-        # the objective (train/step.py): SFT is the only one; another loss is another class with its four methods
-        objective = SFT(recipe.data.packing, recipe.data.max_length, self.pad_id, domain_indices(recipe, self.train_ex))
+        check_objective(recipe, self.train_ex)  # the objective (train/step.py, train/preference.py): train.objective
+        objective = self.objective = OBJECTIVES[cfg.objective](recipe, model, self.pad_id,
+                                                                domain_indices(recipe, self.train_ex))
         self.scheduler = build_scheduler(optimizer, cfg, self.plan.total_steps)
         lm, self.optimizer = self.strategy.prepare(objective.module(model), optimizer)
         step = step_class(recipe, model)  # TrainStep, or GlobalBalanceStep for router.balance_scope: global
@@ -203,8 +215,7 @@ class Trainer:
             self.checkpoint(end)
         set_temperature(model, scheduled_temperature(self.recipe.router, plan.total_steps, plan.total_steps))  # the end value
         if self.val_ex:
-            self.val = self.validate()
-            self.metrics.log({"step": end, "split": "validation", "val_loss": self.val, **self.val_routing()})
+            self.validate(end)
         self.strategy.finish(model)  # FSDP: full adapter tensors on every process, so the caller can save them
         self.metrics.close()  # trackers closed, curves.png drawn from metrics.jsonl
         model.eval()
@@ -230,13 +241,12 @@ class Trainer:
         if done % cfg.log_every == 0 or done == end:
             grad_norm = self.strategy.value(result.grad_norm) if result.grad_norm is not None else None
             self.metrics.log({"step": done, "epoch": round(done / plan.steps_per_epoch, 4), "loss": result.loss,
-                              "lr": lr, "tokens_per_s": round(tps, 1), "grad_norm": grad_norm,
+                              "lr": lr, "tokens_per_s": round(tps, 1), "grad_norm": grad_norm, **result.metrics,
                               "real_tokens": round(self.window_tokens / max(self.window_slots, 1), 4),
                               **({"aux": result.aux} if result.aux else {})}, mask=result.mask)
             self.window_tokens, self.window_slots, self.window_t0 = 0, 0, time.perf_counter()
         if self.val_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < end:
-            self.val = self.validate()
-            self.metrics.log({"step": done, "split": "validation", "val_loss": self.val, **self.val_routing()})
+            self.validate(done)
         if cfg.save_every and done % cfg.save_every == 0 and done < end:
             self.checkpoint(done)
 
@@ -252,12 +262,18 @@ class Trainer:
         raise Interrupted(signum, f"training stopped after step {done} of {self.plan.total_steps}; its checkpoint "
                           f"is {path}.", step=done, resumable=True)
 
-    def validate(self) -> float:
-        return validation_loss(self.model, self.val_ex, self.recipe.eval.batch_size, self.pad_id, self.accelerator.device)
+    def validate(self, step: int) -> None:
+        """Score the validation split (the objective's `validate`: its loss, and DPO's metrics) and log it."""
+        scores = self.objective.validate(self.model, self.val_ex, self.recipe.eval.batch_size, self.accelerator.device)
+        self.val = scores["val_loss"]
+        self.metrics.log({"step": step, "split": "validation", **scores, **self.val_routing()})
 
     def val_routing(self) -> dict:
         """{'val_routing': per-layer MI and gate histograms} on the validation split (train/routing_log.py) for a
-        routed adapter and at least two domains, else {}. Every process runs it (FSDP's forward is collective)."""
+        routed adapter, the sft objective and at least two domains, else {}. Every process runs it (FSDP's forward
+        is collective)."""
+        if self.cfg.objective != "sft":  # preference pairs: no single row per example to route
+            return {}
         snap = routing_snapshot(self.model, self.val_ex, self.pad_id, self.recipe.eval.batch_size, self.accelerator.device)
         return {"val_routing": snap} if snap else {}
 

@@ -2,10 +2,11 @@
 
 A step is built from components, so that a new kind of training adds a component, not an `if`:
 
-- the **objective** (`SFT` today): the loss module the strategy prepares (`module`), this process's
-  examples as device batches (`batch`), the global batch's normalising units (`units`: target
-  tokens), and one micro-batch's forward to the SUM of its per-unit losses plus the experts'
-  auxiliary losses (`forward`);
+- the **objective** (`SFT` here; `DPO` and `ORPO` in train/preference.py, chosen by `train.objective`): the
+  loss module the strategy prepares (`module`), this process's examples as device batches (`batch`), the
+  global batch's normalising units (`units`: target tokens, or pairs), one micro-batch's forward to the SUM
+  of its per-unit losses, the experts' auxiliary losses and the SUMS of any metrics it reports per unit
+  (`forward`: DPO's rewards/*, logps/*), and the held-out scores after training (`validate`);
 - the **strategy** (train/strategy.py): gradient synchronisation over the processes;
 - the optimizer, its scheduler and the gradient clipping (`train.max_grad_norm`).
 
@@ -30,6 +31,21 @@ from moetune.data.rows import Example, collate
 from moetune.experts.routing import scheduled_temperature, set_temperature
 from moetune.train.loss import CausalLMLoss
 from moetune.train.precision import compute_autocast, compute_precision
+
+
+def validation_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> float:
+    """Token-weighted mean loss on `examples` (response tokens only)."""
+    lm = CausalLMLoss(model)
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            b = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+            s, c, _ = lm(**b)
+            total, n = total + float(s), n + int(c)
+    model.train(was)
+    return total / max(n, 1)
 
 
 def seed_step(seed: int, step: int, rank: int, world: int) -> None:
@@ -85,10 +101,14 @@ class SFT:
             batch["token_domain"] = doms  # reaches the routers through the loss's routing context
         return batch
 
-    def forward(self, lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(sum of this micro-batch's token losses, the experts' auxiliary losses)."""
+    def forward(self, lm, batch: dict[str, torch.Tensor]):
+        """(sum of this micro-batch's token losses, the experts' auxiliary losses, no metrics)."""
         s, _, aux = lm(**batch)
-        return s, aux
+        return s, aux, {}
+
+    def validate(self, model, examples: list[Example], batch_size: int, device) -> dict[str, float]:
+        """{'val_loss': the token-weighted mean loss on `examples`}."""
+        return {"val_loss": validation_loss(model, examples, batch_size, self.pad_id, device)}
 
 
 @dataclass
@@ -98,6 +118,7 @@ class StepResult:
 
     loss: float
     aux: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, per unit (DPO: rewards/*, logps/*)
     grad_norm: torch.Tensor | None = None
     tokens: int = 0                            # real tokens of the global batch (this process's times world)
     slots: int = 0                             # token positions computed, padding included (the same scale)
@@ -125,6 +146,10 @@ class TrainStep:
         loss_sum, result = self.forward_backward(rows, micro_batches, units)
         result.grad_norm = self.update()
         result.loss = float(acc.reduce(loss_sum, "sum")) / max(units, 1)
+        if result.metrics:  # summed over this process's micro-batches: summed over processes, per unit
+            names = sorted(result.metrics)
+            total = acc.reduce(torch.stack([result.metrics[k] for k in names]), "sum")
+            result.metrics = {k: round(float(v) / max(units, 1), 6) for k, v in zip(names, total)}
         return result
 
     def forward_backward(self, rows: list[Example], micro_batches: list[list[int]],
@@ -134,18 +159,21 @@ class TrainStep:
         acc, world, device = self.accelerator, self.strategy.world, self.accelerator.device
         loss_sum = torch.zeros((), device=device)
         aux_sum: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor] = {}
         tokens, slots, batch = 0, 0, None
         for j, mb in enumerate(micro_batches):
             batch = self.objective.batch([rows[i] for i in mb], device, getattr(mb, "sizes", None))
             tokens += int(batch["attention_mask"].sum()) * world
             slots += batch["attention_mask"].numel() * world
             with self.strategy.sync(self.lm, self.model, j == len(micro_batches) - 1), self.autocast():
-                s, aux = self.objective.forward(self.lm, batch)
+                s, aux, sums = self.objective.forward(self.lm, batch)
                 acc.backward(self.micro_loss(s, aux, units, len(micro_batches)))
             loss_sum += s.detach()
             for k, v in aux.items():
                 aux_sum[k] = aux_sum.get(k, 0.0) + float(v.detach()) / len(micro_batches)
-        return loss_sum, StepResult(float("nan"), aux_sum, tokens=tokens, slots=slots,
+            for k, v in sums.items():
+                metrics[k] = metrics[k] + v.detach().float() if k in metrics else v.detach().float()
+        return loss_sum, StepResult(float("nan"), aux_sum, metrics, tokens=tokens, slots=slots,
                                     mask=None if batch is None else batch["attention_mask"])
 
     def autocast(self):
