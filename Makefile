@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-dpo studies study-tables bench-serve lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo studies study-tables bench-serve lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -94,6 +94,11 @@ bench-variants: setup
 bench-e2e: setup
 	$(BIN)/python benchmarks/e2e.py --results-md benchmarks/RESULTS.md $(ARGS)
 
+# What router.balance_scope global costs over micro: one HydraLoRA training step of SmolLM2-135M at grad_accum 1
+# and 2 (benchmarks/results/balance_scope.json; ARGS='--layers 6' for a shorter stack, --shared on a shared machine).
+bench-balance: setup
+	$(BIN)/python benchmarks/balance_scope.py $(ARGS)
+
 # A DPO step of moetune vs TRL's DPOTrainer + PEFT on the same pairs of data/preference (LoRA r16 on SmolLM2-135M;
 # benchmarks/results/dpo.json; add ARGS=--shared on a shared machine, ARGS=--device cuda on a GPU).
 bench-dpo: setup
@@ -111,7 +116,7 @@ bench-serve: setup
 # Options go in ARGS, e.g. ARGS='--jobs 8 model.device=cuda' on a GPU machine; a smaller trial with
 # STUDY_RUNS=runs/smoke ARGS='--seeds 1 --steps 2 eval.max_examples=10' (its own directory: a changed protocol
 # is refused in an existing one).
-STUDIES    := methods routing-default routing-multidomain mole
+STUDIES    := methods routing-default routing-multidomain mole routing-balance-multidomain routing-balance-disjoint
 STUDY_RUNS ?= runs/studies
 STUDY_OUT  ?= benchmarks/results/studies
 study-%: setup
@@ -123,6 +128,15 @@ study-%: setup
 study-methods: runs/studies/mmlu/mmlu_math.jsonl
 runs/studies/mmlu/mmlu_math.jsonl: | setup
 	$(BIN)/moetune data mmlu --out runs/studies/mmlu --group medical --group law --group math --limit-per-subject 6
+
+# the routing-balance studies' clustered router init (issue 25): `cluster-heads --init-router` on the study's data,
+# minilm embeddings, K = 4 = expert.num_experts (CLUSTER_ARGS='--max-rows 200' for a quicker trial)
+study-routing-balance-multidomain: runs/studies/clusters/multidomain.k4.router.safetensors
+study-routing-balance-disjoint: runs/studies/clusters/disjoint.k4.router.safetensors
+runs/studies/clusters/%.k4.router.safetensors: | setup
+	mkdir -p runs/studies/clusters
+	$(BIN)/moetune cluster-heads recipes/hydralora.yaml data.train=data/$*/train.jsonl expert.num_experts=4 \
+	  --min 4 --max 4 --init-router --out runs/studies/clusters/$*.k4.yaml $(CLUSTER_ARGS)
 
 studies: $(addprefix study-,$(STUDIES))
 	$(MAKE) study-tables

@@ -311,3 +311,14 @@ def test_init_router_help_names_every_embedder(monkeypatch, capsys):
     line = out.split("--init-router", 1)[1].split("--with-response", 1)[0]
     assert "needs --embedder base" not in line
     assert "minilm" in line and "base" in line and "router.init_centroids" in line
+
+
+@pytest.mark.parametrize("embedder", ["tfidf", "base"])
+def test_init_router_into_a_new_folder(tiny_llama, tiny_data, tmp_path, embedder):
+    """--out in a folder that does not exist yet: the router (or centroid) file goes there too (the
+    routing-balance studies write runs/studies/clusters/<data>.k4.*; it failed with an I/O error)."""
+    src = write_recipe(tmp_path / "tiny.yaml", str(tiny_llama), tiny_data)
+    out = tmp_path / "new" / "dir" / "c.yaml"
+    rep = cluster_heads(src, [], embedder=embedder, k_min=2, k_max=2, init_router=True, out=out)
+    assert Path(rep["centroids"]).is_file() and Path(rep["centroids"]).parent == out.parent
+    assert load_recipe(out).router.init_centroids == rep["centroids"]

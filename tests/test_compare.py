@@ -235,6 +235,10 @@ def test_committed_studies_plan(tiny_llama, tmp_path):
     for study in studies:
         s, data = settings(study, budget="recipe", out=tmp_path / study.stem, plan_only=True,
                            overrides=[f"model.path={tiny_llama}", "model.device=cpu", "eval.multiple_choice=[]"])
+        # a clustered router init names the file its make target writes first (Makefile), fitted to the real
+        # model: planned here without it
+        s.methods = [{**m, "overrides": [o for o in m.get("overrides", []) if not o.startswith("router.init_centroids=")]}
+                     if isinstance(m, dict) else m for m in s.methods]
         doc = run_compare(s, data)
         assert len(doc["jobs"]) == len(parse_methods(s.methods)) * len(s.seeds) >= 4, study.name
         assert json.loads(json.dumps(doc["jobs"]))  # plain data: what plan.json records

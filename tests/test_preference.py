@@ -393,3 +393,27 @@ def test_compare_shows_the_preference_metrics(tiny_llama, pref_data, tmp_path, m
     rows = json.loads(capsys.readouterr().out)
     assert {r["objective"] for r in rows} == {"dpo"}
     assert sorted(r["pref_after"] for r in rows) == sorted(means.values())
+
+
+def test_dpo_with_the_global_balance_grad_accum_2_equals_1(tiny_llama, pref_data, tmp_path):
+    """router.balance_scope global under DPO (issue 25 with issue 27): the statistics pass and the surrogate see the
+    pairs' forward, so 2 micro-batches of 2 pairs train the adapter 1 micro-batch of 4 does (to float rounding),
+    unlike the micro scope; the preference metrics are logged and no routing snapshot is taken (pairs, not rows)."""
+    from safetensors.torch import load_file
+    got = {}
+    for scope in ("global", "micro"):
+        for bs, acc in ((4, 1), (2, 2)):
+            out = tmp_path / f"{scope}{acc}"
+            run_recipe(load_recipe(None, tiny_overrides(
+                tiny_llama, pref_data, out, "expert.type=molora", "expert.num_experts=3", "expert.dropout=0.0",
+                "router.balance_loss=switch", "router.balance_weight=0.5", f"router.balance_scope={scope}",
+                "train.objective=dpo", "train.max_steps=3", f"train.batch_size={bs}", f"train.grad_accum={acc}",
+                "stages=[train]", "train.eval_every=0")))
+            got[scope, acc] = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            assert all("rewards/margins" in r and r["aux"]["balance"] > 0 for r in rows if "loss" in r)
+            assert not any("val_routing" in r for r in rows)
+
+    def gap(scope):
+        return max(float((got[scope, 2][k] - got[scope, 1][k]).abs().max()) for k in got[scope, 1])
+    assert gap("global") < 2e-5 and gap("micro") > 10 * gap("global")

@@ -304,6 +304,7 @@ def cluster_heads(recipe_path: Path, overrides: list[str], k_min: int = 2, k_max
         centroids = out.with_name(out.stem + ".centroids.safetensors")
         for f in (centroids, centroids.with_suffix(".json")):
             _check_free(f, recipe_path, force)
+        centroids.parent.mkdir(parents=True, exist_ok=True)
         save_file({"centroids": torch.from_numpy(best["centroids"])}, str(centroids))  # (K, d)
         ordinary_mode(centroids)                                         # safetensors writes 0600
         write_json(centroids.with_suffix(".json"), {
@@ -348,6 +349,7 @@ def _fit_routers(rc: Recipe, labels, max_rows: int | None, seed: int, out: Path,
     path = out.with_name(out.stem + ".router.safetensors")
     for f in (path, path.with_suffix(".json")):
         _check_free(f, recipe_path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)                    # --out may name a new folder
     tok = load_tokenizer(rc.model)
     model = load_model(rc.model)
     examples = load_examples(rc.data.train, tok, rc.data)

@@ -86,6 +86,15 @@ class ExpertLayer(nn.Module, abc.ABC):
         """Auxiliary losses of the last forward, already weighted by the recipe."""
         return {}
 
+    def balance_sums(self) -> tuple[Any, torch.Tensor] | None:
+        """(router settings, load sums (2N + 2,) of the last forward's real tokens, moetune.experts.balance.load_sums)
+        for the balance loss and z-loss over the global batch (`router.balance_scope: global`,
+        moetune/train/global_balance.py); None for a layer without a router group of its own. Default: the
+        layer's `router` (HydraLoRA, MoLoRA, MoV); MoLE answers on the first place, for all places."""
+        router = getattr(self, "router", None)
+        sums = router.load_sums() if hasattr(router, "load_sums") else None
+        return None if sums is None else (router.cfg, sums)
+
     def lora_plus_parameters(self) -> list[nn.Parameter]:
         """The parameters LoRA+ trains at lr * train.lora_plus_ratio (the B matrices; `config_cls.lora_plus`)."""
         return []

@@ -42,6 +42,10 @@ class RoutingContext:
     token_domain: torch.Tensor | None = None
     """(B, T) long. Domain index of each token (-1: padding or no domain), for the weak domain
     supervision `router.domain_loss_weight`; set by training only."""
+    token_mask: torch.Tensor | None = None
+    """(B, T) bool. The tokens that count in router statistics: real tokens, not padding or a packed row's
+    filler (the attention mask; packed rows: example_index >= 0). Every routing loss (balance, z-loss) and
+    statistic (the training log's load and entropy) skips the others. None: every position counts."""
     cache: dict | None = None
     """Generation: id(router) -> (B, N) sequence logits. The first forward (the prompt) stores each
     sequence-level router's pooled logits, the later one-token forwards reuse them. The one mutable
@@ -108,11 +112,13 @@ def batch_context(labels: torch.Tensor, attention_mask: torch.Tensor, segment_id
                   token_domain: torch.Tensor | None = None) -> RoutingContext:
     """The routing context of a forward over a training or scoring batch (moetune.data.rows.collate or
     moetune.data.packing.pack output), all (B, T): pool_mask = each sequence's prompt, segment_ids of a
-    packed batch (from its example_index, -1 on padding, when not given), the token domains if any."""
+    packed batch (from its example_index, -1 on padding, when not given), the token domains if any, and
+    token_mask = the real tokens (example_index >= 0 for a packed batch, else the attention mask)."""
     if segment_ids is None and example_index is not None:
         segment_ids = example_index + 1  # padding (-1) becomes a segment of its own, 0
     pool = prompt_mask(labels != IGNORE, attention_mask, segment_ids)    # (B, T)
-    return RoutingContext(pool_mask=pool, segment_ids=segment_ids, token_domain=token_domain)
+    real = attention_mask.bool() if example_index is None else example_index >= 0  # (B, T)
+    return RoutingContext(pool_mask=pool, segment_ids=segment_ids, token_domain=token_domain, token_mask=real)
 
 
 @contextmanager

@@ -38,7 +38,7 @@ index, then `models.targets.forward_rank`, not the order a model defines its mod
 projection's expert outputs, and the others reuse that very tensor (same autograd graph): one
 W_g^j per place, one gate per token per place, gradients from every projection of the place.
 
-Balance (docs/METHODS.md): q_i = mean gate of expert i over tokens AND gated places,
+Balance (docs/METHODS.md): q_i = mean gate of expert i over real tokens AND gated places,
 L_balance = -log prod_i q_i (`routing.mole_balance`), added once per forward with weight
 alpha = `router.balance_weight` when `router.balance_loss: mole`; it is a function of the
 gate probabilities, so its gradient reaches W_g (tested). Masking (`expert.masked`,
@@ -63,7 +63,8 @@ from moetune.core.adapter_files import WEIGHTS, read_adapter
 from moetune.core.errors import RecipeError
 from moetune.core.recompute import recomputing
 from moetune.experts.base import ExpertLayer, compute_input
-from moetune.experts.routing import Router, balance_loss, domain_loss, z_loss
+from moetune.experts.balance import load_sums
+from moetune.experts.routing import Router, forward_mask, router_losses
 from moetune.models.layers import layer_index
 from moetune.models.projection import dims as base_dims
 from moetune.models.projection import is_projection
@@ -185,6 +186,7 @@ class MoLEGate(Router):
         if not recomputing():  # see recompute.py: keep the original forward's gates
             self._last = (logits, probs, probs)
             self._sup = sup
+            self._mask = forward_mask(probs)
         return probs
 
     def logits(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (..., N, r) float, (N, d_out, r) -> (..., N)
@@ -280,21 +282,29 @@ class MoLELayer(ExpertLayer):
         w = self.gates(h)                                                # (..., N)
         return torch.einsum("...nr,nor->...o", h * w.unsqueeze(-1).to(h.dtype), self.expert_B)  # (..., d_out)
 
-    def aux_losses(self) -> dict[str, torch.Tensor]:
-        """On the first place only: alpha * balance over the gates of every place (tokens and places)."""
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(logits (P, ..., N), probs (P, ..., N), mask (P, ...) or None) of every place's last forward, on the
+        first place only (None elsewhere): the balance loss and z-loss count tokens AND places."""
         if not self._places or any(p.router._last is None for p in self._places):
+            return None
+        logits = torch.stack([p.router._last[0] for p in self._places])     # (P, ..., N)
+        probs = torch.stack([p.router._last[1] for p in self._places])      # (P, ..., N)
+        masks = [p.router._mask for p in self._places]
+        mask = None if any(m is None for m in masks) else torch.stack(masks)  # (P, ...): real tokens only
+        return logits, probs, mask
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """On the first place only: alpha * balance over the gates of every place (real tokens and places);
+        the domain loss per place, summed as `Router.aux_losses` sums over layers."""
+        got = self._stacked()
+        if got is None:
             return {}
-        c = self.router.cfg
-        out = {}
-        if c.balance_loss != "none" and c.balance_weight > 0:
-            probs = torch.stack([p.router._last[1] for p in self._places])   # (P, ..., N)
-            out["balance"] = c.balance_weight * balance_loss(c.balance_loss, probs)
-        if c.z_loss_weight > 0:
-            out["z_loss"] = c.z_loss_weight * z_loss(torch.stack([p.router._last[0] for p in self._places]))
         sups = [p.router._sup for p in self._places if p.router._sup is not None]
-        if c.domain_loss_weight > 0 and sups:  # per place, summed as `Router.aux_losses` sums over layers
-            out["domain"] = c.domain_loss_weight * sum(domain_loss(*s) for s in sups)
-        return out
+        return router_losses(self.router.cfg, *got, sups)
+
+    def balance_sums(self):
+        got = self._stacked()
+        return None if got is None else (self.router.cfg, load_sums(got[0], got[1], 1, got[2]))
 
     def routing_stats(self) -> dict | None:
         return self._leader[0].router.stats()

@@ -5,7 +5,8 @@ Notation: `logits` (..., N) are router scores W_g x of one token per leading ind
 routing; top-k renormalised otherwise). Every loss below is a differentiable function
 of `probs` or `logits` (never of detached statistics), so it trains the router.
 `mask` (...,) optionally marks the tokens to count (1) and padding to skip (0); the
-`Router` of an expert layer sees no attention mask, so it counts every position.
+`Router` of an expert layer reads it from the routing context (`token_mask`: real tokens, not
+padding or packed-row filler) and passes it to every loss and statistic.
 
 Losses (see docs/METHODS.md, "Auxiliary losses"):
 - MoLE gating balance (Wu et al., ICLR 2024):   L = -log prod_i q_i = -sum_i log q_i,
@@ -18,20 +19,21 @@ Losses (see docs/METHODS.md, "Auxiliary losses"):
 - Router z-loss (Zoph et al., 2022, ST-MoE):      L = mean_t logsumexp(logits_t)^2.
 - CV^2 of the load (Shazeer et al., 2017):      L = var_i(P_i) / mean_i(P_i)^2 (population
   variance), P_i = mean probability of i; L >= 0, 0 exactly at uniform load.
+The balance losses and the z-loss are taken per forward (`router.balance_scope: micro`) or over the
+whole global batch (`global`: moetune/experts/balance.py, moetune/train/global_balance.py).
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from moetune.core.errors import RecipeError
 from moetune.core.recompute import recomputing
+from moetune.experts.balance import balance_from_stats, load_sums, top_k_assignments
 from moetune.experts.base import compute_input
+from moetune.experts.router_init import init_routers, router_init_weight  # noqa: F401 (re-exported)
 from moetune.experts.context import current_context, prompt_mask, routing_context  # noqa: F401 (the last two re-exported)
 from moetune.recipe import RouterConfig
 
@@ -72,21 +74,17 @@ def _token_mean(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def mole_balance(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """MoLE gating balance -sum_i log q_i (q: mean gate probability); minimum N log N at uniform load."""
-    q = _token_mean(probs, mask)                                         # (N,)
-    return -q.clamp_min(1e-12).log().sum()
+    return balance_from_stats("mole", None, _token_mean(probs, mask))
 
 
 def assignment_fraction(probs: torch.Tensor, k: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
     """f (N,): fraction of top-k assignments per expert (sums to 1; a count, so no gradient)."""
-    idx = probs.detach().topk(min(k, probs.shape[-1]), dim=-1).indices  # (..., k)
-    onehot = torch.zeros_like(probs, dtype=torch.float32).scatter(-1, idx, 1.0)  # (..., N)
-    return _token_mean(onehot, mask) / idx.shape[-1]
+    return _token_mean(top_k_assignments(probs, k), mask)
 
 
 def switch_balance(probs: torch.Tensor, k: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch load balancing N * sum_i f_i P_i (f from top-k choices, P mean probability); 1 at uniform load."""
-    n = probs.shape[-1]
-    return n * (assignment_fraction(probs, k, mask) * _token_mean(probs, mask)).sum()
+    return balance_from_stats("switch", assignment_fraction(probs, k, mask), _token_mean(probs, mask))
 
 
 def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,19 +95,13 @@ def z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
 
 def cv2_balance(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Squared coefficient of variation of the load var(P) / mean(P)^2; 0 at uniform load."""
-    load = _token_mean(probs, mask)                                      # (N,)
-    return load.var(unbiased=False) / load.mean().pow(2).clamp_min(1e-12)
+    return balance_from_stats("cv2", None, _token_mean(probs, mask))
 
 
 def balance_loss(kind: str, probs: torch.Tensor, k: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The balance loss named by `router.balance_loss`: 'mole', 'switch' (top-k f) or 'cv2'."""
-    if kind == "mole":
-        return mole_balance(probs, mask)
-    if kind == "switch":
-        return switch_balance(probs, k, mask)
-    if kind == "cv2":
-        return cv2_balance(probs, mask)
-    raise ValueError(f"unknown balance loss {kind!r}: 'mole', 'switch' or 'cv2'")
+    f = assignment_fraction(probs, k, mask) if kind == "switch" else None
+    return balance_from_stats(kind, f, _token_mean(probs, mask))
 
 # ---------------------------------------------------------------- statistics (for reports)
 
@@ -144,7 +136,9 @@ class Router(nn.Module):
     """w(x) = gates(W_g x) per token, W_g: (N, d_in) ~ N(0, init_std^2); `router:` settings.
 
     Keeps the logits and gates of its last forward (not of an activation-checkpointing
-    recompute), from which `aux_losses` builds the recipe's weighted losses and `stats` the report. Each routed layer returns its own
+    recompute) and that forward's token mask (the routing context's `token_mask`: padding and
+    packed-row filler count nowhere), from which `aux_losses` builds the recipe's weighted losses,
+    `load_sums` the global-batch statistics and `stats` the report. Each routed layer returns its own
     weighted losses; the training loss adds them up, so the total is a SUM over layers."""
 
     def __init__(self, d_in: int, num_experts: int, cfg=None) -> None:
@@ -156,6 +150,7 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=cfg.init_std)
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._sup: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mask: torch.Tensor | None = None
         # the softmax temperature in use: the schedule's end value outside training (`set_temperature`)
         self.temperature = cfg.temperature if cfg.temperature_end is None else cfg.temperature_end
 
@@ -175,6 +170,7 @@ class Router(nn.Module):
         if not recomputing():  # a checkpoint recompute keeps the original forward's state (recompute.py)
             self._last = (logits, probs, weights)  # with their graph: aux_losses() must backprop into W_g
             self._sup = sup
+            self._mask = forward_mask(weights)
         return weights
 
     def pool(self, logits: torch.Tensor, use_cache: bool = True) -> torch.Tensor:
@@ -196,26 +192,53 @@ class Router(nn.Module):
         return torch.softmax(logits / self.temperature, -1), dom
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
-        """{'balance': weight * balance loss, 'z_loss': weight * z-loss} of the last forward.
+        """{'balance': weight * balance loss, 'z_loss': weight * z-loss, 'domain': ...} of the last forward,
+        over its real tokens. With router.balance_scope 'global' the balance loss and the z-loss are left to
+        the training step, which takes them over the global batch from `load_sums` (train/global_balance.py).
 
         The switch loss counts top-1 choices for soft routing and top-k choices for top_k; the
         z-loss is taken on the raw logits W_g x (before the temperature)."""
         if self._last is None:
             return {}
         logits, probs, _ = self._last
-        out = {}
-        c = self.cfg
-        if c.balance_loss != "none" and c.balance_weight > 0:
-            k = c.top_k if c.type == "top_k" else 1
-            out["balance"] = c.balance_weight * balance_loss(c.balance_loss, probs, k)
-        if c.z_loss_weight > 0:
-            out["z_loss"] = c.z_loss_weight * z_loss(logits)
-        if c.domain_loss_weight > 0 and self._sup is not None:
-            out["domain"] = c.domain_loss_weight * domain_loss(*self._sup)
-        return out
+        return router_losses(self.cfg, logits, probs, self._mask, [self._sup] if self._sup is not None else [],
+                             assigned_k(self.cfg))
+
+    def load_sums(self) -> torch.Tensor | None:
+        """(2N + 2,) load sums of the last forward's real tokens (moetune.experts.balance.load_sums), or None."""
+        if self._last is None:
+            return None
+        return load_sums(self._last[0], self._last[1], assigned_k(self.cfg), self._mask)
 
     def stats(self) -> dict | None:
-        return None if self._last is None else stats(self._last[2].detach())
+        return None if self._last is None else stats(self._last[2].detach(), self._mask)
+
+
+def forward_mask(weights: torch.Tensor) -> torch.Tensor | None:
+    """The routing context's token mask (B, T) when it fits the gates (B, T, N) of this forward, else None."""
+    m = current_context().token_mask
+    return m if m is not None and tuple(m.shape) == tuple(weights.shape[:-1]) else None
+
+
+def assigned_k(cfg) -> int:
+    """The k of the switch loss's f: router.top_k for top_k routing, 1 (the argmax) for soft routing."""
+    return cfg.top_k if cfg.type == "top_k" else 1
+
+
+def router_losses(cfg, logits: torch.Tensor, probs: torch.Tensor, mask: torch.Tensor | None,
+                  sups: list, k: int = 1) -> dict[str, torch.Tensor]:
+    """The weighted losses of one router group (one layer; MoLE: all its places stacked), logits and probs
+    (..., N), mask (...) (None: every token), sups: the (probs, domains) pairs of the domain loss, k: the
+    switch loss's top-k. Balance and z-loss only with router.balance_scope 'micro' (see `Router.aux_losses`)."""
+    out = {}
+    micro = getattr(cfg, "balance_scope", "micro") == "micro"
+    if micro and cfg.balance_loss != "none" and cfg.balance_weight > 0:
+        out["balance"] = cfg.balance_weight * balance_loss(cfg.balance_loss, probs, k, mask)
+    if micro and cfg.z_loss_weight > 0:
+        out["z_loss"] = cfg.z_loss_weight * z_loss(logits, mask)
+    if cfg.domain_loss_weight > 0 and sups:  # summed over the group's routers, as the layers' losses are
+        out["domain"] = cfg.domain_loss_weight * sum(domain_loss(*s) for s in sups)
+    return out
 
 
 # ---------------------------------------------------------------- sequence gates
@@ -338,76 +361,3 @@ def low_rank_and_gates(x: torch.Tensor, a: torch.Tensor, router: Router,
     z = x @ torch.cat([a, router.weight]).t()                            # (..., k + N)
     h, logits = z.split([k, z.shape[-1] - k], dim=-1)                    # (..., k), (..., N)
     return h, router(x, logits)
-
-
-# ------------------------------------------------------------------ router init from K-means centroids
-# (`router.init_centroids`, written by `moetune cluster-heads --init-router`; inject calls init_routers)
-
-def router_init_weight(centroids: torch.Tensor, init_std: float) -> torch.Tensor:
-    """Router weight (K, d) from K-means centroids (K, d): centred over the K rows, then scaled
-    so that the RMS of its entries is `init_std` (the same size as the random N(0, init_std^2)
-    init). Subtracting one vector from every row shifts all logits of a token equally, which the
-    softmax ignores: the gates are those of the raw centroids at a smaller scale."""
-    c = centroids.float() - centroids.float().mean(0, keepdim=True)    # (K, d)
-    rms = c.pow(2).mean().sqrt()
-    return c * (init_std / rms) if rms > 0 else c
-
-
-def load_centroids(path: str) -> torch.Tensor:
-    """The (K, d) 'centroids' tensor of a file written by `cluster-heads --init-router`."""
-    if not Path(path).is_file():
-        raise RecipeError(f"Recipe key 'router.init_centroids' names {path!r}, which does not exist.")
-    t = load_file(path).get("centroids")
-    if t is None or t.dim() != 2:
-        raise RecipeError(f"{path}: no (K, d) 'centroids' tensor; write it with `moetune cluster-heads --init-router`.")
-    return t
-
-
-def init_fitted(layers: dict, path: str, weights: dict) -> tuple[list[str], list[str]]:
-    """Copy the fitted per-projection router weights ('weight.<name>', see moetune/train/router_fit.py)
-    into the routers of the layers of those names; return (initialised, skipped) names."""
-    done, skipped = [], []
-    for name, layer in layers.items():
-        w = weights.get(f"weight.{name}")
-        router = getattr(layer, "router", None)
-        if w is None or getattr(router, "weight", None) is None:
-            skipped.append(name)
-            continue
-        if tuple(w.shape) != tuple(router.weight.shape):
-            raise RecipeError(f"router.init_centroids {path!r} holds a ({w.shape[0]}, {w.shape[1]}) router weight for "
-                              f"{name}, whose router is {tuple(router.weight.shape)} (expert.num_experts, input dim). "
-                              "Allowed: a file written by `cluster-heads --init-router` for this recipe's K and model.")
-        with torch.no_grad():
-            router.weight.copy_(w.to(router.weight.device, router.weight.dtype))
-        done.append(name)
-    return done, skipped
-
-
-def init_routers(layers: dict, path: str, init_std: float) -> tuple[list[str], list[str]]:
-    """Set Router.weight of each routed layer whose input dim equals the centroids' dim;
-    return (initialised names, skipped names). Others keep their random init, as do gates that
-    do not read the layer input (MoLE gates over expert outputs). A file of fitted weights
-    (`cluster-heads --init-router` with another embedder than base) sets each router by name."""
-    if Path(path).is_file():
-        fitted = {k: v for k, v in load_file(path).items() if k.startswith("weight.")}
-        if fitted:
-            return init_fitted(layers, path, fitted)
-    c = load_centroids(path)
-    w = router_init_weight(c, init_std)                                # (K, d)
-    done, skipped = [], []
-    for name, layer in layers.items():
-        router = getattr(layer, "router", None)
-        w_in = getattr(router, "weight", None)
-        reads_input = w_in is not None and w_in.shape[1] == getattr(layer, "d_in", None)
-        if not reads_input:
-            continue
-        if router.weight.shape[0] != c.shape[0]:
-            raise RecipeError(f"router.init_centroids {path!r} holds {c.shape[0]} centroids but expert.num_experts is "
-                              f"{router.weight.shape[0]}. Allowed: a centroid file with one row per expert.")
-        if layer.d_in != c.shape[1]:
-            skipped.append(name)
-            continue
-        with torch.no_grad():
-            router.weight.copy_(w.to(router.weight.device, router.weight.dtype))
-        done.append(name)
-    return done, skipped

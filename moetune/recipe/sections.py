@@ -69,6 +69,14 @@ class RouterConfig:
     """Weight alpha of the balance loss."""
     z_loss_weight: float = opt(0.0, min=0)
     """Weight of the router z-loss mean(logsumexp(logits)^2)."""
+    balance_scope: str = opt("micro", choices=("micro", "global"))
+    """Over which tokens the balance loss and the z-loss are taken (padding never counts). 'micro': each
+    forward's, i.e. one micro-batch of one process, averaged over micro-batches and processes (the usual
+    implementation; it pushes every micro-batch towards uniform load, and 2 processes differ from 1).
+    'global': the whole optimizer step's, over all gradient-accumulation micro-batches and processes, with
+    exact gradients (Qiu et al. 2025, "Demons in the Detail"; docs/METHODS.md): 1 process and N processes, and
+    grad_accum 1 and M, train the same adapter. Costs one all-reduce of 2N + 2 numbers per routed layer per
+    micro-batch, and, with train.grad_accum > 1, one extra forward without gradients per micro-batch."""
     init_centroids: str | None = None
     """Safetensors file of K-means centroids (K, d) written by `moetune cluster-heads --embedder base
     --init-router`. When set, every router whose layer input has dim d (the base model's hidden size:

@@ -10,7 +10,7 @@ the step's last micro-batch (real tokens only, padding masked):
     load_by_block[k]      (N,) mean gate weight per expert over the modules of block k
 
 Tracker tags: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/epoch,
-validation/loss, aux/<name>, routing/entropy, routing/entropy/block_<k>, routing/load/block_<k>/expert_<i>;
+validation/loss, validation/specialisation (train/routing_log.py), aux/<name>, routing/entropy, routing/entropy/block_<k>, routing/load/block_<k>/expert_<i>;
 with train.objective dpo or orpo also train/<name> and validation/<name> for each of PREFERENCE_METRICS
 (TRL's names: rewards/chosen, rewards/margins, logps/chosen, ...; train/preference.py).
 """
@@ -54,6 +54,8 @@ def flatten(row: dict) -> dict[str, float]:
             out[f"train/{key}"] = float(row[key])
     if val and isinstance(row.get("val_loss"), (int, float)):
         out["validation/loss"] = float(row["val_loss"])
+    if val and isinstance((row.get("val_routing") or {}).get("specialisation"), (int, float)):
+        out["validation/specialisation"] = float(row["val_routing"]["specialisation"])
     for key in PREFERENCE_METRICS:
         if isinstance(row.get(key), (int, float)):
             out[f"{'validation' if val else 'train'}/{key}"] = float(row[key])
@@ -79,7 +81,9 @@ def routing_row(model, mask: torch.Tensor | None) -> dict | None:
         if last is None:
             continue
         w = last[2].detach().float()                                     # (..., N) gates of the last forward
-        msk = mask if mask is not None and mask.numel() * w.shape[-1] == w.numel() else None
+        msk = getattr(m.router, "_mask", None)                           # its real tokens (the routing context's)
+        if msk is None:
+            msk = mask if mask is not None and mask.numel() * w.shape[-1] == w.numel() else None
         k = layer_index(name)
         blocks.setdefault(str(k) if k is not None else name, []).append(
             (float(entropy(w, msk)), load(w, msk).cpu()))                  # (N,)

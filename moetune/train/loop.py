@@ -30,11 +30,13 @@ from moetune.data.rows import Example
 from moetune.experts.routing import router_parameters, scheduled_temperature, set_temperature
 from moetune.recipe import Recipe, TrainConfig
 from moetune.train.activation_checkpointing import enable_checkpointing
+from moetune.train.global_balance import step_class
 from moetune.train.loggers import TrainLoggers
 from moetune.train.plan import Plan, make_plan  # noqa: F401 (Plan: the examples plan, for callers)
 from moetune.train.preference import DPO, ORPO
+from moetune.train.routing_log import routing_snapshot
 from moetune.train.signals import StopRequest
-from moetune.train.step import SFT, StepResult, TrainStep
+from moetune.train.step import SFT, StepResult
 from moetune.train.strategy import make_strategy
 
 # transformers (a heavy import) is imported inside the function that uses it.
@@ -161,8 +163,9 @@ class Trainer:
                                                                 domain_indices(recipe, self.train_ex))
         self.scheduler = build_scheduler(optimizer, cfg, self.plan.total_steps)
         lm, self.optimizer = self.strategy.prepare(objective.module(model), optimizer)
-        self.train_step = TrainStep(model, lm, objective, self.strategy, self.optimizer, self.scheduler, params, recipe,
-                                    self.plan.total_steps, accelerator)
+        step = step_class(recipe, model)  # TrainStep, or GlobalBalanceStep for router.balance_scope: global
+        self.train_step = step(model, lm, objective, self.strategy, self.optimizer, self.scheduler, params, recipe,
+                               self.plan.total_steps, accelerator)
         self.metrics = TrainLoggers(recipe, run_dir, model, enabled=accelerator.is_main_process)  # metrics.jsonl + report_to
         self.last_loss, self.val = float("nan"), None
         self.prior_seconds, self.t0 = 0.0, time.perf_counter()   # training seconds before this process; its start
@@ -263,7 +266,16 @@ class Trainer:
         """Score the validation split (the objective's `validate`: its loss, and DPO's metrics) and log it."""
         scores = self.objective.validate(self.model, self.val_ex, self.recipe.eval.batch_size, self.accelerator.device)
         self.val = scores["val_loss"]
-        self.metrics.log({"step": step, "split": "validation", **scores})
+        self.metrics.log({"step": step, "split": "validation", **scores, **self.val_routing()})
+
+    def val_routing(self) -> dict:
+        """{'val_routing': per-layer MI and gate histograms} on the validation split (train/routing_log.py) for a
+        routed adapter, the sft objective and at least two domains, else {}. Every process runs it (FSDP's forward
+        is collective)."""
+        if self.cfg.objective != "sft":  # preference pairs: no single row per example to route
+            return {}
+        snap = routing_snapshot(self.model, self.val_ex, self.pad_id, self.recipe.eval.batch_size, self.accelerator.device)
+        return {"val_routing": snap} if snap else {}
 
     def checkpoint(self, step: int) -> None:
         """Write checkpoint `step` (main process; every process takes part in gathering the state)."""
