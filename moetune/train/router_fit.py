@@ -40,16 +40,23 @@ def sample_indices(n: int, max_rows: int | None, seed: int) -> list[int]:
 @torch.no_grad()
 def pooled_inputs(model, examples: list[Example], names: list[str], pad_id: int, batch_size: int = 16
                   ) -> dict[str, torch.Tensor]:
-    """name -> (n, d_in): each row's input to projection `name`, averaged over its prompt tokens."""
+    """name -> (n, d_in): each row's input to projection `name`, averaged over its prompt tokens.
+
+    Each result is one tensor allocated at the first batch and filled in place: thousands of small
+    per-batch tensors kept alive between the forwards' large temporary buffers fragment the C heap
+    (1,600 rows of SmolLM2's 210 projections held 13 GB that way instead of 3)."""
     device = next(model.parameters()).device
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    store: dict[str, torch.Tensor] = {}
     ctx: dict = {}
 
     def hook(name):
         def fn(module, args):
             x = args[0].float()                                          # (B, T, d_in)
             m = ctx["pool"].to(x.dtype).unsqueeze(-1)                    # (B, T, 1)
-            store[name].append(((x * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu())  # (B, d_in)
+            if name not in store:
+                store[name] = torch.empty(len(examples), x.shape[-1])   # (n, d_in), on the CPU
+            s = ctx["start"]
+            store[name][s:s + x.shape[0]] = ((x * m).sum(1) / m.sum(1).clamp_min(1.0)).cpu()  # (B, d_in)
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -57,11 +64,12 @@ def pooled_inputs(model, examples: list[Example], names: list[str], pad_id: int,
         for s in range(0, len(examples), batch_size):
             b = {k: v.to(device) for k, v in collate(examples[s:s + batch_size], pad_id).items()}
             ctx["pool"] = prompt_mask(b["labels"] != IGNORE, b["attention_mask"])  # (B, T)
+            ctx["start"] = s
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return {n: torch.cat(v) for n, v in store.items()}
+    return store
 
 
 def fit_weight(x: torch.Tensor, labels: torch.Tensor, k: int, ridge: float = RIDGE) -> torch.Tensor:
