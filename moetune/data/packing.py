@@ -27,6 +27,7 @@ import random
 import numpy as np
 import torch
 
+from moetune.core.ui import plural
 from moetune.data.rows import IGNORE, Example
 
 
@@ -60,7 +61,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int, order: np.ndarray | 
     n = len(lengths)
     order = np.arange(n) if order is None else np.asarray(order, dtype=np.int64)
     if n and int(lengths.max()) > capacity:
-        raise ValueError(f"an item of {int(lengths.max())} tokens exceeds the row capacity {capacity}")
+        raise ValueError(f"an item of {plural(int(lengths.max()), 'token')} exceeds the row capacity {capacity}")
     order = order[np.argsort(-lengths[order], kind="stable")]            # longest first, ties in `order`
     row_of = np.empty(n, dtype=np.int64)
     free: list[np.ndarray] = [np.empty(0, dtype=np.int64) for _ in range(capacity + 1)]

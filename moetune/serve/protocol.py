@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from moetune.core.errors import DataError, RecipeError
+from moetune.core.ui import plural
 from moetune.serve.loading import Served
 
 
@@ -165,15 +166,15 @@ def _options(body: dict, s: Served, prompt: list[int], limit: int, default_max: 
     asked = _int(body, key, 1)
     room = s.context - len(prompt)
     if room <= 0:
-        raise _bad(f"This model's maximum context length is {s.context} tokens. However, your prompt is {len(prompt)} "
-                   "tokens, which leaves no room for a completion. Please reduce the length of the prompt.",
+        raise _bad(f"This model's maximum context length is {plural(s.context, 'token')}. However, your prompt is "
+                   f"{plural(len(prompt), 'token')}, which leaves no room for a completion. Please reduce the length of the prompt.",
                    "messages" if "messages" in body else "prompt", "context_length_exceeded")
     if asked is not None and asked > limit:
         raise _bad(f"Invalid '{key}': {asked} is larger than this server allows ({limit}; moetune serve "
                    "--max-tokens-limit).", key, "invalid_value")
     if asked is not None and asked > room:
-        raise _bad(f"This model's maximum context length is {s.context} tokens. However, you requested "
-                   f"{len(prompt) + asked} tokens ({len(prompt)} in the prompt, {asked} in the completion). Please "
+        raise _bad(f"This model's maximum context length is {plural(s.context, 'token')}. However, you requested "
+                   f"{plural(len(prompt) + asked, 'token')} ({len(prompt)} in the prompt, {asked} in the completion). Please "
                    "reduce the length of the prompt or the completion.", key, "context_length_exceeded")
     max_tokens = asked if asked is not None else min(default_max, limit, room)
     include = bool((opts or {}).get("include_usage", False))
