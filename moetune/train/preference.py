@@ -35,6 +35,7 @@ policy forward so the routers keep the policy forward's state for the auxiliary 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -121,7 +122,7 @@ def reward_stats(policy: torch.Tensor, r_c: torch.Tensor, r_r: torch.Tensor) -> 
 
 # ------------------------------------------------------------------ the objectives (train/step.py's interface)
 
-class _Pairs:
+class _Pairs(ABC):
     """What DPO and ORPO share: the units are pairs, a micro-batch is its pairs as one batch of 2B rows."""
 
     def __init__(self, beta: float, pad_id: int, domains: dict[str, int] | None = None) -> None:
@@ -147,8 +148,10 @@ class _Pairs:
 
     reference: Reference | None = None
 
+    @abstractmethod
     def pair_losses(self, logps: torch.Tensor, ref: torch.Tensor | None, counts: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B,) loss of each pair from the policy's (2B,) summed log-probs (chosen rows first), the reference's
+        (2B,) or None, and the (2B,) response token counts: DPO's or ORPO's formula."""
 
     def validate(self, model: nn.Module, pairs: list[Pair], batch_size: int, device) -> dict[str, float]:
         """{'val_loss': the mean pair loss, 'preference_accuracy', and the TRL metrics `score_pairs` gives}."""
