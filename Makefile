@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo studies study-tables bench-serve lint clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo studies study-tables bench-serve clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -144,5 +144,6 @@ studies: $(addprefix study-,$(STUDIES))
 study-tables: setup
 	$(BIN)/python scripts/study_tables.py
 
+# Removes what setup built; never runs/ (trained runs, checkpoints and exports are the user's work).
 clean:
-	rm -rf $(VENV) $(LATEST) .venv-lock runs *.egg-info
+	rm -rf $(VENV) $(LATEST) .venv-lock *.egg-info

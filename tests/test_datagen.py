@@ -131,6 +131,9 @@ def test_write_splits_format(tmp_path):
         assert [json.loads(line) for line in text.splitlines()] == rows[split]
     readme = (tmp_path / "d" / "README.md").read_text(encoding="utf-8")
     assert "--seed 2" in readme and all(d in readme for d in DOMAINS)
+    assert "moetune data make --out d --seed 2 --n-train 20 --n-validation 10 --n-test 10\n" in readme_text(
+        "d", seed=2, n_train=20, n_validation=10, n_test=10)
+    assert "moetune data make --out d --seed 0 --n-test 10\n" in readme_text("d", n_test=10)  # only what differs
 
 
 def test_committed_data_matches_regeneration(tmp_path, monkeypatch):

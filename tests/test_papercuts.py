@@ -154,3 +154,15 @@ def test_version_imports_no_torch():
             "print('EXIT', code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent)
     assert "EXIT 0 []" in r.stdout, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ make clean keeps the user's runs
+
+
+def test_make_clean_removes_only_what_setup_built():
+    """`make clean` once also removed runs/: every trained run, checkpoint and export. `make -n` prints the
+    commands without running them."""
+    p = subprocess.run(["make", "-n", "clean"], cwd=ROOT.parent, capture_output=True, text=True, check=True)
+    removed = [w for line in p.stdout.splitlines() if line.startswith("rm ") for w in line.split()[2:]]
+    assert ".venv" in removed and "*.egg-info" in removed, p.stdout
+    assert not any(w.rstrip("/").split("/")[-1] in ("runs", "data", "recipes") for w in removed), p.stdout

@@ -106,6 +106,7 @@ def test_engine_in_process_matches_generate_on_each_device(device, runs, prompts
     join and leave (max_tokens 2 to 9); each text is `generate_batch`'s for that prompt alone on the same device."""
     from moetune.eval.generation import Sampling, generate_batch
     from moetune.serve.engine import Engine, Job
+    from moetune.serve.protocol import Parsed
     from moetune.serve.loading import load_served
     from moetune.serve.metrics import Metrics
     served = load_served(list(runs.values()), device=device, log=lambda m: None)
@@ -120,13 +121,13 @@ def test_engine_in_process_matches_generate_on_each_device(device, runs, prompts
                     if kind in ("done", "error"):
                         done[i] = (kind, data)
                         finished.release()
-                jobs.append(Job(name, s.encoder.prompt_ids([{"role": "user", "content": p}]), 2 + i, emit, 0.0))
+                jobs.append(Job(Parsed(name, s.encoder.prompt_ids([{"role": "user", "content": p}]), 2 + i, 0.0), emit))
             for job in jobs:
                 engine.submit(job)
             for _ in jobs:
                 assert finished.acquire(timeout=120)
             for i, job in enumerate(jobs):
-                want = generate_batch(s.model, s.tokenizer, [job.prompt], Sampling(max_new_tokens=2 + i), device)[0]
+                want = generate_batch(s.model, s.tokenizer, [job.req.prompt], Sampling(max_new_tokens=2 + i), device)[0]
                 assert done[i][0] == "done", done[i]
                 assert done[i][1]["text"] == s.tokenizer.decode(want, skip_special_tokens=True), (name, device, i)
                 assert job.generated == want[:len(job.generated)] and done[i][1]["completion_tokens"] == len(want)

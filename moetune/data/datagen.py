@@ -192,13 +192,16 @@ def make_examples(seed: int = 0, n_train: int = 1500, n_validation: int = 100,
     return out
 
 
+def regenerate_command(command: str, sizes: dict[str, int], defaults: dict[str, int]) -> str:
+    """`command` plus a `--n-train N`-style flag for each size that differs from its default."""
+    return command + "".join(f" --{key.replace('_', '-')} {value}" for key, value in sizes.items()
+                             if value != defaults[key])
+
+
 def readme_text(out: str, seed: int = 0, **sizes: int) -> str:
     """The README written next to the splits; ``out`` is the directory as given on the CLI."""
     sizes = {**DEFAULT_SIZES, **sizes}
-    command = f"moetune data make --out {out} --seed {seed}"
-    for key, value in sizes.items():
-        if value != DEFAULT_SIZES[key]:
-            command += f" --{key.replace('_', '-')} {value}"
+    command = regenerate_command(f"moetune data make --out {out} --seed {seed}", sizes, DEFAULT_SIZES)
     per = {k: v // len(DOMAINS) for k, v in sizes.items()}
     lines = [
         "# moetune default dataset", "",

@@ -101,7 +101,7 @@ async def events(engine: Engine, p: Parsed, request: Request):
         except RuntimeError:                                     # the event loop is closed: nobody listens
             pass
 
-    job = Job(p.model, p.prompt, p.max_tokens, emit, p.temperature, p.top_p, p.stop, p.seed, p.routing, p.ignore_eos)
+    job = Job(p, emit)
     engine.submit(job)
     gone = asyncio.ensure_future(_disconnect(request))
     finished = False

@@ -32,15 +32,16 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, rows: list) -> list[int]:
-    """Next token per row from logits (B, V): argmax for temperature 0, else a draw from the row's generator."""
+    """Next token per row (a serve Job) from logits (B, V): argmax for temperature 0, else a draw from the row's
+    generator."""
     greedy = logits.argmax(-1).tolist()                               # (B,)
     out = []
     for i, r in enumerate(rows):
-        if r.temperature <= 0:
+        if r.req.temperature <= 0:
             out.append(greedy[i])
             continue
-        probs = torch.softmax(logits[i].float() / r.temperature, -1)   # (V,)
-        probs = nucleus(probs, r.top_p)
+        probs = torch.softmax(logits[i].float() / r.req.temperature, -1)   # (V,)
+        probs = nucleus(probs, r.req.top_p)
         out.append(int(torch.multinomial(probs.cpu(), 1, generator=r.generator)))
     return out
 

@@ -34,22 +34,16 @@ from moetune.serve.batch import RowBatch, merge, positions, select
 from moetune.serve.decode import TextStream, choose, new_generator
 from moetune.serve.loading import Served
 from moetune.serve.metrics import Metrics
+from moetune.serve.protocol import Parsed
 
 
 @dataclass
 class Job:
-    """One request's generation: its settings, then its progress (written by the engine thread only)."""
+    """One request's generation: the checked request (its settings), then its progress (written by the engine
+    thread only)."""
 
-    model: str
-    prompt: list[int]
-    max_tokens: int
+    req: Parsed
     emit: Callable[[str, dict], None]
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    routing: bool = False
-    ignore_eos: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
@@ -59,7 +53,7 @@ class Job:
     gate_tokens: int = 0
 
     def __post_init__(self) -> None:
-        self.generator = new_generator(self.seed)
+        self.generator = new_generator(self.req.seed)
         self.text: TextStream | None = None
 
 
@@ -144,8 +138,8 @@ class Engine:
                     if self.closing and not self.waiting and not self.batches:
                         return
                     admit = self._admit()
-                for name in dict.fromkeys(j.model for j in admit):          # one prefill per model, FIFO order
-                    group = [j for j in admit if j.model == name]
+                for name in dict.fromkeys(j.req.model for j in admit):          # one prefill per model, FIFO order
+                    group = [j for j in admit if j.req.model == name]
                     self._guarded(self._prefill, group, group)
                 for name in list(self.batches):
                     self._guarded(self._step, name, self.batches[name].rows)
@@ -156,9 +150,9 @@ class Engine:
         admit, keep = [], deque()
         for job in self.waiting:
             if job.cancelled:
-                self.metrics.inc("moetune_cancelled_requests_total", model=job.model)
-            elif room[job.model] > 0 and not self.closing:
-                room[job.model] -= 1
+                self.metrics.inc("moetune_cancelled_requests_total", model=job.req.model)
+            elif room[job.req.model] > 0 and not self.closing:
+                room[job.req.model] -= 1
                 admit.append(job)
             else:
                 keep.append(job)
@@ -187,16 +181,16 @@ class Engine:
     def _prefill(self, jobs: list[Job]) -> None:
         """Prefill new jobs of one model together (left-padded, as `generate` batches prompts), sample their first
         tokens, and add the rows that go on to the model's batch."""
-        name = jobs[0].model
+        name = jobs[0].req.model
         s = self.models[name]
         for job in jobs:
-            job.text = TextStream(s.tokenizer, job.stop)
-            self.metrics.inc("moetune_prompt_tokens_total", len(job.prompt), model=name)
-        ids, mask = left_pad([j.prompt for j in jobs], s.tokenizer.pad_token_id)  # (B, T), (B, T)
+            job.text = TextStream(s.tokenizer, job.req.stop)
+            self.metrics.inc("moetune_prompt_tokens_total", len(job.req.prompt), model=name)
+        ids, mask = left_pad([j.req.prompt for j in jobs], s.tokenizer.pad_token_id)  # (B, T), (B, T)
         ids, mask = ids.to(s.device), mask.to(s.device)
         pos = (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)                      # (B, T): real tokens 0, 1, ...
         tap = self.taps[name]
-        tap.arm(any(j.routing for j in jobs))
+        tap.arm(any(j.req.routing for j in jobs))
         cache = DynamicCache()
         with generation_routing(mask) as ctx:      # sequence-level routers pool each prompt, as in `generate`
             out = self._forward(s, ids, mask, pos, cache)
@@ -226,7 +220,7 @@ class Engine:
         if s.state is not None:
             s.state.restore(b.state, b.cache)
         tap = self.taps[name]
-        tap.arm(any(j.routing for j in b.rows))
+        tap.arm(any(j.req.routing for j in b.rows))
         with use_context(RoutingContext(cache=b.route)):   # each row's pooled sequence-level gates
             out = self._forward(s, ids, mask, pos, b.cache)
         b.mask = mask
@@ -250,7 +244,7 @@ class Engine:
         if mask is not None:
             gates = gates * mask.to(gates.dtype)[None, :, :, None]
         for i, job in enumerate(jobs):
-            if job.routing:
+            if job.req.routing:
                 g = gates[:, i].sum(1).cpu()                                      # (L, N)
                 job.gate_sum = g if job.gate_sum is None else job.gate_sum + g
                 job.gate_tokens += int(mask[i].sum()) if mask is not None else gates.shape[2]
@@ -262,18 +256,18 @@ class Engine:
         for i, (job, tok) in enumerate(zip(b.rows, tokens)):
             if job.first_token is None:
                 job.first_token = now
-                self.metrics.observe("moetune_time_to_first_token_seconds", now - job.arrival, model=job.model)
-            if tok in s.eos and not job.ignore_eos:
+                self.metrics.observe("moetune_time_to_first_token_seconds", now - job.arrival, model=job.req.model)
+            if tok in s.eos and not job.req.ignore_eos:
                 self._finish(s, job, "stop", now)
                 done.add(i)
                 continue
             job.generated.append(tok)
-            self.metrics.inc("moetune_completion_tokens_total", model=job.model)
+            self.metrics.inc("moetune_completion_tokens_total", model=job.req.model)
             delta, stopped = job.text.push(tok)
             if delta:
                 job.emit("delta", {"text": delta})
-            full = len(job.prompt) + len(job.generated) >= s.context
-            if stopped or len(job.generated) >= job.max_tokens or full:
+            full = len(job.req.prompt) + len(job.generated) >= s.context
+            if stopped or len(job.generated) >= job.req.max_tokens or full:
                 self._finish(s, job, "stop" if stopped else "length", now)
                 done.add(i)
             else:
@@ -284,16 +278,16 @@ class Engine:
         rest = job.text.rest()
         if rest:
             job.emit("delta", {"text": rest})
-        data = {"finish_reason": reason, "prompt_tokens": len(job.prompt), "completion_tokens": len(job.generated),
+        data = {"finish_reason": reason, "prompt_tokens": len(job.req.prompt), "completion_tokens": len(job.generated),
                 "text": job.text.text}
-        if job.routing:
+        if job.req.routing:
             data["routing"] = self.routing(job)
-        self.metrics.observe("moetune_request_latency_seconds", now - job.arrival, model=job.model)
+        self.metrics.observe("moetune_request_latency_seconds", now - job.arrival, model=job.req.model)
         job.emit("done", data)
 
     def routing(self, job: Job) -> dict:
         """The extension's record: per routed layer, the mean gates over the request's tokens."""
-        names = self.taps[job.model].names
+        names = self.taps[job.req.model].names
         if not names or job.gate_sum is None:
             return {"layers": [], "experts": 0, "tokens": 0}
         mean = (job.gate_sum / max(job.gate_tokens, 1)).tolist()                  # (L, N)
