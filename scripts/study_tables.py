@@ -7,7 +7,8 @@ there by `make study-NAME`), the text between the markers
     <!-- study:NAME -->          ...  <!-- /study:NAME -->           the whole comparison.md, title dropped
     <!-- study:NAME:results -->  ...  <!-- /study:NAME:results -->   its protocol line, results table and conclusions
 
-is replaced, in every file that has them. The tables are the command's output, never edited by hand.
+is replaced, in every file that has them, its '## ' headings demoted to '#### ' (they sit inside a section).
+The tables are the command's output, never edited by hand.
 """
 from __future__ import annotations
 
@@ -31,10 +32,16 @@ def sections(md: str) -> dict[str, str]:
     return {k: "\n".join(v).strip() for k, v in out.items()}
 
 
+def demote(text: str) -> str:
+    """comparison.md's '## ' headings as '#### ': inside README's and RESULTS.md's own sections they are
+    sub-sub-headings, never new top-level sections of those documents."""
+    return re.sub(r"^## ", "#### ", text, flags=re.M)
+
+
 def blocks(md: str) -> dict[str, str]:
     s = sections(md)
-    return {"": "\n".join(md.splitlines()[1:]).strip(),
-            ":results": "\n\n".join(x for x in (s[""], s.get("Results", ""), s.get("Conclusions", "")) if x)}
+    return {"": demote("\n".join(md.splitlines()[1:]).strip()),
+            ":results": demote("\n\n".join(x for x in (s[""], s.get("Results", ""), s.get("Conclusions", "")) if x))}
 
 
 def fill(text: str, name: str, kind: str, body: str) -> tuple[str, int]:

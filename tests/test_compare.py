@@ -288,4 +288,5 @@ def test_study_tables_fill_the_marked_blocks():
     assert n == k == 1 and "old" not in out
     short = out.split("<!-- study:m:results -->\n")[1].split("\n<!-- /study:m:results -->")[0]
     assert short.startswith("Command: `x`") and "| 1 | 2 |" in short and "- A beats B." in short and "Budgets" not in short
-    assert "## Budgets" in out.split("<!-- study:m -->\n")[1]
+    assert "\n#### Budgets\n" in out.split("<!-- study:m -->\n")[1]
+    assert not any(line.startswith(("# ", "## ", "### ")) for line in out.splitlines())  # no new sections
