@@ -108,6 +108,47 @@ def test_interrupted_comparison_resumes_and_reuses_finished_runs(recipe, tmp_pat
     assert listed == {f"{m}-s{s}" for m in METHODS.split(",") for s in (0, 1)}
 
 
+def test_a_comparison_named_with_relative_paths_resumes_its_interrupted_run(recipe, tmp_path, monkeypatch):
+    """Data named relative to the working directory (as the committed studies do): the run records the paths
+    absolute, as `train` does, and --resume continues it instead of refusing a 'changed' recipe."""
+    import shutil
+    from moetune.commands import compare_jobs
+    from moetune.train.loop import Trainer
+    path, over = recipe
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    rel = []
+    for o in over:
+        key, _, value = o.partition("=")
+        if key in ("data.train", "data.validation", "data.test"):
+            shutil.copy(value, work / "data" / Path(value).name)
+            o = f"{key}=data/{Path(value).name}"
+        rel.append(o)
+    monkeypatch.chdir(work)
+    args = ["compare", path, *rel, "--methods", "lora", "--seeds", "1", "--out", "cmp", "--bootstrap", "200"]
+    original = Trainer.evaluate_and_checkpoint
+
+    def interrupted(self, done, end, result, progress):
+        original(self, done, end, result, progress)
+        if done == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "evaluate_and_checkpoint", interrupted)
+    assert cli(monkeypatch, *args) == 130
+    run = work / "cmp" / "runs" / "lora-s0"
+    assert f"train: {work / 'data' / 'train.jsonl'}" in (run / "recipe.yaml").read_text()
+    monkeypatch.setattr(Trainer, "evaluate_and_checkpoint", original)
+    calls = []
+    real = compare_jobs.run_recipe
+
+    def spy(rc, resume=False, overwrite=False):
+        calls.append((Path(rc.output_dir).name, resume, overwrite))
+        return real(rc, resume=resume, overwrite=overwrite)
+    monkeypatch.setattr(compare_jobs, "run_recipe", spy)
+    assert cli(monkeypatch, *args, "--resume") in (0, None)
+    assert calls == [("lora-s0", True, False)]
+    assert _json(run / "summary.json")["train"]["steps"] == 4 and (run / "eval.json").is_file()
+
+
 def test_existing_comparison_is_moved_aside_with_overwrite(recipe, tmp_path, monkeypatch, capsys):
     from moetune.commands import compare
     path, over = recipe
@@ -129,6 +170,42 @@ def test_existing_comparison_is_moved_aside_with_overwrite(recipe, tmp_path, mon
     aside = list(tmp_path.glob("cmp.old-*"))
     assert len(aside) == 1 and (aside[0] / "plan.json").read_text() == first and (out / "plan.json").is_file()
     assert cli(monkeypatch, *args, "--resume", "--overwrite") == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_parallel_runs_at_a_checkpoint_and_starts_no_more(recipe, tmp_path, monkeypatch, capsys):
+    """The first SIGINT reaches the workers once, through the parent: each stops at a step boundary with a
+    checkpoint (not at once), no queued run starts, and the parent exits 130 saying --resume continues."""
+    import os
+    import signal
+    import threading
+    import time
+    from moetune.commands.compare_jobs import Job, state
+    path, over = recipe
+    out = tmp_path / "stop"
+    first = ("lora-s0", "hydralora-s0")
+
+    def interrupt():  # once both first runs have written a checkpoint
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if all(any((out / "runs" / r / "checkpoints").glob("step-*")) for r in first):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.1)
+    threading.Thread(target=interrupt, daemon=True).start()
+    assert cli(monkeypatch, "compare", path, *over, "train.max_steps=2000", "--methods", "lora,hydralora",
+               "--seeds", "2", "--jobs", "2", "--out", out, "--bootstrap", "200") == 130
+    said = " ".join(capsys.readouterr().err.split())
+    assert "no new run starts" in said and "0 of 4 runs finished" in said and "--resume" in said
+    assert not (out / "runs" / "lora-s1").exists() and not (out / "runs" / "hydralora-s1").exists()
+    plan = _json(out / "plan.json")["runs"]
+    for r in first:
+        log = " ".join((out / "logs" / f"{r}.log").read_text().split())
+        assert "stops after the current step" in log, log[-2000:]
+        assert state(Job(**plan[r]["job"])) == "partial"
+        steps = sorted(int(p.name.split("-")[1]) for p in (out / "runs" / r / "checkpoints").glob("step-*"))
+        # stopped at a step boundary with its checkpoint there (a second signal would stop without one)
+        assert 0 < steps[-1] < 2000 and f"training stopped after step {steps[-1]} of 2000" in log, log[-2000:]
 
 
 def _parallel(recipe, tmp_path, monkeypatch, *extra):

@@ -14,14 +14,17 @@ it. What a job finds in its directory decides what it does, so an interrupted co
 With `--jobs N` (N > 1) each job runs in its own process (`python -m moetune.commands.compare_jobs JOB.json`,
 its output in `<out>/logs/<job>.log`), at most N at a time, a job only after the jobs it reads from; each
 gets OMP_NUM_THREADS = (OMP_NUM_THREADS or the CPU count) // N, and with several GPUs the processes take
-them in turn (CUDA_VISIBLE_DEVICES). Several processes on one GPU share it.
+them in turn (CUDA_VISIBLE_DEVICES). Several processes on one GPU share it. The first Ctrl-C (SIGINT) or
+SIGTERM starts no new run and stops the running ones at a checkpoint (`_stop_workers`); --resume continues.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,12 +33,14 @@ from pathlib import Path
 
 from moetune.commands.stages import run_recipe
 from moetune.core.checkpoint import newest_verified_checkpoint, write_json
-from moetune.core.errors import RecipeError
+from moetune.core.errors import Interrupted, RecipeError, Terminated
 from moetune.core.files import read_json_object
 from moetune.core.ui import console, plural, simple_progress
 from moetune.export.multimerge import GATED, merge_command
 from moetune.recipe import recipe_from_dict
+from moetune.recipe.paths import anchor_paths
 from moetune.run.rundir import existing_run
+from moetune.train.signals import NAMES, StopRequest
 
 
 @dataclass
@@ -75,12 +80,20 @@ def experts_of(run_dir: str) -> tuple[list[str], list[str]]:
     return [info[d]["adapter"] for d in sorted(info)], sorted(info)
 
 
+def job_recipe(job: Job, data: dict | None = None):
+    """The Recipe of a job's recipe dict (default `job.recipe`), its relative input paths made absolute against
+    the working directory, as `moetune train` records them: the run's recipe.yaml then names the same files
+    from anywhere, and a resumed run's recipe equals the one it was trained with."""
+    data = anchor_paths(copy.deepcopy(job.recipe if data is None else data), [Path.cwd()])
+    return recipe_from_dict(data, source=f"run {job.id}")
+
+
 def _train_recipe(job: Job):
     data = job.recipe
     if job.source_dir:  # the same per-domain LoRAs as another variant: mix those, train none
         dirs, names = experts_of(job.source_dir)
         data = {**data, "expert": recipe_from_dict(data).expert.over_trained_experts(dirs, names)}
-    return recipe_from_dict(data, source=f"run {job.id}")
+    return job_recipe(job, data)
 
 
 def _derived_adapter(job: Job) -> None:
@@ -116,7 +129,7 @@ def run_job(job: Job) -> str:
         return start
     if job.kind in ("merge", "expert"):
         _derived_adapter(job)
-        rc = recipe_from_dict(job.recipe, source=f"run {job.id}")
+        rc = job_recipe(job)
         lora = rc.expert.per_domain_expert()[0]  # scored as the kind of adapter it is: a plain LoRA
         rc = dataclasses.replace(rc, expert=lora, stages=["eval"], output_dir=job.run_dir)
         run_recipe(rc)
@@ -186,19 +199,21 @@ def _parallel(jobs: list[Job], n: int, out: Path, log) -> dict[str, str]:
     threads, gpus = threads_per_job(n), _gpus()
     (out / "jobs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    pending = list(jobs)
     started = {j.id: state(j) for j in jobs}
-    running: dict[str, tuple[subprocess.Popen, Job, object, int]] = {}
+    running: dict[str, tuple[subprocess.Popen, Job, object, float]] = {}
     done, failed = {j.id for j in jobs if started[j.id] == "done"}, {}
-    pending = [j for j in pending if j.id not in done]
+    pending = [j for j in jobs if j.id not in done]
     log(f"{len(pending)} of {plural(len(jobs), 'run')} to do, {n} at a time, {plural(threads, 'thread')} each"
         + (f", on {gpus} GPUs in turn" if gpus > 1 else ""))
-    slot = 0
+    slot, stopping = 0, None
     try:
-        with simple_progress("compare", len(jobs)) as bar:
+        with StopRequest() as stop, simple_progress("compare", len(jobs)) as bar:
             bar.update(bar.task_ids[0], completed=len(done))
             while pending or running:
-                for job in list(pending):
+                if stop.signum is not None and stopping is None:   # the first signal: stop the runs at a checkpoint
+                    stopping = stop.signum
+                    _stop_workers(running, stopping, log)
+                for job in [] if stopping else list(pending):
                     if len(running) >= n:
                         break
                     if any(a in failed for a in job.after):
@@ -218,18 +233,45 @@ def _parallel(jobs: list[Job], n: int, out: Path, log) -> dict[str, str]:
                     if proc.returncode == 0:
                         done.add(jid)
                         log(f"finished {jid} in {time.time() - t0:.0f} s")
+                    elif _stopped_by(proc.returncode):
+                        failed[jid] = f"stopped by {NAMES[_stopped_by(proc.returncode)]} (--resume continues it)"
+                        log(f"[yellow]stopped[/] {jid}: {_tail(out, jid)}")
                     else:
                         failed[jid] = f"exit {proc.returncode}, log {out / 'logs' / (jid + '.log')}: {_tail(out, jid)}"
                         log(f"[red]failed[/] {jid}: {failed[jid]}")
                     bar.update(bar.task_ids[0], completed=len(done) + len(failed))
+                if stopping and not running:
+                    break
                 time.sleep(0.5)
-    finally:
-        for proc, _job, fh, _t0 in running.values():  # interrupted: stop the workers (checkpoints are atomic)
+    finally:  # a second signal, or an error here: stop the workers now (checkpoints are atomic)
+        for proc, _job, fh, _t0 in running.values():
             proc.terminate()
             proc.wait()
             fh.close()
+    if stopping:
+        raise Interrupted(stopping, f"{len(done)} of {plural(len(jobs), 'run')} finished; the runs in progress "
+                                    "stopped at a checkpoint (their logs in " f"{out / 'logs'}).", resumable=True)
     _raise_failures(failed, len(jobs))
     return started
+
+
+def _stopped_by(returncode: int) -> int | None:
+    """The signal that stopped a worker (exit 128 + signum after a checkpoint, or killed by it), else None."""
+    for signum in NAMES:
+        if returncode in (128 + signum, -signum):
+            return signum
+    return None
+
+
+def _stop_workers(running: dict, signum: int, log) -> None:
+    """Pass the first SIGINT/SIGTERM on to every worker once (each stops at a step boundary with a checkpoint,
+    `moetune.train.signals`); the workers run in sessions of their own, so a terminal's Ctrl-C or a container's
+    SIGTERM reaches them only this way, once. No new run starts; a second signal stops the workers at once."""
+    log(f"[yellow]{NAMES[signum]}[/]: no new run starts; the {plural(len(running), 'run')} in progress stop at a "
+        "checkpoint (the same signal again stops them at once, keeping the checkpoints written before).")
+    for proc, _job, _fh, _t0 in running.values():
+        if proc.poll() is None:
+            proc.send_signal(signum)
 
 
 def _start(job: Job, out: Path, threads: int, gpu: int | None):
@@ -240,7 +282,7 @@ def _start(job: Job, out: Path, threads: int, gpu: int | None):
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     fh = open(out / "logs" / f"{job.id}.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "moetune.commands.compare_jobs", str(path)], stdout=fh,
-                            stderr=subprocess.STDOUT, env=env)
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return proc, job, fh, time.time()
 
 
@@ -250,14 +292,27 @@ def _tail(out: Path, jid: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Worker: run the job in the JSON file argv[0]; a RecipeError is one line on stderr and exit 2."""
+    """Worker: run the job in the JSON file argv[0]; a RecipeError is one line on stderr and exit 2; stopped by
+    SIGINT or SIGTERM (a run stops at a checkpoint, other stages at once), 128 + the signal's number."""
     job = Job(**json.loads(Path(argv[0]).read_text()))
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         run_job(job)
     except RecipeError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
+    except (Interrupted, Terminated) as e:
+        console.print(f"stopped by {NAMES.get(e.signum, e.signum)}: {getattr(e, 'message', '') or 'files written so far are intact.'}",
+                      highlight=False, soft_wrap=True)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        console.print("stopped by Ctrl-C (SIGINT): files written so far are intact.", highlight=False)
+        return 128 + signal.SIGINT
     return 0
+
+
+def _terminated(signum, frame):
+    raise Terminated(signum)
 
 
 if __name__ == "__main__":
