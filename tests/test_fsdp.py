@@ -1,5 +1,5 @@
 """FSDP2 (train.distributed: fsdp) on 2 CPU processes (gloo): the same adapter as 1 process with the same
-global batch (LoRA, HydraLoRA, and LoRA on a 4-bit NF4 base: FSDP + QLoRA), an interrupted FSDP run resumes
+global batch (LoRA, HydraLoRA, DoRA, PiSSA, and LoRA on a 4-bit NF4 base: FSDP + QLoRA), an interrupted FSDP run resumes
 exactly, checkpoints hold full tensors."""
 from __future__ import annotations
 
@@ -103,3 +103,14 @@ def test_fsdp_qlora_matches_one_process_and_resumes(tiny_llama, tiny_data, tmp_p
     _assert_same(one, two)
     meta = json.loads((run / "adapter" / "moetune.json").read_text())
     assert meta["base_quantization"]["quantization"] == "nf4"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,port", [("expert.use_dora=true", 29547), ("expert.init=pissa", 29548)])
+def test_fsdp_dora_and_pissa_match_one_process(tiny_llama, tiny_data, tmp_path, variant, port):
+    """DoRA (its magnitude is the norm of each row of the base weight, which FSDP shards) and PiSSA (its A and
+    B start from an SVD of that weight): FSDP on 2 processes trains the adapter 1 process trains."""
+    one = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, variant)
+    two = _train([*TWO, "--master_port", str(port)], tiny_llama, tiny_data, tmp_path / "two", 2, variant)
+    assert any("magnitude" in k for k in one) == ("dora" in variant)
+    _assert_same(one, two)
