@@ -290,3 +290,17 @@ def test_study_tables_fill_the_marked_blocks():
     assert short.startswith("Command: `x`") and "| 1 | 2 |" in short and "- A beats B." in short and "Budgets" not in short
     assert "\n#### Budgets\n" in out.split("<!-- study:m -->\n")[1]
     assert not any(line.startswith(("# ", "## ", "### ")) for line in out.splitlines())  # no new sections
+
+
+def test_a_multiple_choice_file_recorded_relative_and_absolute_is_one_column(tmp_path, monkeypatch):
+    """Runs of one comparison that recorded `eval.multiple_choice` relative (older runs) and absolute share the
+    file's column, each run's accuracy in it."""
+    from moetune.commands.compare_jobs import Job
+    from moetune.commands.compare_report import RunResult, mc_metrics
+    monkeypatch.chdir(tmp_path)
+    job = Job(id="a-s0", variant="a", seed=0, kind="type", run_dir="r", recipe={})
+    old = RunResult(job, {"multiple_choice": {"mc/law.jsonl": {"accuracy": 0.25}}}, {})
+    new = RunResult(job, {"multiple_choice": {str(tmp_path / "mc" / "law.jsonl"): {"accuracy": 0.5}}}, {})
+    cols = mc_metrics([old, new])
+    assert [c.label for c in cols] == ["MC law"]
+    assert [cols[0].read(r) for r in (old, new)] == [0.25, 0.5]

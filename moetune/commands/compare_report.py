@@ -104,11 +104,16 @@ METRICS: list[Metric] = [
 
 
 def mc_metrics(results: list[RunResult]) -> list[Metric]:
-    """One column per multiple-choice file the runs scored (eval.multiple_choice): its accuracy."""
-    paths = sorted({p for r in results for p in (r.eval.get("multiple_choice") or {})})
-    return [Metric(f"mc:{p}", f"MC {Path(p).stem}",
-                   lambda r, p=p: ((r.eval.get("multiple_choice") or {}).get(p) or {}).get("accuracy"), ".3f", True)
+    """One column per multiple-choice file the runs scored (eval.multiple_choice): its accuracy. A file is
+    keyed by its absolute path, so runs that recorded it relative (older runs) and absolute share a column."""
+    paths = sorted({p for r in results for p in _mc(r)})
+    return [Metric(f"mc:{p}", f"MC {Path(p).stem}", lambda r, p=p: (_mc(r).get(p) or {}).get("accuracy"), ".3f", True)
             for p in paths]
+
+
+def _mc(r: RunResult) -> dict[str, dict]:
+    """A run's multiple-choice results by absolute file path (relative ones: from the working directory)."""
+    return {os.path.abspath(p): v for p, v in (r.eval.get("multiple_choice") or {}).items() if isinstance(v, dict)}
 
 
 # ------------------------------------------------------------------ reading the runs
