@@ -18,7 +18,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 __version__ = "0.1.0"
 
 LAYERS: dict[str, int] = {
-    "cli": 9, "__main__": 9,  # parse arguments, call one command
+    "__main__": 10,           # `python -m moetune`
+    "cli": 9,                 # parse arguments, call one command
     "commands": 8,            # what each command does: stages, validate, cluster-heads, chat, runs, ...
     "serve": 8,               # `moetune serve`: loading runs on a shared base, continuous batching, the HTTP API
     "export": 7,              # merge, multi-LoRA merge, collapse, the stock-loading snippet
