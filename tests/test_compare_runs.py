@@ -31,8 +31,19 @@ def _json(p: Path) -> dict:
     return json.loads(p.read_text())
 
 
-def test_interrupted_comparison_resumes_and_reuses_finished_runs(recipe, tmp_path, monkeypatch, capsys):
+def _spy_on_runs(monkeypatch):
+    """Record (run, resume, overwrite) of every run_recipe call of the comparison; returns (calls, the real one)."""
     from moetune.commands import compare_jobs
+    calls, real = [], compare_jobs.run_recipe
+
+    def spy(rc, resume=False, overwrite=False):
+        calls.append((Path(rc.output_dir).name, resume, overwrite))
+        return real(rc, resume=resume, overwrite=overwrite)
+    monkeypatch.setattr(compare_jobs, "run_recipe", spy)
+    return calls, real
+
+
+def test_interrupted_comparison_resumes_and_reuses_finished_runs(recipe, tmp_path, monkeypatch, capsys):
     from moetune.train.loop import Trainer
     path, over = recipe
     out = tmp_path / "cmp"
@@ -55,13 +66,7 @@ def test_interrupted_comparison_resumes_and_reuses_finished_runs(recipe, tmp_pat
     assert cli(monkeypatch, *args) == 2
     assert "already holds a comparison (4 of 6 runs finished)" in capsys.readouterr().err
 
-    calls = []
-    real = compare_jobs.run_recipe
-
-    def spy(rc, resume=False, overwrite=False):
-        calls.append((Path(rc.output_dir).name, resume, overwrite))
-        return real(rc, resume=resume, overwrite=overwrite)
-    monkeypatch.setattr(compare_jobs, "run_recipe", spy)
+    calls, real = _spy_on_runs(monkeypatch)
     assert cli(monkeypatch, *args, "--resume") in (0, None)
     assert calls == [("hydralora-s1", True, False), ("mole-s1", False, False)]
     assert {r: (runs / r / "eval.json").stat().st_mtime_ns for r in finished} == stamps
@@ -112,7 +117,6 @@ def test_a_comparison_named_with_relative_paths_resumes_its_interrupted_run(reci
     """Data named relative to the working directory (as the committed studies do): the run records the paths
     absolute, as `train` does, and --resume continues it instead of refusing a 'changed' recipe."""
     import shutil
-    from moetune.commands import compare_jobs
     from moetune.train.loop import Trainer
     path, over = recipe
     work = tmp_path / "work"
@@ -137,13 +141,7 @@ def test_a_comparison_named_with_relative_paths_resumes_its_interrupted_run(reci
     run = work / "cmp" / "runs" / "lora-s0"
     assert f"train: {work / 'data' / 'train.jsonl'}" in (run / "recipe.yaml").read_text()
     monkeypatch.setattr(Trainer, "evaluate_and_checkpoint", original)
-    calls = []
-    real = compare_jobs.run_recipe
-
-    def spy(rc, resume=False, overwrite=False):
-        calls.append((Path(rc.output_dir).name, resume, overwrite))
-        return real(rc, resume=resume, overwrite=overwrite)
-    monkeypatch.setattr(compare_jobs, "run_recipe", spy)
+    calls, real = _spy_on_runs(monkeypatch)
     assert cli(monkeypatch, *args, "--resume") in (0, None)
     assert calls == [("lora-s0", True, False)]
     assert _json(run / "summary.json")["train"]["steps"] == 4 and (run / "eval.json").is_file()
