@@ -16,6 +16,7 @@ from moetune.cli import data_cmds, model_cmds, train_cmds
 from moetune.commands.usage import Typer, version_text
 from moetune.core.errors import Interrupted, RecipeError, Terminated
 from moetune.core.ui import console
+from moetune.train.signals import raise_terminated, signal_name
 
 app = Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune mixtures of parameter-efficient experts on Hugging Face causal LMs, "
@@ -61,13 +62,13 @@ def main() -> None:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if threading.current_thread() is threading.main_thread() else None
     try:
         app()
     except Interrupted as e:
         if e.message:  # the main process of a run says what was kept; the others exit quietly
             hint = f" Continue with: {_resume_command()}" if e.resumable else ""
-            console.print(f"[yellow]stopped by {_signal_name(e.signum)}[/]: {escape(e.message + hint)}", highlight=False,
+            console.print(f"[yellow]stopped by {signal_name(e.signum)}[/]: {escape(e.message + hint)}", highlight=False,
                           soft_wrap=True)
         sys.exit(128 + e.signum)
     except Terminated as e:
@@ -92,15 +93,6 @@ def main() -> None:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _terminate(signum, frame):
-    """SIGTERM outside a training loop: stop as Ctrl-C does (an exception, so that the run says what it kept)."""
-    raise Terminated(signum)
-
-
-def _signal_name(signum: int) -> str:
-    return {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
 
 
 def _resume_command() -> str:

@@ -40,7 +40,7 @@ from moetune.export.multimerge import GATED, merge_command
 from moetune.recipe import recipe_from_dict
 from moetune.recipe.paths import anchor_paths
 from moetune.run.rundir import existing_run
-from moetune.train.signals import NAMES, StopRequest
+from moetune.train.signals import NAMES, StopRequest, raise_terminated, signal_name
 
 
 @dataclass
@@ -233,8 +233,8 @@ def _parallel(jobs: list[Job], n: int, out: Path, log) -> dict[str, str]:
                     if proc.returncode == 0:
                         done.add(jid)
                         log(f"finished {jid} in {time.time() - t0:.0f} s")
-                    elif _stopped_by(proc.returncode):
-                        failed[jid] = f"stopped by {NAMES[_stopped_by(proc.returncode)]} (--resume continues it)"
+                    elif stopped := _stopped_by(proc.returncode):
+                        failed[jid] = f"stopped by {signal_name(stopped)} (--resume continues it)"
                         log(f"[yellow]stopped[/] {jid}: {_tail(out, jid)}")
                     else:
                         failed[jid] = f"exit {proc.returncode}, log {out / 'logs' / (jid + '.log')}: {_tail(out, jid)}"
@@ -267,7 +267,7 @@ def _stop_workers(running: dict, signum: int, log) -> None:
     """Pass the first SIGINT/SIGTERM on to every worker once (each stops at a step boundary with a checkpoint,
     `moetune.train.signals`); the workers run in sessions of their own, so a terminal's Ctrl-C or a container's
     SIGTERM reaches them only this way, once. No new run starts; a second signal stops the workers at once."""
-    log(f"[yellow]{NAMES[signum]}[/]: no new run starts; the {plural(len(running), 'run')} in progress stop at a "
+    log(f"[yellow]{signal_name(signum)}[/]: no new run starts; the {plural(len(running), 'run')} in progress stop at a "
         "checkpoint (the same signal again stops them at once, keeping the checkpoints written before).")
     for proc, _job, _fh, _t0 in running.values():
         if proc.poll() is None:
@@ -295,24 +295,20 @@ def main(argv: list[str]) -> int:
     """Worker: run the job in the JSON file argv[0]; a RecipeError is one line on stderr and exit 2; stopped by
     SIGINT or SIGTERM (a run stops at a checkpoint, other stages at once), 128 + the signal's number."""
     job = Job(**json.loads(Path(argv[0]).read_text()))
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         run_job(job)
     except RecipeError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
     except (Interrupted, Terminated) as e:
-        console.print(f"stopped by {NAMES.get(e.signum, e.signum)}: {getattr(e, 'message', '') or 'files written so far are intact.'}",
+        console.print(f"stopped by {signal_name(e.signum)}: {getattr(e, 'message', '') or 'files written so far are intact.'}",
                       highlight=False, soft_wrap=True)
         return 128 + e.signum
     except KeyboardInterrupt:
         console.print("stopped by Ctrl-C (SIGINT): files written so far are intact.", highlight=False)
         return 128 + signal.SIGINT
     return 0
-
-
-def _terminated(signum, frame):
-    raise Terminated(signum)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,17 @@ from moetune.core.errors import Terminated
 NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
 
 
+def signal_name(signum: int) -> str:
+    """How moetune names a stop signal in what it prints."""
+    return NAMES.get(signum, f"signal {signum}")
+
+
+def raise_terminated(signum, frame) -> None:
+    """SIGTERM handler outside a training loop: stop as Ctrl-C does (an exception, so that what was written is
+    reported), for the CLI and compare's worker processes."""
+    raise Terminated(signum)
+
+
 class StopRequest:
     """Context manager: while active, SIGINT and SIGTERM set `signum` (the first one) instead of stopping."""
 
