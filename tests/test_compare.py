@@ -228,6 +228,21 @@ def test_plan_prints_budgets_and_runs_nothing(base, tmp_path, monkeypatch, capsy
     assert abs(doc["sizes"]["hydralora"]["trainable"] / doc["sizes"]["lora"]["trainable"] - 1) <= 0.05
 
 
+def test_report_needs_a_started_comparison_with_a_finished_reference(base, tmp_path, monkeypatch, capsys):
+    recipe, over = base
+    args = ["compare", recipe, *over, "--methods", "lora,hydralora", "--out", tmp_path / "out", "--report"]
+    assert cli(monkeypatch, *args) == 2
+    assert "holds no comparison (no plan.json)" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "plan.json").write_text('{"runs": {}}')
+    assert cli(monkeypatch, *args) == 2
+    err = capsys.readouterr().err
+    assert "the reference 'lora' has no finished run at seed 0 yet (0 of 2 runs finished)" in err
+    assert "Traceback" not in err and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plan.json"]
+    assert cli(monkeypatch, *args, "--overwrite") == 2
+    assert "--report reads the comparison in --out; it contradicts --overwrite" in capsys.readouterr().err
+
+
 def test_committed_studies_plan(tiny_llama, tmp_path):
     """Each recipes/studies/*.yaml loads, names its variants and plans its runs (on a tiny model, as set)."""
     studies = sorted((ROOT / "recipes" / "studies").glob("*.yaml"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -65,6 +66,28 @@ def test_interrupted_comparison_resumes_and_reuses_finished_runs(recipe, tmp_pat
     # the same command again: refused, as `train` refuses a run directory
     assert cli(monkeypatch, *args) == 2
     assert "already holds a comparison (4 of 6 runs finished)" in capsys.readouterr().err
+
+    # --report: the table so far, each variant paired with the reference at the seeds both finished; trains nothing
+    assert cli(monkeypatch, *args, "--report") in (0, None)
+    assert not (runs / "hydralora-s1" / "eval.json").exists() and not (runs / "mole-s1").exists()
+    doc = _json(out / "comparison.json")
+    assert doc["interim"] == {"finished": 4, "planned": 6, "seeds": {"lora": 2, "hydralora": 1, "mole": 1},
+                              "pending": []}
+    assert doc["variants"]["lora"]["seeds"] == [0, 1] and doc["variants"]["hydralora"]["seeds"] == [0]
+    correct = {r: np.frombuffer(_json(runs / r / "eval.json")["per_example"]["correct"].encode(), np.uint8) - 48
+               for r in finished}
+    assert doc["variants"]["lora"]["metrics"]["exact_match"]["mean"] == pytest.approx(
+        (correct["lora-s0"].mean() + correct["lora-s1"].mean()) / 2)
+    from moetune.eval import paired as P
+    draws = P.draws(1, 16, 2000, seed=0)
+    for name in ("hydralora", "mole"):
+        got, want = doc["paired"][name]["exact_match"], P.mean_difference(
+            correct[f"{name}-s0"][None].astype(float), correct["lora-s0"][None].astype(float), *draws)
+        assert got["difference"] == pytest.approx(correct[f"{name}-s0"].mean() - correct["lora-s0"].mean())
+        assert (got["low"], got["high"], got["seeds"]) == pytest.approx((want["low"], want["high"], 1))
+    assert all(c.endswith("(paired at 1 of 2 seeds)") for c in doc["conclusions"])
+    md = (out / "comparison.md").read_text()
+    assert "**Interim** (`--report`): 4 of 6 runs finished" in md and "| variant | seeds | trainable |" in md
 
     calls, real = _spy_on_runs(monkeypatch)
     assert cli(monkeypatch, *args, "--resume") in (0, None)

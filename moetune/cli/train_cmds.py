@@ -163,11 +163,13 @@ def compare(recipe: Path = typer.Argument(..., help="Recipe YAML file, or a stud
                                            "aside to <out>.old-<UTC time>, not deleted."),
             bootstrap: int = typer.Option(10_000, "--bootstrap", help="Bootstrap resamples of the intervals."),
             plan: bool = typer.Option(False, "--plan", help="Check the variants and data, print the budgets and "
-                                      "the runs, train nothing.")):
+                                      "the runs, train nothing."),
+            report: bool = typer.Option(False, "--report", help="Write comparison.md/.json/.png now from the runs "
+                                        "finished so far (marked interim), train nothing; safe while it trains.")):
     """Which expert type suits this data? Train every variant at every seed on the recipe's model and data, then
     compare them with the first: exact match and loss (overall, per domain), paired differences with 95%
     bootstrap intervals, routing specialisation, speed -> comparison.md, .json, .png in --out."""
     from moetune.commands.compare import compare as run, settings
     s, base = settings(recipe, methods, seeds, steps, budget, jobs, out, overrides or [], resume, overwrite, bootstrap,
-                       plan)
+                       plan, report)
     run(s, base)

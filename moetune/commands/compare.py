@@ -16,7 +16,8 @@ earlier one of the same seed mixes that one's instead of training its own), then
 comparison.{md,json,png} (moetune/commands/compare_report.py).
 
 `<out>/plan.json` records every run's recipe; `--resume` reuses finished runs and refuses a run directory
-whose recipe would now differ (naming the keys).
+whose recipe would now differ (naming the keys). `--report` writes the report of the runs finished so far,
+trains nothing (moetune/commands/compare_interim.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import json
 from pathlib import Path
 
 from moetune.commands.budget import Counter, size
+from moetune.commands.compare_interim import interim_statistics
 from moetune.commands.compare_jobs import Job, run_all, state
 from moetune.commands.compare_plan import (DERIVED, Variant, check, held_out, load_study, merge, parse_methods,
                                            protocol, resolve_sources, variant_recipe)
@@ -60,12 +62,13 @@ class Settings:
     overwrite: bool = False
     resamples: int = 10_000
     plan_only: bool = False
+    report_only: bool = False
 
 
 def settings(recipe: Path, methods: list[str] | None = None, seeds: int | None = None, steps: int | None = None,
              budget: str | None = None, jobs: int = 1, out: Path | None = None, overrides: list[str] = (),
              resume: bool = False, overwrite: bool = False, resamples: int = 10_000,
-             plan_only: bool = False) -> tuple[Settings, dict]:
+             plan_only: bool = False, report_only: bool = False) -> tuple[Settings, dict]:
     """The settings and the base recipe dict (the recipe or study file with the common overrides)."""
     data, study = load_study(recipe)
     n = seeds if seeds is not None else int(study.get("seeds", 1))
@@ -76,6 +79,9 @@ def settings(recipe: Path, methods: list[str] | None = None, seeds: int | None =
         raise RecipeError(f"--seeds and --jobs must be >= 1 and --bootstrap >= 100; got {n}, {jobs}, {resamples}.")
     if resume and overwrite:
         raise RecipeError("--resume and --overwrite contradict each other. Allowed: one of them.")
+    if report_only and (overwrite or plan_only):
+        raise RecipeError(f"--report reads the comparison in --out; it contradicts {'--overwrite' if overwrite else '--plan'}. "
+                          "Allowed: --report alone (with the comparison's own settings).")
     steps = steps if steps is not None else study.get("steps")
     if steps is not None and int(steps) < 1:
         raise RecipeError(f"--steps must be >= 1; got {steps}.")
@@ -84,7 +90,10 @@ def settings(recipe: Path, methods: list[str] | None = None, seeds: int | None =
     out = out or Path(study.get("out") or Path("runs") / "compare" / Path(recipe).stem)
     s = Settings(Path(recipe), list(methods or study.get("methods") or []), list(range(first, first + n)),
                  int(steps) if steps else None, budget, Path(out), jobs, list(overrides), resume, overwrite, resamples,
-                 plan_only)
+                 plan_only, report_only)
+    if report_only and not (s.out / "plan.json").is_file():
+        raise RecipeError(f"--report: {str(s.out)!r} holds no comparison (no plan.json). Allowed: the --out of a "
+                          "comparison that was started (the study's `out:` or runs/compare/<recipe> by default).")
     return s, base
 
 
@@ -98,7 +107,7 @@ def compare(s: Settings, base: dict) -> dict:
     recipes = {name: check(name, protocol(d, s.seeds[0], "runs/check")) for name, d in datas.items()}
     _check_pairing(variants, recipes)
     resolve_sources(variants, recipes)
-    existing = None if s.plan_only else _guard(s)
+    existing = None if s.plan_only or s.report_only else _guard(s)
     domains = _preflight(variants, recipes)
     sizes = _budgets(s, variants, datas, recipes, domains)
     _print_sizes(s, variants, sizes)
@@ -110,6 +119,10 @@ def compare(s: Settings, base: dict) -> dict:
         console.print(f"--plan: {plural(len(jobs), 'run')} planned ({plural(len(variants), 'variant')} x "
                       f"{plural(len(s.seeds), 'seed')}); nothing run.")
         return {"sizes": sizes, "jobs": [dataclasses.asdict(j) for j in jobs]}
+    if s.report_only:  # read the finished runs; no lock: the comparison may be training now
+        _check_plan(s, jobs, "--report")
+        stats, interim = interim_statistics(s, variants, jobs, sizes)
+        return report(s, variants, jobs, sizes, {}, stats, interim)
     _open(s, existing, jobs)
     with run_lock(s.out):
         started = run_all(jobs, s.jobs, s.out)
@@ -284,16 +297,21 @@ def _open(s: Settings, existing: str | None, jobs: list[Job]) -> None:
     if existing and s.overwrite:
         console.print(f"--overwrite: the previous comparison in {s.out} was moved to {move_aside(s.out)}")
     elif existing:
-        old = _plan_file(s.out).get("runs") or {}
-        for job in jobs:
-            prev = old.get(job.id)
-            if prev and prev["sha"] != _sha(job) and state(job) != "empty":
-                raise RecipeError(f"--resume: run {job.id} in {s.out} was planned with other settings "
-                                  f"({_diff(prev['job'], dataclasses.asdict(job))}). Nothing was changed. Allowed: the "
-                                  "comparison's own command and settings, --overwrite, or another --out.")
+        _check_plan(s, jobs, "--resume")
     write_json(s.out / "plan.json", {"recipe": str(s.recipe), "methods": [str(m) for m in s.methods],
                                      "seeds": s.seeds, "steps": s.steps, "budget": s.budget,
                                      "runs": {j.id: {"sha": _sha(j), "job": dataclasses.asdict(j)} for j in jobs}})
+
+
+def _check_plan(s: Settings, jobs: list[Job], flag: str) -> None:
+    """Refuse when a run of --out that has started was planned with other settings than `jobs`."""
+    old = _plan_file(s.out).get("runs") or {}
+    for job in jobs:
+        prev = old.get(job.id)
+        if prev and prev["sha"] != _sha(job) and state(job) != "empty":
+            raise RecipeError(f"{flag}: run {job.id} in {s.out} was planned with other settings "
+                              f"({_diff(prev['job'], dataclasses.asdict(job))}). Nothing was changed. Allowed: the "
+                              "comparison's own command and settings, --overwrite, or another --out.")
 
 
 def _flat(d, prefix: str = "") -> dict:

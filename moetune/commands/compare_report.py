@@ -269,7 +269,8 @@ def tables(doc: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
     """The comparison's tables as (header, rows) of strings: results, per-domain EM, per-domain differences."""
     ref = doc["reference"]
     metrics = doc["metrics"]
-    head = ["variant", "trainable"]
+    seeds = (doc.get("interim") or {}).get("seeds")
+    head = ["variant", *(["seeds"] if seeds else []), "trainable"]
     for m in metrics:
         head.append(m["label"])
         if any(m["key"] in p for p in doc["paired"].values()):
@@ -277,7 +278,7 @@ def tables(doc: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
     rows = []
     for name, v in doc["variants"].items():
         n = v["trainable"]
-        cells = [name, "-" if n is None else f"{n:,}" + (f" ({v['vs_reference']:.2f}x)" if v.get("vs_reference")
+        cells = [name, *([str(seeds[name])] if seeds else []), "-" if n is None else f"{n:,}" + (f" ({v['vs_reference']:.2f}x)" if v.get("vs_reference")
                                                           and abs(v["vs_reference"] - 1) > 0.005 else "")]
         for m in metrics:
             cells.append(_cell(v["metrics"].get(m["key"]), m["fmt"]))
@@ -308,16 +309,25 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _interim_lines(interim: dict | None) -> list[str]:
+    if not interim:
+        return []
+    pending = f" Pending (no finished run at the first seed): {', '.join(interim['pending'])}." if interim["pending"] else ""
+    return [f"**Interim** (`--report`): {interim['finished']} of {interim['planned']} runs finished. Each variant is "
+            "paired with the reference at the seeds both have finished (column 'seeds'); the reference's row "
+            f"uses all of its own.{pending} The comparison's last run replaces this report.", ""]
+
+
 def markdown(doc: dict) -> str:
     b = doc["bootstrap"]
     lines = [f"# Comparison of {len(doc['variants'])} variants on `{doc['recipe']}`", "",
-             f"Command: `{doc['command']}`", "",
-             f"{doc['date']}, {doc['machine']}; {plural(len(doc['seeds']), 'seed')} {doc['seeds']}; budget "
-             f"`{doc['budget']}`; held-out: {plural(doc['held_out']['n'], 'row')} of the {doc['held_out']['split']} split; "
-             f"runs {doc['jobs']} at a "
-             f"time. Cells: mean ± sd over seeds. Intervals: 95% paired bootstrap over seeds and held-out examples "
-             f"({b['resamples']:,} resamples, seed {b['seed']}), each on its own (not corrected for "
-             f"{plural(max(len(doc['variants']) - 1, 1), 'comparison')}).", "", "## Results", ""]
+             f"Command: `{doc['command']}`", "", *_interim_lines(doc.get("interim"))]
+    lines += [f"{doc['date']}, {doc['machine']}; {plural(len(doc['seeds']), 'seed')} {doc['seeds']}"
+              f"{' planned' if doc.get('interim') else ''}; budget `{doc['budget']}`; held-out: "
+              f"{plural(doc['held_out']['n'], 'row')} of the {doc['held_out']['split']} split; runs {doc['jobs']} at a "
+              f"time. Cells: mean ± sd over seeds. Intervals: 95% paired bootstrap over seeds and held-out examples "
+              f"({b['resamples']:,} resamples, seed {b['seed']}), each on its own (not corrected for "
+              f"{plural(max(len(doc['variants']) - 1, 1), 'comparison')}).", "", "## Results", ""]
     what = "Exact match" if headline(doc)[0] == "exact_match" else "Preference accuracy"
     names = {"results": "Results", "per_domain": f"{what} per domain (mean over seeds)",
              "per_domain_diff": f"{what} per domain, difference to {doc['reference']} [95% CI]"}
@@ -386,9 +396,11 @@ def _machine(jobs: list[Job]) -> str:
     return f"{where}, torch {torch.__version__}"
 
 
-def report(s, variants, jobs: list[Job], sizes: dict, started: dict) -> dict:
-    """Write comparison.json, .md and .png into --out, print the table and the conclusions; return the JSON."""
-    stats = statistics_of(s, variants, jobs, sizes)
+def report(s, variants, jobs: list[Job], sizes: dict, started: dict, stats: dict | None = None,
+           interim: dict | None = None) -> dict:
+    """Write comparison.json, .md and .png into --out, print the table and the conclusions; return the JSON.
+    `stats` and `interim`: the statistics of the runs finished so far (moetune/commands/compare_interim.py)."""
+    stats = stats or statistics_of(s, variants, jobs, sizes)
     ex = read_run(jobs[0]).examples
     doc = {"version": 1, "recipe": str(s.recipe), "command": "moetune " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": _machine(jobs), "jobs": s.jobs,
@@ -396,13 +408,18 @@ def report(s, variants, jobs: list[Job], sizes: dict, started: dict) -> dict:
            "held_out": {"split": (jobs[0].recipe.get("eval") or {}).get("split", "test"), "n": ex["n"],
                         "fingerprint": ex["fingerprint"]},
            "bootstrap": {"resamples": s.resamples, "seed": 0, "level": P.LEVEL},
-           "reused": sorted(k for k, v in started.items() if v == "done"), **stats}
+           "reused": sorted(k for k, v in started.items() if v == "done"), **stats,
+           **({"interim": interim} if interim else {})}
     write_json(s.out / "comparison.json", doc)
     (s.out / "comparison.md").write_text(markdown(doc))
     plot(doc, s.out / "comparison.png")
     head, rows = tables(doc)["results"]
     out = wide_console()
-    out.print(table(f"comparison ({plural(len(s.seeds), 'seed')}, reference {doc['reference']})", head, rows))
+    what = f"interim comparison ({interim['finished']} of {interim['planned']} runs finished" if interim else \
+        f"comparison ({plural(len(s.seeds), 'seed')}"
+    out.print(table(f"{what}, reference {doc['reference']})", head, rows))
+    if interim and interim["pending"]:
+        out.print(f"pending (no finished run at the first seed): {', '.join(interim['pending'])}", highlight=False)
     for c in doc["conclusions"]:
         out.print(f"- {c}.", highlight=False)
     out.print(f"Written: {s.out / 'comparison.md'}, comparison.json, comparison.png; the runs: moetune runs {s.out}",
