@@ -119,10 +119,17 @@ bench-serve: setup
 STUDIES    := methods routing-default routing-multidomain mole routing-balance-multidomain routing-balance-disjoint
 STUDY_RUNS ?= runs/studies
 STUDY_OUT  ?= benchmarks/results/studies
+COPY_REPORT = mkdir -p $(STUDY_OUT)/$* && \
+  cp $(STUDY_RUNS)/$*/comparison.md $(STUDY_RUNS)/$*/comparison.json $(STUDY_RUNS)/$*/comparison.png $(STUDY_OUT)/$*/
 study-%: setup
 	$(BIN)/moetune compare recipes/studies/$*.yaml --resume --out $(STUDY_RUNS)/$* $(ARGS)
-	mkdir -p $(STUDY_OUT)/$*
-	cp $(STUDY_RUNS)/$*/comparison.md $(STUDY_RUNS)/$*/comparison.json $(STUDY_RUNS)/$*/comparison.png $(STUDY_OUT)/$*/
+	$(COPY_REPORT)
+
+# a study's report so far (compare --report: its finished runs, marked interim; trains nothing, safe while it trains),
+# copied where study-% puts the final one, for `make study-tables`
+study-report-%: setup
+	$(BIN)/moetune compare recipes/studies/$*.yaml --report --out $(STUDY_RUNS)/$* $(ARGS)
+	$(COPY_REPORT)
 
 # the methods study also scores MMLU's medical, law and math groups (6 questions per subject, zero-shot cloze)
 study-methods: runs/studies/mmlu/mmlu_math.jsonl
@@ -137,6 +144,13 @@ runs/studies/clusters/%.k4.router.safetensors: | setup
 	mkdir -p runs/studies/clusters
 	$(BIN)/moetune cluster-heads recipes/hydralora.yaml data.train=data/$*/train.jsonl expert.num_experts=4 \
 	  --min 4 --max 4 --init-router --out runs/studies/clusters/$*.k4.yaml $(CLUSTER_ARGS)
+
+# issue 25's analysis pictures: for every routed run of seed 0, MI / H(domain) per block and the gate histograms
+# over training, and all of them in one overlay of the mean MI (scripts/routing_curves.py; works on a study in progress)
+study-curves-%: setup
+	mkdir -p $(STUDY_OUT)/$*/curves
+	$(BIN)/python scripts/routing_curves.py $(sort $(filter-out %/lora-s0,$(wildcard $(STUDY_RUNS)/$*/runs/*-s0))) \
+	  --out $(STUDY_OUT)/$*/curves --overlay $(STUDY_OUT)/$*/curves/overlay.png --json $(STUDY_OUT)/$*/curves/summary.json
 
 studies: $(addprefix study-,$(STUDIES))
 	$(MAKE) study-tables
