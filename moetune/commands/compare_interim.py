@@ -17,6 +17,7 @@ from moetune.commands.compare_jobs import Job, state
 from moetune.commands.compare_plan import Variant
 from moetune.commands.compare_report import METRICS, statistics_of
 from moetune.core.errors import RecipeError
+from moetune.core.ui import plural
 
 
 def finished_seeds(variants: list[Variant], jobs: list[Job], seeds: list[int]) -> dict[str, int]:
@@ -39,7 +40,7 @@ def interim_statistics(s, variants: list[Variant], jobs: list[Job], sizes: dict)
     n_done = sum(state(j) == "done" for j in jobs)
     if ks[ref.name] == 0:
         raise RecipeError(f"--report: the reference {ref.name!r} has no finished run at seed {s.seeds[0]} yet "
-                          f"({n_done} of {len(jobs)} runs finished), so nothing can be paired. Allowed: --report "
+                          f"({n_done} of {plural(len(jobs), 'run')} finished), so nothing can be paired. Allowed: --report "
                           "once its first run has finished.")
 
     def stats(k: int, group: list[Variant]) -> dict:

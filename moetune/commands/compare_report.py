@@ -313,7 +313,8 @@ def _interim_lines(interim: dict | None) -> list[str]:
     if not interim:
         return []
     pending = f" Pending (no finished run at the first seed): {', '.join(interim['pending'])}." if interim["pending"] else ""
-    return [f"**Interim** (`--report`): {interim['finished']} of {interim['planned']} runs finished. Each variant is "
+    return [f"**Interim** (`--report`): {interim['finished']} of "
+            f"{plural(interim['planned'], 'run')} finished. Each variant is "
             "paired with the reference at the seeds both have finished (column 'seeds'); the reference's row "
             f"uses all of its own.{pending} The comparison's last run replaces this report.", ""]
 
@@ -415,7 +416,7 @@ def report(s, variants, jobs: list[Job], sizes: dict, started: dict, stats: dict
     plot(doc, s.out / "comparison.png")
     head, rows = tables(doc)["results"]
     out = wide_console()
-    what = f"interim comparison ({interim['finished']} of {interim['planned']} runs finished" if interim else \
+    what = f"interim comparison ({interim['finished']} of {plural(interim['planned'], 'run')} finished" if interim else \
         f"comparison ({plural(len(s.seeds), 'seed')}"
     out.print(table(f"{what}, reference {doc['reference']})", head, rows))
     if interim and interim["pending"]:
