@@ -32,7 +32,7 @@ from moetune.commands.compare_interim import interim_statistics
 from moetune.commands.compare_jobs import Job, run_all, state
 from moetune.commands.compare_plan import (DERIVED, Variant, check, held_out, load_study, merge, parse_methods,
                                            protocol, resolve_sources, variant_recipe)
-from moetune.commands.compare_report import report, wide_console
+from moetune.commands.compare_output import report, wide_console
 from moetune.commands.domain_experts import domain_recipe
 from moetune.core.checkpoint import write_json
 from moetune.export.multimerge import GATED
