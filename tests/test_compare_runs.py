@@ -88,6 +88,7 @@ def test_interrupted_comparison_resumes_and_reuses_finished_runs(recipe, tmp_pat
     assert all(c.endswith("(paired at 1 of 2 seeds)") for c in doc["conclusions"])
     md = (out / "comparison.md").read_text()
     assert "**Interim** (`--report`): 4 of 6 runs finished" in md and "| variant | seeds | trainable |" in md
+    assert "at a time" not in md  # --report ran nothing
 
     calls, real = _spy_on_runs(monkeypatch)
     assert cli(monkeypatch, *args, "--resume") in (0, None)

@@ -86,12 +86,14 @@ def _interim_lines(interim: dict | None) -> list[str]:
 
 def markdown(doc: dict) -> str:
     b = doc["bootstrap"]
+    # an interim report (--report) ran no runs: how many ran at a time is the comparison's own setting, not its
+    jobs = "" if doc.get("interim") else f"; runs {doc['jobs']} at a time"
     lines = [f"# Comparison of {len(doc['variants'])} variants on `{doc['recipe']}`", "",
              f"Command: `{doc['command']}`", "", *_interim_lines(doc.get("interim"))]
     lines += [f"{doc['date']}, {doc['machine']}; {plural(len(doc['seeds']), 'seed')} {doc['seeds']}"
               f"{' planned' if doc.get('interim') else ''}; budget `{doc['budget']}`; held-out: "
-              f"{plural(doc['held_out']['n'], 'row')} of the {doc['held_out']['split']} split; runs {doc['jobs']} at a "
-              f"time. Cells: mean ± sd over seeds. Intervals: 95% paired bootstrap over seeds and held-out examples "
+              f"{plural(doc['held_out']['n'], 'row')} of the {doc['held_out']['split']} split{jobs}. "
+              f"Cells: mean ± sd over seeds. Intervals: 95% paired bootstrap over seeds and held-out examples "
               f"({b['resamples']:,} resamples, seed {b['seed']}), each on its own (not corrected for "
               f"{plural(max(len(doc['variants']) - 1, 1), 'comparison')}).", "", "## Results", ""]
     what = "Exact match" if headline(doc)[0] == "exact_match" else "Preference accuracy"
