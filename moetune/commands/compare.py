@@ -13,7 +13,7 @@ scored on the same held-out rows; the first variant is the reference. In order, 
      with `--budget equal-params` each is sized to the reference's count within +-5%. The table is printed.
 Then the runs (moetune/commands/compare_jobs.py; a variant trained with the same per-domain LoRAs as an
 earlier one of the same seed mixes that one's instead of training its own), then the statistics and
-comparison.{md,json,png} (moetune/commands/compare_report.py).
+comparison.{md,json,png} (moetune/commands/compare_report.py, compare_output.py).
 
 `<out>/plan.json` records every run's recipe; `--resume` reuses finished runs and refuses a run directory
 whose recipe would now differ (naming the keys). `--report` writes the report of the runs finished so far,

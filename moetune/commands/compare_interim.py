@@ -20,9 +20,8 @@ from moetune.core.errors import RecipeError
 from moetune.core.ui import plural
 
 
-def finished_seeds(variants: list[Variant], jobs: list[Job], seeds: list[int]) -> dict[str, int]:
-    """variant -> k: its runs at the first k planned seeds have all finished (state 'done')."""
-    done = {(j.variant, j.seed) for j in jobs if state(j) == "done"}
+def finished_seeds(variants: list[Variant], done: set[tuple[str, int]], seeds: list[int]) -> dict[str, int]:
+    """variant -> k: its runs at the first k planned seeds have all finished ((variant, seed) in `done`)."""
     out = {}
     for v in variants:
         k = 0
@@ -36,8 +35,8 @@ def interim_statistics(s, variants: list[Variant], jobs: list[Job], sizes: dict)
     """(statistics as `statistics_of` returns them, the 'interim' record) from the finished runs: each group of
     variants with the same k is paired with the reference at the first k seeds (the module docstring)."""
     ref = variants[0]
-    ks = finished_seeds(variants, jobs, s.seeds)
-    n_done = sum(state(j) == "done" for j in jobs)
+    done = {(j.variant, j.seed) for j in jobs if state(j) == "done"}  # state() reads each run's files once
+    ks, n_done = finished_seeds(variants, done, s.seeds), len(done)
     if ks[ref.name] == 0:
         raise RecipeError(f"--report: the reference {ref.name!r} has no finished run at seed {s.seeds[0]} yet "
                           f"({n_done} of {plural(len(jobs), 'run')} finished), so nothing can be paired. Allowed: --report "
