@@ -121,15 +121,17 @@ STUDY_RUNS ?= runs/studies
 STUDY_OUT  ?= benchmarks/results/studies
 COPY_REPORT = mkdir -p $(STUDY_OUT)/$* && \
   cp $(STUDY_RUNS)/$*/comparison.md $(STUDY_RUNS)/$*/comparison.json $(STUDY_RUNS)/$*/comparison.png $(STUDY_OUT)/$*/
+COPY_VS = mkdir -p $(STUDY_OUT)/$* && cp $(addprefix $(STUDY_RUNS)/$*/comparison-vs-$(REFERENCE),.md .json .png) $(STUDY_OUT)/$*/
 study-%: setup
 	$(BIN)/moetune compare recipes/studies/$*.yaml --resume --out $(STUDY_RUNS)/$* $(ARGS)
 	$(COPY_REPORT)
 
 # a study's report so far (compare --report: its finished runs, marked interim; trains nothing, safe while it trains),
 # copied where study-% puts the final one, for `make study-tables`
+# (REFERENCE=VARIANT: every variant paired with that one instead, comparison-vs-VARIANT.*, copied beside it)
 study-report-%: setup
-	$(BIN)/moetune compare recipes/studies/$*.yaml --report --out $(STUDY_RUNS)/$* $(ARGS)
-	$(COPY_REPORT)
+	$(BIN)/moetune compare recipes/studies/$*.yaml --report --out $(STUDY_RUNS)/$* $(if $(REFERENCE),--reference $(REFERENCE)) $(ARGS)
+	$(if $(REFERENCE),$(COPY_VS),$(COPY_REPORT))
 
 # the methods study also scores MMLU's medical, law and math groups (6 questions per subject, zero-shot cloze)
 study-methods: runs/studies/mmlu/mmlu_math.jsonl

@@ -241,6 +241,8 @@ def test_report_needs_a_started_comparison_with_a_finished_reference(base, tmp_p
     assert "Traceback" not in err and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plan.json"]
     assert cli(monkeypatch, *args, "--overwrite") == 2
     assert "--report reads the comparison in --out; it contradicts --overwrite" in capsys.readouterr().err
+    assert cli(monkeypatch, *args[:-1], "--reference", "hydralora") == 2
+    assert "--reference 'hydralora' re-pairs the finished runs of a comparison, so it goes with --report" in capsys.readouterr().err
 
 
 def test_committed_studies_plan(tiny_llama, tmp_path):

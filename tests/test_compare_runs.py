@@ -90,6 +90,25 @@ def test_interrupted_comparison_resumes_and_reuses_finished_runs(recipe, tmp_pat
     assert "**Interim** (`--report`): 4 of 6 runs finished" in md and "| variant | seeds | trainable |" in md
     assert "at a time" not in md  # --report ran nothing
 
+    # --reference: the same finished runs paired with another variant, in files of their own
+    before = (out / "comparison.json").read_bytes()
+    assert cli(monkeypatch, *args, "--report", "--reference", "hydralora") in (0, None)
+    vs = _json(out / "comparison-vs-hydralora.json")
+    assert (out / "comparison.json").read_bytes() == before and (out / "comparison-vs-hydralora.png").is_file()
+    assert vs["reference"] == "hydralora" and vs["planned_reference"] == "lora"
+    assert list(vs["variants"]) == ["hydralora", "lora", "mole"] and vs["interim"]["seeds"]["lora"] == 1
+    for name in ("lora", "mole"):   # paired at seed 0, the only one hydralora finished
+        got = vs["paired"][name]["exact_match"]
+        want = P.mean_difference(correct[f"{name}-s0"][None].astype(float), correct["hydralora-s0"][None].astype(float), *draws)
+        assert got["difference"] == pytest.approx(correct[f"{name}-s0"].mean() - correct["hydralora-s0"].mean())
+        assert (got["low"], got["high"]) == pytest.approx((want["low"], want["high"]))
+    assert "**Paired with hydralora** (`--reference`)" in (out / "comparison-vs-hydralora.md").read_text()
+    capsys.readouterr()
+    assert cli(monkeypatch, *args, "--report", "--reference", "hydralor") == 2
+    err = capsys.readouterr().err
+    assert "--reference 'hydralor' is not a variant of this comparison. Did you mean 'hydralora'?" in err
+    assert "Allowed: lora, hydralora, mole." in err and "Traceback" not in err
+
     calls, real = _spy_on_runs(monkeypatch)
     assert cli(monkeypatch, *args, "--resume") in (0, None)
     assert calls == [("hydralora-s1", True, False), ("mole-s1", False, False)]

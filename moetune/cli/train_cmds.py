@@ -165,11 +165,14 @@ def compare(recipe: Path = typer.Argument(..., help="Recipe YAML file, or a stud
             plan: bool = typer.Option(False, "--plan", help="Check the variants and data, print the budgets and "
                                       "the runs, train nothing."),
             report: bool = typer.Option(False, "--report", help="Write comparison.md/.json/.png now from the runs "
-                                        "finished so far (marked interim), train nothing; safe while it trains.")):
+                                        "finished so far (marked interim), train nothing; safe while it trains."),
+            reference: Optional[str] = typer.Option(None, "--reference", help="With --report: pair every variant "
+                                                    "with this one (a variant's name) instead of the first; writes "
+                                                    "comparison-vs-NAME.md/.json/.png beside comparison.md.")):
     """Which expert type suits this data? Train every variant at every seed on the recipe's model and data, then
     compare them with the first: exact match and loss (overall, per domain), paired differences with 95%
     bootstrap intervals, routing specialisation, speed -> comparison.md, .json, .png in --out."""
     from moetune.commands.compare import compare as run, settings
     s, base = settings(recipe, methods, seeds, steps, budget, jobs, out, overrides or [], resume, overwrite, bootstrap,
-                       plan, report)
+                       plan, report, reference)
     run(s, base)

@@ -17,12 +17,14 @@ comparison.{md,json,png} (moetune/commands/compare_report.py, compare_output.py)
 
 `<out>/plan.json` records every run's recipe; `--resume` reuses finished runs and refuses a run directory
 whose recipe would now differ (naming the keys). `--report` writes the report of the runs finished so far,
-trains nothing (moetune/commands/compare_interim.py).
+trains nothing (moetune/commands/compare_interim.py); with `--reference NAME` it pairs every variant with NAME
+instead of the first, into comparison-vs-NAME.* (the runs stay planned and sized against the first).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -63,12 +65,14 @@ class Settings:
     resamples: int = 10_000
     plan_only: bool = False
     report_only: bool = False
+    reference: str | None = None  # --report --reference NAME: pair every variant with NAME instead of the first
 
 
 def settings(recipe: Path, methods: list[str] | None = None, seeds: int | None = None, steps: int | None = None,
              budget: str | None = None, jobs: int = 1, out: Path | None = None, overrides: list[str] = (),
              resume: bool = False, overwrite: bool = False, resamples: int = 10_000,
-             plan_only: bool = False, report_only: bool = False) -> tuple[Settings, dict]:
+             plan_only: bool = False, report_only: bool = False,
+             reference: str | None = None) -> tuple[Settings, dict]:
     """The settings and the base recipe dict (the recipe or study file with the common overrides)."""
     data, study = load_study(recipe)
     n = seeds if seeds is not None else int(study.get("seeds", 1))
@@ -82,6 +86,10 @@ def settings(recipe: Path, methods: list[str] | None = None, seeds: int | None =
     if report_only and (overwrite or plan_only):
         raise RecipeError(f"--report reads the comparison in --out; it contradicts {'--overwrite' if overwrite else '--plan'}. "
                           "Allowed: --report alone (with the comparison's own settings).")
+    if reference and not report_only:
+        raise RecipeError(f"--reference {reference!r} re-pairs the finished runs of a comparison, so it goes with "
+                          "--report; the runs are planned and sized against the first of --methods. Allowed: "
+                          "--report --reference NAME.")
     steps = steps if steps is not None else study.get("steps")
     if steps is not None and int(steps) < 1:
         raise RecipeError(f"--steps must be >= 1; got {steps}.")
@@ -90,7 +98,7 @@ def settings(recipe: Path, methods: list[str] | None = None, seeds: int | None =
     out = out or Path(study.get("out") or Path("runs") / "compare" / Path(recipe).stem)
     s = Settings(Path(recipe), list(methods or study.get("methods") or []), list(range(first, first + n)),
                  int(steps) if steps else None, budget, Path(out), jobs, list(overrides), resume, overwrite, resamples,
-                 plan_only, report_only)
+                 plan_only, report_only, reference)
     if report_only and not (s.out / "plan.json").is_file():
         raise RecipeError(f"--report: {str(s.out)!r} holds no comparison (no plan.json). Allowed: the --out of a "
                           "comparison that was started (the study's `out:` or runs/compare/<recipe> by default).")
@@ -121,12 +129,25 @@ def compare(s: Settings, base: dict) -> dict:
         return {"sizes": sizes, "jobs": [dataclasses.asdict(j) for j in jobs]}
     if s.report_only:  # read the finished runs; no lock: the comparison may be training now
         _check_plan(s, jobs, "--report")
-        stats, interim = interim_statistics(s, variants, jobs, sizes)
-        return report(s, variants, jobs, sizes, {}, stats, interim)
+        paired = _repaired(variants, s.reference)
+        stats, interim = interim_statistics(s, paired, jobs, sizes)
+        return report(s, paired, jobs, sizes, {}, stats, interim, planned_reference=variants[0].name)
     _open(s, existing, jobs)
     with run_lock(s.out):
         started = run_all(jobs, s.jobs, s.out)
         return report(s, variants, jobs, sizes, started)
+
+
+def _repaired(variants: list[Variant], name: str | None) -> list[Variant]:
+    """The variants with `name` (--reference) first, the others in their order; unchanged without it."""
+    if not name or name == variants[0].name:
+        return variants
+    found = [v for v in variants if v.name == name]
+    if not found:
+        close = difflib.get_close_matches(name, [v.name for v in variants], n=1)
+        raise RecipeError(f"--reference {name!r} is not a variant of this comparison.{f' Did you mean {close[0]!r}?' if close else ''} "
+                          f"Allowed: {', '.join(v.name for v in variants)}.")
+    return [found[0], *[v for v in variants if v.name != name]]
 
 
 def _check_pairing(variants: list[Variant], recipes: dict[str, Recipe]) -> None:

@@ -74,14 +74,18 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def _interim_lines(interim: dict | None) -> list[str]:
+def _interim_lines(doc: dict) -> list[str]:
+    interim = doc.get("interim")
     if not interim:
         return []
     pending = f" Pending (no finished run at the first seed): {', '.join(interim['pending'])}." if interim["pending"] else ""
-    return [f"**Interim** (`--report`): {interim['finished']} of "
-            f"{plural(interim['planned'], 'run')} finished. Each variant is "
+    last = ("" if interim["finished"] == interim["planned"] else
+            " Run the same command again for a later state." if doc.get("planned_reference") else
+            " The comparison's last run replaces this report.")
+    return [f"**{'Interim' if interim['finished'] < interim['planned'] else 'Report'}** (`--report`): "
+            f"{interim['finished']} of {plural(interim['planned'], 'run')} finished. Each variant is "
             "paired with the reference at the seeds both have finished (column 'seeds'); the reference's row "
-            f"uses all of its own.{pending} The comparison's last run replaces this report.", ""]
+            f"uses all of its own.{pending}{last}", ""]
 
 
 def markdown(doc: dict) -> str:
@@ -89,7 +93,11 @@ def markdown(doc: dict) -> str:
     # an interim report (--report) ran no runs: how many ran at a time is the comparison's own setting, not its
     jobs = "" if doc.get("interim") else f"; runs {doc['jobs']} at a time"
     lines = [f"# Comparison of {len(doc['variants'])} variants on `{doc['recipe']}`", "",
-             f"Command: `{doc['command']}`", "", *_interim_lines(doc.get("interim"))]
+             f"Command: `{doc['command']}`", "", *_interim_lines(doc)]
+    if doc.get("planned_reference"):
+        lines += [f"**Paired with {doc['reference']}** (`--reference`): every difference below is against it. The "
+                  f"comparison was planned against {doc['planned_reference']} (its Budgets table says how each "
+                  f"variant was sized); its own report is comparison.md.", ""]
     lines += [f"{doc['date']}, {doc['machine']}; {plural(len(doc['seeds']), 'seed')} {doc['seeds']}"
               f"{' planned' if doc.get('interim') else ''}; budget `{doc['budget']}`; held-out: "
               f"{plural(doc['held_out']['n'], 'row')} of the {doc['held_out']['split']} split{jobs}. "
@@ -165,32 +173,38 @@ def _machine(jobs: list[Job]) -> str:
 
 
 def report(s, variants, jobs: list[Job], sizes: dict, started: dict, stats: dict | None = None,
-           interim: dict | None = None) -> dict:
+           interim: dict | None = None, planned_reference: str | None = None) -> dict:
     """Write comparison.json, .md and .png into --out, print the table and the conclusions; return the JSON.
-    `stats` and `interim`: the statistics of the runs finished so far (moetune/commands/compare_interim.py)."""
+    `stats` and `interim`: the statistics of the runs finished so far (moetune/commands/compare_interim.py).
+    `planned_reference`: the comparison's own reference when `variants` puts another first (--reference NAME):
+    the files are then comparison-vs-NAME.*, beside the comparison's own."""
     stats = stats or statistics_of(s, variants, jobs, sizes)
     ex = read_run(jobs[0]).examples
+    ref = variants[0].name
+    repaired = planned_reference is not None and planned_reference != ref
     doc = {"version": 1, "recipe": str(s.recipe), "command": "moetune " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d", time.gmtime()), "machine": _machine(jobs), "jobs": s.jobs,
-           "seeds": s.seeds, "steps": s.steps, "budget": s.budget, "reference": variants[0].name,
+           "seeds": s.seeds, "steps": s.steps, "budget": s.budget, "reference": ref,
+           **({"planned_reference": planned_reference} if repaired else {}),
            "held_out": {"split": (jobs[0].recipe.get("eval") or {}).get("split", "test"), "n": ex["n"],
                         "fingerprint": ex["fingerprint"]},
            "bootstrap": {"resamples": s.resamples, "seed": 0, "level": P.LEVEL},
            "reused": sorted(k for k, v in started.items() if v == "done"), **stats,
            **({"interim": interim} if interim else {})}
-    write_json(s.out / "comparison.json", doc)
-    (s.out / "comparison.md").write_text(markdown(doc))
-    plot(doc, s.out / "comparison.png")
+    stem = f"comparison-vs-{ref}" if repaired else "comparison"
+    write_json(s.out / f"{stem}.json", doc)
+    (s.out / f"{stem}.md").write_text(markdown(doc))
+    plot(doc, s.out / f"{stem}.png")
     head, rows = tables(doc)["results"]
     out = wide_console()
     what = f"interim comparison ({interim['finished']} of {plural(interim['planned'], 'run')} finished" if interim else \
         f"comparison ({plural(len(s.seeds), 'seed')}"
-    out.print(table(f"{what}, reference {doc['reference']})", head, rows))
+    out.print(table(f"{what}, reference {ref})", head, rows))
     if interim and interim["pending"]:
         out.print(f"pending (no finished run at the first seed): {', '.join(interim['pending'])}", highlight=False)
     for c in doc["conclusions"]:
         out.print(f"- {c}.", highlight=False)
-    out.print(f"Written: {s.out / 'comparison.md'}, comparison.json, comparison.png; the runs: moetune runs {s.out}",
+    out.print(f"Written: {s.out / (stem + '.md')}, {stem}.json, {stem}.png; the runs: moetune runs {s.out}",
               highlight=False)
     return doc
 
