@@ -27,13 +27,13 @@ def _base(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _routed(path, etype: str, arch: str, zero_router: bool):
+def _routed(path, etype: str, arch: str, zero_router: bool, router: RouterConfig | None = None):
     """A routed adapter with random experts; the router is random, or zero (uniform gates 1/N)."""
     model = _base(path)
     kw = {"hydralora": dict(rank=4, alpha=8), "molora": dict(rank=2, alpha=6), "mov": {}}[etype]
     if etype == "mov" and arch == "tiny_gpt2":
         kw["target_modules"] = ["c_attn", "mlp.c_proj"]
-    inject(model, config_class(etype)(type=etype, num_experts=3, **kw), RouterConfig())
+    inject(model, config_class(etype)(type=etype, num_experts=3, **kw), router or RouterConfig())
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in expert_layers(model).values():
@@ -83,6 +83,20 @@ def test_constant_gates_collapse_exactly(etype, arch, request, tiny_data):
     assert (_logits(model, v) - ref).abs().max() < 1e-5
     kl = kl_by_domain(model, routed, collapsed, ex, pad, 8, "cpu")
     assert kl["tokens"] > 0 and abs(kl["kl"]) < 1e-6 and set(kl["per_domain"]) == {"add", "shout"}
+
+
+@pytest.mark.parametrize("etype", ["hydralora", "molora"])
+def test_fidelity_of_sequence_routing_pools_each_prompt(etype, tiny_llama, tiny_data):
+    """The fidelity KL's forwards enter the batch's routing context: with router.level 'sequence' each example's
+    gates pool its prompt, as in training and eval, so the KL does not depend on the padding of its batch."""
+    model = _routed(tiny_llama, etype, "tiny_llama", zero_router=False, router=RouterConfig(level="sequence"))
+    routed, collapsed, w, ex, pad = _collapse(model, tiny_llama, tiny_data)
+    batched = kl_by_domain(model, routed, collapsed, ex, pad, 8, "cpu")
+    alone = kl_by_domain(model, routed, collapsed, ex, pad, 1, "cpu")
+    assert batched["tokens"] == alone["tokens"] > 0 and batched["kl"] > 1e-3
+    assert batched["kl"] == pytest.approx(alone["kl"], rel=1e-4)
+    for d, v in alone["per_domain"].items():
+        assert batched["per_domain"][d]["kl"] == pytest.approx(v["kl"], rel=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

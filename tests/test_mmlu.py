@@ -1,6 +1,7 @@
 """Tests for moetune.eval.mmlu: MMLU conversion, row validation and multiple-choice scoring."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -421,3 +422,36 @@ def test_cloze_shared_prompt_matches_plain_path_with_routed_adapter(kind):
         cached = mmlu._cloze_loglikelihoods_cached(model, tok, rows, 5, False, None)
     assert cached == [pytest.approx(p, rel=1e-4, abs=1e-4) for p in plain]
     assert len({round(v, 3) for r in plain for v in r}) > 10  # scores differ across choices
+
+
+@pytest.mark.parametrize("kind", ["hydralora", "molora"])
+def test_sequence_routed_scoring_pools_each_prompt_not_padding_or_answers(kind, monkeypatch):
+    """With router.level 'sequence', multiple-choice scoring pools each question's prompt, as training pools
+    each example's prompt: the scores do not depend on the padding a batch adds (batch 1 against 5), and the
+    shared-prompt cloze path (the prompt once, its gates kept for the 4 answers) equals the plain one, where
+    the answers run in the same forward as their prompt."""
+    from moetune.adapters.inject import inject
+    from moetune.experts import config_class
+    from moetune.recipe import RouterConfig
+    from tests.conftest import randomise_routed
+
+    rows = _random_rows(12, seed=9)
+    tok = _tokenizer(rows, chat=False, cloze=True, bos=True)
+    model = _tiny_model(len(tok)).float()
+    inject(model, config_class(kind)(type=kind, num_experts=3), RouterConfig(level="sequence"))
+    randomise_routed(model)
+    with torch.inference_mode():
+        alone = mmlu._cloze_loglikelihoods(model, tok, rows, 1, False, None)       # no padding
+        plain = mmlu._cloze_loglikelihoods(model, tok, rows, 5, False, None)
+        cached = mmlu._cloze_loglikelihoods_cached(model, tok, rows, 5, False, None)
+        letters_alone = mmlu._letter_logprobs(model, tok, rows, 1, False, None)
+        letters = mmlu._letter_logprobs(model, tok, rows, 5, False, None)
+    assert plain == [pytest.approx(a, rel=1e-4, abs=1e-4) for a in alone]
+    assert cached == [pytest.approx(a, rel=1e-4, abs=1e-4) for a in alone]
+    assert letters == [pytest.approx(a, rel=1e-4, abs=1e-4) for a in letters_alone]
+    assert len({round(v, 3) for r in alone for v in r}) > 10  # scores differ across choices
+    # without the scoring context a sequence-level router pools every position (padding, answers): other scores
+    monkeypatch.setattr(mmlu, "_scoring_routing", lambda mask, pool=None, cache=None: contextlib.nullcontext())
+    with torch.inference_mode():
+        everything = mmlu._cloze_loglikelihoods(model, tok, rows, 5, False, None)
+    assert max(abs(a - b) for ra, rb in zip(alone, everything) for a, b in zip(ra, rb)) > 1e-3

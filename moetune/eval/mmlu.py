@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from moetune.data.mmlu import LETTERS, SUBJECT_TO_GROUP
+from moetune.experts.context import routing_context
 
 
 def _resolve_chat(tokenizer: Any, use_chat_template: bool | None) -> bool:
@@ -176,13 +177,17 @@ def cloze_token_ids(tokenizer: Any, prompt: str, continuation: str,
     return list(prefix) + whole, len(whole) - common
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether ``model.forward`` (or a PEFT wrapper's base model) takes ``logits_to_keep``."""
+def _forward_takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` (or a PEFT wrapper's base model) takes the keyword ``name``."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(target.forward).parameters
+        return name in inspect.signature(target.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return _forward_takes(model, "logits_to_keep")
 
 
 def _accuracy_table(keys: Sequence[str], correct: Sequence[bool]) -> dict[str, dict]:
@@ -194,9 +199,25 @@ def _accuracy_table(keys: Sequence[str], correct: Sequence[bool]) -> dict[str, d
     return {k: {"accuracy": c / n, "n": n} for k, (c, n) in sorted(hits.items())}
 
 
+def _scoring_routing(mask: torch.Tensor, pool: torch.Tensor | None = None, cache: dict | None = None):
+    """The routing context of one scoring forward over padded rows, mask (B, T) of real tokens: routers count
+    only real tokens, and sequence-level routers (`router.level: sequence`, MoLE's gates) pool `pool` (B, T)
+    (default: every real token), the question's prompt, as training pools each example's prompt: never
+    padding, never the answer being scored. `cache`: as in generation, {} stores each such router's pooled
+    row for a later forward (the cached cloze path's continuations) to reuse."""
+    real = mask.bool()
+    return routing_context(pool_mask=real if pool is None else pool.bool(), token_mask=real, cache=cache)
+
+
 def _letter_predictions(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], batch_size: int,
                         chat: bool, progress: Callable[[int], None] | None) -> list[str]:
-    """Letters mode: the letter with the highest next-token log-probability, per row."""
+    """Letters mode: the letter with the highest next-token log-probability, per row (ties: the earliest)."""
+    return [LETTERS[_argmax(lp)] for lp in _letter_logprobs(model, tokenizer, rows, batch_size, chat, progress)]
+
+
+def _letter_logprobs(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict], batch_size: int,
+                     chat: bool, progress: Callable[[int], None] | None) -> list[list[float]]:
+    """Letters mode: per row, the next-token log-probabilities of its 4 answer letters after the prompt."""
     prompts = [format_mc_prompt(r, tokenizer, use_chat_template=chat) for r in rows]
     # Plain prompts get the tokenizer's usual specials (e.g. BOS); a rendered chat template
     # already contains its own.
@@ -206,7 +227,7 @@ def _letter_predictions(model: torch.nn.Module, tokenizer: Any, rows: Sequence[d
     device = next(model.parameters()).device
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
 
-    predictions: list[str] = [""] * len(rows)
+    scores: list[list[float]] = [[] for _ in rows]
     order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))  # longest first
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -217,16 +238,16 @@ def _letter_predictions(model: torch.nn.Module, tokenizer: Any, rows: Sequence[d
             input_ids[b, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[b, width - len(encoded[i]):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T), 0 on padding
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                    position_ids=positions.to(device), use_cache=False, **kwargs)
+        with _scoring_routing(mask.to(device)):
+            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                        position_ids=positions.to(device), use_cache=False, **kwargs)
         logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B, V)
         cand = torch.tensor([letter_ids[i] for i in idx], device=logprobs.device)  # (B, 4)
-        best = logprobs.gather(1, cand).argmax(dim=-1).tolist()  # (B,)
-        for i, k in zip(idx, best):
-            predictions[i] = LETTERS[k]
+        for i, lp in zip(idx, logprobs.gather(1, cand).tolist()):  # (B, 4)
+            scores[i] = lp
         if progress is not None:
             progress(min(start + batch_size, len(order)))
-    return predictions
+    return scores
 
 
 def _cloze_sequences(tokenizer: Any, rows: Sequence[dict], chat: bool) -> list[list[tuple[list[int], int]]]:
@@ -254,6 +275,7 @@ def _cloze_loglikelihoods(model: torch.nn.Module, tokenizer: Any, rows: Sequence
     the model supports it).
     """
     seqs = _cloze_sequences(tokenizer, rows, chat)
+    split = [_shared_prompt_split(s) for s in seqs]  # the prompt sequence-level routers pool
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     keep_logits = _accepts_logits_to_keep(model)
@@ -267,13 +289,16 @@ def _cloze_loglikelihoods(model: torch.nn.Module, tokenizer: Any, rows: Sequence
         keep = max(n for _, n in items) + 1  # K: positions whose logits predict continuation tokens
         input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # (4B, T)
         mask = torch.zeros((len(items), width), dtype=torch.long)  # (4B, T)
+        pool = torch.zeros((len(items), width), dtype=torch.bool)  # (4B, T): each question's shared prompt
         for b, (ids, _) in enumerate(items):  # left padding: real tokens at the right end
             input_ids[b, width - len(ids):] = torch.tensor(ids)
             mask[b, width - len(ids):] = 1
+            pool[b, width - len(ids):width - len(ids) + split[idx[b // 4]]] = True
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (4B, T), 0 on padding
         kwargs = {"logits_to_keep": keep} if keep_logits else {}
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                    position_ids=positions.to(device), use_cache=False, **kwargs)
+        with _scoring_routing(mask.to(device), pool.to(device)):
+            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                        position_ids=positions.to(device), use_cache=False, **kwargs)
         logits = out.logits[:, -keep:-1, :]  # (4B, K-1, V): position T-K+j predicts token T-K+j+1
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= float32
         targets = input_ids[:, width - keep + 1:].to(logits.device)  # (4B, K-1): tokens T-K+1 .. T-1
@@ -316,6 +341,7 @@ def _cloze_loglikelihoods_cached(model: torch.nn.Module, tokenizer: Any, rows: S
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    cache_key = "cache" if _forward_takes(model, "cache") else "past_key_values"  # renamed in transformers 5.x
 
     scores: list[list[float]] = [[] for _ in rows]
     order = sorted(range(len(rows)), key=lambda i: -max(len(ids) for ids, _ in seqs[i]))
@@ -329,10 +355,13 @@ def _cloze_loglikelihoods_cached(model: torch.nn.Module, tokenizer: Any, rows: S
             p_ids[b, width - len(ids):] = torch.tensor(ids)
             p_mask[b, width - len(ids):] = 1
         p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)                         # (B, Tp)
-        out = model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
-                    position_ids=p_pos.to(device), use_cache=True, **kwargs)
-        cache = out.past_key_values
+        gates: dict = {}                                                     # sequence-level routers' (B, N) rows
+        with _scoring_routing(p_mask.to(device), cache=gates):
+            out = model(input_ids=p_ids.to(device), attention_mask=p_mask.to(device),
+                        position_ids=p_pos.to(device), use_cache=True, **kwargs)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values  # renamed in 5.x
         cache.batch_repeat_interleave(4)                                     # B -> 4B rows, question-major
+        gates = {k: v.repeat_interleave(4, dim=0) for k, v in gates.items()}  # (4B, N), the same order
         last = out.logits[:, -1, :].repeat_interleave(4, dim=0)              # (4B, V)
 
         conts = [(seqs[i][k][0][split[i]:], seqs[i][k][1]) for i in idx for k in range(4)]
@@ -347,8 +376,9 @@ def _cloze_loglikelihoods_cached(model: torch.nn.Module, tokenizer: Any, rows: S
         p_len = p_mask.sum(-1).repeat_interleave(4)                          # (4B,)
         c_pos = p_len.unsqueeze(1) + torch.arange(tc).unsqueeze(0)           # (4B, Tc)
         mask = torch.cat([p_mask.repeat_interleave(4, dim=0), c_mask], 1)    # (4B, Tp+Tc)
-        logits = model(input_ids=c_ids.to(device), attention_mask=mask.to(device),
-                       position_ids=c_pos.to(device), past_key_values=cache, use_cache=True).logits
+        with _scoring_routing(c_mask.to(device), cache=gates):               # the prompt's gates, reused
+            logits = model(input_ids=c_ids.to(device), attention_mask=mask.to(device),
+                           position_ids=c_pos.to(device), use_cache=True, **{cache_key: cache}).logits
         logits = torch.cat([last.unsqueeze(1), logits[:, :-1]], 1)          # (4B, Tc, V): predicts c_ids
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         targets = c_ids.to(logits.device)

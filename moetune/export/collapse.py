@@ -38,6 +38,7 @@ from moetune.core.ui import console, table
 from moetune.data.rows import IGNORE, collate
 from moetune.eval.evaluate import exact_match, loss_by_domain
 from moetune.eval.report import collect_gates, domain_gates, mean_gates
+from moetune.experts.context import batch_routing
 from moetune.recipe.experts import EXPERT_CONFIGS
 from moetune.run.session import model_with_adapter
 from moetune.train.loss import plain_head, target_logits
@@ -82,7 +83,8 @@ def kl_by_domain(model, routed: dict, collapsed: dict, examples, pad_id: int, ba
         logp = []
         for layers in (routed, collapsed):
             install(model, layers)
-            logits = target_logits(model, b["input_ids"], b["attention_mask"], keep, sliced)  # (K, V)
+            with batch_routing(b["labels"], b["attention_mask"]):          # prompts pooled, padding left out
+                logits = target_logits(model, b["input_ids"], b["attention_mask"], keep, sliced)  # (K, V)
             logp.append(F.log_softmax(logits.float(), dim=-1))
         kl = F.kl_div(logp[1], logp[0], log_target=True, reduction="none").sum(-1)  # (K,)
         per_ex = torch.zeros(len(chunk), device=kl.device).index_add_(0, keep.nonzero()[:, 0], kl)  # (B,)

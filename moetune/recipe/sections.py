@@ -94,8 +94,8 @@ class RouterConfig:
     mean router logits (= W_g of the mean input) over its prompt tokens (the real tokens before its
     first target token), shared by all its tokens, as MoLE-style task routing; in generation the
     prompt's gates are kept for the new tokens. Packed rows route each segment on its own when the
-    batch carries segment ids. Without a prompt mask (e.g. multiple-choice scoring) every position
-    of the forward is pooled. MoLE's gates pool the same way."""
+    batch carries segment ids. Multiple-choice scoring (eval.multiple_choice) pools each question's
+    prompt: never padding, never the answer being scored. MoLE's gates pool the same way."""
     temperature_end: float | None = opt(None, min=0, min_exclusive=True)
     """Anneal the gate temperature from `temperature` (first step) to this value (last step),
     geometrically: e.g. 2.0 -> 0.5 goes from soft towards sharp gates. Evaluation and export use this
