@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from calm_prefill import check_prefill_splits, cuts
+from calm_prefill import cache_keyword, check_prefill_splits, cuts
 from conftest import build_tokenizer, tiny_overrides
 from moetune.adapters.inject import expert_layers, inject, trainable_parameters
 from moetune.adapters.io import load_adapter, save_adapter
@@ -221,10 +221,10 @@ def test_cached_greedy_generation_matches_no_cache(pair):
     from transformers import DynamicCache
     past = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=past, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, **{cache_keyword(model): past}, use_cache=True)
         _logits(model, ids, mask)                               # another input in between: m_A's cache is gone
         with pytest.raises(RuntimeError, match="must advance together"):
-            model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=past,
+            model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), **{cache_keyword(model): past},
                   use_cache=True)
 
 

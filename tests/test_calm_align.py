@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from calm_prefill import check_prefill_splits
+from calm_prefill import cache_keyword, check_prefill_splits
 from conftest import WORDS, build_tokenizer, make_rows, tiny_overrides
 from moetune.adapters.inject import inject, trainable_parameters
 from moetune.commands.stages import run_recipe
@@ -245,15 +245,15 @@ def test_cached_greedy_generation_matches_no_cache(pair):
     both, m2 = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
     pos = (m2.cumsum(-1) - 1).clamp(min=0)                     # the anchor's positions, as generate passes them
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, position_ids=pos[:, :-1], past_key_values=past, use_cache=True)
-        step = model(input_ids=nxt, attention_mask=m2, position_ids=pos[:, -1:], past_key_values=past,
+        model(input_ids=ids, attention_mask=mask, position_ids=pos[:, :-1], **{cache_keyword(model): past}, use_cache=True)
+        step = model(input_ids=nxt, attention_mask=m2, position_ids=pos[:, -1:], **{cache_keyword(model): past},
                      use_cache=True).logits[:, -1]
     full = _logits(model, both, m2, position_ids=pos)[:, -1]
     torch.testing.assert_close(step, full, atol=1e-10, rtol=1e-10)
     with torch.no_grad():                                      # another input in between: refused, not recomputed
         _logits(model, ids, mask)
         with pytest.raises(RuntimeError, match="must advance together"):
-            model(input_ids=nxt, attention_mask=torch.cat([m2, torch.ones_like(nxt)], 1), past_key_values=past,
+            model(input_ids=nxt, attention_mask=torch.cat([m2, torch.ones_like(nxt)], 1), **{cache_keyword(model): past},
                   use_cache=True)
 
 
