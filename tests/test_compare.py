@@ -261,6 +261,24 @@ def test_committed_studies_plan(tiny_llama, tmp_path):
         assert json.loads(json.dumps(doc["jobs"]))  # plain data: what plan.json records
 
 
+def test_methods_name_a_study_files_variants(base, tmp_path):
+    """On a study file, --methods NAME is that study variant (the same recipe, so the same run: a subset or
+    another order of a study's variants trains into its --out); other values are parsed as ever."""
+    recipe, over = base
+    study = tmp_path / "study.yaml"
+    study.write_text(f"compare:\n  recipe: {recipe}\n  budget: recipe\n  methods:\n    - {{name: lora, method: lora}}\n"
+                     "    - {name: seq, method: hydralora, overrides: [router.level=sequence, expert.rank=4]}\n")
+    full = {j["id"]: j for j in _run(study, over, tmp_path / "a", plan_only=True)["jobs"]}
+    some = _run(study, over, tmp_path / "a", "seq,lora", plan_only=True)["jobs"]   # --plan writes nothing
+    assert [j["id"] for j in some] == ["seq-s0", "lora-s0"]
+    for j in some:
+        assert j["recipe"] == full[j["id"]]["recipe"]
+    assert full["seq-s0"]["recipe"]["router"]["level"] == "sequence" and full["seq-s0"]["recipe"]["expert"]["rank"] == 4
+    mixed = _run(study, over, tmp_path / "c", "seq,hydralora", plan_only=True)["jobs"]   # a type stays a type
+    assert [j["id"] for j in mixed] == ["seq-s0", "hydralora-s0"]
+    assert (mixed[1]["recipe"].get("router") or {}).get("level") != "sequence"
+
+
 def test_a_failed_run_stops_only_the_runs_that_need_it(tmp_path, monkeypatch):
     from moetune.commands import compare_jobs as J
     jobs = [J.Job(n, n.split("-")[0], 0, "type", str(tmp_path / n), {}, after=after)

@@ -150,7 +150,8 @@ def compare(recipe: Path = typer.Argument(..., help="Recipe YAML file, or a stud
             methods: Optional[List[str]] = typer.Option(None, "--methods", help="Variants, comma separated: an expert "
                                                         "type, a recipe file, merge:METHOD or expert:DOMAIN, each as "
                                                         "[NAME=]METHOD[:KEY=VALUE...] (e.g. seq=hydralora:router.level="
-                                                        "sequence). The first is the reference."),
+                                                        "sequence); on a study file also a variant's NAME. "
+                                                        "The first is the reference."),
             seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per variant: train.seed, +1, ... (default 1)."),
             steps: Optional[int] = typer.Option(None, "--steps", help="train.max_steps of every variant."),
             budget: Optional[str] = typer.Option(None, "--budget", help="equal-params (default: size every variant "

@@ -33,7 +33,7 @@ from moetune.commands.budget import Counter, size
 from moetune.commands.compare_interim import interim_statistics
 from moetune.commands.compare_jobs import Job, run_all, state
 from moetune.commands.compare_plan import (DERIVED, Variant, check, held_out, load_study, merge, parse_methods,
-                                           protocol, resolve_sources, variant_recipe)
+                                           protocol, resolve_sources, variant_recipe, with_study_names)
 from moetune.commands.compare_output import report, wide_console
 from moetune.commands.domain_experts import domain_recipe
 from moetune.core.checkpoint import write_json
@@ -96,7 +96,8 @@ def settings(recipe: Path, methods: list[str] | None = None, seeds: int | None =
     base = merge(data, parse_overrides(overrides))
     first = int(((base.get("train") or {}).get("seed")) or 0)
     out = out or Path(study.get("out") or Path("runs") / "compare" / Path(recipe).stem)
-    s = Settings(Path(recipe), list(methods or study.get("methods") or []), list(range(first, first + n)),
+    chosen = with_study_names(methods, study.get("methods") or []) if methods else study.get("methods") or []
+    s = Settings(Path(recipe), list(chosen), list(range(first, first + n)),
                  int(steps) if steps else None, budget, Path(out), jobs, list(overrides), resume, overwrite, resamples,
                  plan_only, report_only, reference)
     if report_only and not (s.out / "plan.json").is_file():

@@ -18,7 +18,8 @@ separated (a comma inside [...] or {...} belongs to a value). METHOD is
 
 NAME defaults to METHOD, plus `+key=value` for each override. A study file is a recipe with a `compare:`
 section (`recipes/studies/*.yaml`): `recipe` (a recipe file its other sections override), `methods` (a list
-of variant strings, or mappings {name, method, overrides}), `seeds`, `steps`, `budget`, `out`.
+of variant strings, or mappings {name, method, overrides}), `seeds`, `steps`, `budget`, `out`. On a study,
+`--methods` may name its variants by NAME alone (`with_study_names`).
 """
 from __future__ import annotations
 
@@ -150,6 +151,15 @@ def parse_methods(items: list) -> list[Variant]:
         raise RecipeError(f"Variant name {bad[0]!r} has characters a directory name should not. Allowed: letters, "
                           "digits and _ . + = - (name it NAME=METHOD:...).")
     return variants
+
+
+def with_study_names(items: list, study_methods: list) -> list:
+    """--methods values with each bare NAME of one of the study file's variants replaced by that variant's
+    definition: on a study, `--methods lora,hydralora-global` names its variants (the same recipes, so the
+    same runs in the same --out: a subset of a study, or its variants in another order)."""
+    known = {parse_variant(m).name: m for m in study_methods}
+    specs = [x for item in items for x in (split_top(item, ",") if isinstance(item, str) else [item])]
+    return [known.get(x.strip(), x) if isinstance(x, str) else x for x in specs]
 
 
 def load_study(path: Path) -> tuple[dict, dict]:
