@@ -279,6 +279,23 @@ def test_methods_name_a_study_files_variants(base, tmp_path):
     assert (mixed[1]["recipe"].get("router") or {}).get("level") != "sequence"
 
 
+def test_resuming_a_subset_keeps_the_plan_of_the_other_runs(base, tmp_path):
+    """--resume with fewer variants (a subset of a study) adds to plan.json, it does not forget the runs it
+    does not plan: the whole comparison's --resume and --report still check those against their settings."""
+    from moetune.commands import compare as C
+    from moetune.commands.compare_jobs import Job
+    recipe, over = base
+    out = tmp_path / "out"
+    jobs = [Job(**j) for j in _run(recipe, over, out, "lora", plan_only=True)["jobs"]]
+    out.mkdir()
+    other = {"sha": "0" * 64, "job": {"id": "other-s0"}}
+    (out / "plan.json").write_text(json.dumps({"runs": {"other-s0": other, "lora-s0": {"sha": "stale", "job": {}}}}))
+    s, _ = settings(recipe, ["lora"], 1, None, None, 1, out, over, resume=True)
+    C._open(s, "0 of 2 runs finished", jobs)
+    runs = json.loads((out / "plan.json").read_text())["runs"]
+    assert runs["other-s0"] == other and runs["lora-s0"]["sha"] == C._sha(jobs[0])
+
+
 def test_a_failed_run_stops_only_the_runs_that_need_it(tmp_path, monkeypatch):
     from moetune.commands import compare_jobs as J
     jobs = [J.Job(n, n.split("-")[0], 0, "type", str(tmp_path / n), {}, after=after)

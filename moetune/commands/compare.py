@@ -316,13 +316,16 @@ def _sha(job: Job) -> str:
 def _open(s: Settings, existing: str | None, jobs: list[Job]) -> None:
     """Create --out (write probe), move an old comparison aside (--overwrite) or check it (--resume), write plan.json."""
     probe_write(s.out, "--out")
+    kept = {}
     if existing and s.overwrite:
         console.print(f"--overwrite: the previous comparison in {s.out} was moved to {move_aside(s.out)}")
     elif existing:
         _check_plan(s, jobs, "--resume")
+        kept = _plan_file(s.out).get("runs") or {}  # runs planned by other commands on --out (a subset of a study)
+    runs = {j.id: {"sha": _sha(j), "job": dataclasses.asdict(j)} for j in jobs}
     write_json(s.out / "plan.json", {"recipe": str(s.recipe), "methods": [str(m) for m in s.methods],
                                      "seeds": s.seeds, "steps": s.steps, "budget": s.budget,
-                                     "runs": {j.id: {"sha": _sha(j), "job": dataclasses.asdict(j)} for j in jobs}})
+                                     "runs": {**kept, **runs}})
 
 
 def _check_plan(s: Settings, jobs: list[Job], flag: str) -> None:
