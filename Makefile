@@ -154,6 +154,14 @@ study-curves-%: setup
 	$(BIN)/python scripts/routing_curves.py $(sort $(filter-out %/lora-s0,$(wildcard $(STUDY_RUNS)/$*/runs/*-s0))) \
 	  --out $(STUDY_OUT)/$*/curves --overlay $(STUDY_OUT)/$*/curves/overlay.png --json $(STUDY_OUT)/$*/curves/summary.json
 
+# how different each finished routed run's experts ended up (scripts/expert_diversity.py: a router can only matter
+# where its experts differ), with each run's specialisation beside it: experts.md/.json/.png
+study-experts-%: setup
+	mkdir -p $(STUDY_OUT)/$*
+	$(BIN)/python scripts/expert_diversity.py $(sort $(filter-out %/lora-s0 %/lora-s1 %/lora-s2,$(wildcard $(STUDY_RUNS)/$*/runs/*-s[0-9]))) \
+	  --json $(STUDY_OUT)/$*/experts.json --plot $(STUDY_OUT)/$*/experts.png > $(STUDY_OUT)/$*/experts.md
+	cat $(STUDY_OUT)/$*/experts.md
+
 studies: $(addprefix study-,$(STUDIES))
 	$(MAKE) study-tables
 
