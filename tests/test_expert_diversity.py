@@ -51,3 +51,37 @@ def test_cosine_and_spread_of_identical_scaled_and_orthogonal_experts(tmp_path):
     assert rows[0]["per_block"]["0"]["spread"] == pytest.approx(0.0, abs=1e-9)
     assert rows[0]["per_block"]["1"]["cosine"] == pytest.approx(0.0, abs=1e-12)
     assert json.loads((tmp_path / "d.json").read_text()) == rows and (tmp_path / "d.png").stat().st_size > 2000
+
+
+@pytest.mark.parametrize("init_std, identical", [(0.0, True), (0.5, False)])
+def test_hydralora_heads_stay_copies_under_uniform_gates(init_std, identical):
+    """The mechanism behind a random-init router's lack of specialisation, at its fixed point: HydraLoRA's heads
+    start at B_i = 0; with uniform gates (a zero router) every head gets the same gradient, so after training
+    steps they are still exactly equal and the router has had no gradient at all (its output cannot change the
+    layer). A router that starts off-uniform (std 0.5) gives the heads different gradients from the first step."""
+    from conftest import build_model
+    from moetune.adapters.inject import expert_layers, inject, trainable_parameters
+    from moetune.experts import config_class
+    from moetune.recipe import RouterConfig
+
+    torch.manual_seed(0)
+    model = build_model("llama", 64).float()
+    inject(model, config_class("hydralora")(type="hydralora", num_experts=2, rank=4, alpha=8),
+           RouterConfig(init_std=init_std))
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
+    x = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+    layers = list(expert_layers(model).values())
+    heads = [layer.lora_B for layer in layers]                                   # (N, d_out, r) each
+    routers = [layer.router.weight for layer in layers]
+    assert all(h.abs().max() > 0 for h in heads)                                 # the heads did train
+    if identical:
+        assert all(torch.equal(h[0], h[1]) for h in heads)
+        assert all(r.grad is not None and not r.grad.any() and not r.any() for r in routers)
+        assert ed.diversity(ed.gram(layers[0].lora_A.detach(), heads[0].detach()))["spread"] == 0.0
+    else:
+        assert all(not torch.equal(h[0], h[1]) for h in heads)
+        assert min(ed.diversity(ed.gram(l.lora_A.detach(), l.lora_B.detach()))["spread"] for l in layers) > 1e-3
