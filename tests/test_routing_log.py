@@ -67,7 +67,7 @@ def test_training_logs_val_routing_and_the_script_draws_it(tiny_llama, tiny_data
 def test_routing_balance_studies_cover_the_protocol(name):
     """Issue 25's protocol, as committed: LoRA first, then HydraLoRA and MoLoRA each with micro and global balance
     x random or clustered router init x token or sequence routing, plus sequence routing with the balance loss off
-    (clustered init for both types, random init for HydraLoRA; clustered HydraLoRA at gate temperature 0.5); 3 seeds, >= 2 epochs, several micro-batches per
+    (clustered init for both types, random init for HydraLoRA; clustered, both types, at gate temperature 0.5); 3 seeds, >= 2 epochs, several micro-batches per
     step (else the scope changes nothing)."""
     from moetune.commands.compare_plan import load_study
     data, study = load_study(ROOT / "recipes" / "studies" / f"{name}.yaml")
@@ -89,5 +89,6 @@ def test_routing_balance_studies_cover_the_protocol(name):
     # added after 100-step probes showed the balance loss undoing the clustered init (README, issue 25), and
     # after one-step probes showed the clustered init's gates soft (sharper at temperature 0.5)
     balance_off = {("hydralora", "off", True, "sequence", 1.0), ("hydralora", "off", False, "sequence", 1.0),
-                   ("molora", "off", True, "sequence", 1.0), ("hydralora", "off", True, "sequence", 0.5)}
+                   ("molora", "off", True, "sequence", 1.0), ("hydralora", "off", True, "sequence", 0.5),
+                   ("molora", "off", True, "sequence", 0.5)}
     assert seen == factorial | balance_off and len(methods) == 1 + len(seen)
