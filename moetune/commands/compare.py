@@ -320,16 +320,16 @@ def _open(s: Settings, existing: str | None, jobs: list[Job]) -> None:
     if existing and s.overwrite:
         console.print(f"--overwrite: the previous comparison in {s.out} was moved to {move_aside(s.out)}")
     elif existing:
-        _check_plan(s, jobs, "--resume")
-        kept = _plan_file(s.out).get("runs") or {}  # runs planned by other commands on --out (a subset of a study)
+        kept = _check_plan(s, jobs, "--resume")  # with the runs planned by other commands on --out (a study's subset)
     runs = {j.id: {"sha": _sha(j), "job": dataclasses.asdict(j)} for j in jobs}
     write_json(s.out / "plan.json", {"recipe": str(s.recipe), "methods": [str(m) for m in s.methods],
                                      "seeds": s.seeds, "steps": s.steps, "budget": s.budget,
                                      "runs": {**kept, **runs}})
 
 
-def _check_plan(s: Settings, jobs: list[Job], flag: str) -> None:
-    """Refuse when a run of --out that has started was planned with other settings than `jobs`."""
+def _check_plan(s: Settings, jobs: list[Job], flag: str) -> dict:
+    """Refuse when a run of --out that has started was planned with other settings than `jobs`; returns plan.json's
+    runs."""
     old = _plan_file(s.out).get("runs") or {}
     for job in jobs:
         prev = old.get(job.id)
@@ -337,6 +337,7 @@ def _check_plan(s: Settings, jobs: list[Job], flag: str) -> None:
             raise RecipeError(f"{flag}: run {job.id} in {s.out} was planned with other settings "
                               f"({_diff(prev['job'], dataclasses.asdict(job))}). Nothing was changed. Allowed: the "
                               "comparison's own command and settings, --overwrite, or another --out.")
+    return old
 
 
 def _flat(d, prefix: str = "") -> dict:
