@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo studies study-tables bench-serve clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo studies study-tables probe-routing-init bench-serve clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -161,6 +161,21 @@ study-experts-%: setup
 	$(BIN)/python scripts/expert_diversity.py $(sort $(filter-out %/lora-s0 %/lora-s1 %/lora-s2,$(wildcard $(STUDY_RUNS)/$*/runs/*-s[0-9]))) \
 	  --json $(STUDY_OUT)/$*/experts.json --plot $(STUDY_OUT)/$*/experts.png > $(STUDY_OUT)/$*/experts.md
 	cat $(STUDY_OUT)/$*/experts.md
+
+# RESULTS' one-step probes of the routers at init (issue 25): HydraLoRA, sequence routing, one step then the test
+# rows' routing report, with random router init at each PROBE_STDS scale and the clustered init at each PROBE_TEMPS
+# gate temperature; a probe whose eval.json exists is kept. The table: scripts/routing_summary.py (~2 min a probe)
+PROBE_STDS ?= 0.02 0.5 2.0 4.0 8.0
+PROBE_TEMPS ?= 1.0 0.5 0.25
+probe-routing-init: runs/studies/clusters/multidomain.k4.router.safetensors
+	for s in $(PROBE_STDS); do [ -f runs/probes/init-std$$s/eval.json ] || $(BIN)/moetune train benchmarks/probes/routing-balance-init.yaml \
+	  router.init_centroids=null router.init_std=$$s output_dir=runs/probes/init-std$$s || exit 1; done
+	for t in $(PROBE_TEMPS); do [ -f runs/probes/init-cluster-t$$t/eval.json ] || $(BIN)/moetune train benchmarks/probes/routing-balance-init.yaml \
+	  router.temperature=$$t output_dir=runs/probes/init-cluster-t$$t || exit 1; done
+	mkdir -p benchmarks/results/probes
+	$(BIN)/python scripts/routing_summary.py $(addprefix runs/probes/init-std,$(PROBE_STDS)) $(addprefix runs/probes/init-cluster-t,$(PROBE_TEMPS)) \
+	  --json benchmarks/results/probes/routing-init.json > benchmarks/results/probes/routing-init.md
+	cat benchmarks/results/probes/routing-init.md
 
 studies: $(addprefix study-,$(STUDIES))
 	$(MAKE) study-tables
