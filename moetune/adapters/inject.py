@@ -44,6 +44,14 @@ def inject(model: nn.Module, expert: ExpertConfig, router=None, seed: int = 0) -
     return layers
 
 
+def target_layer_names(model: nn.Module, expert: ExpertConfig) -> list[str]:
+    """The projections `inject` would wrap with `expert` (none for types that pick whole blocks, e.g. CALM)."""
+    cls = REGISTRY[expert.type]
+    if getattr(cls, "inject_model", None):
+        return []
+    return cls.target_names(model, cls.for_model(model, expert))
+
+
 def expert_layers(model: nn.Module) -> dict[str, ExpertLayer]:
     """name -> expert layer, for a model that was injected (also through DDP wrappers)."""
     return {n: m for n, m in model.named_modules() if isinstance(m, ExpertLayer)}

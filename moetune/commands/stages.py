@@ -9,6 +9,7 @@ import torch
 from moetune import recipe as R
 from moetune.adapters.inject import count_parameters
 from moetune.adapters.io import save_adapter, start_adapter
+from moetune.commands.router_clusters import clustered_init
 from moetune.commands.domain_experts import train_domain_experts
 from moetune.commands.runs import collapse_card
 from moetune.core.adapter_files import read_meta
@@ -47,6 +48,7 @@ def stage_train(run: Run, resume: bool = False) -> dict:
         run.held_out()
     model = load_model(rc.model, run.device, log=run.log,  # FSDP + QLoRA: 4-bit weights in bf16 storage
                        for_fsdp=rc.train.distributed == "fsdp" and acc is not None and acc.num_processes > 1)
+    rc = clustered_init(rc, model, run.tokenizer, run.dir, run.main, acc.wait_for_everyone, run.log)  # router.init: clusters
     start_adapter(model, rc)  # a fresh adapter; with train.reference (DPO after SFT) that run's
     trainable, total = count_parameters(model)
     run.log(f"[bold]{rc.expert.type}[/] on {rc.model.path}: {trainable:,} trainable of {plural(total, 'parameter')}")

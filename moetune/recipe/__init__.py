@@ -22,7 +22,7 @@ from moetune.core.errors import RecipeError
 from moetune.core.schema import allowed_text, check_value, field_docs, opt, schema_keys, walk
 from moetune.recipe import reference
 from moetune.recipe.aliases import value_hint
-from moetune.recipe.experts import EXPERT_CONFIGS, ExpertConfig, LoRAConfig
+from moetune.recipe.experts import EXPERT_CONFIGS, ExpertConfig, LoRAConfig, RoutedConfig
 from moetune.recipe.paths import INPUT_PATHS, anchor_path, anchor_paths  # noqa: F401
 from moetune.recipe.sections import (FORMATS, MIX_COLUMNS, STAGES, DataConfig, EvalConfig, ExportConfig, MergeConfig,  # noqa: F401
                                      MixSource, ModelConfig, RouterConfig, TrainConfig)
@@ -131,6 +131,27 @@ def _doc_for(key: str) -> str:
     return f"({parts[-1]}: {doc})" if doc else ""
 
 
+def _check_router_init(r: Recipe) -> None:
+    """router.init: clusters needs routers that read the layer input, and clusters of the rows it trains on."""
+    if r.router.init != "clusters":
+        return
+    why = None
+    if not isinstance(r.expert, RoutedConfig):
+        why = (f"expert type {r.expert.type!r} has no router that reads the layer input. Allowed: 'random', or a "
+               "routed type (hydralora, molora, mov)")
+    elif r.router.init_centroids:
+        why = (f"router.init_centroids names a file too ({r.router.init_centroids!r}). Allowed: one of them: "
+               "'random' with init_centroids, or 'clusters' with init_centroids: null")
+    elif r.data.mix:
+        why = "the rows come from data.mix, which clustering at train time does not read. Allowed: 'random' (or data.train)"
+    elif r.train.reference is not None:
+        why = ("train.reference starts the adapter, routers included, from that run's tensors. Allowed: 'random'")
+    elif not r.data.train:
+        why = "data.train is empty. Allowed: 'random', or a data.train to cluster"
+    if why:
+        raise RecipeError(f"Recipe key 'router.init' is 'clusters', but {why}.")
+
+
 def _check_semantics(r: Recipe, check_files: bool = True) -> None:
     """Contradictory settings that no single field can catch; with check_files, the input files exist."""
     if r.model.quantization != "none":
@@ -147,6 +168,7 @@ def _check_semantics(r: Recipe, check_files: bool = True) -> None:
     if r.router.type == "top_k" and hasattr(r.expert, "num_experts") and r.router.top_k > r.expert.num_experts:
         raise RecipeError(f"Recipe key 'router.top_k' is {r.router.top_k}, more than expert.num_experts "
                           f"({r.expert.num_experts}). Allowed: 1..{r.expert.num_experts}.")
+    _check_router_init(r)
     r.expert.check_recipe(r)  # type-specific checks, e.g. calm's augmenting model and layer lists
     _check_held_out(r)
     if len(set(r.stages)) != len(r.stages):

@@ -89,6 +89,21 @@ class RouterConfig:
     With any other embedder (the default minilm) `--init-router` writes instead one fitted router
     weight per projection ('weight.<module name>', moetune/train/router_fit.py: ridge least squares so that
     the base's prompt-mean input of each clustered row maps to its cluster); they are copied as is."""
+    init: str = opt("random", choices=("random", "clusters"))
+    """Where the routers start. 'random': N(0, init_std^2), or the file `init_centroids` names. 'clusters': when
+    training starts, the training prompts are embedded (`init_embedder`) and split by K-means into K =
+    expert.num_experts clusters, and every routed projection's router is fitted on the loaded base model so that
+    each prompt's mean input maps to its cluster (ridge least squares; what `moetune cluster-heads --init-router`
+    does, without a file made for one data set). The weights are kept in <output_dir>/router_init.safetensors,
+    with router_init.json (cluster sizes, agreement with the data's domain column, fit accuracy); a resumed run
+    reuses them. Clusters follow expert.init_seed, else train.seed. For hydralora, molora and mov; not with
+    init_centroids, data.mix or train.reference. In the README's routing studies only a clustered init made
+    routers split the data by domain without labels ("Routers that specialise without labels")."""
+    init_embedder: str = "minilm"
+    """Sentence embedder of `init: clusters`: 'minilm' (all-MiniLM-L6-v2, shipped as a wheel), 'base' (the
+    recipe's base model, mean last hidden state), 'tfidf' (word TF-IDF, no model) or a local model directory."""
+    init_max_rows: int | None = opt(2000, min=1)
+    """`init: clusters` clusters a seeded sample of this many training rows (None: all of them)."""
     level: str = opt("token", choices=("token", "sequence"))
     """'token': gates per token (the papers' default). 'sequence': one gate vector per sequence, from the
     mean router logits (= W_g of the mean input) over its prompt tokens (the real tokens before its
