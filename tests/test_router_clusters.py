@@ -114,3 +114,16 @@ def test_the_cli_names_the_key_without_a_traceback(tiny_llama, tiny_data, tmp_pa
     err = capsys.readouterr()
     assert code == 2 and "Traceback" not in err.err + err.out
     assert "Recipe key 'router.init' is 'clusters', but expert type 'lora'" in " ".join((err.err + err.out).split())
+
+
+def test_data_whose_bad_rows_training_skips_is_refused(tiny_llama, tiny_data, tmp_path):
+    """data.skip_bad_rows drops rows from training, so the clustered prompts would not line up with the rows the
+    routers are fitted on: refused before any embedding, naming the key and the count."""
+    rows = tiny_data["train"].read_text().splitlines()
+    bad = tmp_path / "train.jsonl"
+    bad.write_text("\n".join(rows[:5] + ['{"instruction": 3}'] + rows[5:]) + "\n")
+    data = {**tiny_data, "train": bad}
+    rc = load_recipe(None, tiny_overrides(tiny_llama, data, tmp_path / "r", *COMMON, "data.skip_bad_rows=true"))
+    with pytest.raises(RecipeError, match=r"training skips some rows of .*train.jsonl \(1 bad row of 65\)"):
+        run_recipe(rc)
+    assert not (tmp_path / "r").exists()                                          # nothing trained: no run left

@@ -62,20 +62,20 @@ def fit_clusters(rc: Recipe, model, tokenizer, path: Path, log: Callable[[str], 
     """Steps 1-2 of the module docstring on `model` (the base, no adapter yet); write `path` and its .json."""
     want = settings(rc)
     t0 = time.time()
+    examples = load_examples(rc.data.train, tokenizer, rc.data)            # tokenised rows (cached, not in memory)
+    if len(examples) != int(examples.info.get("rows", len(examples))) or examples.info.get("bad_rows"):
+        raise RecipeError(f"Recipe key 'router.init' is 'clusters', but training skips some rows of {rc.data.train} "
+                          f"({plural(int(examples.info.get('bad_rows', 0)), 'bad row')} of {examples.info.get('rows')}), so "
+                          "the clustered prompts cannot be matched to the tokenised rows. Allowed: clean data "
+                          "(`moetune data inspect` names the bad rows), or router.init: random.")
     texts, domains = example_texts(rc.data, False, want["max_rows"], want["seed"])
     if len(texts) <= want["k"]:
         raise RecipeError(f"Recipe key 'router.init' is 'clusters', but {rc.data.train} gives "
-                          f"{plural(len(texts), 'training row')} for expert.num_experts = {want['k']} clusters. "
+                          f"{plural(len(texts), 'training row')} for {plural(want['k'], 'cluster')} (expert.num_experts). "
                           "Allowed: more rows than experts, or router.init: random.")
     log(f"router.init: clusters: embedding {plural(len(texts), 'training prompt')} ({want['embedder']}), "
-        f"K-means into {want['k']} clusters, fitting the routers on the base model ...")
+        f"K-means into {plural(want['k'], 'cluster')}, fitting the routers on the base model ...")
     found = scan(embed(texts, want["embedder"], rc.model), want["k"], want["k"], domains, want["seed"])[0]
-    examples = load_examples(rc.data.train, tokenizer, rc.data)
-    if len(examples) != int(examples.info.get("rows", len(examples))) or examples.info.get("bad_rows"):
-        raise RecipeError(f"Recipe key 'router.init' is 'clusters', but {rc.data.train} has rows that training "
-                          f"skips ({examples.info.get('bad_rows', 0)} bad rows of {examples.info.get('rows')}), so "
-                          "the clustered prompts cannot be matched to the tokenised rows. Allowed: clean data "
-                          "(see `moetune data`), or router.init: random.")
     rows = [examples[i] for i in sample_indices(len(examples), want["max_rows"], want["seed"])]
     names = target_layer_names(model, rc.expert)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -88,7 +88,7 @@ def fit_clusters(rc: Recipe, model, tokenizer, path: Path, log: Callable[[str], 
               "train_accuracy": acc, "use": "router.init_centroids: each router's weight is copied by module name"}
     write_json(path.with_suffix(".json"), report)
     ari = f", adjusted Rand index vs domain {found['ari']:.2f}" if found["ari"] is not None else ""
-    log(f"Routers start from {want['k']} clusters of {plural(len(texts), 'prompt')} (sizes "
+    log(f"Routers start from {plural(want['k'], 'cluster')} of {plural(len(texts), 'prompt')} (sizes "
         f"{' '.join(map(str, found['sizes']))}{ari}; mean fit accuracy {sum(acc.values()) / max(len(acc), 1):.2f}, "
         f"{report['seconds']:.0f} s): {path}")
     return report
