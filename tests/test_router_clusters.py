@@ -16,7 +16,7 @@ from moetune.adapters.inject import expert_layers
 from moetune.commands import router_clusters
 from moetune.commands.cluster import cluster_heads
 from moetune.commands.stages import run_recipe
-from moetune.core.errors import RecipeError
+from moetune.core.errors import DataError, RecipeError
 from moetune.recipe import load_recipe
 
 torch.set_num_threads(1)
@@ -124,7 +124,7 @@ def test_data_whose_bad_rows_training_skips_is_refused(tiny_llama, tiny_data, tm
     bad.write_text("\n".join(rows[:5] + ['{"instruction": 3}'] + rows[5:]) + "\n")
     data = {**tiny_data, "train": bad}
     rc = load_recipe(None, tiny_overrides(tiny_llama, data, tmp_path / "r", *COMMON, "data.skip_bad_rows=true"))
-    with pytest.raises(RecipeError, match=r"training skips some rows of .*train.jsonl \(1 bad row of 65\)"):
+    with pytest.raises(DataError, match=r"train.jsonl': training skips 1 bad row of 65 \(data.skip_bad_rows\)"):
         run_recipe(rc)
     assert not (tmp_path / "r").exists()                                          # nothing trained: no run left
 
@@ -158,3 +158,25 @@ def test_two_processes_cluster_once_and_train_the_one_process_adapter(tiny_llama
         assert other.keys() == adapter.keys()
         for k in adapter:
             torch.testing.assert_close(other[k], adapter[k], atol=1e-5, rtol=1e-4)
+
+
+def test_data_mix_rows_line_up_with_the_clustered_prompts(tiny_llama, tiny_data, tmp_path):
+    """With data.mix (two sources) and a seeded sample, the tokenised rows the routers are fitted on are the rows
+    whose prompts were clustered, one for one (cluster-heads --init-router once fitted data.train's rows to the mix's
+    clusters); router.init: clusters then trains on a mix."""
+    from moetune.commands.cluster import example_texts
+    from moetune.data.pipeline import source_rows
+    from moetune.models.load import load_tokenizer
+    mix = (f"data.mix=[{{path: {tiny_data['train']}, domain: a}}, {{path: {tiny_data['validation']}, domain: b}}]")
+    rc = load_recipe(None, tiny_overrides(tiny_llama, tiny_data, tmp_path / "m", *COMMON, mix, "router.init_max_rows=30"))
+    tok = load_tokenizer(rc.model)
+    texts, domains = example_texts(rc.data, False, 30, 3)
+    rows = source_rows(rc.data, tok, 30, 3)
+    assert len(rows) == len(texts) == 30 and set(domains) == {"a", "b"}
+    for text, row in zip(texts, rows):
+        prompt = tok.decode([t for t, lab in zip(row.input_ids, row.labels) if lab < 0])
+        assert text in prompt
+    assert [r.domain for r in rows] == domains
+    run_recipe(rc)
+    meta = json.loads((tmp_path / "m" / "router_init.json").read_text())
+    assert meta["rows"] == 30 and meta["settings"]["train"] == [str(tiny_data["train"]), str(tiny_data["validation"])]

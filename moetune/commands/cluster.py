@@ -20,7 +20,6 @@ the adjusted Rand index of each clustering against it is reported too.
 """
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -33,14 +32,14 @@ from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
 from moetune.core.files import ordinary_mode
 from moetune.core.ui import console, plural, table
-from moetune.data.pipeline import load_examples
+from moetune.data.pipeline import sample_positions, source_rows
 from moetune.data.sources import iter_messages, iter_sources
 from moetune.models.load import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
 from moetune.models.projection import dims as base_dims
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
 from moetune.recipe.edit import flatten, parse, set_keys
 from moetune.recipe.experts import RoutedConfig
-from moetune.train.router_fit import fit_router_file, sample_indices
+from moetune.train.router_fit import fit_router_file
 
 # sklearn, matplotlib and transformers (heavy imports) are imported inside the functions that use them.
 
@@ -60,9 +59,7 @@ def example_texts(cfg: DataConfig, with_response: bool = False, max_rows: int | 
     of the rows kept are held."""
     parts = [(part, part.load()) for part in iter_sources(cfg, ("train",))]
     total = sum(len(src.ds) for _, src in parts)
-    keep = None
-    if max_rows and total > max_rows:
-        keep = sorted(random.Random(seed).sample(range(total), max_rows))
+    keep = sample_positions(total, max_rows, seed) if max_rows and total > max_rows else None
     texts, domains, start = [], [], 0
     for part, src in parts:
         n = len(src.ds)
@@ -352,8 +349,7 @@ def _fit_routers(rc: Recipe, labels, max_rows: int | None, seed: int, out: Path,
     path.parent.mkdir(parents=True, exist_ok=True)                    # --out may name a new folder
     tok = load_tokenizer(rc.model)
     model = load_model(rc.model)
-    examples = load_examples(rc.data.train, tok, rc.data)
-    examples = [examples[i] for i in sample_indices(len(examples), max_rows, seed)]
+    examples = source_rows(rc.data, tok, max_rows, seed)               # the rows example_texts read, one for one
     names = find_targets(model, list(rc.expert.target_modules))
     acc = fit_router_file(model, examples, labels, names, tok.pad_token_id, path)
     write_json(path.with_suffix(".json"), {

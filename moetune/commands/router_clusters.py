@@ -3,7 +3,7 @@
 The two steps of `moetune cluster-heads --init-router` (moetune/commands/cluster.py, moetune/train/router_fit.py),
 run inside `train` so that a recipe can name the init without naming a file made for one data set:
 
-1. embed the prompt of each training row (`router.init_embedder`; a seeded sample of `router.init_max_rows` rows)
+1. embed the prompt of each training row (data.train, or every source of data.mix) (`router.init_embedder`; a seeded sample of `router.init_max_rows` rows)
    and split them by K-means into K = expert.num_experts clusters;
 2. on the loaded base model, before the adapter is injected, fit every routed projection's router by ridge least
    squares so that each row's prompt-mean input x_j maps to its cluster: W = Y^T X (X^T X + lam I)^-1 with
@@ -33,9 +33,9 @@ from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
 from moetune.core.files import ordinary_mode
 from moetune.core.ui import plural
-from moetune.data.pipeline import load_examples
+from moetune.data.pipeline import source_rows
 from moetune.recipe import Recipe
-from moetune.train.router_fit import fit_router_file, sample_indices
+from moetune.train.router_fit import fit_router_file
 
 FILE = "router_init.safetensors"
 
@@ -44,7 +44,8 @@ def settings(rc: Recipe) -> dict:
     """What the clusters depend on: a reused file must have been made with these."""
     seed = rc.expert.init_seed if rc.expert.init_seed is not None else rc.train.seed
     return {"k": int(rc.expert.num_experts), "embedder": rc.router.init_embedder,
-            "max_rows": rc.router.init_max_rows, "seed": int(seed), "train": str(rc.data.train)}
+            "max_rows": rc.router.init_max_rows, "seed": int(seed),
+            "train": [m.path for m in rc.data.mix] if rc.data.mix else str(rc.data.train)}
 
 
 def reusable(path: Path, want: dict) -> bool:
@@ -62,21 +63,17 @@ def fit_clusters(rc: Recipe, model, tokenizer, path: Path, log: Callable[[str], 
     """Steps 1-2 of the module docstring on `model` (the base, no adapter yet); write `path` and its .json."""
     want = settings(rc)
     t0 = time.time()
-    examples = load_examples(rc.data.train, tokenizer, rc.data)            # tokenised rows (cached, not in memory)
-    if len(examples) != int(examples.info.get("rows", len(examples))) or examples.info.get("bad_rows"):
-        raise RecipeError(f"Recipe key 'router.init' is 'clusters', but training skips some rows of {rc.data.train} "
-                          f"({plural(int(examples.info.get('bad_rows', 0)), 'bad row')} of {examples.info.get('rows')}), so "
-                          "the clustered prompts cannot be matched to the tokenised rows. Allowed: clean data "
-                          "(`moetune data inspect` names the bad rows), or router.init: random.")
+    rows = source_rows(rc.data, tokenizer, want["max_rows"], want["seed"])  # tokenised, before any embedding
     texts, domains = example_texts(rc.data, False, want["max_rows"], want["seed"])
     if len(texts) <= want["k"]:
-        raise RecipeError(f"Recipe key 'router.init' is 'clusters', but {rc.data.train} gives "
-                          f"{plural(len(texts), 'training row')} for {plural(want['k'], 'cluster')} (expert.num_experts). "
+        raise RecipeError(f"Recipe key 'router.init' is 'clusters', but the training data gives "
+                          f"{plural(len(texts), 'row')} for {plural(want['k'], 'cluster')} (expert.num_experts). "
                           "Allowed: more rows than experts, or router.init: random.")
     log(f"router.init: clusters: embedding {plural(len(texts), 'training prompt')} ({want['embedder']}), "
         f"K-means into {plural(want['k'], 'cluster')}, fitting the routers on the base model ...")
+    if len(rows) != len(texts):  # both read every source's rows in order: a mismatch is a bug, never a guess
+        raise RuntimeError(f"router.init: {plural(len(texts), 'prompt')} but {plural(len(rows), 'tokenised row')}")
     found = scan(embed(texts, want["embedder"], rc.model), want["k"], want["k"], domains, want["seed"])[0]
-    rows = [examples[i] for i in sample_indices(len(examples), want["max_rows"], want["seed"])]
     names = target_layer_names(model, rc.expert)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     acc = fit_router_file(model, rows, found["labels"], names, tokenizer.pad_token_id, tmp)

@@ -309,6 +309,36 @@ def load_examples(path: str, tokenizer, cfg: DataConfig, split: str = "train") -
     return with_targets(es) if es.pairs else es
 
 
+def sample_positions(n: int, max_rows: int | None, seed: int) -> list[int]:
+    """All of range(n), or a seeded sorted sample of `max_rows` of them (cluster-heads' --max-rows)."""
+    if max_rows and n > max_rows:
+        return sorted(random.Random(seed).sample(range(n), max_rows))
+    return list(range(n))
+
+
+def source_rows(cfg: DataConfig, tokenizer, max_rows: int | None, seed: int) -> list[Example]:
+    """The tokenised training rows at `sample_positions` over every row of every training source in order
+    (data.mix's sources before their weights and caps, else data.train): the rows, one for one, whose prompts
+    `commands/cluster.example_texts` reads with the same max_rows and seed. A source with rows that training
+    skips (data.skip_bad_rows) raises a DataError: its positions would not line up with the texts."""
+    parts = []
+    for part in iter_sources(cfg, ("train",)):
+        ds, info = tokenized(part.spec, tokenizer, part.cfg, part.split, part.domain)
+        if info.get("bad_rows") or len(ds) != int(info.get("rows", len(ds))):
+            raise DataError(f"Data {part.spec!r}: training skips {plural(int(info.get('bad_rows', 0)), 'bad row')} "
+                            f"of {info.get('rows')} (data.skip_bad_rows), so clustered prompts cannot be matched to "
+                            "the tokenised rows for a router init. Allowed: clean data (`moetune data inspect` names "
+                            "the bad rows), or no clustered router init.")
+        parts.append(ExampleSet(ds, info=info))
+    rows, start = [], 0
+    positions = sample_positions(sum(len(es) for es in parts), max_rows, seed)
+    for es in parts:
+        mine = [i - start for i in positions if start <= i < start + len(es)]
+        rows += es.take(mine) if mine else []
+        start += len(es)
+    return rows
+
+
 def mix_counts(sizes: list[int], weights: list[float] | None) -> list[int]:
     """Rows taken from each source: as is, or the total shared out by weight (largest remainders)."""
     if not weights:

@@ -142,12 +142,8 @@ def _check_router_init(r: Recipe) -> None:
     elif r.router.init_centroids:
         why = (f"router.init_centroids names a file too ({r.router.init_centroids!r}). Allowed: one of them: "
                "'random' with init_centroids, or 'clusters' with init_centroids: null")
-    elif r.data.mix:
-        why = "the rows come from data.mix, which clustering at train time does not read. Allowed: 'random' (or data.train)"
     elif r.train.reference is not None:
         why = ("train.reference starts the adapter, routers included, from that run's tensors. Allowed: 'random'")
-    elif not r.data.train:
-        why = "data.train is empty. Allowed: 'random', or a data.train to cluster"
     if why:
         raise RecipeError(f"Recipe key 'router.init' is 'clusters', but {why}.")
 

@@ -97,11 +97,12 @@ class RouterConfig:
     does, without a file made for one data set). The weights are kept in <output_dir>/router_init.safetensors,
     with router_init.json (cluster sizes, agreement with the data's domain column, fit accuracy); a resumed run
     reuses them. Clusters follow expert.init_seed, else train.seed. For hydralora, molora and mov; not with
-    init_centroids, data.mix or train.reference. In the README's routing studies only a clustered init made
+    init_centroids or train.reference. In the README's routing studies only a clustered init made
     routers split the data by domain without labels ("Routers that specialise without labels")."""
     init_embedder: str = "minilm"
-    """Sentence embedder of `init: clusters`: 'minilm' (all-MiniLM-L6-v2, shipped as a wheel), 'base' (the
-    recipe's base model, mean last hidden state), 'tfidf' (word TF-IDF, no model) or a local model directory."""
+    """Sentence embedder of `init: clusters` (the prompts of data.train, or of every data.mix source): 'minilm'
+    (all-MiniLM-L6-v2, shipped as a wheel), 'base' (the recipe's base model, mean last hidden state), 'tfidf'
+    (word TF-IDF, no model) or a local model directory."""
     init_max_rows: int | None = opt(2000, min=1)
     """`init: clusters` clusters a seeded sample of this many training rows (None: all of them)."""
     level: str = opt("token", choices=("token", "sequence"))

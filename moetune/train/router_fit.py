@@ -18,7 +18,6 @@ the same prompt tokens) and for per-token routing on average over a prompt's tok
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -28,13 +27,6 @@ from moetune.data.rows import IGNORE, Example, collate
 from moetune.experts.context import prompt_mask
 
 RIDGE = 1e-3
-
-
-def sample_indices(n: int, max_rows: int | None, seed: int) -> list[int]:
-    """The rows `cluster.example_texts` keeps: all, or the same seeded sorted subsample."""
-    if max_rows and n > max_rows:
-        return sorted(random.Random(seed).sample(range(n), max_rows))
-    return list(range(n))
 
 
 @torch.no_grad()
