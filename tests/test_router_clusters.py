@@ -124,7 +124,7 @@ def test_data_whose_bad_rows_training_skips_is_refused(tiny_llama, tiny_data, tm
     bad.write_text("\n".join(rows[:5] + ['{"instruction": 3}'] + rows[5:]) + "\n")
     data = {**tiny_data, "train": bad}
     rc = load_recipe(None, tiny_overrides(tiny_llama, data, tmp_path / "r", *COMMON, "data.skip_bad_rows=true"))
-    with pytest.raises(DataError, match=r"train.jsonl': training skips 1 bad row of 65 \(data.skip_bad_rows\)"):
+    with pytest.raises(DataError, match=r"train.jsonl': training skips 1 row of 65 \(1 bad with data.skip_bad_rows, 0 identical"):
         run_recipe(rc)
     assert not (tmp_path / "r").exists()                                          # nothing trained: no run left
 
@@ -180,3 +180,17 @@ def test_data_mix_rows_line_up_with_the_clustered_prompts(tiny_llama, tiny_data,
     run_recipe(rc)
     meta = json.loads((tmp_path / "m" / "router_init.json").read_text())
     assert meta["rows"] == 30 and meta["settings"]["train"] == [str(tiny_data["train"]), str(tiny_data["validation"])]
+
+
+def test_preference_pairs_cluster_their_prompts(tiny_llama, tmp_path):
+    """DPO from a fresh adapter with router.init: clusters: the chosen sequences' prompts are clustered and fitted
+    (a Pair is read as its chosen sequence), and the policy trains from the fitted routers."""
+    from conftest import write_jsonl
+    from test_preference_data import pair_rows
+    data = {k: write_jsonl(tmp_path / f"{k}.jsonl", pair_rows(n, i)) for i, (k, n) in
+            enumerate((("train", 48), ("validation", 16), ("test", 16)), 1)}
+    out = tmp_path / "dpo"
+    run_recipe(load_recipe(None, tiny_overrides(tiny_llama, data, out, *COMMON, "train.objective=dpo")))
+    meta = json.loads((out / "router_init.json").read_text())
+    assert meta["rows"] == 48 and sum(meta["sizes"]) == 48
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

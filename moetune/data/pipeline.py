@@ -324,11 +324,13 @@ def source_rows(cfg: DataConfig, tokenizer, max_rows: int | None, seed: int) -> 
     parts = []
     for part in iter_sources(cfg, ("train",)):
         ds, info = tokenized(part.spec, tokenizer, part.cfg, part.split, part.domain)
-        if info.get("bad_rows") or len(ds) != int(info.get("rows", len(ds))):
-            raise DataError(f"Data {part.spec!r}: training skips {plural(int(info.get('bad_rows', 0)), 'bad row')} "
-                            f"of {info.get('rows')} (data.skip_bad_rows), so clustered prompts cannot be matched to "
-                            "the tokenised rows for a router init. Allowed: clean data (`moetune data inspect` names "
-                            "the bad rows), or no clustered router init.")
+        skipped = int(info.get("rows", len(ds))) - len(ds)
+        if skipped:
+            raise DataError(f"Data {part.spec!r}: training skips {plural(skipped, 'row')} of {info.get('rows')} "
+                            f"({int(info.get('bad_rows', 0))} bad with data.skip_bad_rows, "
+                            f"{plural(int(info.get('identical_pairs', 0)), 'identical preference pair')}), so clustered prompts "
+                            "cannot be matched to the tokenised rows for a router init. Allowed: clean data "
+                            "(`moetune data inspect` names the bad rows), or no clustered router init.")
         parts.append(ExampleSet(ds, info=info))
     rows, start = [], 0
     positions = sample_positions(sum(len(es) for es in parts), max_rows, seed)
