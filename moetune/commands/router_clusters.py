@@ -3,8 +3,9 @@
 The two steps of `moetune cluster-heads --init-router` (moetune/commands/cluster.py, moetune/train/router_fit.py),
 run inside `train` so that a recipe can name the init without naming a file made for one data set:
 
-1. embed the prompt of each training row (data.train, or every source of data.mix) (`router.init_embedder`; a seeded sample of `router.init_max_rows` rows)
-   and split them by K-means into K = expert.num_experts clusters;
+1. embed the prompt of each training row (data.train, or every source of data.mix; a preference pair's chosen
+   sequence) with `router.init_embedder`, a seeded sample of `router.init_max_rows` rows, and split them by
+   K-means into K = expert.num_experts clusters;
 2. on the loaded base model, before the adapter is injected, fit every routed projection's router by ridge least
    squares so that each row's prompt-mean input x_j maps to its cluster: W = Y^T X (X^T X + lam I)^-1 with
    Y the centred one-hot cluster ids (router_fit.fit_weight).

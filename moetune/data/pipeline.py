@@ -328,8 +328,8 @@ def source_rows(cfg: DataConfig, tokenizer, max_rows: int | None, seed: int) -> 
         if skipped:
             raise DataError(f"Data {part.spec!r}: training skips {plural(skipped, 'row')} of {info.get('rows')} "
                             f"({int(info.get('bad_rows', 0))} bad with data.skip_bad_rows, "
-                            f"{plural(int(info.get('identical_pairs', 0)), 'identical preference pair')}), so clustered prompts "
-                            "cannot be matched to the tokenised rows for a router init. Allowed: clean data "
+                            f"{plural(int(info.get('identical_pairs', 0)), 'identical preference pair')}), so "
+                            "clustered prompts cannot be matched to the tokenised rows for a router init. Allowed: clean data "
                             "(`moetune data inspect` names the bad rows), or no clustered router init.")
         parts.append(ExampleSet(ds, info=info))
     rows, start = [], 0
