@@ -28,13 +28,14 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from moetune.adapters.inject import target_layer_names
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
 from moetune.core.files import ordinary_mode
 from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import sample_positions, source_rows
 from moetune.data.sources import iter_messages, iter_sources
-from moetune.models.load import find_targets, load_config, load_model, load_tokenizer, package_dir, pick_device
+from moetune.models.load import load_config, load_model, load_tokenizer, package_dir, pick_device
 from moetune.models.projection import dims as base_dims
 from moetune.recipe import DataConfig, ModelConfig, Recipe, load_recipe, parse_overrides, recipe_from_dict
 from moetune.recipe.edit import flatten, parse, set_keys
@@ -190,7 +191,7 @@ def matching_layers(rc: Recipe, dim: int) -> tuple[int, int]:
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(rc.model), trust_remote_code=rc.model.trust_remote_code)
-    names = find_targets(model, list(rc.expert.target_modules))
+    names = target_layer_names(model, rc.expert)
     return sum(base_dims(model.get_submodule(n))[0] == dim for n in names), len(names)
 
 
@@ -350,7 +351,7 @@ def _fit_routers(rc: Recipe, labels, max_rows: int | None, seed: int, out: Path,
     tok = load_tokenizer(rc.model)
     model = load_model(rc.model)
     examples = source_rows(rc.data, tok, max_rows, seed)               # the rows example_texts read, one for one
-    names = find_targets(model, list(rc.expert.target_modules))
+    names = target_layer_names(model, rc.expert)                      # the projections inject wraps
     acc = fit_router_file(model, examples, labels, names, tok.pad_token_id, path)
     write_json(path.with_suffix(".json"), {
         "k": int(max(labels)) + 1, "embedder": embedder, "model": rc.model.path, "rows": len(examples),

@@ -26,8 +26,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from moetune.adapters.inject import target_layer_names
 from moetune.commands.cluster import embed, example_texts, scan
 from moetune.core.checkpoint import write_json
@@ -100,8 +98,7 @@ def clustered_init(rc: Recipe, model, tokenizer, run_dir: Path, main: bool, wait
         return rc
     path = Path(run_dir) / FILE
     if main and not reusable(path, settings(rc)):
-        with torch.no_grad():
-            fit_clusters(rc, model, tokenizer, path, log)
+        fit_clusters(rc, model, tokenizer, path, log)  # router_fit.pooled_inputs runs without gradients
     elif main:
         log(f"router.init: clusters: reusing {path} (made with the same settings)")
     wait()

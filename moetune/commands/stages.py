@@ -9,8 +9,8 @@ import torch
 from moetune import recipe as R
 from moetune.adapters.inject import count_parameters
 from moetune.adapters.io import save_adapter, start_adapter
-from moetune.commands.router_clusters import clustered_init
 from moetune.commands.domain_experts import train_domain_experts
+from moetune.commands.router_clusters import clustered_init
 from moetune.commands.runs import collapse_card
 from moetune.core.adapter_files import read_meta
 from moetune.core.checkpoint import atomic_dir, write_json, write_text_atomic
