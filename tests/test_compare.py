@@ -93,6 +93,30 @@ def test_conclusion_wording_for_known_and_null_differences():
     assert P.conclusion("Y", "LoRA", P.mean_difference(noise, ref, *draws)).startswith("no difference detectable")
 
 
+def test_per_seed_table_pairs_each_seed_with_the_reference_at_that_seed():
+    from moetune.commands.compare_output import markdown, tables
+    em = lambda *xs: {"mean": sum(x for x in xs if x is not None) / len([x for x in xs if x is not None]),
+                      "sd": None, "n": 3, "per_seed": {str(s): x for s, x in enumerate(xs) if x is not None}}
+    variants = {"lora": {"trainable": 100, "metrics": {"exact_match": em(0.9, 0.8, 0.925)}, "per_domain": {"a": {}}},
+                "moe": {"trainable": 100, "metrics": {"exact_match": em(0.95, 0.85, 0.9)}, "per_domain": {"a": {}}},
+                "late": {"trainable": 100, "metrics": {"exact_match": em(0.7, None, None)}, "per_domain": {"a": {}}}}
+    diff = {"difference": 0.0, "low": -0.1, "high": 0.1}
+    doc = {"reference": "lora", "seeds": [0, 1, 2], "domains": ["a"], "variants": variants,
+           "metrics": [{"key": "exact_match", "label": "EM", "fmt": ".3f", "higher_is_better": True}],
+           "paired": {"moe": {"exact_match": diff, "per_domain": {}}, "late": {"exact_match": diff, "per_domain": {}}}}
+    head, rows = tables(doc)["per_seed"]
+    assert head == ["variant", "EM seed 0", "EM seed 1", "EM seed 2"]
+    assert rows == [["lora", "0.900", "0.800", "0.925"],
+                    ["moe", "0.950 (+0.050)", "0.850 (+0.050)", "0.900 (-0.025)"],
+                    ["late", "0.700 (-0.200)", "-", "-"]]
+    doc.update(command="moetune compare r.yaml", recipe="r.yaml", bootstrap={"resamples": 10, "seed": 0}, jobs=1,
+               date="d", machine="m", budget="recipe", held_out={"n": 4, "split": "test"}, conclusions=[])
+    for v in variants.values():
+        v.update(method="lora", size=None, budget="-")
+    assert "## Exact match per seed (in brackets: minus lora's at the same seed)" in markdown(doc)
+    assert "per_seed" not in tables({**doc, "seeds": [0]})   # one seed: the results table says it all
+
+
 # ------------------------------------------------------------------ budgets
 
 

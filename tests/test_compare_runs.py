@@ -149,6 +149,7 @@ def test_interrupted_comparison_resumes_and_reuses_finished_runs(recipe, tmp_pat
     assert len(doc["conclusions"]) == 2 and all("lora" in c for c in doc["conclusions"])
     md = (out / "comparison.md").read_text()
     assert "| hydralora |" in md and "## Conclusions" in md and (out / "comparison.png").stat().st_size > 5000
+    assert "## Exact match per seed" in md and "| lora | " in md.split("## Exact match per seed")[1]
 
     capsys.readouterr()
     assert cli(monkeypatch, "runs", out, "--json") in (0, None)

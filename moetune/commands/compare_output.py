@@ -60,7 +60,27 @@ def tables(doc: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
             out["per_domain_diff"] = (["variant", *[f"{short} {d} − {ref}" for d in doms]],
                                       [[n, *[_diff_cell(p["per_domain"].get(d, {}).get(key)) for d in doms]]
                                        for n, p in doc["paired"].items()])
+    if len(doc["seeds"]) > 1 and doc["paired"]:
+        out["per_seed"] = per_seed(doc, key, short)
     return out
+
+
+def per_seed(doc: dict, key: str, short: str) -> tuple[list[str], list[list[str]]]:
+    """The headline metric at each seed, and beside it the difference to the reference at the same seed (the
+    paired difference the interval pools over seeds: where one seed carries a difference, this shows it)."""
+    ref = doc["reference"]
+    seeds = [str(s) for s in doc["seeds"]]
+    ref_at = (doc["variants"][ref]["metrics"].get(key) or {}).get("per_seed", {})
+
+    def cell(name: str, s: str) -> str:
+        x = (doc["variants"][name]["metrics"].get(key) or {}).get("per_seed", {}).get(s)
+        if x is None:
+            return "-"
+        r = ref_at.get(s)
+        return _num(x) if name == ref or r is None else f"{_num(x)} ({x - r:+.3f})"
+
+    return (["variant", *[f"{short} seed {s}" for s in seeds]],
+            [[n, *[cell(n, s) for s in seeds]] for n in doc["variants"]])
 
 
 def headline(doc: dict) -> tuple[str, str]:
@@ -106,7 +126,8 @@ def markdown(doc: dict) -> str:
               f"{plural(max(len(doc['variants']) - 1, 1), 'comparison')}).", "", "## Results", ""]
     what = "Exact match" if headline(doc)[0] == "exact_match" else "Preference accuracy"
     names = {"results": "Results", "per_domain": f"{what} per domain (mean over seeds)",
-             "per_domain_diff": f"{what} per domain, difference to {doc['reference']} [95% CI]"}
+             "per_domain_diff": f"{what} per domain, difference to {doc['reference']} [95% CI]",
+             "per_seed": f"{what} per seed (in brackets: minus {doc['reference']}'s at the same seed)"}
     for key, (head, rows) in tables(doc).items():
         if key != "results":
             lines += ["", f"## {names[key]}", ""]
