@@ -67,3 +67,34 @@ def test_init_router_with_the_default_minilm_embedder(tiny_llama, tiny_data, tmp
     fresh = load_model(rc.model)
     plain = inject(fresh, load_recipe(tmp_path / "new.yaml", ["router.init_centroids=null"]).expert)
     assert not torch.equal(next(iter(plain.values())).router.weight, next(iter(layers.values())).router.weight)
+
+
+def test_projections_that_read_one_input_share_it(tiny_llama, tiny_data):
+    """pooled_inputs keeps one tensor for q/k/v and one for gate/up per block, each equal to the projection's
+    own prompt-mean input computed by hand, on every row (rows beyond the first batch included)."""
+    from moetune.adapters.inject import target_layer_names
+    from moetune.train.router_fit import pooled_inputs
+    src = write_recipe(Path(tiny_data["train"]).parent / "pool.yaml", str(tiny_llama), tiny_data, num_experts=2)
+    rc = load_recipe(src)
+    model = load_model(rc.model)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    ex = load_examples(str(tiny_data["train"]), tok, rc.data)[:11]
+    names = target_layer_names(model, rc.expert)
+    got = pooled_inputs(model, ex, names, tok.pad_token_id, batch_size=4)   # 3 batches, the last one short
+    b = collate(ex, tok.pad_token_id)
+    pool = prompt_mask(b["labels"] != IGNORE, b["attention_mask"]).unsqueeze(-1).float()   # (n, T, 1)
+    want = {}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(
+        lambda mod, a, n=n: want.__setitem__(n, (a[0] * pool).sum(1) / pool.sum(1))) for n in names]
+    with torch.no_grad():
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    for h in hooks:
+        h.remove()
+    for n in names:
+        assert got[n].shape == want[n].shape == (11, model.get_submodule(n).in_features)
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-5)   # padded batches of 4 vs one of 11
+    groups = {}
+    for n in names:
+        groups.setdefault(id(got[n]), []).append(n.rsplit(".", 1)[-1])
+    assert sorted(map(sorted, groups.values())) == sorted(
+        [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * 2)

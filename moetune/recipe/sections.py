@@ -105,8 +105,9 @@ class RouterConfig:
     (word TF-IDF, no model) or a local model directory."""
     init_max_rows: int | None = opt(2000, min=1)
     """`init: clusters` clusters a seeded sample of this many training rows (None: all of them). The fit keeps
-    each sampled row's mean input to every routed projection: memory grows with it (about 0.6 MB a row for
-    SmolLM2-135M with all-linear targets, 1.2 GB at 2,000 rows)."""
+    each sampled row's mean input to every routed projection, once for projections that read the same input
+    (q/k/v, gate/up): memory grows with it (about 0.4 MB a row for SmolLM2-135M with all-linear targets,
+    0.8 GB at 2,000 rows)."""
     level: str = opt("token", choices=("token", "sequence"))
     """'token': gates per token (the papers' default). 'sequence': one gate vector per sequence, from the
     mean router logits (= W_g of the mean input) over its prompt tokens (the real tokens before its
