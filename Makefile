@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo studies study-tables probe-routing-init bench-serve clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo studies study-tables study-decision-routing-balance probe-routing-init bench-serve clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -176,6 +176,14 @@ probe-routing-init: runs/studies/clusters/multidomain.k4.router.safetensors
 	$(BIN)/python scripts/routing_summary.py $(addprefix runs/probes/init-std,$(PROBE_STDS)) $(addprefix runs/probes/init-cluster-t,$(PROBE_TEMPS)) \
 	  --json benchmarks/results/probes/routing-init.json > benchmarks/results/probes/routing-init.md
 	cat benchmarks/results/probes/routing-init.md
+
+# issue 25's pre-registered decisions (README, "How the defaults will follow") applied to the routing-balance studies'
+# reports (final, or interim: then marked provisional): scripts/routing_decision.py
+DECISION_IN = $(wildcard $(addsuffix /comparison.json,$(addprefix $(STUDY_OUT)/routing-balance-,multidomain disjoint)))
+study-decision-routing-balance: setup
+	$(BIN)/python scripts/routing_decision.py $(DECISION_IN) --json $(STUDY_OUT)/routing-balance-decision.json \
+	  > $(STUDY_OUT)/routing-balance-decision.md
+	cat $(STUDY_OUT)/routing-balance-decision.md
 
 studies: $(addprefix study-,$(STUDIES))
 	$(MAKE) study-tables
