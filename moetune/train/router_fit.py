@@ -37,7 +37,7 @@ def pooled_inputs(model, examples: list[Example], names: list[str], pad_id: int,
     Projections that read the same input (a block's q/k/v, its gate/up) get one shared tensor: on the first
     batch each projection's pooled input is compared with those kept so far, and an equal one makes it an
     alias (equal means over a batch of real prompts come from one input tensor, which q/k/v read from one
-    normed hidden state, so they stay equal on every row; `test_projections_that_read_one_input_share_it`)
+    normed hidden state, so they stay equal on every row; `test_projections_that_read_one_input_share_it`).
     Each kept result is one tensor allocated at the first batch and filled in place: thousands of small
     per-batch tensors kept alive between the forwards' large temporary buffers fragment the C heap
     (1,600 rows of SmolLM2's 210 projections held 13 GB that way instead of 3)."""
