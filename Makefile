@@ -122,14 +122,22 @@ STUDY_OUT  ?= benchmarks/results/studies
 COPY_REPORT = mkdir -p $(STUDY_OUT)/$* && \
   cp $(STUDY_RUNS)/$*/comparison.md $(STUDY_RUNS)/$*/comparison.json $(STUDY_RUNS)/$*/comparison.png $(STUDY_OUT)/$*/
 COPY_VS = mkdir -p $(STUDY_OUT)/$* && cp $(addprefix $(STUDY_RUNS)/$*/comparison-vs-$(REFERENCE),.md .json .png) $(STUDY_OUT)/$*/
+# The committed protocol's finished runs are kept in git (scripts/study_archive.py: their eval/summary/metrics/recipe
+# and expert diversity, a few hundred kB a run, in $(STUDY_OUT)/NAME/runs/): put back before a study continues and
+# saved after it and before each interim report, so a study longer than one machine's life goes on on the next.
+# A trial in another STUDY_RUNS neither reads nor writes them.
+KEEP_RUNS = $(if $(filter runs/studies,$(STUDY_RUNS)),$(BIN)/python scripts/study_archive.py,@true)
 study-%: setup
+	$(KEEP_RUNS) restore $(STUDY_OUT)/$* $(STUDY_RUNS)/$*
 	$(BIN)/moetune compare recipes/studies/$*.yaml --resume --out $(STUDY_RUNS)/$* $(ARGS)
+	$(KEEP_RUNS) save $(STUDY_RUNS)/$* $(STUDY_OUT)/$*
 	$(COPY_REPORT)
 
 # a study's report so far (compare --report: its finished runs, marked interim; trains nothing, safe while it trains),
 # copied where study-% puts the final one, for `make study-tables`
 # (REFERENCE=VARIANT: every variant paired with that one instead, comparison-vs-VARIANT.*, copied beside it)
 study-report-%: setup
+	$(KEEP_RUNS) save $(STUDY_RUNS)/$* $(STUDY_OUT)/$*
 	$(BIN)/moetune compare recipes/studies/$*.yaml --report --out $(STUDY_RUNS)/$* $(if $(REFERENCE),--reference $(REFERENCE)) $(ARGS)
 	$(if $(REFERENCE),$(COPY_VS),$(COPY_REPORT))
 

@@ -77,6 +77,15 @@ def run_diversity(run: Path) -> dict:
                           for blk, ds in blocks.items()}}
 
 
+def run_row(run: Path) -> dict | None:
+    """run_diversity(run) where the run has its adapter, else the row kept beside an archived run
+    (diversity.json, scripts/study_archive.py), else None."""
+    if (run / "adapter" / "adapter_model.safetensors").is_file():
+        return run_diversity(run)
+    kept = run / "diversity.json"
+    return json.loads(kept.read_text()) if kept.is_file() else None
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Left: each run's spread (its specialisation written beside the bar); right: the spread per block."""
     import matplotlib
@@ -105,11 +114,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="run directories with adapter/ (routed types)")
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories with adapter/ (routed types) or an archived diversity.json")
     ap.add_argument("--json", type=Path, help="write every run's numbers here")
     ap.add_argument("--plot", type=Path, help="draw spread per run and per block here")
     args = ap.parse_args(argv)
-    rows = [run_diversity(r) for r in args.runs if (r / "adapter" / "adapter_model.safetensors").is_file()]
+    rows = [row for row in map(run_row, args.runs) if row is not None]
     print("| run | expert cosine | expert spread | specialisation |\n|---|---|---|---|")
     for r in rows:
         spec = "-" if r["specialisation"] is None else f"{r['specialisation']:.4f}"

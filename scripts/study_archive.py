@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Keep a comparison's finished runs in the repository, so a study that outlasts one machine goes on on the next.
+
+A `moetune compare` run directory is large (adapter, checkpoints), but what its report, its curves and the
+expert-diversity table read from a finished run is small: eval.json (per-example results and the routing
+report), summary.json, metrics.jsonl (losses, per-layer MI, gate histograms) and recipe.yaml. `save` copies
+those of every finished run ('done': eval.json with per-example results and summary.json with the final
+scores, as `compare` decides) from OUT/runs/<run> to ARCHIVE/runs/<run>, with plan.json and, for a routed
+run, diversity.json (scripts/expert_diversity.py's row, which needs the adapter). `restore` puts them back
+under OUT/runs/<run> where OUT has no such run, so `moetune compare ... --resume` reuses them as finished
+runs and trains only the rest. Neither ever overwrites: a run already in the destination is left as it is
+(`save` refreshes an archived run only when its eval.json differs, which a finished run's never does).
+
+    python scripts/study_archive.py save runs/studies/routing-balance-multidomain benchmarks/results/studies/routing-balance-multidomain
+    python scripts/study_archive.py restore benchmarks/results/studies/routing-balance-multidomain runs/studies/routing-balance-multidomain
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import expert_diversity  # noqa: E402
+
+KEPT = ("eval.json", "summary.json", "metrics.jsonl", "recipe.yaml")
+DIVERSITY = "diversity.json"
+
+
+def finished(run: Path) -> bool:
+    """The run has per-example scores and final scores (compare_jobs.state's 'done')."""
+    try:
+        ev = json.loads((run / "eval.json").read_text())
+        s = json.loads((run / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(ev, dict) and "per_example" in ev and isinstance(s, dict) and "after" in s
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """dst gets src's bytes through a temporary name: never a half-written file."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def save(out: Path, archive: Path) -> list[str]:
+    """Copy every finished run of comparison `out` into `archive`; the names of the runs written."""
+    written = []
+    for run in sorted((out / "runs").glob("*")):
+        if not run.is_dir() or ".old-" in run.name or not finished(run):
+            continue
+        dst = archive / "runs" / run.name
+        if (dst / "eval.json").is_file() and (dst / "eval.json").read_bytes() == (run / "eval.json").read_bytes():
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in KEPT:
+            if (run / name).is_file():
+                _copy_atomic(run / name, dst / name)
+        adapter = run / "adapter" / "adapter_model.safetensors"
+        if adapter.is_file():
+            try:
+                row = expert_diversity.run_diversity(run)
+            except SystemExit:          # not routed: no expert to compare
+                row = None
+            if row is not None:
+                (dst / DIVERSITY).write_text(json.dumps(row, indent=1))
+        written.append(run.name)
+    if (out / "plan.json").is_file() and not (archive / "plan.json").is_file():
+        archive.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(out / "plan.json", archive / "plan.json")
+    return written
+
+
+def restore(archive: Path, out: Path) -> list[str]:
+    """Put the archived runs back under `out` where `out` has no run of that name; the names restored."""
+    restored = []
+    for run in sorted((archive / "runs").glob("*")):
+        dst = out / "runs" / run.name
+        if not finished(run) or dst.exists():
+            continue
+        tmp = dst.with_name(dst.name + ".restoring")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run, tmp)
+        tmp.rename(dst)                 # a run appears whole or not at all
+        restored.append(run.name)
+    if (archive / "plan.json").is_file() and not (out / "plan.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(archive / "plan.json", out / "plan.json")
+    return restored
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("save", help="copy OUT's finished runs into ARCHIVE")
+    s.add_argument("out", type=Path)
+    s.add_argument("archive", type=Path)
+    r = sub.add_parser("restore", help="put ARCHIVE's runs back under OUT (never over a run OUT has)")
+    r.add_argument("archive", type=Path)
+    r.add_argument("out", type=Path)
+    a = ap.parse_args(argv)
+    names = save(a.out, a.archive) if a.cmd == "save" else restore(a.archive, a.out)
+    verb = "saved" if a.cmd == "save" else "restored"
+    print(f"{verb} {len(names)} run(s)" + (": " + ", ".join(names) if names else ""))
+    return names
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""scripts/study_archive.py: a comparison's finished runs saved into the repository and put back on a new machine,
+where `compare --resume` takes them as finished and expert_diversity reads their kept row; nothing overwritten."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moetune.commands.compare_jobs import Job, state
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sa, ed = _load("study_archive"), _load("expert_diversity")
+
+
+def _run(out: Path, name: str, finished: bool, routed: bool = True, em: float = 0.5) -> Path:
+    """A run directory as compare leaves it: scores only when `finished`, an adapter (routed or LoRA), a checkpoint."""
+    run = out / "runs" / name
+    (run / "adapter").mkdir(parents=True)
+    (run / "checkpoints" / "step-4").mkdir(parents=True)
+    (run / "checkpoints" / "step-4" / "optimizer.safetensors").write_bytes(b"x" * 1000)
+    (run / "recipe.yaml").write_text(f"seed: 0\nname: {name}\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 1.5}) + "\n")
+    g = torch.Generator().manual_seed(len(name))
+    b = torch.randn(3, 8, 4, generator=g) if routed else torch.randn(8, 4, generator=g)
+    save_file({"model.layers.0.self_attn.q_proj.lora_A": torch.randn(4, 6, generator=g),
+               "model.layers.0.self_attn.q_proj.lora_B": b}, str(run / "adapter" / "adapter_model.safetensors"))
+    if finished:
+        (run / "eval.json").write_text(json.dumps({"per_example": [{"correct": True}], "exact_match": em,
+                                                   "routing": {"specialisation": 0.01}}))
+        (run / "summary.json").write_text(json.dumps({"after": {"exact_match": em}, "train": {"steps": 4}}))
+    else:
+        (run / "summary.json").write_text(json.dumps({"train": {"steps": 2, "stopped": True}}))
+    return run
+
+
+def _job(run: Path) -> Job:
+    return Job(id=run.name, variant=run.name[:-3], seed=0, kind="type", run_dir=str(run), recipe={})
+
+
+def test_save_keeps_finished_runs_small_and_restore_makes_them_finished_again(tmp_path):
+    out, archive, fresh = tmp_path / "out", tmp_path / "archive", tmp_path / "fresh"
+    hydra = _run(out, "hydralora-s0", finished=True)
+    _run(out, "lora-s0", finished=True, routed=False)
+    _run(out, "molora-s0", finished=False)                           # still training: not kept
+    _run(out, "hydralora-s1.old-20261205T000000", finished=True)      # moved aside by a restart: not kept
+    (out / "plan.json").write_text(json.dumps({"runs": {"hydralora-s0": {}}}))
+
+    assert sa.main(["save", str(out), str(archive)]) == ["hydralora-s0", "lora-s0"]
+    kept = archive / "runs" / "hydralora-s0"
+    assert sorted(p.name for p in kept.iterdir()) == ["diversity.json", "eval.json", "metrics.jsonl", "recipe.yaml",
+                                                      "summary.json"]
+    assert not (archive / "runs" / "lora-s0" / "diversity.json").exists()      # LoRA: no experts to compare
+    for name in ("eval.json", "summary.json", "metrics.jsonl", "recipe.yaml"):
+        assert (kept / name).read_bytes() == (hydra / name).read_bytes()
+    assert json.loads((kept / "diversity.json").read_text()) == ed.run_diversity(hydra)
+    assert sa.main(["save", str(out), str(archive)]) == []                     # nothing new: nothing written
+
+    assert sa.main(["restore", str(archive), str(fresh)]) == ["hydralora-s0", "lora-s0"]
+    back = fresh / "runs" / "hydralora-s0"
+    assert state(_job(back)) == "done" and state(_job(fresh / "runs" / "molora-s0")) == "empty"
+    assert (fresh / "plan.json").read_bytes() == (out / "plan.json").read_bytes()
+    # expert_diversity reads the kept row where the adapter is gone
+    assert ed.main([str(back)]) == [ed.run_diversity(hydra)]
+    assert sa.main(["restore", str(archive), str(fresh)]) == []                # already there
+
+
+def test_restore_never_overwrites_a_run_and_save_refreshes_a_rescored_one(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    _run(out, "hydralora-s0", finished=True, em=0.5)
+    sa.save(out, archive)
+    other = tmp_path / "other"
+    mine = _run(other, "hydralora-s0", finished=True, em=0.9)                 # a run the machine already has
+    before = {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()}
+    assert sa.restore(archive, other) == []
+    assert {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()} == before
+
+    (out / "runs" / "hydralora-s0" / "eval.json").write_text(json.dumps({"per_example": [], "exact_match": 0.7}))
+    assert sa.save(out, archive) == ["hydralora-s0"]
+    assert json.loads((archive / "runs" / "hydralora-s0" / "eval.json").read_text())["exact_match"] == 0.7
+    assert not list(archive.rglob("*.tmp")) and not list(other.rglob("*.restoring"))
