@@ -123,7 +123,7 @@ COPY_REPORT = mkdir -p $(STUDY_OUT)/$* && \
   cp $(STUDY_RUNS)/$*/comparison.md $(STUDY_RUNS)/$*/comparison.json $(STUDY_RUNS)/$*/comparison.png $(STUDY_OUT)/$*/
 COPY_VS = mkdir -p $(STUDY_OUT)/$* && cp $(addprefix $(STUDY_RUNS)/$*/comparison-vs-$(REFERENCE),.md .json .png) $(STUDY_OUT)/$*/
 # The committed protocol's finished runs are kept in git (scripts/study_archive.py: their eval/summary/metrics/recipe
-# and expert diversity, a few hundred kB a run, in $(STUDY_OUT)/NAME/runs/): put back before a study continues and
+# and expert diversity, xz-packed, about 0.15 MB a run, in $(STUDY_OUT)/NAME/runs/): put back before a study continues and
 # saved after it and before each interim report, so a study longer than one machine's life goes on on the next.
 # A trial in another STUDY_RUNS neither reads nor writes them.
 KEEP_RUNS = $(if $(filter runs/studies,$(STUDY_RUNS)),$(BIN)/python scripts/study_archive.py,@true)

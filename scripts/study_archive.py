@@ -17,9 +17,11 @@ runs and trains only the rest. Neither ever overwrites: a run already in the des
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,27 +51,43 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
+def _packed_eval(pack: Path) -> bytes | None:
+    """The eval.json inside an archived run, or None."""
+    try:
+        with tarfile.open(pack, "r:xz") as tar:
+            f = tar.extractfile(f"{pack.name[: -len('.tar.xz')]}/eval.json")
+            return f.read() if f else None
+    except (OSError, KeyError, tarfile.TarError):
+        return None
+
+
 def save(out: Path, archive: Path) -> list[str]:
-    """Copy every finished run of comparison `out` into `archive`; the names of the runs written."""
+    """Pack every finished run of comparison `out` into `archive`; the names of the runs written."""
     written = []
     for run in sorted((out / "runs").glob("*")):
         if not run.is_dir() or ".old-" in run.name or not finished(run):
             continue
-        dst = archive / "runs" / run.name
-        if (dst / "eval.json").is_file() and (dst / "eval.json").read_bytes() == (run / "eval.json").read_bytes():
+        pack = archive / "runs" / f"{run.name}.tar.xz"
+        if _packed_eval(pack) == (run / "eval.json").read_bytes():
             continue
-        dst.mkdir(parents=True, exist_ok=True)
-        for name in KEPT:
-            if (run / name).is_file():
-                _copy_atomic(run / name, dst / name)
-        adapter = run / "adapter" / "adapter_model.safetensors"
-        if adapter.is_file():
-            try:
-                row = expert_diversity.run_diversity(run)
-            except SystemExit:          # not routed: no expert to compare
-                row = None
+        pack.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pack.with_name(pack.name + ".tmp")
+        with tarfile.open(tmp, "w:xz", preset=9) as tar:
+            for name in KEPT:
+                if (run / name).is_file():
+                    tar.add(run / name, arcname=f"{run.name}/{name}")
+            row = None
+            if (run / "adapter" / "adapter_model.safetensors").is_file():
+                try:
+                    row = expert_diversity.run_diversity(run)
+                except SystemExit:          # not routed: no experts to compare
+                    pass
             if row is not None:
-                (dst / DIVERSITY).write_text(json.dumps(row, indent=1))
+                data = json.dumps(row, indent=1).encode()
+                info = tarfile.TarInfo(f"{run.name}/{DIVERSITY}")
+                info.size, info.mtime = len(data), int((run / "eval.json").stat().st_mtime)
+                tar.addfile(info, io.BytesIO(data))
+        tmp.replace(pack)
         written.append(run.name)
     if (out / "plan.json").is_file() and not (archive / "plan.json").is_file():
         archive.mkdir(parents=True, exist_ok=True)
@@ -78,17 +96,26 @@ def save(out: Path, archive: Path) -> list[str]:
 
 
 def restore(archive: Path, out: Path) -> list[str]:
-    """Put the archived runs back under `out` where `out` has no run of that name; the names restored."""
+    """Unpack the archived runs under `out` where `out` has no run of that name; the names restored."""
     restored = []
-    for run in sorted((archive / "runs").glob("*")):
-        dst = out / "runs" / run.name
-        if not finished(run) or dst.exists():
+    for pack in sorted((archive / "runs").glob("*.tar.xz")):
+        name = pack.name[: -len(".tar.xz")]
+        dst = out / "runs" / name
+        if dst.exists():
             continue
-        tmp = dst.with_name(dst.name + ".restoring")
+        tmp = dst.with_name(name + ".restoring")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(run, tmp)
+        tmp.mkdir(parents=True)
+        with tarfile.open(pack, "r:xz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(name + "/")]
+            for m in members:
+                m.name = m.name[len(name) + 1:]
+            tar.extractall(tmp, members=members, filter="data")
+        if not finished(tmp):
+            shutil.rmtree(tmp)
+            continue
         tmp.rename(dst)                 # a run appears whole or not at all
-        restored.append(run.name)
+        restored.append(name)
     if (archive / "plan.json").is_file() and not (out / "plan.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
         _copy_atomic(archive / "plan.json", out / "plan.json")
@@ -98,7 +125,7 @@ def restore(archive: Path, out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("save", help="copy OUT's finished runs into ARCHIVE")
+    s = sub.add_parser("save", help="pack OUT's finished runs into ARCHIVE")
     s.add_argument("out", type=Path)
     s.add_argument("archive", type=Path)
     r = sub.add_parser("restore", help="put ARCHIVE's runs back under OUT (never over a run OUT has)")

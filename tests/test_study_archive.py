@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tarfile
 from pathlib import Path
 
 import torch
@@ -58,17 +59,20 @@ def test_save_keeps_finished_runs_small_and_restore_makes_them_finished_again(tm
     (out / "plan.json").write_text(json.dumps({"runs": {"hydralora-s0": {}}}))
 
     assert sa.main(["save", str(out), str(archive)]) == ["hydralora-s0", "lora-s0"]
-    kept = archive / "runs" / "hydralora-s0"
-    assert sorted(p.name for p in kept.iterdir()) == ["diversity.json", "eval.json", "metrics.jsonl", "recipe.yaml",
-                                                      "summary.json"]
-    assert not (archive / "runs" / "lora-s0" / "diversity.json").exists()      # LoRA: no experts to compare
-    for name in ("eval.json", "summary.json", "metrics.jsonl", "recipe.yaml"):
-        assert (kept / name).read_bytes() == (hydra / name).read_bytes()
-    assert json.loads((kept / "diversity.json").read_text()) == ed.run_diversity(hydra)
+    assert sorted(p.name for p in (archive / "runs").iterdir()) == ["hydralora-s0.tar.xz", "lora-s0.tar.xz"]
+    with tarfile.open(archive / "runs" / "hydralora-s0.tar.xz") as tar:             # no adapter, no checkpoint
+        assert sorted(tar.getnames()) == [f"hydralora-s0/{n}" for n in ("diversity.json", "eval.json",
+                                                                          "metrics.jsonl", "recipe.yaml", "summary.json")]
+    with tarfile.open(archive / "runs" / "lora-s0.tar.xz") as tar:                  # LoRA: no experts to compare
+        assert "lora-s0/diversity.json" not in tar.getnames()
     assert sa.main(["save", str(out), str(archive)]) == []                     # nothing new: nothing written
 
     assert sa.main(["restore", str(archive), str(fresh)]) == ["hydralora-s0", "lora-s0"]
     back = fresh / "runs" / "hydralora-s0"
+    for name in ("eval.json", "summary.json", "metrics.jsonl", "recipe.yaml"):
+        assert (back / name).read_bytes() == (hydra / name).read_bytes()
+    assert json.loads((back / "diversity.json").read_text()) == ed.run_diversity(hydra)
+    assert not (back / "adapter").exists() and not (back / "checkpoints").exists()
     assert state(_job(back)) == "done" and state(_job(fresh / "runs" / "molora-s0")) == "empty"
     assert (fresh / "plan.json").read_bytes() == (out / "plan.json").read_bytes()
     # expert_diversity reads the kept row where the adapter is gone
@@ -88,5 +92,7 @@ def test_restore_never_overwrites_a_run_and_save_refreshes_a_rescored_one(tmp_pa
 
     (out / "runs" / "hydralora-s0" / "eval.json").write_text(json.dumps({"per_example": [], "exact_match": 0.7}))
     assert sa.save(out, archive) == ["hydralora-s0"]
-    assert json.loads((archive / "runs" / "hydralora-s0" / "eval.json").read_text())["exact_match"] == 0.7
+    again = tmp_path / "again"
+    assert sa.restore(archive, again) == ["hydralora-s0"]
+    assert json.loads((again / "runs" / "hydralora-s0" / "eval.json").read_text())["exact_match"] == 0.7
     assert not list(archive.rglob("*.tmp")) and not list(other.rglob("*.restoring"))
