@@ -89,9 +89,10 @@ def save(out: Path, archive: Path) -> list[str]:
                 tar.addfile(info, io.BytesIO(data))
         tmp.replace(pack)
         written.append(run.name)
-    if (out / "plan.json").is_file() and not (archive / "plan.json").is_file():
+    plan, kept = out / "plan.json", archive / "plan.json"
+    if plan.is_file() and (not kept.is_file() or kept.read_bytes() != plan.read_bytes()):
         archive.mkdir(parents=True, exist_ok=True)
-        _copy_atomic(out / "plan.json", archive / "plan.json")
+        _copy_atomic(plan, kept)        # the newest plan: compare only ever adds runs to it
     return written
 
 

@@ -66,6 +66,9 @@ def test_save_keeps_finished_runs_small_and_restore_makes_them_finished_again(tm
     with tarfile.open(archive / "runs" / "lora-s0.tar.xz") as tar:                  # LoRA: no experts to compare
         assert "lora-s0/diversity.json" not in tar.getnames()
     assert sa.main(["save", str(out), str(archive)]) == []                     # nothing new: nothing written
+    (out / "plan.json").write_text(json.dumps({"runs": {"hydralora-s0": {}, "molora-s0": {}}}))
+    sa.save(out, archive)                                                      # a grown plan is kept
+    assert (archive / "plan.json").read_bytes() == (out / "plan.json").read_bytes()
 
     assert sa.main(["restore", str(archive), str(fresh)]) == ["hydralora-s0", "lora-s0"]
     back = fresh / "runs" / "hydralora-s0"
