@@ -29,19 +29,15 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import expert_diversity  # noqa: E402
+from moetune.commands.compare_jobs import Job, state  # noqa: E402
 
 KEPT = ("eval.json", "summary.json", "metrics.jsonl", "recipe.yaml")
 DIVERSITY = "diversity.json"
 
 
 def finished(run: Path) -> bool:
-    """The run has per-example scores and final scores (compare_jobs.state's 'done')."""
-    try:
-        ev = json.loads((run / "eval.json").read_text())
-        s = json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(ev, dict) and "per_example" in ev and isinstance(s, dict) and "after" in s
+    """The run has per-example scores and final scores: compare's own 'done' state."""
+    return state(Job(id=run.name, variant="", seed=0, kind="type", run_dir=str(run), recipe={})) == "done"
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
