@@ -19,6 +19,7 @@ from moetune.commands.stages import run_recipe
 from moetune.experts.calm import CALMConfig, CALMLayer, composition_pairs, evenly_spaced
 from moetune.models.load import load_model
 from moetune.recipe import ModelConfig, RecipeError, load_recipe
+from scripts_loader import load_script
 
 torch.set_num_threads(1)
 
@@ -313,7 +314,7 @@ def test_kv_arithmetic_data_is_reproducible(tmp_path):
     """data/calm-kv/ equals a fresh run of the committed script (seed 0), and its splits are as described."""
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    mod = _kv_script()
+    mod = load_script("calm_kv_arithmetic")
     kv = mod.make_data(tmp_path, mod.SIZES["full"], seed=0)
     for name in ("kv.json", "train.jsonl", "validation.jsonl", "test.jsonl", "anchor_train.jsonl",
                  "anchor_validation.jsonl"):
@@ -333,21 +334,11 @@ def test_kv_arithmetic_data_is_reproducible(tmp_path):
     assert numbers["response"].startswith(numbers["instruction"] + "=")
 
 
-def _kv_script():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("calm_kv", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "calm_kv_arithmetic.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_kv_recall_accuracy_counts_exact_greedy_completions():
     """Teacher-forced batched recall: a key counts only when every value token and the closing ','
     are the argmax; padding and the batch chunking change nothing."""
     from types import SimpleNamespace
-    mod = _kv_script()
+    mod = load_script("calm_kv_arithmetic")
 
     class Tok:  # characters as token ids: one token per character
         bos_token_id, pad_token_id = 1, 0
@@ -382,7 +373,7 @@ def test_kv_augmenting_training_resumes_exactly(tmp_path):
     """m_A training (smoke size) killed after a checkpoint and rerun ends with the same weights as one
     uninterrupted run: model, optimizer, RNG and batch sampler are all restored."""
     import shutil
-    mod = _kv_script()
+    mod = load_script("calm_kv_arithmetic")
     size = dict(mod.SIZES["smoke"], steps=12, check_every=4)
     mod.make_data(tmp_path / "data", size, seed=0)
     mod.train_augmenting(tmp_path / "data", tmp_path / "a", size)

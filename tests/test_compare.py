@@ -19,6 +19,7 @@ from moetune.eval import paired as P
 from moetune.experts import REGISTRY
 from moetune.recipe import RecipeError, load_recipe
 from moetune.recipe.experts import EXPERT_CONFIGS
+from scripts_loader import load_script
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,10 +352,7 @@ def test_derived_variants_run_after_their_source_whatever_the_order(base, tmp_pa
 
 
 def test_study_tables_fill_the_marked_blocks():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("study_tables", ROOT / "scripts" / "study_tables.py")
-    st = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(st)
+    st = load_script("study_tables")
     md = ("# Comparison of 2 variants\n\nCommand: `x`\n\n## Results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
           "## Budgets\n\n| v |\n\n## Conclusions\n\n- A beats B.\n")
     text = "intro\n<!-- study:m:results -->\nold\n<!-- /study:m:results -->\n<!-- study:m -->\nold\n<!-- /study:m -->\n"

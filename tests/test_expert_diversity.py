@@ -2,7 +2,6 @@
 cosine / spread on experts that are identical, scaled copies, or orthogonal, read from an adapter file."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("expert_diversity", ROOT / "scripts" / "expert_diversity.py")
-ed = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ed)
+from scripts_loader import load_script
+
+ed = load_script("expert_diversity")
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -8,10 +8,10 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from scripts_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("migrate_layout", ROOT / "scripts" / "migrate_layout.py")
-migrate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(migrate)
+migrate = load_script("migrate_layout")
 
 OLD = '''"""Uses moetune.sources and moetune/models.py."""
 import moetune.adapters as A

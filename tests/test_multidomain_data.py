@@ -1,22 +1,16 @@
 """data/multidomain and its generator (scripts/gen_multidomain.py)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_committed_data_is_the_generators_output_and_held_out_is_unseen():
-    gen = _script("gen_multidomain")
+    gen = load_script("gen_multidomain")
     splits = gen.generate(200, 15, 25, 0)
     for split, rows in splits.items():
         committed = [json.loads(x) for x in (ROOT / "data/multidomain" / f"{split}.jsonl").read_text().splitlines()]

@@ -2,14 +2,12 @@
 balance_scope default from the micro/global twins) on hand-made comparison.json documents."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("routing_decision", ROOT / "scripts" / "routing_decision.py")
-rd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rd)
+from scripts_loader import load_script
+
+rd = load_script("routing_decision")
 
 
 def _doc(variants: dict[str, tuple[list[float], list[float], tuple[float, float, float]]], interim=None) -> dict:

@@ -2,17 +2,15 @@
 the eval stage's own code (moetune.eval.report) on hand-made gates, and from a hand-written report."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("routing_summary", ROOT / "scripts" / "routing_summary.py")
-rs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rs)
+from scripts_loader import load_script
+
+rs = load_script("routing_summary")
 
 
 def _report(tmp_path: Path, layers: dict, spec: float = 0.25, measure: str = "gates") -> Path:

@@ -2,7 +2,6 @@
 where `compare --resume` takes them as finished and expert_diversity reads their kept row; nothing overwritten."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
@@ -11,18 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from moetune.commands.compare_jobs import Job, state
+from scripts_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sa, ed = _load("study_archive"), _load("expert_diversity")
+sa, ed = load_script("study_archive"), load_script("expert_diversity")
 
 
 def _run(out: Path, name: str, finished: bool, routed: bool = True, em: float = 0.5) -> Path:

@@ -1,7 +1,6 @@
 """scripts/tensor_diff.py: the largest differences between two safetensors files, on files written here."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("tensor_diff", ROOT / "scripts" / "tensor_diff.py")
-td = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(td)
+from scripts_loader import load_script
+
+td = load_script("tensor_diff")
 
 
 def test_largest_absolute_and_relative_difference(tmp_path, capsys):
