@@ -75,6 +75,15 @@ def block_width(block: nn.Module) -> int:
     return dims(first)[0]
 
 
+class GainNorm(nn.RMSNorm):
+    """RMSNorm computed in its gain's dtype. Under bf16 autocast the input arrives in bf16 while the gain is the
+    float32 master; torch's fused kernel needs equal dtypes (it otherwise falls back, with a warning), and a
+    norm is float32 work under autocast anyway (its output feeds W_Q / W_K, which autocast runs in bf16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:                 # (..., D_B) -> (..., D_B)
+        return super().forward(x.to(self.weight.dtype))
+
+
 class CALMLayer(ExpertLayer):
     """One frozen anchor decoder block followed by a trainable cross-attention over m_A's states."""
 
@@ -94,8 +103,8 @@ class CALMLayer(ExpertLayer):
         inner = self.heads * self.head_dim
         self.proj = (nn.Linear(d_aug, d) if cfg.projection == "linear" else
                      nn.Sequential(nn.Linear(d_aug, d), nn.GELU(), nn.Linear(d, d)))   # f_proj: D_A -> D_B
-        self.q_norm = nn.RMSNorm(d, eps=1e-6) if cfg.norm else nn.Identity()
-        self.kv_norm = nn.RMSNorm(d, eps=1e-6) if cfg.norm else nn.Identity()
+        self.q_norm = GainNorm(d, eps=1e-6) if cfg.norm else nn.Identity()
+        self.kv_norm = GainNorm(d, eps=1e-6) if cfg.norm else nn.Identity()
         self.w_q = nn.Linear(d, inner, bias=False)                       # (H·d_h, D_B)
         self.w_k = nn.Linear(d, inner, bias=False)
         self.w_v = nn.Linear(d, inner, bias=False)
