@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from moetune.adapters.inject import target_layer_names
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
-from moetune.core.files import ordinary_mode
+from moetune.core.files import ordinary_mode, save_figure
 from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import sample_positions, source_rows
 from moetune.data.sources import iter_messages, iter_sources
@@ -180,8 +180,7 @@ def plot(results: list[dict], chosen: int, path: Path, title: str) -> Path:
         ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 # ------------------------------------------------------------------ router initialisation

@@ -15,6 +15,7 @@ import torch
 from moetune.commands.compare_jobs import Job
 from moetune.commands.compare_report import read_run, statistics_of
 from moetune.core.checkpoint import write_json
+from moetune.core.files import save_figure
 from moetune.core.ui import plural, table
 from moetune.eval import paired as P
 
@@ -180,7 +181,7 @@ def plot(doc: dict, path: Path) -> None:
     axes[1].set_yticks(range(len(names)), [])
     axes[1].set_title(f"{label} per domain")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

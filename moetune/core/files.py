@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -38,6 +39,22 @@ def ordinary_modes(root: str | Path) -> None:
     for dirpath, dirs, files in os.walk(root):
         for name in dirs + files:
             ordinary_mode(os.path.join(dirpath, name))
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG at `path` whole or not at all: drawn into a temp file beside it, given
+    the ordinary mode, renamed into place. A crash or a full disk never leaves a half-written picture."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        ordinary_mode(tmp)                      # mkstemp creates 0600; a plot is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def read_json_object(path: str | Path) -> dict:

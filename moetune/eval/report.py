@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moetune.adapters.inject import routed_layers
-from moetune.core.files import ordinary_mode
+from moetune.core.files import save_figure
 from moetune.core.ui import fmt, plural, table
 from moetune.data.rows import Example, collate
 from moetune.experts.context import batch_routing
@@ -338,17 +337,7 @@ def save_heatmap(report: dict, path: str | Path) -> Path:
     axes[0].set_yticks(range(len(labels)))
     axes[0].set_yticklabels(labels)
     fig.colorbar(im, ax=list(axes), label="mean gate weight", shrink=0.8)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        ordinary_mode(tmp)                      # mkstemp creates 0600; a plot is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def eval_routing(model, examples: list[Example], pad_id: int, batch_size: int, device, run_dir: str | Path,

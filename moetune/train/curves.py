@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
-from moetune.core.files import ordinary_mode
+from moetune.core.files import save_figure
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -111,14 +109,4 @@ def save_curves(metrics_path: str | Path, out: str | Path) -> Path | None:
     for a in axes:
         a.grid(alpha=0.3)
         a.tick_params(labelsize=8)
-    out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        ordinary_mode(tmp)                      # mkstemp creates 0600; a plot is an ordinary file
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return save_figure(fig, out, dpi=100)
