@@ -83,8 +83,10 @@ class ExpertLayer(nn.Module, abc.ABC):
         return y + self.change(x, y).to(y.dtype)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
-        """Auxiliary losses of the last forward, already weighted by the recipe."""
-        return {}
+        """Auxiliary losses of the last forward, already weighted by the recipe. Default: the layer's `router`
+        (moetune.experts.routing.Router: balance, z and domain losses), none for a layer without one."""
+        router = getattr(self, "router", None)
+        return router.aux_losses() if router is not None else {}
 
     def balance_sums(self) -> tuple[Any, torch.Tensor] | None:
         """(router settings, load sums (2N + 2,) of the last forward's real tokens, moetune.experts.balance.load_sums)
@@ -100,8 +102,10 @@ class ExpertLayer(nn.Module, abc.ABC):
         return []
 
     def routing_stats(self) -> dict | None:
-        """Gate statistics of the last forward (routed types), for the routing report."""
-        return None
+        """Gate statistics of the last forward (routed types), for the routing report. Default: the layer's
+        `router`'s, None for a layer without one."""
+        router = getattr(self, "router", None)
+        return router.stats() if router is not None else None
 
     def delta_weight(self) -> torch.Tensor | None:
         """Dense (d_out, d_in) delta when the adapter folds into the base, else None."""

@@ -59,12 +59,6 @@ class HydraLoRALayer(ExpertLayer):
         b_cat = self.lora_B.transpose(1, 2).reshape(n * r, d_out)        # (N*r, d_out)
         return g @ b_cat                                                 # (..., d_out)
 
-    def aux_losses(self) -> dict[str, torch.Tensor]:
-        return self.router.aux_losses()
-
-    def routing_stats(self) -> dict | None:
-        return self.router.stats()
-
     @torch.no_grad()
     def collapse(self, w: torch.Tensor) -> LoRALayer:
         """Gates fixed at w (N,): s sum_i w_i B_i A x = s B' A x, B' = sum_i w_i B_i, a LoRA of rank r."""

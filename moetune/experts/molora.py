@@ -61,12 +61,6 @@ class MoLoRALayer(ExpertLayer):
         b_cat = self.lora_B.transpose(1, 2).reshape(n * r, d_out)        # (N*r, d_out)
         return g @ b_cat                                                 # (..., d_out)
 
-    def aux_losses(self) -> dict[str, torch.Tensor]:
-        return self.router.aux_losses()
-
-    def routing_stats(self) -> dict | None:
-        return self.router.stats()
-
     @torch.no_grad()
     def collapse(self, w: torch.Tensor) -> LoRALayer:
         """Gates fixed at w (N,): a LoRA of rank N r with the same scale s (lora_alpha = s N r), `molora_ab`."""

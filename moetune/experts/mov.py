@@ -80,12 +80,6 @@ class MoVLayer(ExpertLayer):
         """forward(x) - W0 x (for the interface; `forward` does not use it)."""
         return self.forward(x) - self.base(x)
 
-    def aux_losses(self) -> dict[str, torch.Tensor]:
-        return self.router.aux_losses()
-
-    def routing_stats(self) -> dict | None:
-        return self.router.stats()
-
     @torch.no_grad()
     def collapse(self, w: torch.Tensor) -> "MoVLayer":
         """Gates fixed at w (N,): h * l', l' = 1 + w @ (L - 1) (`mov_vector`): a one-expert MoV layer, whose
