@@ -11,16 +11,16 @@ import sys
 
 import pytest
 import torch
-from conftest import randomise_routed, tiny_overrides
+from conftest import tiny_overrides
 from safetensors.torch import load_file
 from test_report import examples
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from test_router_levers import routed
+from transformers import AutoTokenizer
 
-from moetune.adapters.inject import inject, trainable_parameters
+from moetune.adapters.inject import trainable_parameters
 from moetune.commands.stages import run_recipe
 from moetune.data.packing import pack
 from moetune.data.rows import IGNORE, collate
-from moetune.experts import config_class
 from moetune.experts import routing as R
 from moetune.experts.context import batch_routing
 from moetune.recipe import RouterConfig, load_recipe
@@ -30,13 +30,6 @@ from moetune.train.loggers import routing_row
 from moetune.train.loss import CausalLMLoss
 
 torch.set_num_threads(1)
-
-
-def routed(path, router: RouterConfig, etype: str = "hydralora"):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    inject(model, config_class(etype)(type=etype, num_experts=3, rank=4, alpha=8), router)
-    randomise_routed(model)
-    return model
 
 
 def _forward(model, batch: dict) -> None:
