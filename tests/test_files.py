@@ -40,3 +40,18 @@ def test_a_failed_draw_keeps_the_old_picture_and_leaves_no_temp_file(tmp_path):
         save_figure(Broken(), path)
     assert path.read_bytes() == b"old picture"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_jsonl_keeps_unicode_and_a_failed_write_keeps_the_old_file(tmp_path):
+    from moetune.core.files import write_jsonl
+    path = write_jsonl(tmp_path / "d.jsonl", [{"a": "é"}, {"b": [1, 2]}])
+    assert path.read_bytes() == '{"a": "é"}\n{"b": [1, 2]}\n'.encode()
+
+    def rows():
+        yield {"c": 1}
+        raise RuntimeError("generator failed")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(path, rows())
+    assert path.read_bytes() == '{"a": "é"}\n{"b": [1, 2]}\n'.encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 
 def umask() -> int:
@@ -53,6 +54,22 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """`rows` as JSON lines at `path` (UTF-8, '\\n' line ends, non-ASCII kept as is), whole or not at all: written
+    to a temp file beside it and renamed into place, so a crash never leaves half a data file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -27,11 +27,12 @@ Regenerate the committed copy with ``moetune data make --out data/default --seed
 """
 from __future__ import annotations
 
-import json
 import random
 from functools import partial
 from pathlib import Path
 from typing import Callable
+
+from moetune.core.files import write_jsonl
 
 DOMAINS: tuple[str, ...] = ("arithmetic", "strings", "facts", "cipher", "units")
 """The domain names, in generation order."""
@@ -225,16 +226,18 @@ def write_splits(out_dir: str | Path, seed: int = 0, **sizes: int) -> dict[str, 
     ``sizes`` are the ``n_train``, ``n_validation`` and ``n_test`` keywords of
     `make_examples`. Returns the split name -> jsonl path mapping.
     """
+    splits = {split: [{k: row[k] for k in ("instruction", "response", "domain")} for row in rows]
+              for split, rows in make_examples(seed, **sizes).items()}
+    return save_splits(out_dir, splits, readme_text(Path(out_dir).as_posix(), seed, **sizes))
+
+
+def save_splits(out_dir: str | Path, splits: dict[str, list[dict]], readme: str) -> dict[str, Path]:
+    """`<split>.jsonl` for each split and README.md into `out_dir` (each file whole or not at all); the split
+    name -> jsonl path mapping."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for split, rows in make_examples(seed, **sizes).items():
-        path = out / f"{split}.jsonl"
-        with path.open("w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                record = {k: row[k] for k in ("instruction", "response", "domain")}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        paths[split] = path
-    with (out / "README.md").open("w", encoding="utf-8", newline="\n") as f:
-        f.write(readme_text(Path(out_dir).as_posix(), seed, **sizes))
+    paths = {split: write_jsonl(out / f"{split}.jsonl", rows) for split, rows in splits.items()}
+    tmp = out / ".README.md.tmp"
+    tmp.write_text(readme, encoding="utf-8", newline="\n")
+    tmp.replace(out / "README.md")
     return paths

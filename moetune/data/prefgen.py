@@ -23,11 +23,11 @@ Regenerate the committed copy with ``moetune data make --preference --out data/p
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from moetune.data.datagen import BLORP, DOMAINS, SPLITS, fact_table, make_examples, regenerate_command
+from moetune.data.datagen import (BLORP, DOMAINS, SPLITS, fact_table, make_examples, regenerate_command,
+                                  save_splits)
 
 DEFAULT_SIZES: dict[str, int] = {"n_train": 500, "n_validation": 50, "n_test": 100}
 
@@ -106,15 +106,4 @@ def readme_text(out: str, seed: int = 0, **sizes: int) -> str:
 
 def write_pairs(out_dir: str | Path, seed: int = 0, **sizes: int) -> dict[str, Path]:
     """Write train/validation/test.jsonl and README.md into `out_dir`; the split name -> jsonl path mapping."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for split, rows in make_pairs(seed, **sizes).items():
-        path = out / f"{split}.jsonl"
-        with path.open("w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        paths[split] = path
-    with (out / "README.md").open("w", encoding="utf-8", newline="\n") as f:
-        f.write(readme_text(Path(out_dir).as_posix(), seed, **sizes))
-    return paths
+    return save_splits(out_dir, make_pairs(seed, **sizes), readme_text(Path(out_dir).as_posix(), seed, **sizes))
