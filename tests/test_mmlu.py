@@ -92,7 +92,7 @@ def test_malformed_row_error_names_file_and_line(tmp_path, bad, message):
     good = {"question": "q", "choices": ["a", "b", "c", "d"], "answer": "B", "subject": "anatomy"}
     path = tmp_path / "mc.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in (good, good, bad)) + "\n")
-    with pytest.raises(ValueError, match=rf"mc\.jsonl:3: .*{message}"):
+    with pytest.raises(ValueError, match=rf"mc\.jsonl line 3: .*{message}"):
         mmlu_data.load_mc_rows(path)
 
 
@@ -455,3 +455,19 @@ def test_sequence_routed_scoring_pools_each_prompt_not_padding_or_answers(kind, 
     with torch.inference_mode():
         everything = mmlu._cloze_loglikelihoods(model, tok, rows, 5, False, None)
     assert max(abs(a - b) for ra, rb in zip(alone, everything) for a, b in zip(ra, rb)) > 1e-3
+
+
+def test_a_bad_multiple_choice_file_stops_a_run_before_training(tiny_llama, tiny_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """`eval.multiple_choice` is read when the run starts: a malformed row is one paragraph naming file, line
+    and key (exit 2, no traceback), and no run directory is left, since nothing was trained."""
+    from conftest import cli, tiny_overrides
+    good = {"question": "q", "choices": ["a", "b", "c", "d"], "answer": "B"}
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": "Z"}) + "\n")
+    out = tmp_path / "run"
+    code = cli(monkeypatch, "train", "recipes/default.yaml", *tiny_overrides(tiny_llama, tiny_data, out),
+               "stages=[train,eval]", f"eval.multiple_choice=[{bad}]")
+    msg = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "mc.jsonl line 2: 'answer' must be one of A-D, got 'Z'" in msg and "Traceback" not in msg
+    assert not out.exists()

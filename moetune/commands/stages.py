@@ -18,7 +18,7 @@ from moetune.core.errors import Interrupted
 from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import data_summary, skip_lines
 from moetune.data.rows import Encoder, collate
-from moetune.eval.evaluate import evaluate, multiple_choice, preference_line
+from moetune.eval.evaluate import check_multiple_choice, evaluate, multiple_choice, preference_line
 from moetune.eval.report import eval_routing, report_digest
 from moetune.experts import REGISTRY
 from moetune.export.collapse import export_collapsed
@@ -294,6 +294,8 @@ def run_recipe(recipe: R.Recipe, resume: bool = False, overwrite: bool = False, 
     if "merge" in recipe.stages and not recipe.expert.mergeable:
         raise not_mergeable(recipe.expert.type)  # before training, not after
     check_trackers(list(recipe.train.report_to))  # a missing tensorboard/wandb/mlflow: fail before any work
+    if "eval" in recipe.stages:
+        check_multiple_choice(list(recipe.eval.multiple_choice))  # a bad multiple-choice file: before training
     cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision(recipe, cpu))  # train.precision, CPU and GPU alike
     run = Run(recipe, acc)

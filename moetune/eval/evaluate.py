@@ -173,6 +173,13 @@ def preference_scores(model, tokenizer, pairs, recipe, device) -> dict:
             "preference_per_domain": {d: v["preference_accuracy"] for d, v in per.items()}}
 
 
+def check_multiple_choice(paths: list[str]) -> None:
+    """Read and validate every `eval.multiple_choice` file now (DataError naming the file, line and key), so that
+    a run with an eval stage fails before training, not hours later at its evaluation."""
+    for path in paths:
+        load_mc_rows(path)
+
+
 def multiple_choice(model, tokenizer, paths: list[str], recipe, show: bool = True) -> dict:
     """Accuracy on multiple-choice JSONL files (MMLU format), per file, subject and group."""
     out = {}
