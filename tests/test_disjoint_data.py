@@ -5,7 +5,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from test_multidomain_data import _Fixed, _script
+from scripts_loader import load_script
+from test_multidomain_data import _Fixed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +16,7 @@ def _committed(split: str) -> list[dict]:
 
 
 def test_committed_data_is_the_generators_output_and_held_out_is_unseen():
-    gen = _script("gen_disjoint")
+    gen = load_script("gen_disjoint")
     splits = gen.generate(250, 20, 30, 0)
     for split, rows in splits.items():
         assert _committed(split) == rows

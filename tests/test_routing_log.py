@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 from test_global_balance import routed
-from test_multidomain_data import _script
+from scripts_loader import load_script
 from test_report import examples
 from transformers import AutoTokenizer
 
@@ -50,7 +50,7 @@ def test_training_logs_val_routing_and_the_script_draws_it(tiny_llama, tiny_data
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if r.get("split") == "validation"]
     assert [r["step"] for r in val] == [2, 4, 6] and all(len(r["val_routing"]["mi_norm"]) == 14 for r in val)
-    curves = _script("routing_curves")
+    curves = load_script("routing_curves")
     assert curves.main([str(out), "--overlay", str(tmp_path / "overlay.png"), "--json", str(tmp_path / "s.json")]) == 0
     assert (out / "routing_curves.png").stat().st_size > 10_000 and (tmp_path / "overlay.png").is_file()
     s = json.loads((tmp_path / "s.json").read_text())[0]
