@@ -15,7 +15,9 @@ after the run) with four panels:
 and `routing_curves.json` beside it: the summary below plus the curves drawn (per validation step: the mean
 MI / H, the per-block MI / H, the gate histograms averaged over blocks). It prints one markdown row per run:
 specialisation at the first and last validation point, its maximum, and the block with the highest final MI. With --overlay FILE it also draws the mean MI vs step
-of every run in one plot (one line per run, labelled by directory name), to set variants side by side.
+of every run in one plot (one line per run, labelled by directory name), to set variants side by side. A run
+that has not finished training (no `train` section in its summary.json: still running, or killed) is labelled
+'NAME (training, step K)' in the figures and the table, and dashed in the overlay.
 
     python scripts/routing_curves.py runs/studies/routing-global-multidomain/*-s0 --overlay spec.png
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
+from moetune.core.files import read_json_object, save_figure  # noqa: E402
 from moetune.models.layers import layer_index  # noqa: E402
 from moetune.train.curves import read_metrics  # noqa: E402
 
@@ -59,12 +62,24 @@ def _total(hists: dict[str, list[float]]) -> list[float]:
     return [sum(r[i] for r in rows) / len(rows) for i in range(len(rows[0]))]
 
 
+def trained(run: Path) -> bool:
+    """Whether `run` finished training: its summary.json has the `train` section the end of training writes
+    (a run still training, or killed, has none, and its curves stop at its last validation point)."""
+    return "train" in read_json_object(run / "summary.json")
+
+
+def label(run: Path, snaps: list[tuple[int, dict]]) -> str:
+    """The run's name, with '(training, step K)' for a run that has not finished training."""
+    return run.name if trained(run) else f"{run.name} (training, step {snaps[-1][0]})"
+
+
 def summary(run: Path, snaps: list[tuple[int, dict]]) -> dict:
     spec = [s["specialisation"] for _, s in snaps]
     final = block_mi(snaps[-1][1])
     top = max(final, key=final.get)
-    return {"run": run.name, "points": len(snaps), "first": spec[0], "last": spec[-1], "max": max(spec),
-            "best_block": top, "best_block_mi": final[top], "steps": [s for s, _ in snaps]}
+    return {"run": run.name, "label": label(run, snaps), "trained": trained(run), "points": len(snaps),
+            "first": spec[0], "last": spec[-1], "max": max(spec), "best_block": top, "best_block_mi": final[top],
+            "steps": [s for s, _ in snaps]}
 
 
 def curves(snaps: list[tuple[int, dict]]) -> dict:
@@ -110,25 +125,25 @@ def draw(run: Path, snaps: list[tuple[int, dict]], path: Path) -> Path:
         ax[3].plot(range(len(evb)), list(evb.values()), marker="s", ms=3, label="eval stage (test)")
     ax[3].set(title="final MI / H(domain) per block", xlabel="block")
     ax[3].legend(fontsize=7)
-    fig.suptitle(run.name)
+    fig.suptitle(label(run, snaps))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
-def overlay(runs: dict[str, list[tuple[int, dict]]], path: Path) -> Path:
-    """Mean MI / H(domain) vs step of every run, one line each."""
+def overlay(runs: dict[str, tuple[list[tuple[int, dict]], bool]], path: Path) -> Path:
+    """Mean MI / H(domain) vs step of every run (label -> (snapshots, trained)), one line each; a run that has
+    not finished training dashed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(7, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for name, snaps in runs.items():
-        ax.plot([s for s, _ in snaps], [x["specialisation"] for _, x in snaps], marker=".", label=name)
+    for name, (snaps, done) in runs.items():
+        ax.plot([s for s, _ in snaps], [x["specialisation"] for _, x in snaps], marker=".", label=name,
+                ls="-" if done else "--")
     ax.set(xlabel="step", ylabel="I(domain; expert) / H(domain)", title="routing specialisation over training")
     ax.legend(fontsize=6)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run}: no val_routing rows in metrics.jsonl (a routed adapter trained with a validation split "
                   "of two or more domains logs them at every validation point)", file=sys.stderr)
             continue
-        found[run.name] = snaps
+        found[label(run, snaps)] = (snaps, trained(run))
         fig = draw(run, snaps, (a.out / f"{run.name}.png") if a.out else run / "routing_curves.png")
         row = {**summary(run, snaps), "figure": str(fig)}
         fig.with_suffix(".json").write_text(json.dumps({**row, "curves": curves(snaps)}, indent=1))
@@ -155,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| run | validation points | MI/H first | MI/H last | MI/H max | best block (final MI/H) | figure |")
     print("|---|---:|---:|---:|---:|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['points']} | {r['first']:.4f} | {r['last']:.4f} | {r['max']:.4f} | "
+        print(f"| {r['label']} | {r['points']} | {r['first']:.4f} | {r['last']:.4f} | {r['max']:.4f} | "
               f"{r['best_block']} ({r['best_block_mi']:.4f}) | {r['figure']} |")
     if a.overlay:
         print(f"overlay: {overlay(found, a.overlay)}")

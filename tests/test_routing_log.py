@@ -61,6 +61,13 @@ def test_training_logs_val_routing_and_the_script_draws_it(tiny_llama, tiny_data
     mean_mi = [sum(v) / len(v) for v in [val[-1]["val_routing"]["mi_norm"]]][0]
     assert sum(c["block_mi"][-1].values()) / 2 == pytest.approx(mean_mi, abs=1e-6)  # equal module counts per block
     assert curves.main([str(tmp_path / "nothing")]) == 1
+    # a run still training (its metrics so far, no summary.json yet) is named as such, and only it
+    live = tmp_path / "live"
+    live.mkdir()
+    (live / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= 4))
+    assert curves.main([str(out), str(live), "--out", str(tmp_path / "figs"), "--json", str(tmp_path / "s2.json")]) == 0
+    got = {r["run"]: (r["label"], r["trained"]) for r in json.loads((tmp_path / "s2.json").read_text())}
+    assert got == {"run": ("run", True), "live": ("live (training, step 4)", False)}
 
 
 @pytest.mark.parametrize("name", ["routing-balance-multidomain", "routing-balance-disjoint"])
