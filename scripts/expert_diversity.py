@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
+from moetune.core.files import save_figure  # noqa: E402
 from moetune.models.layers import layer_index  # noqa: E402
 
 
@@ -108,7 +109,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].set_ylabel("expert spread (median over the block's modules)")
     axes[1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
