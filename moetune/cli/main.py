@@ -15,7 +15,7 @@ from rich.markup import escape
 from moetune.cli import data_cmds, model_cmds, train_cmds
 from moetune.commands.usage import Typer, version_text
 from moetune.core.errors import Interrupted, RecipeError, Terminated
-from moetune.core.ui import console
+from moetune.core.ui import console, quiet_library_notices
 from moetune.train.signals import raise_terminated, signal_name
 
 app = Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -58,6 +58,7 @@ def main() -> None:
     # --help needs no transformers; when it is loaded already (main called in-process), set it directly.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    quiet_library_notices()  # bitsandbytes' CPU-kernel notice, logged whenever transformers imports peft
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -10,6 +11,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+class _NoFusedKernelNotice(logging.Filter):
+    """bitsandbytes logs, at import on AVX512-BF16 CPUs, that the optional `kernels` package for its fused bf16
+    CPU kernel is missing. moetune never uses that kernel (moetune/models/quant.py), and transformers imports
+    bitsandbytes (through peft) for every run, QLoRA or not: the line would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in record.getMessage()
+
+
+def quiet_library_notices() -> None:
+    """Silence the library log lines above (idempotent; installs a logging filter, imports nothing)."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _NoFusedKernelNotice) for f in log.filters):
+        log.addFilter(_NoFusedKernelNotice())
 
 
 class Metrics:

@@ -23,13 +23,13 @@ Real models' widths are multiples of 64 (SmolLM2: 576 and 1536) and take bitsand
 """
 from __future__ import annotations
 
-import logging
 import types
 
 import torch
 from torch import nn
 
 from moetune.core.errors import RecipeError
+from moetune.core.ui import quiet_library_notices
 from moetune.recipe import ModelConfig
 
 # bitsandbytes and transformers (heavy imports) are imported inside the functions that use them.
@@ -38,17 +38,9 @@ BLOCK, BLOCK2 = 64, 256   # weights per absmax scale; scales per second-level sc
 _BACKEND_OK: set[tuple[str, str]] = set()
 
 
-class _NoFusedKernelNotice(logging.Filter):
-    """bitsandbytes logs, at import on AVX512-BF16 CPUs, that the optional `kernels` package for its
-    fused bf16 CPU kernel is missing; moetune never uses that kernel (see the module docstring)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "gemm_4bit_forward" not in record.getMessage()
-
-
 def import_bnb():
     """The bitsandbytes module, or a RecipeError saying how to install it."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoFusedKernelNotice())
+    quiet_library_notices()
     try:
         import bitsandbytes
     except ImportError as e:
