@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -26,7 +25,7 @@ from moetune.adapters.inject import mask_experts
 from moetune.adapters.io import load_adapter
 from moetune.core.adapter_files import find_adapter_dir, read_meta
 from moetune.core.errors import DataError
-from moetune.core.files import ordinary_mode
+from moetune.core.files import write_jsonl
 from moetune.core.ui import console, plural, simple_progress
 from moetune.data.read import read_file
 from moetune.data.rows import Encoder
@@ -311,15 +310,6 @@ def generate_file(m: Loaded, prompts: Path, out: Path, sampling: Sampling, batch
             bar.advance(bar.task_ids[0], len(chunk))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for (row, _), text in zip(items, texts):
-                f.write(json.dumps({**row, field_name: text}, ensure_ascii=False) + "\n")
-        ordinary_mode(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_jsonl(out, ({**row, field_name: text} for (row, _), text in zip(items, texts)))
     console.print(f"{plural(len(items), 'row')} -> {out}")
     return len(items)

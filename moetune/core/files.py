@@ -60,16 +60,18 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     """`rows` as JSON lines at `path` (UTF-8, '\\n' line ends, non-ASCII kept as is), whole or not at all: written
-    to a temp file beside it and renamed into place, so a crash never leaves half a data file."""
+    to a temp file beside it, given the ordinary mode and renamed into place, so a crash never leaves half a
+    data file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with tmp.open("w", encoding="utf-8", newline="\n") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        ordinary_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
