@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from moetune.adapters.inject import target_layer_names
 from moetune.commands.cluster import embed, example_texts, scan
 from moetune.core.checkpoint import write_json
 from moetune.core.errors import RecipeError
-from moetune.core.files import ordinary_mode
+from moetune.core.files import atomic_file
 from moetune.core.ui import plural
 from moetune.data.pipeline import source_rows
 from moetune.recipe import Recipe
@@ -74,10 +73,8 @@ def fit_clusters(rc: Recipe, model, tokenizer, path: Path, log: Callable[[str], 
         raise RuntimeError(f"router.init: {plural(len(texts), 'prompt')} but {plural(len(rows), 'tokenised row')}")
     found = scan(embed(texts, want["embedder"], rc.model), want["k"], want["k"], domains, want["seed"])[0]
     names = target_layer_names(model, rc.expert)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    acc = fit_router_file(model, rows, found["labels"], names, tokenizer.pad_token_id, tmp)
-    os.replace(tmp, path)
-    ordinary_mode(path)
+    with atomic_file(path, ".safetensors") as tmp:
+        acc = fit_router_file(model, rows, found["labels"], names, tokenizer.pad_token_id, tmp)
     report = {"settings": want, "rows": len(texts), "sizes": found["sizes"], "silhouette": found["silhouette"],
               "ari_vs_domain": found["ari"], "seconds": round(time.time() - t0, 1),
               "fit": "ridge least squares of centred one-hot cluster ids on each projection's prompt-mean input",

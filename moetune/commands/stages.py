@@ -13,7 +13,8 @@ from moetune.commands.domain_experts import train_domain_experts
 from moetune.commands.router_clusters import clustered_init
 from moetune.commands.runs import collapse_card
 from moetune.core.adapter_files import read_meta
-from moetune.core.checkpoint import atomic_dir, write_json, write_text_atomic
+from moetune.core.checkpoint import atomic_dir, write_json
+from moetune.core.files import write_text_atomic
 from moetune.core.errors import Interrupted
 from moetune.core.ui import console, plural, table
 from moetune.data.pipeline import data_summary, skip_lines

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from moetune.core.files import ordinary_mode, ordinary_modes
+from moetune.core.files import atomic_file, ordinary_modes
 
 DONE = "COMPLETE"
 MANIFEST = "MANIFEST.json"   # {file: {bytes, sha256}}, written after the files, before DONE
@@ -81,29 +81,12 @@ def finite(obj):
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically (temp file + rename); NaN and infinities are written as null."""
+    """Write JSON atomically (core.files.atomic_file); NaN and infinities are written as null."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(finite(obj), f, indent=2, default=str, allow_nan=False)
         f.write("\n")
-    ordinary_mode(tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace a text file atomically (temp file + rename), with an ordinary file's mode."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        ordinary_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _optimizer_to_files(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

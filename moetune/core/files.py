@@ -1,17 +1,19 @@
-"""File modes and small reads: what moetune writes gets the mode an ordinary write gives, whatever wrote it.
+"""File modes, whole-or-nothing file writes and small reads.
 
-tempfile's mkstemp and mkdtemp (the atomic writes of core/checkpoint.py, plots, generate's output) create
-0600 files and 0700 directories, and safetensors' writer 0600 files: others could not read a run's
-summary.json, adapter or merged model. Those paths are given 0666 / 0777 less the umask, as open() and
-mkdir() do. Torch-free.
+What moetune writes gets the mode an ordinary write gives, whatever wrote it: tempfile's mkstemp and mkdtemp
+(the atomic writes here and in core/checkpoint.py) create 0600 files and 0700 directories, and safetensors'
+writer 0600 files, so others could not read a run's summary.json, adapter or merged model. Those paths are
+given 0666 / 0777 less the umask, as open() and mkdir() do. A single file (a plot, a data file, JSON, a
+model card) is written through `atomic_file`: a temp file beside it, renamed into place. Torch-free.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 
 def umask() -> int:
@@ -42,38 +44,43 @@ def ordinary_modes(root: str | Path) -> None:
             ordinary_mode(os.path.join(dirpath, name))
 
 
-def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
-    """Save a matplotlib figure as PNG at `path` whole or not at all: drawn into a temp file beside it, given
-    the ordinary mode, renamed into place. A crash or a full disk never leaves a half-written picture."""
+@contextmanager
+def atomic_file(path: str | Path, suffix: str = ".tmp") -> Iterator[str]:
+    """A temp file's name beside `path` to write into; when the block ends without an error it gets the
+    ordinary mode and is renamed onto `path`, on any error (Ctrl-C included) it is removed. So `path` is
+    whole, old or new, whatever happens (the writes of plots, data files, JSON, model cards)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi)
-        ordinary_mode(tmp)                      # mkstemp creates 0600; a plot is an ordinary file
+        yield tmp
+        ordinary_mode(tmp)                      # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG at `path` through `atomic_file`: never a half-written picture."""
+    with atomic_file(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    return Path(path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Replace a text file through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """`rows` as JSON lines at `path` (UTF-8, '\\n' line ends, non-ASCII kept as is), whole or not at all: written
-    to a temp file beside it, given the ordinary mode and renamed into place, so a crash never leaves half a
-    data file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        ordinary_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """`rows` as JSON lines at `path` (UTF-8, '\\n' line ends, non-ASCII kept as is) through `atomic_file`: a
+    crash never leaves half a data file."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def read_json_object(path: str | Path) -> dict:

@@ -21,14 +21,13 @@ of those sums. The same mean gates are what `moetune.export.collapse` fixes the 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moetune.adapters.inject import routed_layers
-from moetune.core.files import save_figure
+from moetune.core.files import save_figure, write_text_atomic
 from moetune.core.ui import fmt, plural, table
 from moetune.data.rows import Example, collate
 from moetune.experts.context import batch_routing
@@ -290,15 +289,9 @@ def report_digest(report: dict) -> str:
 
 
 def save_markdown(report: dict, path: str | Path) -> Path:
-    """Write `report_markdown` to `path` (a temp file renamed into place)."""
+    """Write `report_markdown` to `path` (core.files.write_text_atomic)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(report_markdown(report))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, report_markdown(report))
     return path
 
 
