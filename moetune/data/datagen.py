@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from moetune.core.files import write_jsonl
+from moetune.core.files import write_jsonl, write_text_atomic
 
 DOMAINS: tuple[str, ...] = ("arithmetic", "strings", "facts", "cipher", "units")
 """The domain names, in generation order."""
@@ -237,7 +237,5 @@ def save_splits(out_dir: str | Path, splits: dict[str, list[dict]], readme: str)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {split: write_jsonl(out / f"{split}.jsonl", rows) for split, rows in splits.items()}
-    tmp = out / ".README.md.tmp"
-    tmp.write_text(readme, encoding="utf-8", newline="\n")
-    tmp.replace(out / "README.md")
+    write_text_atomic(out / "README.md", readme)
     return paths
