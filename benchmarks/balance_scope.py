@@ -28,7 +28,8 @@ import harness as H
 from methods import build_model, shared_copy
 
 from moetune.adapters.inject import inject
-from moetune.data.pipeline import load_examples, take
+from moetune.data.examples import take
+from moetune.data.pipeline import load_examples
 from moetune.models.layers import decoder_layers
 from moetune.models.load import load_tokenizer
 from moetune.recipe import load_recipe

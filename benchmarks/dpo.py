@@ -39,7 +39,7 @@ import harness as H
 from methods import shared_copy
 
 from moetune.adapters.inject import expert_layers
-from moetune.data.pipeline import take
+from moetune.data.examples import take
 from moetune.data.rows import collate_pairs
 
 ROOT = Path(__file__).resolve().parents[1]

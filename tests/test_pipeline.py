@@ -16,7 +16,8 @@ import pytest
 
 from conftest import build_tokenizer, make_rows, write_jsonl
 from moetune.data import pipeline
-from moetune.data.pipeline import ExampleSet, load_examples, load_splits
+from moetune.data.examples import ExampleSet
+from moetune.data.pipeline import load_examples, load_splits
 from moetune.data.rows import IGNORE, DataError
 from moetune.recipe import DataConfig
 from moetune.train.loop import Plan

@@ -20,7 +20,8 @@ from moetune.adapters.inject import AdapterCopy, adapters_off, expert_layers, in
 from moetune.adapters.io import save_adapter
 from moetune.commands.runs import run_row
 from moetune.commands.stages import run_recipe
-from moetune.data.pipeline import ExampleSet, load_examples
+from moetune.data.examples import ExampleSet
+from moetune.data.pipeline import load_examples
 from moetune.data.rows import collate_pairs
 from moetune.experts import routing
 from moetune.models.load import load_tokenizer

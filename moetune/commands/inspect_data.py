@@ -13,8 +13,9 @@ import numpy as np
 from rich.text import Text
 
 from moetune.core.ui import console, plural, table
+from moetune.data.examples import ExampleSet
 from moetune.data.packing import layout_efficiency
-from moetune.data.pipeline import ExampleSet, load_splits
+from moetune.data.pipeline import load_splits
 from moetune.data.rows import IGNORE, Pair
 from moetune.models.load import load_tokenizer
 from moetune.recipe import Recipe

@@ -13,7 +13,7 @@ from moetune.adapters.inject import expert_layers
 from moetune.adapters.io import reference_context
 from moetune.core.ui import simple_progress
 from moetune.data.mmlu import load_mc_rows
-from moetune.data.pipeline import is_pairs
+from moetune.data.examples import is_pairs
 from moetune.data.rows import Example, collate
 from moetune.eval.mmlu import score_multiple_choice
 from moetune.experts.context import generation_routing

@@ -25,7 +25,7 @@ from moetune.adapters.inject import AdapterCopy, adapters_off, lora_plus_paramet
 from moetune.core.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
 from moetune.core.errors import Interrupted, RecipeError
 from moetune.core.ui import TrainProgress
-from moetune.data.pipeline import ExampleSet, is_pairs, take
+from moetune.data.examples import ExampleSet, is_pairs, take
 from moetune.data.rows import Example
 from moetune.experts.routing import router_parameters, scheduled_temperature, set_temperature
 from moetune.recipe import Recipe, TrainConfig
