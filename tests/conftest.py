@@ -5,7 +5,10 @@ Everything is built in seconds, offline, in a temp dir; no test downloads anythi
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,8 @@ import torch
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 WORDS = "red green blue cat dog sun moon one two three four five six seven eight nine zero".split()
 
 
@@ -117,6 +122,28 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, *extra: st
             f"data.test={data['test']}", f"output_dir={out}", "model.device=cpu", "expert.rank=4",
             "train.batch_size=4", "train.max_steps=6", "train.lr=5e-3", "train.log_every=1",
             "eval.batch_size=8", "eval.max_new_tokens=4", *extra]
+
+
+def train_default(args: list[str], port: int | None = None) -> str:
+    """`moetune train recipes/default.yaml ARGS`: on 2 CPU processes through torchrun (gloo) at master `port`,
+    or with port None in this process on 1 thread, as each torchrun worker runs (OMP_NUM_THREADS=1), which
+    spares the reference run of an equality test a Python start. Returns what the run printed (torchrun:
+    its stdout and stderr)."""
+    if port is None:
+        from moetune.commands.stages import run_recipe
+        from moetune.recipe import load_recipe
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run_recipe(load_recipe(ROOT / "recipes" / "default.yaml", args))
+        finally:
+            torch.set_num_threads(threads)
+        return ""
+    proc = subprocess.run([*TORCHRUN, "--master_port", str(port), "-m", "moetune", "train", "recipes/default.yaml",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def cli(monkeypatch, *args) -> int:

@@ -2,31 +2,24 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_default
 
 
-def _train(cmd_prefix, tiny_llama, tiny_data, out, batch, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = tiny_overrides(tiny_llama, tiny_data, out, f"train.batch_size={batch}", "stages=[train]",
-                          "train.eval_before=false", "expert.dropout=0.0", *extra)
-    proc = subprocess.run([*cmd_prefix, "-m", "moetune", "train", "recipes/default.yaml", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _train(port, tiny_llama, tiny_data, out, batch, *extra):
+    """A tiny run's adapter and train summary: on 2 processes at master `port`, or 1 (None)."""
+    train_default(tiny_overrides(tiny_llama, tiny_data, out, f"train.batch_size={batch}", "stages=[train]",
+                                 "train.eval_before=false", "expert.dropout=0.0", *extra), port)
     summary = json.loads((out / "summary.json").read_text())
     return load_file(str(out / "adapter" / "adapter_model.safetensors")), summary["train"]
 
 
 def test_two_processes_match_one_with_same_global_batch(tiny_llama, tiny_data, tmp_path):
-    one, t1 = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", batch=4)
-    two, t2 = _train([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                      "--master_port", "29517"], tiny_llama, tiny_data, tmp_path / "two", batch=2)
+    one, t1 = _train(None, tiny_llama, tiny_data, tmp_path / "one", batch=4)
+    two, t2 = _train(29517, tiny_llama, tiny_data, tmp_path / "two", batch=2)
     assert (t1["processes"], t2["processes"]) == (1, 2)
     assert t1["global_batch"] == t2["global_batch"] == 4
     assert any(v.abs().max() > 1e-3 for v in one.values())  # trained, not a fresh adapter
@@ -42,9 +35,8 @@ def test_token_budget_packing_two_processes_match_one(tiny_llama, tiny_data, tmp
     """data.packing=dataset (issue 26): the packed rows of a step split over 2 processes (row i to process
     i % 2) give the updates of 1 process with the same global batch of rows."""
     extra = ("data.packing=dataset", "data.max_length=96", "train.max_steps=4")
-    one, t1 = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, *extra)
-    two, t2 = _train([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                      "--master_port", "29519"], tiny_llama, tiny_data, tmp_path / "two", 2, *extra)
+    one, t1 = _train(None, tiny_llama, tiny_data, tmp_path / "one", 4, *extra)
+    two, t2 = _train(29519, tiny_llama, tiny_data, tmp_path / "two", 2, *extra)
     assert (t1["processes"], t2["processes"], t1["global_batch"], t2["global_batch"]) == (1, 2, 4, 4)
     assert any(v.abs().max() > 1e-3 for v in one.values())
     for k in one:

@@ -4,26 +4,19 @@ exactly, checkpoints hold full tensors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
-
-TWO = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+from conftest import tiny_overrides, train_default
 
 
-def _train(prefix, tiny_llama, tiny_data, out, batch, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = tiny_overrides(tiny_llama, tiny_data, out, f"train.batch_size={batch}", "stages=[train]",
-                          "train.eval_before=false", "expert.dropout=0.0", "train.distributed=fsdp", *extra)
-    proc = subprocess.run([*prefix, "-m", "moetune", "train", "recipes/default.yaml", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _train(port, tiny_llama, tiny_data, out, batch, *extra):
+    """The adapter of a tiny FSDP run on 2 processes at master `port` (None: one process, no FSDP wrapping)."""
+    train_default(tiny_overrides(tiny_llama, tiny_data, out, f"train.batch_size={batch}", "stages=[train]",
+                                 "train.eval_before=false", "expert.dropout=0.0", "train.distributed=fsdp", *extra),
+                  port)
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
@@ -38,17 +31,17 @@ def _assert_same(a, b):
 def test_fsdp_lora_matches_one_process_and_resumes(tiny_llama, tiny_data, tmp_path):
     """1 process (batch 4, grad_accum 1) vs FSDP on 2 (batch 1, grad_accum 2: the no-sync path too),
     interrupted after 3 of 6 steps and resumed: the same adapter; the checkpoint is full-size."""
-    one = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, "train.max_grad_norm=0.5")
+    one = _train(None, tiny_llama, tiny_data, tmp_path / "one", 4, "train.max_grad_norm=0.5")
     run = tmp_path / "fsdp"
     extra = ("train.grad_accum=2", "train.max_grad_norm=0.5", "train.save_every=3")
-    _train([*TWO, "--master_port", "29541"], tiny_llama, tiny_data, run, 1, "train.stop_after=3", *extra)
+    _train(29541, tiny_llama, tiny_data, run, 1, "train.stop_after=3", *extra)
     ckpt = load_file(str(run / "checkpoints" / "step-0000003" / "adapter.safetensors"))
     opt = load_file(str(run / "checkpoints" / "step-0000003" / "optimizer.safetensors"))
     shapes = sorted(tuple(v.shape) for v in one.values())
     assert sorted(tuple(v.shape) for v in ckpt.values()) == shapes                            # gathered, not shards
     moments = [v for k, v in opt.items() if k.endswith(".exp_avg")]
     assert sum(v.numel() for v in moments) == sum(v.numel() for v in one.values())   # full AdamW moments
-    two = _train([*TWO, "--master_port", "29542"], tiny_llama, tiny_data, run, 1, "--resume", *extra)
+    two = _train(29542, tiny_llama, tiny_data, run, 1, "--resume", *extra)
     _assert_same(one, two)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == list(range(1, 7))  # one line per step, main process only
@@ -61,8 +54,8 @@ def test_fsdp_hydralora_matches_one_process(tiny_llama, tiny_data, tmp_path):
     between 1 and 2 processes; the global scope, which does not, is tested under FSDP and DDP in
     test_global_balance.py."""
     hydra = ("expert.type=hydralora", "expert.num_experts=3")
-    one = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, *hydra)
-    two = _train([*TWO, "--master_port", "29543"], tiny_llama, tiny_data, tmp_path / "two", 2, *hydra,
+    one = _train(None, tiny_llama, tiny_data, tmp_path / "one", 4, *hydra)
+    two = _train(29543, tiny_llama, tiny_data, tmp_path / "two", 2, *hydra,
                  "train.gradient_checkpointing=true")                       # FSDP hooks + checkpointed blocks
     _assert_same(one, two)
 
@@ -93,14 +86,14 @@ def test_fsdp_qlora_matches_one_process_and_resumes(tiny_llama, tiny_data, tmp_p
     whole), and the adapter equals one process's with the same global batch, through an interruption and
     --resume. DDP + QLoRA (each process its own whole 4-bit base) too."""
     q = ("model.quantization=nf4", "train.max_grad_norm=0.5")
-    one = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, *q)
-    ddp = _train([*TWO, "--master_port", "29546"], tiny_llama, tiny_data, tmp_path / "ddp", 2, *q,
+    one = _train(None, tiny_llama, tiny_data, tmp_path / "one", 4, *q)
+    ddp = _train(29546, tiny_llama, tiny_data, tmp_path / "ddp", 2, *q,
                  "train.distributed=ddp")
     _assert_same(one, ddp)
     run = tmp_path / "fsdp"
-    _train([*TWO, "--master_port", "29544"], tiny_llama, tiny_data, run, 2, *q, "train.stop_after=3",
+    _train(29544, tiny_llama, tiny_data, run, 2, *q, "train.stop_after=3",
            "train.save_every=3")
-    two = _train([*TWO, "--master_port", "29545"], tiny_llama, tiny_data, run, 2, *q, "--resume", "train.save_every=3")
+    two = _train(29545, tiny_llama, tiny_data, run, 2, *q, "--resume", "train.save_every=3")
     _assert_same(one, two)
     meta = json.loads((run / "adapter" / "moetune.json").read_text())
     assert meta["base_quantization"]["quantization"] == "nf4"
@@ -111,7 +104,7 @@ def test_fsdp_qlora_matches_one_process_and_resumes(tiny_llama, tiny_data, tmp_p
 def test_fsdp_dora_and_pissa_match_one_process(tiny_llama, tiny_data, tmp_path, variant, port):
     """DoRA (its magnitude is the norm of each row of the base weight, which FSDP shards) and PiSSA (its A and
     B start from an SVD of that weight): FSDP on 2 processes trains the adapter 1 process trains."""
-    one = _train([sys.executable], tiny_llama, tiny_data, tmp_path / "one", 4, variant)
-    two = _train([*TWO, "--master_port", str(port)], tiny_llama, tiny_data, tmp_path / "two", 2, variant)
+    one = _train(None, tiny_llama, tiny_data, tmp_path / "one", 4, variant)
+    two = _train(port, tiny_llama, tiny_data, tmp_path / "two", 2, variant)
     assert any("magnitude" in k for k in one) == ("dora" in variant)
     _assert_same(one, two)

@@ -5,13 +5,10 @@ padding in routing: padding and packed-row filler change no router loss, gradien
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_default
 from safetensors.torch import load_file
 from test_report import examples
 from test_router_levers import routed
@@ -184,15 +181,8 @@ def test_statistics_pass_replays_dropout_and_jitter(tiny_llama, tiny_data, tmp_p
             torch.testing.assert_close(local, total, rtol=1e-6, atol=1e-5)
 
 
-TWO = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-
-
-def _launch(prefix, tiny_llama, tiny_data, out, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = tiny_overrides(tiny_llama, tiny_data, out, *BALANCED, "router.balance_scope=global", *extra)
-    proc = subprocess.run([*prefix, "-m", "moetune", "train", "recipes/default.yaml", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _launch(port, tiny_llama, tiny_data, out, *extra):
+    train_default(tiny_overrides(tiny_llama, tiny_data, out, *BALANCED, "router.balance_scope=global", *extra), port)
     return _adapter(out)
 
 
@@ -200,10 +190,10 @@ def _launch(prefix, tiny_llama, tiny_data, out, *extra):
 def test_two_processes_equal_one_with_the_global_balance_ddp_and_fsdp(tiny_llama, tiny_data, tmp_path):
     """1 process (batch 4) vs DDP on 2 (batch 2 each: one all-reduce of the statistics per step) vs FSDP on 2
     (batch 1, grad_accum 2: the statistics pass, sharded routers): the same adapter with the balance loss on."""
-    one = _launch([sys.executable], tiny_llama, tiny_data, tmp_path / "one", "train.batch_size=4")
-    ddp = _launch([*TWO, "--master_port", "29561"], tiny_llama, tiny_data, tmp_path / "ddp", "train.batch_size=2",
+    one = _launch(None, tiny_llama, tiny_data, tmp_path / "one", "train.batch_size=4")
+    ddp = _launch(29561, tiny_llama, tiny_data, tmp_path / "ddp", "train.batch_size=2",
                   "train.distributed=ddp")
-    fsdp = _launch([*TWO, "--master_port", "29562"], tiny_llama, tiny_data, tmp_path / "fsdp", "train.batch_size=1",
+    fsdp = _launch(29562, tiny_llama, tiny_data, tmp_path / "fsdp", "train.batch_size=1",
                    "train.grad_accum=2", "train.distributed=fsdp")
     assert any(v.abs().max() > 1e-3 for k, v in one.items() if "router" in k)
     for other in (ddp, fsdp):

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import cli, randomise_routed, tiny_overrides, write_jsonl
+from conftest import cli, randomise_routed, tiny_overrides, train_default, write_jsonl
 from moetune.adapters.inject import AdapterCopy, adapters_off, expert_layers, inject, trainable_parameters
 from moetune.adapters.io import save_adapter
 from moetune.commands.runs import run_row
@@ -335,18 +332,14 @@ def test_dpo_on_cuda_in_bf16_learns_and_starts_at_log_2(etype, tiny_llama, pref_
 def test_dpo_with_two_processes_matches_one(tiny_llama, pref_data, tmp_path):
     """DDP (2 CPU processes, gloo) with the same global batch of pairs gives the adapter of one process (HydraLoRA,
     routers included): the loss is normalised by the global batch's pairs, the reference forward bypasses the DDP
-    wrapper. No balance loss here: like SFT's, it is computed on each process's own tokens (a non-linear function
-    of them), so with one the runs differ by design (about 1e-3 on the routers)."""
+    wrapper. No balance loss here: the micro-scope one is computed on each process's own tokens (a non-linear
+    function of them), so with it the runs differ by design (about 1e-3 on the routers). The global scope is
+    tested with DPO over grad-accum micro-batches below, across processes for SFT in test_global_balance."""
     out = {}
-    for name, prefix, batch in (("one", [sys.executable], 4),
-                                ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                         "--master_port", "29531"], 2)):
-        args = tiny_overrides(tiny_llama, pref_data, tmp_path / name, f"train.batch_size={batch}", "stages=[train]",
-                              "train.eval_before=false", "train.objective=dpo", "expert.type=hydralora",
-                              "expert.num_experts=3", "router.balance_weight=0")
-        proc = subprocess.run([*prefix, "-m", "moetune", "train", "recipes/default.yaml", *args], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, port, batch in (("one", None, 4), ("two", 29531, 2)):
+        train_default(tiny_overrides(tiny_llama, pref_data, tmp_path / name, f"train.batch_size={batch}",
+                                     "stages=[train]", "train.eval_before=false", "train.objective=dpo",
+                                     "expert.type=hydralora", "expert.num_experts=3", "router.balance_weight=0"), port)
         out[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
     assert any(v.abs().max() > 1e-3 for k, v in out["one"].items() if "lora_B" in k)
     for k in out["one"]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, tiny_overrides
+from conftest import cli, tiny_overrides, train_default
 from safetensors.torch import load_file
 from test_cluster import write_recipe
 
@@ -130,24 +130,18 @@ def test_data_whose_bad_rows_training_skips_is_refused(tiny_llama, tiny_data, tm
 
 
 @pytest.mark.slow
-def test_two_processes_cluster_once_and_train_the_one_process_adapter(tiny_llama, tiny_data, tmp_path):
+def test_two_processes_cluster_once_and_train_the_one_process_adapter(tiny_llama, tiny_data, tmp_path, capfd):
     """1 process (batch 4) vs DDP on 2 (batch 2 each) vs FSDP on 2 (batch 1, grad_accum 2), router.init: clusters:
     the main process clusters and fits, the other waits and reads the same file; the adapters are the same."""
-    import os
-    import subprocess
-    import sys
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     runs = {}
-    for name, prefix, extra in (("one", [sys.executable], ("train.batch_size=4",)),
-                                ("ddp", [*two, "--master_port", "29571"], ("train.batch_size=2", "train.distributed=ddp")),
-                                ("fsdp", [*two, "--master_port", "29572"], ("train.batch_size=1", "train.grad_accum=2",
-                                                                            "train.distributed=fsdp"))):
+    for name, port, extra in (("one", None, ("train.batch_size=4",)),
+                              ("ddp", 29571, ("train.batch_size=2", "train.distributed=ddp")),
+                              ("fsdp", 29572, ("train.batch_size=1", "train.grad_accum=2", "train.distributed=fsdp"))):
         out = tmp_path / name
-        args = tiny_overrides(tiny_llama, tiny_data, out, *COMMON, "expert.dropout=0.0", *extra)
-        proc = subprocess.run([*prefix, "-m", "moetune", "train", "recipes/default.yaml", *args], capture_output=True,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert (proc.stdout + proc.stderr).count("Routers start from 2 clusters") == 1    # clustered once
+        printed = train_default(tiny_overrides(tiny_llama, tiny_data, out, *COMMON, "expert.dropout=0.0", *extra), port)
+        if port is None:
+            printed = "".join(capfd.readouterr())
+        assert printed.count("Routers start from 2 clusters") == 1                      # clustered once
         runs[name] = (load_file(str(out / router_clusters.FILE)), load_file(str(out / "adapter/adapter_model.safetensors")))
     init, adapter = runs["one"]
     assert any(v.abs().max() > 1e-3 for k, v in adapter.items() if "router" in k)
