@@ -36,8 +36,9 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/moetune train recipes/default.yaml --overwrite
 
+# --durations: the 15 slowest tests, to watch the suite's 15-minute budget on 2 cores
 test: setup
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
