@@ -148,7 +148,6 @@ def train_default(args: list[str], port: int | None = None) -> str:
 
 def cli(monkeypatch, *args) -> int:
     """Run `moetune ARGS` in-process (argv patched); its exit code (0 or None: success)."""
-    import sys
     from moetune.cli import main
     monkeypatch.setattr(sys, "argv", ["moetune", *map(str, args)])
     with pytest.raises(SystemExit) as e:
