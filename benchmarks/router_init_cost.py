@@ -13,6 +13,7 @@ Results: benchmarks/results/router_init_cost.json.
 
     python benchmarks/router_init_cost.py                        # the default above, 1 thread
     python benchmarks/router_init_cost.py --threads 2 --max-rows 400
+    python benchmarks/router_init_cost.py model.path=/my/model router.init_embedder=tfidf   # recipe overrides
 """
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-rows", type=int, default=2000, help="router.init_max_rows")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "router_init_cost.json")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides for both runs")
     a = ap.parse_args(argv)
     common = [a.recipe, f"data.train={a.data}/train.jsonl", f"data.validation={a.data}/validation.jsonl",
               f"data.test={a.data}/test.jsonl", f"expert.num_experts={a.experts}", "train.max_steps=1",
-              "train.eval_every=0", "train.save_every=0", "stages=[train]"]
+              "train.eval_every=0", "train.save_every=0", "stages=[train]", *a.overrides]
     with tempfile.TemporaryDirectory(prefix="router-init-") as tmp:
         runs = {}
         for name, extra in (("random", []), ("clusters", ["router.init=clusters", f"router.init_max_rows={a.max_rows}"])):
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {a.threads} thread(s)",
         "command": " ".join(["python benchmarks/router_init_cost.py", *(argv if argv is not None else sys.argv[1:])]),
-        "recipe": a.recipe, "data": a.data, "experts": a.experts, "max_rows": a.max_rows, "runs": runs,
+        "recipe": a.recipe, "data": a.data, "experts": a.experts, "max_rows": a.max_rows, "overrides": a.overrides,
+        "runs": runs,
         "clustering_seconds": round(runs["clusters"]["seconds"] - runs["random"]["seconds"], 1),
         "peak_ratio": round(runs["clusters"]["peak_rss_gb"] / runs["random"]["peak_rss_gb"], 3),
         "router_init": {**{k: v for k, v in init.items() if k != "train_accuracy"},
