@@ -4,6 +4,8 @@ Everything is built in seconds, offline, in a temp dir; no test downloads anythi
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -124,24 +126,32 @@ def tiny_overrides(model_dir: Path, data: dict[str, Path], out: Path, *extra: st
             "eval.batch_size=8", "eval.max_new_tokens=4", *extra]
 
 
+def repo_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the checkout first on PYTHONPATH (and `extra` set), for a subprocess that
+    runs `moetune` or a benchmark script from the working tree."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+            **extra}
+
+
 def train_default(args: list[str], port: int | None = None) -> str:
     """`moetune train recipes/default.yaml ARGS`: on 2 CPU processes through torchrun (gloo) at master `port`,
     or with port None in this process on 1 thread, as each torchrun worker runs (OMP_NUM_THREADS=1), which
-    spares the reference run of an equality test a Python start. Returns what the run printed (torchrun:
-    its stdout and stderr)."""
+    spares the reference run of an equality test a Python start. Returns what the run printed, stdout and
+    stderr together, either way."""
     if port is None:
         from moetune.commands.stages import run_recipe
         from moetune.recipe import load_recipe
-        threads = torch.get_num_threads()
+        threads, printed = torch.get_num_threads(), io.StringIO()
         torch.set_num_threads(1)
         try:
-            run_recipe(load_recipe(ROOT / "recipes" / "default.yaml", args))
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                run_recipe(load_recipe(ROOT / "recipes" / "default.yaml", args))
         finally:
             torch.set_num_threads(threads)
-        return ""
+        return printed.getvalue()
     proc = subprocess.run([*TORCHRUN, "--master_port", str(port), "-m", "moetune", "train", "recipes/default.yaml",
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=repo_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 

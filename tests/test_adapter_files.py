@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from moetune.adapters.io import save_adapter
 from moetune.core.adapter_files import read_adapter, read_meta
 from moetune.core.errors import RecipeError
 from moetune.recipe.experts import ExpertConfig
+from conftest import repo_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,6 @@ def test_read_meta_imports_no_torch(tmp_path):
     peft = _peft_dir(tmp_path / "peft")
     code = (f"import sys\nfrom moetune.core.adapter_files import read_meta\nm = read_meta({str(peft)!r})\n"
             "print(m['expert']['rank'], 'torch' in sys.modules)\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=repo_env(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["2", "False"]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import moetune  # noqa: F401  (before transformers: moetune runs offline, HF_HUB_OFFLINE=1)
-from conftest import cli, make_rows
+from conftest import cli, make_rows, repo_env
 from moetune.adapters.io import load_adapter
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -423,8 +423,7 @@ def test_a_recipe_typo_is_reported_before_torch_is_imported(user):
             "    try:\n        main()\n        code = 0\n    except SystemExit as e:\n        code = e.code\n"
             "    out.append([argv[0], code, sorted(m for m in ('torch', 'transformers') if m in sys.modules)])\n"
             "print(json.dumps(out))\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    res = subprocess.run([sys.executable, "-c", code], cwd=user, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], cwd=user, env=repo_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.splitlines()[-1]) == [[c[0], 2, []] for c in commands]
     assert res.stderr.count("Unknown recipe key 'train.learning_rate'") == len(commands)
@@ -440,7 +439,7 @@ def train_then_signal(user_dir: Path, signum: int, *args: str, run: str = "runs/
     import subprocess
     import sys
     import time
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = repo_env(OMP_NUM_THREADS="1")
     metrics = user_dir / run / "metrics.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "moetune", "train", "my.yaml", *args], cwd=user_dir, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

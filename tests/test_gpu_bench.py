@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["moetune_lora", "hydralora", "molora_soft", "molora_top2", "mov", "mole", "trainer_peft_lora"]
@@ -16,7 +16,7 @@ QLORA = ["qlora_moetune_lora", "qlora_hydralora"]
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = repo_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--shapes", "qwen2-0.5b-shape",
                            "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,7 +8,6 @@ so a cycle hidden behind an import inside a function fails here too.
 from __future__ import annotations
 
 import ast
-import os
 import re
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import moetune
+from conftest import repo_env
 
 ROOT = Path(moetune.__file__).parent
 REPO = ROOT.parent
@@ -250,8 +250,7 @@ def test_every_package_says_what_it_offers():
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=repo_env(), capture_output=True, text=True,
                           timeout=120)
 
 

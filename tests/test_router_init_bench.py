@@ -3,12 +3,12 @@ runs train, the clustering's cost and the peaks are recorded, and the cluster re
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,11 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_router_init_cost_benchmark_runs_end_to_end(tiny_llama, tiny_data, tmp_path):
     out = tmp_path / "cost.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "benchmarks/router_init_cost.py", "--data", str(tiny_data["train"].parent),
                            "--experts", "2", "--max-rows", "40", "--out", str(out), f"model.path={tiny_llama}",
                            "model.device=cpu", "router.init_embedder=tfidf"],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, env=repo_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["overrides"][0] == f"model.path={tiny_llama}" and r["experts"] == 2 and r["max_rows"] == 40
