@@ -437,6 +437,18 @@ def test_missing_local_path(path):
     with pytest.raises(ModelError) as ei:
         resolve_path(path)
     assert path in str(ei.value) and "not an existing directory" in str(ei.value)
+    assert "merge" not in str(ei.value)
+
+
+def test_missing_merged_model_says_which_run_writes_it(tmp_path):
+    """A recipe built on another run's merged model (recipes/calm-kv-*.yaml) before that run exists: the message
+    says how the folder is made."""
+    with pytest.raises(ModelError) as ei:
+        resolve_path("runs/calm-kv-anchor/merged")
+    msg = str(ei.value)
+    assert "'runs/calm-kv-anchor/merged', which is not an existing directory" in msg
+    assert "output_dir is 'runs/calm-kv-anchor' with stages [train, merge]" in msg
+    assert "moetune merge-lora runs/calm-kv-anchor --out runs/calm-kv-anchor/merged" in msg
 
 
 def test_local_dir_resolves_to_itself(tiny_llama):

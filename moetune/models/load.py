@@ -109,7 +109,10 @@ def resolve_path(path: str, log=print) -> str:
         return str(p)
     # Hub ids are 'name' or 'org/name' (dots allowed, e.g. Qwen2.5-0.5B); anything else is a path.
     if path.startswith((".", "/", "~")) or path.count("/") > 1 or p.suffix.lower() in FILE_SUFFIXES:
-        raise ModelError(f"Recipe key 'model.path' names {path!r}, which is not an existing directory. "
+        made_by = (f" A run's merge stage writes such a folder: train the recipe whose output_dir is {str(p.parent)!r}"
+                   f" with stages [train, merge] first, or merge a finished run with `moetune merge-lora "
+                   f"{p.parent} --out {p}`." if p.name == "merged" else "")
+        raise ModelError(f"Recipe key 'model.path' names {path!r}, which is not an existing directory.{made_by} "
                          f"Allowed: a local model directory, a hub id, or a built-in name ({', '.join(BUILTIN)}).")
     return path
 
