@@ -41,6 +41,20 @@ def test_runs_json_rows_read_the_run_files(runs_dir, monkeypatch, capsys):
     assert find_runs([runs_dir]) == [runs_dir / "hydra", runs_dir / "lora"]
 
 
+def test_runs_finds_the_runs_of_a_comparison_four_levels_down(tmp_path):
+    """`moetune runs` with no argument searches runs/: a comparison's runs (runs/compare/<recipe>/runs/<v>-s0) are
+    listed, a run's own subfolders and folders deeper than four levels are not searched."""
+    def run(d: Path) -> Path:
+        d.mkdir(parents=True)
+        (d / "recipe.yaml").write_text("expert: {type: lora}\n")
+        (d / "summary.json").write_text("{}")
+        return d
+    compared = run(tmp_path / "compare" / "mine" / "runs" / "lora-s0")
+    run(compared / "nested")                                                     # inside a run: not searched
+    run(tmp_path / "a" / "b" / "c" / "d" / "too-deep")
+    assert find_runs([tmp_path]) == [compared]
+
+
 def test_runs_table_sorts_and_shows_domains(runs_dir, monkeypatch, capsys):
     rows = [run_row(d) for d in find_runs([runs_dir])]
     assert [r["steps"] for r in sort_rows(rows, "steps")] == [8, 4]

@@ -4,7 +4,8 @@ on preference pairs add the objective, the preference accuracy (before -> after)
 
 A run directory is a directory with `recipe.yaml` and `summary.json` (an export directory has a
 recipe.yaml but no summary.json, so it is not listed). Each DIR argument is a run directory or a
-folder searched for them (two levels deep).
+folder searched for them (four levels deep: the runs of `moetune compare` are
+<out>/runs/<variant>-s<seed>, e.g. runs/compare/<recipe>/runs/lora-s0).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from moetune.recipe.experts import EXPERT_CONFIGS
 
 COLUMNS = ("run", "type", "trainable", "steps", "seconds", "tokens_per_s", "train_loss", "val_loss",
            "em_before", "em_after", "collapsed", "objective", "pref_before", "pref_after", "reward_margin")
-SEARCH_DEPTH = 2
+SEARCH_DEPTH = 4
 
 
 def find_runs(dirs: list[Path]) -> list[Path]:
