@@ -122,8 +122,8 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="
     paths = list(dirs or [Path("runs")])
     missing = [str(p) for p in paths if not p.is_dir()]
     what = ("moetune runs lists run directories: a recipe.yaml beside a summary.json, what `moetune train` writes "
-            "into a recipe's output_dir; each argument is one, or a folder searched for them four levels deep (so the runs of "
-            "`moetune compare` under runs/compare/<recipe>/runs/ count).")
+            "into a recipe's output_dir; each argument is one, or a folder searched for them four levels deep "
+            "(so the runs of `moetune compare` under runs/compare/<recipe>/runs/ count).")
     if missing and not dirs:
         raise RecipeError(f"{what} With no argument it looks in ./runs, which does not exist here ({Path.cwd()}). "
                           "Pass the run directories or a folder holding them, e.g. `moetune runs path/to/runs`.")
