@@ -17,9 +17,7 @@ from moetune.adapters.io import save_adapter
 from moetune.core.adapter_files import read_adapter, read_meta
 from moetune.core.errors import RecipeError
 from moetune.recipe.experts import ExpertConfig
-from conftest import repo_env
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import ROOT, repo_env
 
 
 def _peft_dir(d: Path) -> Path:
@@ -59,6 +57,6 @@ def test_read_meta_imports_no_torch(tmp_path):
     peft = _peft_dir(tmp_path / "peft")
     code = (f"import sys\nfrom moetune.core.adapter_files import read_meta\nm = read_meta({str(peft)!r})\n"
             "print(m['expert']['rank'], 'torch' in sys.modules)\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=repo_env(), capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=repo_env(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["2", "False"]

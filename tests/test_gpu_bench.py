@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import repo_env
+from conftest import ROOT, repo_env
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["moetune_lora", "hydralora", "molora_soft", "molora_top2", "mov", "mole", "trainer_peft_lora"]
 QLORA = ["qlora_moetune_lora", "qlora_hydralora"]
 

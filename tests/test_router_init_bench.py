@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import repo_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, repo_env
 
 
 @pytest.mark.slow
