@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from types import ModuleType
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+from conftest import ROOT
+
+SCRIPTS = ROOT / "scripts"
 
 
 def load_script(name: str) -> ModuleType:

@@ -3,12 +3,11 @@ cannot run here (flash_attention_2 without flash-attn/CUDA) is a clear recipe er
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import ROOT, tiny_overrides
 from moetune.models.load import attn_implementation, load_model
 from moetune.recipe import ModelConfig, RecipeError
 
@@ -39,7 +38,7 @@ def test_flash_attention_unavailable_is_a_recipe_error(tiny_llama, tiny_data, tm
     with pytest.raises(RecipeError, match=r"model.attn_implementation.*flash_attention_2.*Allowed: auto"):
         load_model(ModelConfig(path=str(tiny_llama), device="cpu", attn_implementation="flash_attention_2"))
     from moetune.cli import main
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["moetune", "validate", "recipes/default.yaml",
                                       *tiny_overrides(tiny_llama, tiny_data, tmp_path / "run",
                                                       "model.attn_implementation=flash_attention_2")])

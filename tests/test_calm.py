@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from calm_prefill import cache_keyword, check_prefill_splits, cuts
-from conftest import build_tokenizer, tiny_overrides
+from conftest import ROOT, build_tokenizer, tiny_overrides
 from moetune.adapters.inject import expert_layers, inject, trainable_parameters
 from moetune.adapters.io import load_adapter, save_adapter
 from moetune.commands.stages import run_recipe
@@ -312,13 +312,11 @@ def test_4bit_anchor_and_augmenting(pair, devname):
 
 def test_kv_arithmetic_data_is_reproducible(tmp_path):
     """data/calm-kv/ equals a fresh run of the committed script (seed 0), and its splits are as described."""
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
     mod = load_script("calm_kv_arithmetic")
     kv = mod.make_data(tmp_path, mod.SIZES["full"], seed=0)
     for name in ("kv.json", "train.jsonl", "validation.jsonl", "test.jsonl", "anchor_train.jsonl",
                  "anchor_validation.jsonl"):
-        assert (tmp_path / name).read_text() == (root / "data" / "calm-kv" / name).read_text(), name
+        assert (tmp_path / name).read_text() == (ROOT / "data" / "calm-kv" / name).read_text(), name
     held = set(kv["heldout_keys"])
     assert len(kv["values"]) == 600 and len(held) == 150
     assert set(kv["values"].values()) == set(range(10))              # single-digit values, all ten used

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import cli
+from conftest import ROOT, cli
 import torch
 from safetensors.torch import load_file
 
@@ -17,7 +17,6 @@ from moetune.experts.routing import router_init_weight
 from moetune.recipe import RecipeError, load_recipe
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = {s: ROOT / "data" / "default" / f"{s}.jsonl" for s in ("train", "validation", "test")}
 
 

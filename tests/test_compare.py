@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, make_rows, tiny_overrides, write_jsonl
+from conftest import ROOT, cli, make_rows, tiny_overrides, write_jsonl
 from moetune.commands import budget as B
 from moetune.commands.compare import settings
 from moetune.commands.compare import compare as run_compare
@@ -22,7 +22,6 @@ from moetune.recipe.experts import EXPERT_CONFIGS
 from scripts_loader import load_script
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ statistics

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 
 from scripts_loader import load_script
 from test_multidomain_data import _Fixed
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def _committed(split: str) -> list[dict]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import e2e  # noqa: E402
 from e2e_data import MAX_WORDS, chat_rows, write_rows  # noqa: E402
 from e2e_report import markers, render_table, summarise, update_results_md  # noqa: E402

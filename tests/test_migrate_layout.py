@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from pathlib import Path
 
 from scripts_loader import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 migrate = load_script("migrate_layout")
 
 OLD = '''"""Uses moetune.sources and moetune/models.py."""

@@ -8,13 +8,14 @@ import math
 import random
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import ROOT
+
 if importlib.util.find_spec("moetune") is None:  # running without an installed package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
 
 from moetune.data import mmlu as mmlu_data  # noqa: E402
 from moetune.eval import mc_prompts, mmlu  # noqa: E402

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import build_tokenizer, cli, make_rows, write_jsonl
+from conftest import ROOT, build_tokenizer, cli, make_rows, write_jsonl
 from moetune.core.errors import DataError
 from moetune.data import formats
 from moetune.data.datagen import BLORP, DOMAINS, fact_table, make_examples
@@ -21,7 +19,6 @@ from moetune.data.rows import IGNORE, Pair, collate_pairs
 from moetune.recipe import DataConfig
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pair_rows(n: int, seed: int, conversational: bool = True) -> list[dict]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli, tiny_overrides
+from conftest import ROOT, cli, tiny_overrides
 from moetune.core.errors import RecipeError
 from moetune.models.load import load_model
 from moetune.recipe import ModelConfig, load_recipe
@@ -306,7 +306,7 @@ def test_already_quantised_checkpoint_is_a_clear_error(tiny_llama, tiny_data, tm
     cfg = json.loads((fp8 / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [32, 32]}
     (fp8 / "config.json").write_text(json.dumps(cfg))
-    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(ROOT)
     msg = _train_err(monkeypatch, capsys, fp8, tiny_data, tmp_path, "model.quantization=nf4")
     assert "'model.quantization'" in msg and "already quantised (fp8)" in msg and "cannot quantise" in msg
     code = cli(monkeypatch, "validate", "recipes/default.yaml",
@@ -356,7 +356,7 @@ def test_backend_without_the_4bit_type_is_a_clear_error(tiny_llama, tiny_data, t
         raise NotImplementedError("no kernel for quantize_4bit with quant_type fp4 on this device")
     monkeypatch.setattr(bnbf, "quantize_4bit", missing)
     monkeypatch.setattr(quant, "_BACKEND_OK", set())
-    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(ROOT)
     msg = _train_err(monkeypatch, capsys, tiny_llama, tiny_data, tmp_path, "model.quantization=fp4")
     assert "'model.quantization' is 'fp4'" in msg and "cannot run on cpu" in msg and "NotImplementedError" in msg
     assert "model.quantization=none" in msg
@@ -405,8 +405,7 @@ def test_qlora_recipe_on_smollm2(tmp_path):
     import subprocess
 
     from moetune.models.quant import loaded_bytes
-    root = Path(__file__).resolve().parents[1]
-    q = load_model(load_recipe(root / "recipes" / "qlora.yaml").model, CPU)
+    q = load_model(load_recipe(ROOT / "recipes" / "qlora.yaml").model, CPU)
     lin = _linears(q)
     assert len(lin) == 210 and loaded_bytes(q)["quantized"] <= 0.35 * 2 * sum(m.in_features * m.out_features
                                                                               for m in lin)
@@ -414,7 +413,7 @@ def test_qlora_recipe_on_smollm2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moetune", "train", "recipes/qlora.yaml", f"output_dir={out}",
                            "train.max_steps=6", "train.batch_size=2", "train.warmup_steps=0", "train.eval_every=0",
                            "train.save_every=3", "eval.max_examples=16", "eval.max_new_tokens=8"],
-                          cwd=root, capture_output=True, text=True, timeout=1200)
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["after"]["model"] == "merged" and s["after"]["loss"] < s["before"]["loss"] - 0.3

@@ -7,13 +7,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import build_model, tiny_overrides
+from conftest import ROOT, build_model, tiny_overrides
 from moetune.core.schema import field_docs, schema_keys
 from moetune.experts import REGISTRY, config_class
 from moetune.models.load import ModelError, find_targets, load_tokenizer, resolve_path
@@ -22,7 +21,6 @@ from cli_main import run_main as _main
 
 torch.set_num_threads(1)
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ROOT / "recipes" / "default.yaml"
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 

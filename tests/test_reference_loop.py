@@ -4,13 +4,14 @@ weights. Also checks the benchmark's CPU peak-memory tracker on a step whose all
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from harness import PeakTensorMemory  # noqa: E402
 from reference_loop import from_layer, trainable  # noqa: E402
 

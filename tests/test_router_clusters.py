@@ -4,11 +4,10 @@ them; recipes that cannot use it are refused before any work."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli, tiny_overrides, train_default
+from conftest import ROOT, cli, tiny_overrides, train_default
 from safetensors.torch import load_file
 from test_cluster import write_recipe
 
@@ -109,7 +108,7 @@ def test_recipes_that_cannot_cluster_are_refused(tiny_llama, tiny_data, tmp_path
 
 
 def test_the_cli_names_the_key_without_a_traceback(tiny_llama, tiny_data, tmp_path, monkeypatch, capsys):
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"             # expert.type: lora
+    recipe = ROOT / "recipes" / "default.yaml"             # expert.type: lora
     code = cli(monkeypatch, "validate", recipe, "router.init=clusters", f"model.path={tiny_llama}")
     err = capsys.readouterr()
     assert code == 2 and "Traceback" not in err.err + err.out

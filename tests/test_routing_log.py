@@ -4,11 +4,10 @@ draws a run's rows; the committed routing-balance studies (recipes/studies) cove
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import ROOT, tiny_overrides
 from test_global_balance import routed
 from scripts_loader import load_script
 from test_report import examples
@@ -19,7 +18,6 @@ from moetune.eval.report import collect_gates, routing_report
 from moetune.recipe import RouterConfig, load_recipe
 from moetune.train.routing_log import BINS, routing_snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("rtype", ["soft", "top_k"])

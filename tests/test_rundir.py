@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import moetune.adapters.io as adapters_mod
-from conftest import cli, tiny_overrides
+from conftest import cli, repo_env, tiny_overrides
 from moetune.commands.stages import run_recipe
 from moetune.core import checkpoint as ckpt
 from moetune.recipe import RecipeError, load_recipe, to_yaml
@@ -84,8 +84,7 @@ def test_lock_of_a_killed_process_does_not_block(tiny_llama, tiny_data, tmp_path
     out.mkdir()
     code = (f"import sys, time; from moetune.run.rundir import run_lock\n"
             f"with run_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(120)\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=repo_env())
     try:
         assert child.stdout.readline().strip() == "held"
         with pytest.raises(RecipeError, match=f"\"pid\": {child.pid}"):
