@@ -1,6 +1,7 @@
 """The package's imports run one way: no cycle, no module importing a package of a higher layer or of
-the same layer (moetune.LAYERS), no import of a moetune module inside a function (outside the CLI), a
-torch-free `--help`, and a README layout map that lists every module on its layer.
+the same layer (moetune.LAYERS), no import of a moetune module inside a function (outside the CLI; in the
+CLI only of modules that load torch, transformers or datasets), a torch-free `--help`, and a README layout
+map that lists every module on its layer.
 
 The import graph is read from the source with `ast` (module-level and in-function imports alike),
 so a cycle hidden behind an import inside a function fails here too.
@@ -188,6 +189,58 @@ def test_moetune_imports_inside_functions_only_in_the_cli():
            for m in MODULES if _layer_key(m) != "cli"
            for target, line, inside in _imports(m) if inside]
     assert not bad, "\n".join(bad)
+
+
+HEAVY = ("torch", "transformers", "datasets")  # what `moetune --help` must not wait for
+
+
+def _module_level_imports(module: str) -> tuple[set[str], set[str]]:
+    """(moetune modules, other top-level packages) that `module` imports when it is imported: its
+    imports outside functions, plus the __init__ of every package above each moetune module it names."""
+    tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
+    in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   for n in ast.walk(f)}
+    external: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in in_function:
+            continue
+        if isinstance(node, ast.Import):
+            external |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:  # relative imports are moetune's own
+            external.add((node.module or "").split(".")[0])
+    internal = {t for t, _, inside in _imports(module) if not inside}
+    for t in list(internal):
+        parent = t.rpartition(".")[0]
+        while parent:
+            internal.add(parent)
+            parent = parent.rpartition(".")[0]
+    return internal - {module}, external - {"moetune"}
+
+
+def _heavy_on_import(module: str) -> set[str]:
+    """Which of HEAVY importing `module` loads, read from the source (module-level imports, transitively)."""
+    seen, todo, heavy = set(), [module], set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        internal, external = _module_level_imports(m)
+        heavy |= external & set(HEAVY)
+        todo.extend(internal)
+    return heavy
+
+
+def test_the_cli_imports_inside_functions_only_what_loads_torch_transformers_or_datasets():
+    # moetune/cli/__init__.py: an import inside a command function is there to keep `--help` fast, so it must
+    # name a module that loads a heavy package; a light one (json, rich, the recipe, `moetune runs`) goes at the top.
+    assert _heavy_on_import("moetune.commands.stages") >= {"torch", "transformers"}
+    assert not _heavy_on_import("moetune.commands.runs") and not _heavy_on_import("moetune.cli")
+    cli = [m for m in MODULES if _layer_key(m) == "cli"]
+    light = [f"{MODULES[m].relative_to(REPO)}:{line} imports {target} inside a function, and it loads none of "
+             f"{', '.join(HEAVY)}" for m in cli for target, line, inside in _imports(m)
+             if inside and not _heavy_on_import(target)]
+    assert not light, "\n".join(light)
 
 
 def test_expert_schema_and_registry_agree():

@@ -1,15 +1,18 @@
 """The commands of a run: train, validate, explain, cluster-heads, eval, export, runs, compare."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.console import Console
 
 from moetune.cli.options import OVERRIDES, load, load_run, mask_overrides
+from moetune.commands.runs import COLUMNS, find_runs, has_preference, headers, markdown, run_row, sort_rows, table_cells
 from moetune.core.errors import RecipeError
-from moetune.core.ui import plural
+from moetune.core.ui import plural, table
 from moetune.recipe import explain as explain_text
 
 
@@ -113,10 +116,6 @@ def runs(dirs: Optional[List[Path]] = typer.Argument(None, metavar="DIR", help="
          as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of a table."),
          as_markdown: bool = typer.Option(False, "--markdown", help="Print a markdown table (for READMEs).")):
     """Compare runs: one row per run directory (type, parameters, steps, time, losses, exact match)."""
-    import json
-    from rich.console import Console
-    from moetune.commands.runs import COLUMNS, find_runs, has_preference, headers, markdown, run_row, sort_rows, table_cells
-    from moetune.core.ui import table
     if sort is not None and sort not in COLUMNS:
         raise RecipeError(f"--sort is {sort!r}; allowed: {', '.join(COLUMNS)}.")
     paths = list(dirs or [Path("runs")])
