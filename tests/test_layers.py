@@ -1,7 +1,7 @@
 """The package's imports run one way: no cycle, no module importing a package of a higher layer or of
 the same layer (moetune.LAYERS), no import of a moetune module inside a function (outside the CLI; in the
-CLI only of modules that load torch, transformers or datasets), a torch-free `--help`, and a README layout
-map that lists every module on its layer.
+CLI only of modules that load torch, transformers or datasets; nowhere of a module its own module already
+loads), a torch-free `--help`, and a README layout map that lists every module on its layer.
 
 The import graph is read from the source with `ast` (module-level and in-function imports alike),
 so a cycle hidden behind an import inside a function fails here too.
@@ -194,41 +194,53 @@ def test_moetune_imports_inside_functions_only_in_the_cli():
 HEAVY = ("torch", "transformers", "datasets")  # what `moetune --help` must not wait for
 
 
-def _module_level_imports(module: str) -> tuple[set[str], set[str]]:
-    """(moetune modules, other top-level packages) that `module` imports when it is imported: its
-    imports outside functions, plus the __init__ of every package above each moetune module it names."""
+def _external_imports(module: str) -> list[tuple[str, int, bool]]:
+    """(module, line, inside a function) for each import of a module outside moetune (`from a.b import c`: a.b)."""
     tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
     in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                   for n in ast.walk(f)}
-    external: set[str] = set()
+                   for n in ast.walk(f) if n is not f}
+    found = []
     for node in ast.walk(tree):
-        if id(node) in in_function:
-            continue
         if isinstance(node, ast.Import):
-            external |= {a.name.split(".")[0] for a in node.names}
+            names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level:  # relative imports are moetune's own
-            external.add((node.module or "").split(".")[0])
-    internal = {t for t, _, inside in _imports(module) if not inside}
-    for t in list(internal):
-        parent = t.rpartition(".")[0]
-        while parent:
-            internal.add(parent)
-            parent = parent.rpartition(".")[0]
-    return internal - {module}, external - {"moetune"}
+            names = [node.module or ""]
+        else:
+            continue
+        found += [(n, node.lineno, id(node) in in_function) for n in names
+                  if n.split(".")[0] not in ("moetune", "__future__")]
+    return found
 
 
-def _heavy_on_import(module: str) -> set[str]:
-    """Which of HEAVY importing `module` loads, read from the source (module-level imports, transitively)."""
-    seen, todo, heavy = set(), [module], set()
+def _loaded_on_import(module: str) -> set[str]:
+    """The modules outside moetune that importing `module` imports, read from the source: the module-level
+    imports of `module`, of the moetune modules it imports at module level, transitively, and of the __init__
+    of every package above each of those."""
+    seen, todo, loaded = set(), [module], set()
     while todo:
         m = todo.pop()
         if m in seen:
             continue
         seen.add(m)
-        internal, external = _module_level_imports(m)
-        heavy |= external & set(HEAVY)
-        todo.extend(internal)
-    return heavy
+        loaded |= {name for name, _, inside in _external_imports(m) if not inside}
+        for target, _, inside in _imports(m):
+            if not inside:  # a.b.c runs a's and a.b's __init__ first
+                todo += [".".join(target.split(".")[:i]) for i in range(1, target.count(".") + 2)]
+    return loaded
+
+
+def _heavy_on_import(module: str) -> set[str]:
+    return {m.split(".")[0] for m in _loaded_on_import(module)} & set(HEAVY)
+
+
+def test_no_function_imports_a_package_its_module_already_loads():
+    # An import inside a function is for a heavy package the module can be imported without (bitsandbytes,
+    # matplotlib, sklearn, wandb, ...); importing inside a function what the module loads anyway only hides it.
+    assert "transformers" in _loaded_on_import("moetune.train.loop")
+    assert "torch" not in _loaded_on_import("moetune.cli.train_cmds")
+    late = [f"{MODULES[m].relative_to(REPO)}:{line} imports {name} inside a function; importing the module loads it anyway"
+            for m in MODULES for name, line, inside in _external_imports(m) if inside and name in _loaded_on_import(m)]
+    assert not late, "\n".join(late)
 
 
 def test_the_cli_imports_inside_functions_only_what_loads_torch_transformers_or_datasets():

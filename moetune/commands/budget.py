@@ -19,6 +19,7 @@ import copy
 from typing import Callable
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from moetune.adapters.inject import count_parameters, inject
 from moetune.core.errors import RecipeError
@@ -42,7 +43,6 @@ class Counter:
         self.calls = 0
 
     def _model(self, recipe: Recipe) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
         key = (recipe.model.path, recipe.model.trust_remote_code)
         if key not in self.models:
             config = load_config(recipe.model, log=self.log)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from moetune.adapters.inject import target_layer_names
 from moetune.core.checkpoint import write_json
@@ -122,7 +123,6 @@ def embed(texts: list[str], embedder: str, model_cfg: ModelConfig | None = None,
     if not path.is_dir():
         raise RecipeError(f"--embedder is {embedder!r}, which is neither minilm, base, tfidf nor an existing "
                           "directory. Allowed: one of those names, or a local sentence-embedding model directory.")
-    from transformers import AutoModel, AutoTokenizer
     try:
         tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -187,7 +187,6 @@ def plot(results: list[dict], chosen: int, path: Path, title: str) -> Path:
 
 def matching_layers(rc: Recipe, dim: int) -> tuple[int, int]:
     """(target projections whose input dim is `dim`, all targets), from the config on the meta device."""
-    from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(load_config(rc.model), trust_remote_code=rc.model.trust_remote_code)
     names = target_layer_names(model, rc.expert)

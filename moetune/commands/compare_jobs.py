@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from moetune.commands.stages import run_recipe
 from moetune.core.checkpoint import newest_verified_checkpoint, write_json
 from moetune.core.errors import Interrupted, RecipeError, Terminated
@@ -155,7 +157,6 @@ def threads_per_job(jobs: int) -> int:
 
 
 def _gpus() -> int:
-    import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from moetune.commands.compare_jobs import Job
 from moetune.commands.compare_report import read_run, statistics_of
@@ -233,5 +234,4 @@ def report(s, variants, jobs: list[Job], sizes: dict, started: dict, stats: dict
 
 def wide_console():
     """A console on stdout as wide as the terminal, or 200 columns when it is not one (logs, pipes)."""
-    from rich.console import Console
     return Console(width=None if sys.stdout.isatty() else 200)

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from moetune import recipe as R
 from moetune.adapters.inject import count_parameters
@@ -131,7 +132,6 @@ def stage_merge(run: Run, adapter_dir: Path | None = None, out_dir: Path | None 
 
 def _eval_model(run: Run, use_merged: bool):
     if use_merged and (run.dir / "merged" / "config.json").is_file():
-        from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained(run.dir / "merged", dtype=torch.float32).to(run.device)
         return m.eval(), "merged"
     return model_with_adapter(run), "adapter"

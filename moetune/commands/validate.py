@@ -12,21 +12,19 @@ block's 34).
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from moetune.adapters.inject import count_parameters, inject
 from moetune.core.ui import console, plural, table
 from moetune.data.sources import check_rows, iter_sources
 from moetune.experts import REGISTRY
-from moetune.models.load import attn_implementation, load_config, pick_device
-from moetune.models.load import base_dtype
+from moetune.models.load import attn_implementation, base_dtype, load_config, pick_device
 from moetune.models.quant import check_backend, check_quantizable, frozen_bytes
 from moetune.recipe import Recipe
 from moetune.train.precision import compute_precision
 
-# transformers (a heavy import) is imported inside the function that uses it.
 
 def estimate(recipe: Recipe) -> dict:
-    from transformers import AutoModelForCausalLM
     config = load_config(recipe.model, log=console.print)
     attn_implementation(recipe.model, pick_device(recipe.model))  # an attention kernel that cannot run: RecipeError
     if recipe.model.quantization != "none":  # bitsandbytes missing, no kernel here, an already quantised model

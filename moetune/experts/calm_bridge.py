@@ -32,7 +32,7 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import Cache, DynamicCache
+from transformers import AutoModelForCausalLM, Cache, DynamicCache
 
 from moetune.core.errors import RecipeError
 from moetune.core.ui import plural
@@ -50,7 +50,6 @@ def load_augmenting(path: str, anchor: nn.Module, quantization: str = "anchor") 
     4-bit as `quantization` says ('anchor': as the anchor; 'none', 'nf4', 'fp4': so).
 
     A meta-device anchor (`moetune validate`) gets a meta-device m_A built from its config alone."""
-    from transformers import AutoModelForCausalLM
     emb = anchor.get_input_embeddings().weight                  # float in every base: the compute dtype
     quant, double = quantization_of(anchor)
     if quantization != "anchor":  # m_A's own 4-bit setting (double quantisation as the anchor's, default on)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import get_scheduler
 
 from moetune.adapters.inject import AdapterCopy, adapters_off, lora_plus_parameters, trainable_parameters
 from moetune.core.checkpoint import newest_verified_checkpoint, save_checkpoint, set_rng_state
@@ -85,7 +86,6 @@ def domain_indices(recipe: Recipe, examples: list[Example]) -> dict[str, int] | 
 
 
 def build_scheduler(opt, cfg: TrainConfig, total: int):
-    from transformers import get_scheduler
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.scheduler]
     return get_scheduler(name, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from moetune.core.files import ordinary_mode
 from moetune.data.rows import IGNORE, Example, collate
@@ -89,7 +90,6 @@ def fit_weight(x: torch.Tensor, labels: torch.Tensor, k: int, ridge: float = RID
 def fit_router_file(model, examples: list[Example], labels, names: list[str], pad_id: int, path: Path) -> dict:
     """Fit one router weight per projection in `names` and save them as 'weight.<name>' (K, d_in)
     tensors in a safetensors file; return {name: training accuracy of argmax W x_j vs the cluster}."""
-    from safetensors.torch import save_file
     lab = torch.as_tensor(labels).long()                                 # (n,)
     k = int(lab.max()) + 1
     xs = pooled_inputs(model, examples, names, pad_id)
