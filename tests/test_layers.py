@@ -9,6 +9,7 @@ so a cycle hidden behind an import inside a function fails here too.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -48,29 +49,36 @@ def _package_of(module: str) -> str:
     return module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
 
 
-def _imports(module: str) -> list[tuple[str, int, bool]]:
-    """(imported moetune module, line, inside a function) for each import in `module`'s source."""
+@functools.cache
+def _statements(module: str) -> tuple[tuple[str, tuple[str, ...], int, bool], ...]:
+    """(module named, dotted names it may bring in, line, inside a function) for each import in `module`'s
+    source, relative imports made absolute: `import a.b` is (a.b, (a.b,)), `from a.b import c, d` is
+    (a.b, (a.b.c, a.b.d)), where each of c and d is a submodule or a name defined in a.b."""
     tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
-    found: list[tuple[str, int, bool]] = []
+    found: list[tuple[str, tuple[str, ...], int, bool]] = []
 
     def visit(node: ast.AST, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
-            names: list[str] = []
             if isinstance(child, ast.Import):
-                names = [a.name for a in child.names]
+                found.extend((a.name, (a.name,), child.lineno, inside) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:  # relative: from the importing module's package
                     pkg = _package_of(module).split(".")
                     base = ".".join(pkg[: len(pkg) - child.level + 1] + ([base] if base else []))
-                names = [f"{base}.{a.name}" for a in child.names] if base else []
-            for n in names:
-                if n == "moetune" or n.startswith("moetune."):
-                    found.append((_resolve(n), child.lineno, inside))
+                if base:
+                    found.append((base, tuple(f"{base}.{a.name}" for a in child.names), child.lineno, inside))
             visit(child, inside)
 
     visit(tree, False)
+    return tuple(found)
+
+
+def _imports(module: str) -> list[tuple[str, int, bool]]:
+    """(imported moetune module, line, inside a function) for each import in `module`'s source."""
+    found = [(_resolve(n), line, inside) for _, names, line, inside in _statements(module) for n in names
+             if n == "moetune" or n.startswith("moetune.")]
     return list(dict.fromkeys(found))  # `from m import a, b` is one import of m
 
 
@@ -196,22 +204,11 @@ HEAVY = ("torch", "transformers", "datasets")  # what `moetune --help` must not 
 
 def _external_imports(module: str) -> list[tuple[str, int, bool]]:
     """(module, line, inside a function) for each import of a module outside moetune (`from a.b import c`: a.b)."""
-    tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
-    in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                   for n in ast.walk(f) if n is not f}
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and not node.level:  # relative imports are moetune's own
-            names = [node.module or ""]
-        else:
-            continue
-        found += [(n, node.lineno, id(node) in in_function) for n in names
-                  if n.split(".")[0] not in ("moetune", "__future__")]
-    return found
+    return [(named, line, inside) for named, _, line, inside in _statements(module)
+            if named.split(".")[0] not in ("moetune", "__future__")]
 
 
+@functools.cache
 def _loaded_on_import(module: str) -> set[str]:
     """The modules outside moetune that importing `module` imports, read from the source: the module-level
     imports of `module`, of the moetune modules it imports at module level, transitively, and of the __init__
