@@ -209,7 +209,7 @@ def _external_imports(module: str) -> list[tuple[str, int, bool]]:
 
 
 @functools.cache
-def _loaded_on_import(module: str) -> set[str]:
+def _loaded_on_import(module: str) -> frozenset[str]:
     """The modules outside moetune that importing `module` imports, read from the source: the module-level
     imports of `module`, of the moetune modules it imports at module level, transitively, and of the __init__
     of every package above each of those."""
@@ -223,7 +223,7 @@ def _loaded_on_import(module: str) -> set[str]:
         for target, _, inside in _imports(m):
             if not inside:  # a.b.c runs a's and a.b's __init__ first
                 todo += [".".join(target.split(".")[:i]) for i in range(1, target.count(".") + 2)]
-    return loaded
+    return frozenset(loaded)  # cached: a caller must not change it
 
 
 def _heavy_on_import(module: str) -> set[str]:
