@@ -13,7 +13,9 @@ before the tables were complete ("How the defaults will follow"). `make study-de
    specialisation is higher in at least 3 of the 4; otherwise it stays 'micro'.
 
 A study still running (comparison.json from `compare --report`, marked interim) gives a provisional verdict,
-said so on its first line; twins or variants without finished runs are listed as missing.
+said so on its first line; twins or variants without finished runs are listed as missing. Step 2 is settled
+early, whatever the running study shows, once a finished study has every twin and a type there does not pass:
+'global' needs every type to pass on every data set, so no later run can make it the default.
 
     python scripts/routing_decision.py benchmarks/results/studies/routing-balance-{multidomain,disjoint}/comparison.json \\
         --json decision.json > decision.md
@@ -91,9 +93,18 @@ def decide(docs: dict[str, dict]) -> dict:
                d["interim"]["finished"] < d["interim"]["planned"]}
     scopes = {k: scope(d) for k, d in docs.items()}
     complete = set(docs) >= set(DATA_SETS) and all(not s[t]["missing"] for s in scopes.values() for t in TYPES)
-    default = "global" if complete and all(s[t]["passes"] for s in scopes.values() for t in TYPES) else "micro"
+    # a finished study where a type, every twin present, does not pass: no later run can make 'global' win
+    settled_by = [{"data_set": k, "type": t} for k in DATA_SETS if k in docs and k not in interim
+                  for t in TYPES if not scopes[k][t]["missing"] and not scopes[k][t]["passes"]]
+    if settled_by:
+        default = "micro"
+    elif complete:
+        default = "global" if all(s[t]["passes"] for s in scopes.values() for t in TYPES) else "micro"
+    else:
+        default = None
     return {"provisional": bool(interim), "interim": interim, "aim": aim(docs["multidomain"]) if "multidomain" in docs else None,
-            "scope": scopes, "balance_scope_default": default if complete else None}
+            "scope": scopes, "balance_scope_default": default,
+            "scope_settled": bool(settled_by) or (complete and not interim), "scope_settled_by": settled_by}
 
 
 def markdown(d: dict) -> str:
@@ -101,7 +112,8 @@ def markdown(d: dict) -> str:
     if d["provisional"]:
         done = ", ".join(f"{k} {v['finished']} of {v['planned']} runs" for k, v in d["interim"].items())
         lines += [f"**Provisional** (studies still running: {done}): the decisions below are the rule applied to "
-                  "the runs finished so far, not the decisions.", ""]
+                  "the runs finished so far, not the decisions" + (", except the balance_scope default, which is "
+                  "settled (last line)." if d.get("scope_settled") else "."), ""]
     if d["aim"]:
         lines += ["## The aim on multidomain (specialisation >= 0.05, EM − LoRA interval low end >= −0.005)", "",
                   "| variant | seeds | specialisation | EM − lora [95% CI] | meets the aim |", "|---|---|---|---|---|"]
@@ -129,7 +141,12 @@ def markdown(d: dict) -> str:
                          f"{v['global_specialises_more']} of {len(v['twins'])}{miss}: "
                          f"{'passes' if v['passes'] else 'does not pass'}.")
     verdict, absent = d["balance_scope_default"], [k for k in DATA_SETS if k not in d["scope"]]
-    lines += ["", f"**router.balance_scope default: {verdict}**{' (provisional)' if d['provisional'] else ''}." if verdict
+    by = d.get("scope_settled_by") or []
+    why = (f" (settled: {' and '.join(sorted({x['data_set'] for x in by}))} has finished and "
+           f"{' and '.join(x['type'] for x in by)} {'do' if len(by) > 1 else 'does'} not pass there; 'global' needs every type to pass on both "
+           "data sets, so the runs still to come cannot change it)" if by and d["provisional"] else
+           " (provisional)" if d["provisional"] and not d.get("scope_settled") else "")
+    lines += ["", f"**router.balance_scope default: {verdict}**{why}." if verdict
               else "**router.balance_scope default: not decided** (the rule needs every twin on both data sets; "
               + (f"no comparison of {', '.join(absent)})." if absent else "twins missing)."), ""]
     return "\n".join(lines)

@@ -75,3 +75,31 @@ def test_global_becomes_the_default_only_when_every_type_passes_on_both_data_set
     assert out.startswith("**Provisional** (studies still running: multidomain 40 of 66 runs, disjoint 40 of 66 runs)")
     assert "**router.balance_scope default: global** (provisional)." in out
     assert json.loads((tmp_path / "d.json").read_text())["provisional"] is True
+
+
+def test_a_finished_data_set_where_a_type_fails_settles_micro_while_the_other_study_runs(tmp_path, capsys):
+    running = {"finished": 42, "planned": 66}
+    good_running = _doc(_twins(0.90, 0.897, 4), interim=running)      # would pass so far
+    fails = _doc(_twins(0.90, 0.894, 4))                               # finished: -0.006 < -0.005 for both types
+    d = rd.decide({"multidomain": good_running, "disjoint": fails})
+    assert d["provisional"] is True and d["balance_scope_default"] == "micro" and d["scope_settled"] is True
+    assert d["scope_settled_by"] == [{"data_set": "disjoint", "type": t} for t in rd.TYPES]
+    # the same failing numbers in a study still running settle nothing: the verdict stays provisional
+    d = rd.decide({"multidomain": good_running, "disjoint": _doc(_twins(0.90, 0.894, 4), interim=running)})
+    assert d["balance_scope_default"] == "micro" and d["scope_settled"] is False and d["scope_settled_by"] == []
+    # a finished study that passes leaves the decision to the running one: global, provisional
+    d = rd.decide({"multidomain": good_running, "disjoint": _doc(_twins(0.90, 0.897, 4))})
+    assert d["balance_scope_default"] == "global" and d["scope_settled"] is False
+    # a type with a twin missing settles nothing: the missing twin could still lift its mean
+    holed = _doc({k: v for k, v in _twins(0.90, 0.894, 4).items() if k != "molora-global+seq"})
+    d = rd.decide({"multidomain": good_running, "disjoint": holed})
+    assert d["scope_settled_by"] == [{"data_set": "disjoint", "type": "hydralora"}]
+    # through the command line: said on the first and the last line
+    for k, doc in (("multidomain", good_running), ("disjoint", fails)):
+        (tmp_path / f"routing-balance-{k}").mkdir()
+        (tmp_path / f"routing-balance-{k}" / "comparison.json").write_text(json.dumps(doc))
+    assert rd.main([str(tmp_path / f"routing-balance-{k}" / "comparison.json") for k in rd.DATA_SETS]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("except the balance_scope default, which is settled (last line).")
+    assert ("**router.balance_scope default: micro** (settled: disjoint has finished and hydralora and molora do not "
+            "pass there;") in out and "(provisional)" not in out.split("balance_scope default:")[-1]
