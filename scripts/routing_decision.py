@@ -143,8 +143,9 @@ def markdown(d: dict) -> str:
     verdict, absent = d["balance_scope_default"], [k for k in DATA_SETS if k not in d["scope"]]
     by = d.get("scope_settled_by") or []
     why = (f" (settled: {' and '.join(sorted({x['data_set'] for x in by}))} has finished and "
-           f"{' and '.join(x['type'] for x in by)} {'do' if len(by) > 1 else 'does'} not pass there; 'global' needs every type to pass on both "
-           "data sets, so the runs still to come cannot change it)" if by and d["provisional"] else
+           f"{' and '.join(x['type'] for x in by)} {'do' if len(by) > 1 else 'does'} not pass there; "
+           "'global' needs every type to pass on both data sets, so the runs still to come cannot change it)"
+           if by and d["provisional"] else
            " (provisional)" if d["provisional"] and not d.get("scope_settled") else "")
     lines += ["", f"**router.balance_scope default: {verdict}**{why}." if verdict
               else "**router.balance_scope default: not decided** (the rule needs every twin on both data sets; "
