@@ -113,7 +113,7 @@ def markdown(d: dict) -> str:
         done = ", ".join(f"{k} {v['finished']} of {v['planned']} runs" for k, v in d["interim"].items())
         lines += [f"**Provisional** (studies still running: {done}): the decisions below are the rule applied to "
                   "the runs finished so far, not the decisions" + (", except the balance_scope default, which is "
-                  "settled (last line)." if d.get("scope_settled") else "."), ""]
+                  "settled (last line)." if d["scope_settled"] else "."), ""]
     if d["aim"]:
         lines += ["## The aim on multidomain (specialisation >= 0.05, EM − LoRA interval low end >= −0.005)", "",
                   "| variant | seeds | specialisation | EM − lora [95% CI] | meets the aim |", "|---|---|---|---|---|"]
@@ -141,12 +141,11 @@ def markdown(d: dict) -> str:
                          f"{v['global_specialises_more']} of {len(v['twins'])}{miss}: "
                          f"{'passes' if v['passes'] else 'does not pass'}.")
     verdict, absent = d["balance_scope_default"], [k for k in DATA_SETS if k not in d["scope"]]
-    by = d.get("scope_settled_by") or []
-    why = (f" (settled: {' and '.join(sorted({x['data_set'] for x in by}))} has finished and "
-           f"{' and '.join(x['type'] for x in by)} {'do' if len(by) > 1 else 'does'} not pass there; "
-           "'global' needs every type to pass on both data sets, so the runs still to come cannot change it)"
-           if by and d["provisional"] else
-           " (provisional)" if d["provisional"] and not d.get("scope_settled") else "")
+    by = d["scope_settled_by"]
+    why = "" if not d["provisional"] else " (provisional)" if not by else (
+        f" (settled: {' and '.join(sorted({x['data_set'] for x in by}))} has finished and "
+        f"{' and '.join(x['type'] for x in by)} {'do' if len(by) > 1 else 'does'} not pass there; "
+        "'global' needs every type to pass on both data sets, so the runs still to come cannot change it)")
     lines += ["", f"**router.balance_scope default: {verdict}**{why}." if verdict
               else "**router.balance_scope default: not decided** (the rule needs every twin on both data sets; "
               + (f"no comparison of {', '.join(absent)})." if absent else "twins missing)."), ""]

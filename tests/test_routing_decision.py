@@ -23,6 +23,14 @@ def _doc(variants: dict[str, tuple[list[float], list[float], tuple[float, float,
     return doc
 
 
+def _reports(tmp_path: Path, docs: dict[str, dict]) -> list[str]:
+    """Each data set's document as routing-balance-<data set>/comparison.json; their paths, in DATA_SETS order."""
+    for k, doc in docs.items():
+        (tmp_path / f"routing-balance-{k}").mkdir()
+        (tmp_path / f"routing-balance-{k}" / "comparison.json").write_text(json.dumps(doc))
+    return [str(tmp_path / f"routing-balance-{k}" / "comparison.json") for k in rd.DATA_SETS]
+
+
 def _twins(em_micro: float, em_global: float, spec_more: int) -> dict:
     """Every twin of both types; global's EM is em_global at each seed, and specialises more in spec_more twins."""
     out = {}
@@ -65,12 +73,9 @@ def test_global_becomes_the_default_only_when_every_type_passes_on_both_data_set
     assert rd.decide({"multidomain": part, "disjoint": good})["balance_scope_default"] is None
     assert rd.decide({"multidomain": good})["balance_scope_default"] is None
     # through the command line: a running study's report makes the verdict provisional, said first
-    for k in rd.DATA_SETS:
-        (tmp_path / f"routing-balance-{k}").mkdir()
-        (tmp_path / f"routing-balance-{k}" / "comparison.json").write_text(
-            json.dumps(_doc(_twins(0.90, 0.897, 3), interim={"finished": 40, "planned": 66})))
-    assert rd.main([str(tmp_path / f"routing-balance-{k}" / "comparison.json") for k in rd.DATA_SETS]
-                   + ["--json", str(tmp_path / "d.json")]) == 0
+    running = _doc(_twins(0.90, 0.897, 3), interim={"finished": 40, "planned": 66})
+    paths = _reports(tmp_path, {k: running for k in rd.DATA_SETS})
+    assert rd.main(paths + ["--json", str(tmp_path / "d.json")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("**Provisional** (studies still running: multidomain 40 of 66 runs, disjoint 40 of 66 runs)")
     assert "**router.balance_scope default: global** (provisional)." in out
@@ -95,10 +100,7 @@ def test_a_finished_data_set_where_a_type_fails_settles_micro_while_the_other_st
     d = rd.decide({"multidomain": good_running, "disjoint": holed})
     assert d["scope_settled_by"] == [{"data_set": "disjoint", "type": "hydralora"}]
     # through the command line: said on the first and the last line
-    for k, doc in (("multidomain", good_running), ("disjoint", fails)):
-        (tmp_path / f"routing-balance-{k}").mkdir()
-        (tmp_path / f"routing-balance-{k}" / "comparison.json").write_text(json.dumps(doc))
-    assert rd.main([str(tmp_path / f"routing-balance-{k}" / "comparison.json") for k in rd.DATA_SETS]) == 0
+    assert rd.main(_reports(tmp_path, {"multidomain": good_running, "disjoint": fails})) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].endswith("except the balance_scope default, which is settled (last line).")
     assert ("**router.balance_scope default: micro** (settled: disjoint has finished and hydralora and molora do not "
