@@ -10,9 +10,13 @@ run, diversity.json (scripts/expert_diversity.py's row, which needs the adapter)
 under OUT/runs/<run> where OUT has no such run, so `moetune compare ... --resume` reuses them as finished
 runs and trains only the rest. Neither ever overwrites: a run already in the destination is left as it is
 (`save` refreshes an archived run only when its eval.json differs, which a finished run's never does).
+`verify` checks that reruns reproduce a committed report: every finished run (a run directory or a kept
+archive) whose id the report lists must give the report's per-seed exact match and test loss to the last
+digit; it exits non-zero when one differs.
 
     python scripts/study_archive.py save runs/studies/routing-balance-multidomain benchmarks/results/studies/routing-balance-multidomain
     python scripts/study_archive.py restore benchmarks/results/studies/routing-balance-multidomain runs/studies/routing-balance-multidomain
+    python scripts/study_archive.py verify benchmarks/results/studies/routing-balance-multidomain/comparison.json runs/studies/routing-balance-multidomain/runs
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from moetune.commands.compare_jobs import Job, state  # noqa: E402
 
 KEPT = ("eval.json", "summary.json", "metrics.jsonl", "recipe.yaml")
 DIVERSITY = "diversity.json"
+CHECKED = ("exact_match", "loss")   # summary.json's "after" scores that a rerun must reproduce
 
 
 def finished(run: Path) -> bool:
@@ -119,6 +124,44 @@ def restore(archive: Path, out: Path) -> list[str]:
     return restored
 
 
+def _final_scores(runs: Path) -> dict[str, dict]:
+    """Run id -> summary.json's "after" scores, for every finished run under `runs` (directories or .tar.xz)."""
+    scores = {}
+    for path in sorted(runs.glob("*")):
+        if path.is_dir() and ".old-" not in path.name and (path / "summary.json").is_file():
+            name, text = path.name, (path / "summary.json").read_text()
+        elif path.name.endswith(".tar.xz"):
+            name = path.name[: -len(".tar.xz")]
+            with tarfile.open(path, "r:xz") as tar:
+                f = tar.extractfile(f"{name}/summary.json")
+                text = f.read().decode() if f else "{}"
+        else:
+            continue
+        after = json.loads(text).get("after")
+        if after:
+            scores[name] = after
+    return scores
+
+
+def verify(report: Path, runs: Path) -> tuple[list[str], list[str], list[str]]:
+    """(reproduced, differing, not in the report): the finished runs under `runs` checked against the per-seed
+    exact match and test loss of `report` (a compare comparison.json). Equal means equal floats, not close ones."""
+    per_run = {}                        # run id -> {metric: the report's value for that seed}
+    for variant in json.loads(report.read_text())["variants"].values():
+        for run_dir, seed in zip(variant["runs"], variant["seeds"]):
+            per_run[Path(run_dir).name] = {m: variant["metrics"][m]["per_seed"].get(str(seed)) for m in CHECKED}
+    same, differ, new = [], [], []
+    for name, after in _final_scores(runs).items():
+        if name not in per_run:
+            new.append(name)
+            continue
+        mine = {m: after.get(m) for m in CHECKED}
+        (same if mine == per_run[name] else differ).append(name)
+        if mine != per_run[name]:
+            print(f"{name}: report {per_run[name]}, rerun {mine}")
+    return same, differ, new
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -128,7 +171,17 @@ def main(argv: list[str] | None = None) -> list[str]:
     r = sub.add_parser("restore", help="put ARCHIVE's runs back under OUT (never over a run OUT has)")
     r.add_argument("archive", type=Path)
     r.add_argument("out", type=Path)
+    v = sub.add_parser("verify", help="check finished runs against a report's per-seed scores (exit 1 if one differs)")
+    v.add_argument("report", type=Path, help="the committed comparison.json")
+    v.add_argument("runs", type=Path, help="a directory of run directories or of kept .tar.xz archives")
     a = ap.parse_args(argv)
+    if a.cmd == "verify":
+        same, differ, new = verify(a.report, a.runs)
+        print(f"{len(same)} run(s) reproduce the report's exact match and test loss to the last digit, "
+              f"{len(differ)} differ, {len(new)} not in the report" + (": " + ", ".join(new) if new else ""))
+        if differ:
+            raise SystemExit(1)
+        return same
     names = save(a.out, a.archive) if a.cmd == "save" else restore(a.archive, a.out)
     verb = "saved" if a.cmd == "save" else "restored"
     print(f"{verb} {len(names)} run(s)" + (": " + ", ".join(names) if names else ""))

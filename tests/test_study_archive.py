@@ -6,6 +6,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -89,3 +90,32 @@ def test_restore_never_overwrites_a_run_and_save_refreshes_a_rescored_one(tmp_pa
     assert sa.restore(archive, again) == ["hydralora-s0"]
     assert json.loads((again / "runs" / "hydralora-s0" / "eval.json").read_text())["exact_match"] == 0.7
     assert not list(archive.rglob("*.tmp")) and not list(other.rglob("*.restoring"))
+
+
+def test_verify_finds_a_rerun_that_moves_the_last_digit_in_directories_and_in_archives(tmp_path):
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    for name, em in (("hydralora-s0", 0.5), ("hydralora-s1", 0.625), ("lora-s2", 0.75)):
+        run = _run(out, name, finished=True, em=em)
+        (run / "summary.json").write_text(json.dumps({"after": {"exact_match": em, "loss": 0.1 + em}}))
+    _run(out, "molora-s0", finished=False)                                    # still training: not checked
+    sa.save(out, archive)
+
+    def report(loss_s1: float) -> Path:
+        per_seed = lambda em, loss: {"exact_match": {"per_seed": em}, "loss": {"per_seed": loss}}  # noqa: E731
+        path = tmp_path / "comparison.json"
+        path.write_text(json.dumps({"variants": {
+            "hydralora": {"runs": ["x/runs/hydralora-s0", "x/runs/hydralora-s1"], "seeds": [0, 1],
+                          "metrics": per_seed({"0": 0.5, "1": 0.625}, {"0": 0.1 + 0.5, "1": loss_s1})},
+            "molora": {"runs": ["x/runs/molora-s0"], "seeds": [0],
+                       "metrics": per_seed({"0": 0.5}, {"0": 0.3})}}}))
+        return path
+
+    for runs in (out / "runs", archive / "runs"):
+        assert sa.verify(report(0.1 + 0.625), runs) == (["hydralora-s0", "hydralora-s1"], [], ["lora-s2"])
+        moved = 0.1 + 0.625 + 1e-16 * 8                                       # the last digit, not the first
+        assert moved != 0.1 + 0.625 and abs(moved - (0.1 + 0.625)) < 1e-14
+        assert sa.verify(report(moved), runs) == (["hydralora-s0"], ["hydralora-s1"], ["lora-s2"])
+    with pytest.raises(SystemExit) as stop:
+        sa.main(["verify", str(report(moved)), str(archive / "runs")])
+    assert stop.value.code == 1
+    assert sa.main(["verify", str(report(0.1 + 0.625)), str(archive / "runs")]) == ["hydralora-s0", "hydralora-s1"]
