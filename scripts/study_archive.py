@@ -52,11 +52,11 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
-def _packed_eval(pack: Path) -> bytes | None:
-    """The eval.json inside an archived run, or None."""
+def _packed(pack: Path, member: str) -> bytes | None:
+    """The bytes of file `member` (e.g. eval.json) inside an archived run, or None."""
     try:
         with tarfile.open(pack, "r:xz") as tar:
-            f = tar.extractfile(f"{pack.name[: -len('.tar.xz')]}/eval.json")
+            f = tar.extractfile(f"{pack.name[: -len('.tar.xz')]}/{member}")
             return f.read() if f else None
     except (OSError, KeyError, tarfile.TarError):
         return None
@@ -69,7 +69,7 @@ def save(out: Path, archive: Path) -> list[str]:
         if not run.is_dir() or ".old-" in run.name or not finished(run):
             continue
         pack = archive / "runs" / f"{run.name}.tar.xz"
-        if _packed_eval(pack) == (run / "eval.json").read_bytes():
+        if _packed(pack, "eval.json") == (run / "eval.json").read_bytes():
             continue
         pack.parent.mkdir(parents=True, exist_ok=True)
         tmp = pack.with_name(pack.name + ".tmp")
@@ -129,12 +129,11 @@ def _final_scores(runs: Path) -> dict[str, dict]:
     scores = {}
     for path in sorted(runs.glob("*")):
         if path.is_dir() and ".old-" not in path.name and (path / "summary.json").is_file():
-            name, text = path.name, (path / "summary.json").read_text()
+            name, text = path.name, (path / "summary.json").read_bytes()
         elif path.name.endswith(".tar.xz"):
-            name = path.name[: -len(".tar.xz")]
-            with tarfile.open(path, "r:xz") as tar:
-                f = tar.extractfile(f"{name}/summary.json")
-                text = f.read().decode() if f else "{}"
+            name, text = path.name[: -len(".tar.xz")], _packed(path, "summary.json")
+            if text is None:            # save always packs it: a damaged archive, not a run to skip
+                raise SystemExit(f"{path}: no readable summary.json in this archive")
         else:
             continue
         after = json.loads(text).get("after")
@@ -156,8 +155,10 @@ def verify(report: Path, runs: Path) -> tuple[list[str], list[str], list[str]]:
             new.append(name)
             continue
         mine = {m: after.get(m) for m in CHECKED}
-        (same if mine == per_run[name] else differ).append(name)
-        if mine != per_run[name]:
+        if mine == per_run[name]:
+            same.append(name)
+        else:
+            differ.append(name)
             print(f"{name}: report {per_run[name]}, rerun {mine}")
     return same, differ, new
 
