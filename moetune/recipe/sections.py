@@ -76,7 +76,9 @@ class RouterConfig:
     'global': the whole optimizer step's, over all gradient-accumulation micro-batches and processes, with
     exact gradients (Qiu et al. 2025, "Demons in the Detail"; docs/METHODS.md): 1 process and N processes, and
     grad_accum 1 and M, train the same adapter. Costs one all-reduce of 2N + 2 numbers per routed layer per
-    micro-batch, and, with train.grad_accum > 1, one extra forward without gradients per micro-batch."""
+    micro-batch, and, with train.grad_accum > 1, one extra forward without gradients per micro-batch.
+    The default is 'micro' by the routing-balance studies (README): 'global' kept more specialisation, all
+    near uniform, and cost exact match on data/disjoint."""
     init_centroids: str | None = None
     """Safetensors file of K-means centroids (K, d) written by `moetune cluster-heads --embedder base
     --init-router`. When set, every router whose layer input has dim d (the base model's hidden size:
